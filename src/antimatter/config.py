@@ -1,0 +1,486 @@
+"""One typed configuration for every stage: dataclasses, YAML loading, dotted overrides, validation.
+
+A run is described by a single `RunConfig`. It is built from (in order) the defaults below, an optional
+YAML file (`--config FILE.yaml`) and dotted command-line overrides (`train.lr=3e-4 model.n_layer=12`).
+Every mistake (unknown key, wrong type, impossible shape) raises `ConfigError` with a one-line message that
+names the key and the fix; the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from antimatter.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the Transformer. `arch` picks GPT-2 style (LayerNorm, learned positions, GELU, biases)
+    or Llama style (RMSNorm, RoPE, SwiGLU, no biases, optional QK-norm) blocks from the same code."""
+
+    preset: str | None = None
+    arch: str = "gpt2"  # gpt2 | llama
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped-query attention (llama); None = n_head
+    d_model: int = 768
+    d_ff: int | None = None  # None: 4*d_model (gpt2) or SwiGLU's 8/3*d_model rounded to 64 (llama)
+    vocab_size: int = 50257
+    block_size: int = 1024  # maximum context length
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    qk_norm: bool = False
+    pad_vocab_multiple: int = 64  # embedding rows padded internally for fast matmuls; never exported
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.arch == "llama":
+            return 64 * ((int(8 * self.d_model / 3) + 63) // 64)
+        return 4 * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.pad_vocab_multiple)
+        return ((self.vocab_size + m - 1) // m) * m
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # for unit tests: runs in milliseconds
+    "tiny": dict(n_layer=2, n_head=2, d_model=32, block_size=64, vocab_size=512),
+    # for `antimatter quickstart` on 2 CPU cores: learns real structure in about two minutes
+    "quickstart": dict(n_layer=4, n_head=4, d_model=128, block_size=128, vocab_size=4096),
+    "gpt2-124m": dict(n_layer=12, n_head=12, d_model=768, block_size=1024, vocab_size=50257),
+    # the seed project's model: 24 layers, d 1024, 16 heads, vocab 50,257, context 2,048, tied, GELU, pre-LN
+    "seed-300m": dict(n_layer=24, n_head=16, d_model=1024, block_size=2048, vocab_size=50257),
+    "llama-tiny": dict(arch="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=64,
+                       vocab_size=512, bias=False, tie_embeddings=False, qk_norm=True),
+    "llama-300m": dict(arch="llama", n_layer=24, n_head=16, n_kv_head=8, d_model=1024, block_size=2048,
+                       vocab_size=50257, bias=False, tie_embeddings=False),
+    "seed-1.3b": dict(n_layer=24, n_head=16, d_model=2048, block_size=2048, vocab_size=50257),
+}
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class SourceConfig:
+    """One named input: a file, folder, glob, or `default` (the embedded corpus that needs no download)."""
+
+    path: str = "default"
+    name: str | None = None
+    format: str = "auto"  # auto | text | jsonl | parquet | hf | html | default
+    text_field: str = "text"
+    rules: str = "auto"  # which quality-rule set judges it: auto | prose | code | reference | none
+    nfc: bool = True
+    fix_mojibake: bool = True
+    strip_control: bool = True
+    collapse_whitespace: bool = True
+    max_bytes: int = 0  # 0 = no cap; otherwise stop reading this source after this many text bytes
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    num_perm: int = 128
+    threshold: float = 0.8  # Jaccard similarity above which two documents are near-duplicates
+    shingle: int = 5  # word n-gram size
+
+
+@dataclass
+class FilterConfig:
+    enabled: bool = True
+    min_words: int = 5
+    max_doc_bytes: int = 20_000_000
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    default_corpus_bytes: int = 16_000_000  # byte budget of the embedded corpus
+    val_fraction: float = 0.02
+    seed: int = 1234
+    workers: int = 0  # 0 = all cores
+    shard_docs: int = 50_000
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    keep_rejects: bool = False
+    strict: bool = False
+
+
+# -------------------------------------------------------------------------------------------- tokens
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 0  # 0 = model.vocab_size
+    min_frequency: int = 2
+    train_bytes: int = 200_000_000  # bounded deterministic sample of the train split used to learn merges
+    special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
+
+
+@dataclass
+class TokenizeConfig:
+    shard_tokens: int = 100_000_000
+    workers: int = 0
+    batch_docs: int = 512
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    compile: bool = False
+    parallel: str = "ddp"  # ddp | fsdp (only matters with several processes)
+    activation_checkpointing: bool = False
+    seq_len: int = 0  # 0 = model.block_size
+    micro_batch_size: int = 8
+    global_batch_tokens: int = 0  # 0 = micro_batch * seq_len * world (no accumulation)
+    max_steps: int = 1000
+    optimizer: str = "adamw"
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant | wsd
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 200
+    eval_steps: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 500
+    keep_last: int = 3
+    seed: int = 1337
+    resume: str = "auto"  # auto | none | PATH
+    max_nonfinite: int = 5
+    max_time_s: float = 0.0  # 0 = no wall-time limit; else stop (and checkpoint) after this many seconds
+    init_from: str = ""  # a checkpoint or Hugging Face folder to start from
+    tensorboard: bool = True
+
+
+@dataclass
+class SampleConfig:
+    """Sampling settings shared by eval's sample generations and `antimatter generate`."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = "best"  # best | latest | PATH
+    prompts: list[str] = field(default_factory=lambda: [
+        "The future of artificial intelligence",
+        "In the field of machine learning",
+        "Scientists have discovered",
+    ])
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    max_eval_tokens: int = 0  # 0 = all val tokens
+    stride: int = 0  # sliding-window stride; 0 = seq_len (non-overlapping windows)
+    batch_size: int = 8
+    continuation_docs: int = 32
+    prefix_tokens: int = 32
+    continuation_tokens: int = 32
+    speed: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    runs_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.block_size
+
+    @property
+    def tokenizer_vocab_size(self) -> int:
+        return self.tokenizer.vocab_size or self.model.vocab_size
+
+
+# ------------------------------------------------------------------------------------ build and check
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the annotated type, or raise a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        (item_tp,) = args or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if item_tp is not str or "," in value else [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    as_float = float(value)
+                except ValueError:
+                    as_float = 0.5
+                if as_float.is_integer():
+                    return int(as_float)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
+    return ConfigError(f"unknown config key '{prefix}{key}': {hint}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    field_names = {f.name for f in dataclasses.fields(cls)}
+    for k, v in data.items():
+        if k not in field_names:
+            raise _unknown_key(cls, k, f"{prefix}." if prefix else "")
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k)
+    return cls(**kwargs)
+
+
+def _model_from_dict(data: dict[str, Any] | str | None) -> ModelConfig:
+    """A model section may be a preset name (`model: seed-300m`) or a mapping with optional `preset`."""
+    if data is None:
+        return ModelConfig()
+    if isinstance(data, str):
+        data = {"preset": data}
+    data = dict(data)
+    preset = data.get("preset")
+    base: dict[str, Any] = {}
+    if preset is not None:
+        base = dict(preset_model(preset).__dict__)
+    base.update(data)
+    return _build(ModelConfig, base, "model")
+
+
+def preset_model(name: str) -> ModelConfig:
+    """The named model preset, or a ConfigError that lists the valid names."""
+    if name not in MODEL_PRESETS:
+        close = difflib.get_close_matches(name, list(MODEL_PRESETS), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"unknown model preset '{name}': {hint}choose one of {', '.join(MODEL_PRESETS)}")
+    return ModelConfig(preset=name, **MODEL_PRESETS[name])
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    data = dict(data or {})
+    model = _model_from_dict(data.pop("model", None))
+    cfg = _build(RunConfig, data)
+    cfg.model = model
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- dotted overrides, then validation."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (check the path given to --config)")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {p} is not valid YAML{where}: fix the syntax") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (model:, train:, ...)")
+        data = loaded
+    for item in overrides or []:
+        apply_override(data, item)
+    cfg = config_from_dict(data)
+    validate(cfg)
+    return cfg
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply `a.b.c=value` to a nested dict (values are parsed as YAML scalars: 3e-4, true, [1,2])."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    if parts[0] == "model" and isinstance(node.get("model"), str):
+        node["model"] = {"preset": node["model"]}
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need more than one field; each failure says what to change."""
+    m = cfg.model
+    if m.arch not in ("gpt2", "llama"):
+        raise ConfigError(f"model.arch must be 'gpt2' or 'llama', got '{m.arch}'")
+    for name in ("n_layer", "n_head", "d_model", "vocab_size", "block_size"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
+    if m.d_model % m.n_head:
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head}): "
+            f"change one of them (e.g. n_head={_divisor_near(m.d_model, m.n_head)})")
+    if m.n_head % m.kv_heads:
+        raise ConfigError(f"model.n_head ({m.n_head}) must be divisible by model.n_kv_head ({m.kv_heads})")
+    if m.arch == "llama" and m.head_dim % 2:
+        raise ConfigError(f"RoPE needs an even head dimension, got d_model/n_head = {m.head_dim}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    t = cfg.train
+    if cfg.seq_len > m.block_size:
+        raise ConfigError(
+            f"train.seq_len ({cfg.seq_len}) is longer than the model's context model.block_size "
+            f"({m.block_size}): lower train.seq_len or raise model.block_size")
+    if t.dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.dtype must be auto, bf16, fp16 or fp32, got '{t.dtype}'")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.parallel must be ddp or fsdp, got '{t.parallel}'")
+    if t.schedule not in ("cosine", "linear", "constant", "wsd"):
+        raise ConfigError(f"train.schedule must be cosine, linear, constant or wsd, got '{t.schedule}'")
+    if t.micro_batch_size <= 0 or t.max_steps < 0 or t.lr <= 0:
+        raise ConfigError("train.micro_batch_size and train.lr must be positive, train.max_steps >= 0")
+    if cfg.tokenizer_vocab_size > m.vocab_size:
+        raise ConfigError(
+            f"tokenizer.vocab_size ({cfg.tokenizer_vocab_size}) exceeds model.vocab_size ({m.vocab_size})")
+    if cfg.tokenizer_vocab_size < 256 + len(cfg.tokenizer.special_tokens):
+        raise ConfigError(
+            f"tokenizer vocab size {cfg.tokenizer_vocab_size} is too small: byte-level BPE needs at least "
+            f"{256 + len(cfg.tokenizer.special_tokens)} (256 bytes + special tokens)")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {cfg.data.val_fraction}")
+
+
+def _divisor_near(n: int, k: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: abs(d - k))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,275 @@
+"""The Transformer, readable top to bottom.
+
+One config builds two families:
+  * GPT-2 style (`arch: gpt2`): learned positions, pre-LayerNorm, GELU MLP, biases, tied embeddings.
+  * Llama style (`arch: llama`): RoPE, pre-RMSNorm, SwiGLU MLP, no biases, grouped-query attention,
+    optional QK-norm.
+
+Parameter names follow Hugging Face GPT-2 (`transformer.wte`, `transformer.h.N.attn.c_attn`, ...), so
+export to transformers is a name map (plus a transpose of its Conv1D weights) and a logits-parity test.
+
+Two ways to run it:
+  * training / scoring: `model(idx, targets)` returns the mean loss; `model(idx)` returns logits. Attention
+    is `scaled_dot_product_attention(is_causal=True)`, which picks flash kernels where they exist.
+  * generation: `model.setup_caches(batch, max_seq)` preallocates a static KV cache; then
+    `model(idx, input_pos=pos, left_pad=pad)` writes keys/values at `pos` and attends over the cache. Static
+    shapes let the single-token step be compiled with CUDA graphs (gpt-fast's recipe).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from antimatter.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.arch == "llama":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_len, head_dim/2) for rotary position embeddings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head: the Hugging Face Llama convention.
+    x: (B, H, T, D); cos/sin: (B or 1, 1, T, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, (B, H_kv, max_seq, D); written in place at `input_pos`."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_seq: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch, n_kv_head, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.c_attn = nn.Linear(cfg.d_model, qkv_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.use_rope = cfg.arch == "llama"
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        gqa = self.n_kv_head != self.n_head
+        if self.kv_cache is None:  # training / scoring: the whole sequence at once
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # generation: attend over the static cache with an explicit mask
+            k, v = self.kv_cache.update(input_pos, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """GELU MLP (gpt2) or SwiGLU (llama: c_fc holds gate and up projections side by side)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.arch == "llama"
+        hidden = cfg.ffn_dim
+        self.c_fc = nn.Linear(cfg.d_model, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = make_norm(cfg, cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg, cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope=None, input_pos=None, mask=None):
+        x = x + self.attn(self.ln_1(x), rope, input_pos, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        V = cfg.padded_vocab_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(V, cfg.d_model),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=make_norm(cfg, cfg.d_model),
+        ))
+        if cfg.arch == "gpt2":
+            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, V, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if cfg.arch == "llama":
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
+        self.loss_chunk_tokens = 0  # >0: cross-entropy in chunks of this many tokens (bounded logits memory)
+        self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ initialisation and bookkeeping
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # norms and biases
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):  # residual projections: scaled as in GPT-2
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters at the real vocabulary size (padding rows of the embedding are not counted)."""
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.numel()
+            if name in ("transformer.wte.weight", "lm_head.weight"):
+                n = self.cfg.vocab_size * self.cfg.d_model
+                if non_embedding:
+                    n = 0
+            if name == "transformer.wpe.weight" and non_embedding:
+                n = 0
+            total += n
+        return total
+
+    # ------------------------------------------------------------------------------------ generation
+    def setup_caches(self, batch: int, max_seq: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocate a static KV cache for `batch` rows of up to `max_seq` positions."""
+        if max_seq > self.cfg.block_size:
+            raise ValueError(f"requested {max_seq} positions but the model's context is {self.cfg.block_size}")
+        device = self.lm_head.weight.device
+        dtype = dtype or self.lm_head.weight.dtype
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch, self.cfg.kv_heads, max_seq, self.cfg.head_dim, dtype, device)
+        self.causal_mask = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device))
+
+    def clear_caches(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+        self.causal_mask = torch.empty(0, dtype=torch.bool, device=self.lm_head.weight.device)
+
+    # --------------------------------------------------------------------------------------- forward
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                input_pos: torch.Tensor | None = None, left_pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) when `targets` is None, else the mean cross-entropy (targets == -1
+        are ignored). With caches set up, `input_pos` (T,) gives the cache slots of these tokens and
+        `left_pad` (B,) the number of padding slots at the start of each row (batched prompts)."""
+        B, T = idx.shape
+        cached = self.causal_mask.numel() > 0
+        if cached:
+            if input_pos is None:
+                raise ValueError("caches are set up: pass input_pos")
+            pos = input_pos.unsqueeze(0).expand(B, T)
+            mask = self.causal_mask[input_pos].unsqueeze(0).unsqueeze(0)  # (1, 1, T, S)
+            if left_pad is not None:
+                pos = (pos - left_pad[:, None]).clamp(min=0)
+                slots = torch.arange(mask.shape[-1], device=idx.device)
+                mask = mask & (slots[None, :] >= left_pad[:, None])[:, None, None, :]
+        else:
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than the model's context "
+                                 f"({self.cfg.block_size})")
+            pos = torch.arange(T, device=idx.device).unsqueeze(0)
+            mask = None
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.cfg.arch == "gpt2":
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rope, input_pos, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, input_pos, mask)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x)[..., : self.cfg.vocab_size]
+        return self.loss(x, targets)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the final hidden states. In chunks when `loss_chunk_tokens` is set, each
+        chunk recomputed in backward, so the full (tokens x vocab) logits never sit in memory at once."""
+        x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+        V = self.cfg.vocab_size
+        chunk = self.loss_chunk_tokens
+        if chunk <= 0 or x.shape[0] <= chunk:
+            return _ce_sum(x, self.lm_head.weight, targets, V) / (targets != -1).sum().clamp(min=1)
+        total = x.new_zeros((), dtype=torch.float32)
+        for xs, ts in zip(x.split(chunk), targets.split(chunk)):
+            total = total + checkpoint(_ce_sum, xs, self.lm_head.weight, ts, V, use_reentrant=False)
+        return total / (targets != -1).sum().clamp(min=1)
+
+
+def _ce_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Summed cross-entropy over the real vocabulary (padding columns of the logits are dropped)."""
+    logits = F.linear(x, weight)[:, :vocab_size]
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="sum")
