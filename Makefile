@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine with Python 3.11+:
+#   make quickstart   - venv + install + the whole pipeline on the embedded corpus (CPU, a few minutes)
+#   make test         - venv + install + lint + the test suite
+# TORCH picks the torch build installed first (CI uses the CPU build; on a GPU box: make TORCH=torch ...).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.antimatter-installed
+
+.PHONY: venv quickstart test lint bench-train bench-decode clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)" \
+		|| $(BIN)/python -m pip install -q "torch>=2.4"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+quickstart: venv
+	$(BIN)/antimatter quickstart
+
+test: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks || true
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,131 @@
+"""Generation: static KV cache, prefill then one token at a time, sampling on the device.
+
+Batched prompts of different lengths are left-padded; the model masks the padding slots and shifts each
+row's positions, so a row's output does not depend on what it is batched with. Sampling (temperature, top-k,
+top-p, repetition penalty) runs on the device with the exponential-race trick (argmax of p / Exp(1) samples
+from p) so no host sync is needed per token; only streaming (`on_token`) and the EOT check read back.
+
+With `compile=True` the single-token step is compiled with CUDA graphs (`mode="reduce-overhead"`), which
+removes the kernel-launch overhead that otherwise dominates batch-1 decoding of small models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from antimatter.model.gpt import GPT
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty: divide positive / multiply negative logits of tokens already in the row."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(B, V) float logits -> (B,) token ids. temperature 0 means greedy."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) > top_p  # keep the first token that crosses top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0)
+    return (probs / race).argmax(dim=-1)
+
+
+def _step(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor, left_pad: torch.Tensor,
+          seen: torch.Tensor, temperature: float, top_k: int, top_p: float, penalty: float):
+    """One forward over `tokens` (B, T) at cache slots `input_pos`, then sample the next token per row."""
+    logits = model(tokens, input_pos=input_pos, left_pad=left_pad)[:, -1].float()
+    logits = apply_repetition_penalty(logits, seen, penalty)
+    nxt = sample_next(logits, temperature, top_k, top_p)
+    seen = seen.scatter(1, nxt[:, None], True)
+    return nxt, seen
+
+
+def _compiled_steps(model: GPT):
+    """Compiled (prefill, decode) pair, cached on the model so repeated calls reuse the graphs."""
+    fns = getattr(model, "_antimatter_compiled_steps", None)
+    if fns is None:
+        prefill = torch.compile(_step, dynamic=True)
+        decode = torch.compile(_step, mode="reduce-overhead", fullgraph=True)
+        fns = (prefill, decode)
+        model._antimatter_compiled_steps = fns
+    return fns
+
+
+@torch.inference_mode()
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, eot_id: int | None = None,
+             seed: int | None = None, on_token: Callable[[int, torch.Tensor], None] | None = None,
+             compile: bool = False, pad_id: int = 0) -> list[list[int]]:
+    """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens of each row, cut
+    before the first EOT. `on_token(step, tokens)` is called with each new (B,) tensor, for streaming."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    ctx = model.cfg.block_size
+    if max_new_tokens >= ctx:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be smaller than the context ({ctx})")
+    keep = ctx - max_new_tokens  # crop long prompts from the left so prompt + output fits the context
+    prompts = [p[-keep:] for p in prompts]
+    device = model.lm_head.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, T), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+    idx = idx.to(device)
+    left_pad = torch.tensor([T - len(p) for p in prompts], device=device)
+    seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
+    if repetition_penalty != 1.0:
+        seen.scatter_(1, idx, True)
+        seen[:, pad_id] = seen[:, pad_id] & torch.tensor([pad_id in p for p in prompts], device=device)
+    if seed is not None:
+        torch.manual_seed(seed)
+
+    max_seq = T + max_new_tokens
+    if compile:  # one cache size for every call, so the decode graph is captured once and replayed
+        max_seq = ctx
+    cache = model.transformer.h[0].attn.kv_cache
+    if cache is None or cache.k.shape[0] != B or cache.k.shape[2] != max_seq:
+        model.setup_caches(B, max_seq)
+    prefill, decode = _compiled_steps(model) if compile else (_step, _step)
+    args = (temperature, top_k, top_p, repetition_penalty)
+    try:
+        nxt, seen = prefill(model, idx, torch.arange(T, device=device), left_pad, seen, *args)
+        out = [nxt]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        if on_token is not None:
+            on_token(0, nxt)
+        pos = torch.tensor([T], device=device)  # advanced on the device: no host-to-device copy per token
+        for step in range(1, max_new_tokens):
+            if eot_id is not None:
+                done = done | (nxt == eot_id)
+                if (on_token is not None or step % 16 == 0) and bool(done.all()):
+                    break
+            nxt, seen = decode(model, nxt.view(B, 1), pos, left_pad, seen, *args)
+            nxt, seen = nxt.clone(), seen.clone()  # graph outputs are overwritten by the next replay
+            pos += 1
+            out.append(nxt)
+            if on_token is not None:
+                on_token(step, nxt)
+    finally:
+        if not compile:  # compiled graphs hold the cache buffers: keep them for the next call
+            model.clear_caches()
+    tokens = torch.stack(out, dim=1).tolist()
+    if eot_id is not None:
+        tokens = [row[: row.index(eot_id)] if eot_id in row else row for row in tokens]
+    return tokens

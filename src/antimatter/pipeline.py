@@ -1,0 +1,194 @@
+"""Stage orchestration: each stage reads the previous stage's folder, writes its own and a manifest.
+
+A stage whose manifest matches its inputs (hashes) and config is skipped, so `antimatter pipeline` resumes
+where it stopped; `--force` redoes it. Training resumes from its own checkpoints instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from antimatter.config import RunConfig, config_to_dict, load_config, save_config
+from antimatter.errors import UserError
+from antimatter.manifest import hash_paths, is_current, write_manifest
+
+STAGE_ORDER = ("prepare", "tokenizer", "tokenize", "train", "eval")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _source_fingerprints(cfg: RunConfig) -> dict[str, str]:
+    """What the prepare stage reads. The embedded corpus is named by interpreter version and budget: hashing
+    the whole standard library on every run would cost more than it protects."""
+    from antimatter.data.sources import sources_from_paths  # noqa: F401  (fails early if data/ is missing)
+
+    out: dict[str, str] = {}
+    for src in cfg.data.sources:
+        if src.path == "default" or src.format == "default":
+            out["default"] = f"python-{sys.version.split()[0]}:{sys.prefix}:{cfg.data.default_corpus_bytes}"
+            continue
+        p = Path(src.path)
+        files = [p] if p.exists() else sorted(Path().glob(src.path))
+        if not files:
+            raise UserError(f"data source '{src.path}' does not exist: fix data.sources[].path")
+        out.update(hash_paths(files))
+    return out
+
+
+def _stage_io(stage: str, cfg: RunConfig) -> tuple[Path, dict[str, str], dict[str, Any]]:
+    run = cfg.run_dir
+    if stage == "prepare":
+        return run / "data", _source_fingerprints(cfg), config_to_dict(cfg.data)
+    if stage == "tokenizer":
+        conf = {**config_to_dict(cfg.tokenizer), "vocab_size": cfg.tokenizer_vocab_size}
+        return run / "tokenizer", hash_paths([run / "data"], run), conf
+    if stage == "tokenize":
+        return run / "tokens", hash_paths([run / "data", run / "tokenizer"], run), config_to_dict(cfg.tokenize)
+    raise ValueError(stage)
+
+
+def _require(path: Path, what: str, command: str) -> None:
+    if not path.exists():
+        raise UserError(f"{what} not found at {path}: run `antimatter {command}` first (or `antimatter pipeline`)")
+
+
+def run_stage(stage: str, cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+    """Run one stage of the run `cfg.run_dir`, unless its outputs are already current."""
+    run = cfg.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.yaml")
+    if stage == "train":
+        _require(run / "tokens" / "meta.json", "token shards", "tokenize")
+        from antimatter.train.trainer import train
+
+        return train(cfg, run)
+    if stage == "eval":
+        from antimatter.eval.report import run_eval
+
+        return run_eval(cfg, run)
+    if stage == "tokenizer":
+        _require(run / "data" / "train", "prepared data", "prepare")
+    if stage == "tokenize":
+        _require(run / "tokenizer" / "tokenizer.json", "tokenizer", "tokenizer")
+    out, inputs, conf = _stage_io(stage, cfg)
+    if not force and is_current(out, stage, inputs, conf):
+        _log(f"[{stage}] up to date ({out}); use --force to redo")
+        return {"skipped": True}
+    if out.exists():
+        shutil.rmtree(out)  # a stale or half-written stage folder: start clean
+    out.mkdir(parents=True)
+    started = time.time()
+    _log(f"[{stage}] -> {out}")
+    if stage == "prepare":
+        from antimatter.data.prepare import run_prepare
+
+        counts = run_prepare(cfg, out)
+    elif stage == "tokenizer":
+        from antimatter.tokenizer import train_tokenizer
+
+        counts = train_tokenizer(cfg, run / "data", out)
+    else:
+        from antimatter.tokens import run_tokenize
+
+        counts = run_tokenize(cfg, run / "data", run / "tokenizer", out)
+    write_manifest(out, stage, inputs, conf, counts=_summary_counts(counts), started=started)
+    _log(f"[{stage}] done in {time.time() - started:.1f}s")
+    return counts
+
+
+def _summary_counts(counts: Any) -> dict[str, Any]:
+    """Keep the manifest small: top-level scalars of the stage's returned dict."""
+    if not isinstance(counts, dict):
+        return {}
+    return {k: v for k, v in counts.items() if isinstance(v, int | float | str | bool)}
+
+
+def run_pipeline(cfg: RunConfig, force: bool = False, stages: tuple[str, ...] = STAGE_ORDER) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for stage in stages:
+        results[stage] = run_stage(stage, cfg, force=force)
+    return results
+
+
+def cmd_prepare(cfg: RunConfig, paths: list[str], out: str | None, workers: int | None, keep_rejects: bool,
+                strict: bool, force: bool) -> int:
+    """`antimatter prepare [PATH ...] [--out DIR]`: paths replace the config's sources."""
+    if paths:
+        from antimatter.data.sources import sources_from_paths
+
+        cfg.data.sources = sources_from_paths(paths)
+    if workers is not None:
+        cfg.data.workers = workers
+    cfg.data.keep_rejects = cfg.data.keep_rejects or keep_rejects
+    cfg.data.strict = cfg.data.strict or strict
+    if out is None:
+        run_stage("prepare", cfg, force=force)
+        return 0
+    from antimatter.data.prepare import run_prepare
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    inputs = _source_fingerprints(cfg)
+    counts = run_prepare(cfg, out_dir)
+    write_manifest(out_dir, "prepare", inputs, config_to_dict(cfg.data), counts=_summary_counts(counts),
+                   started=started)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ quickstart
+
+
+def quickstart_config_path() -> Path:
+    return Path(str(resources.files("antimatter") / "presets" / "quickstart.yaml"))
+
+
+def quickstart(overrides: list[str], config_path: str | None = None, force: bool = False) -> int:
+    """The whole pipeline on the embedded corpus with a tiny model, then a short summary."""
+    started = time.time()
+    cfg = load_config(config_path or quickstart_config_path(), overrides)
+    run_pipeline(cfg, force=force)
+    print_summary(cfg, time.time() - started)
+    return 0
+
+
+def print_summary(cfg: RunConfig, seconds: float) -> None:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    run = cfg.run_dir
+    ev_path = run / "results" / "evaluations" / "final_evaluation.json"
+    ev = json.loads(ev_path.read_text()) if ev_path.is_file() else {}
+    console = Console(stderr=False)
+    table = Table(title=f"AntiMatter quickstart: done in {seconds:.0f}s", show_header=False)
+    table.add_row("run folder", str(run.resolve()))
+    val = ev.get("val", ev)
+    for label, key in (("val loss", "loss"), ("val perplexity", "perplexity"),
+                       ("unigram perplexity (same val tokens)", "unigram_perplexity"),
+                       ("bits per byte", "bits_per_byte")):
+        if isinstance(val, dict) and key in val:
+            table.add_row(label, f"{val[key]:.4g}")
+    table.add_row("evaluation", str(ev_path))
+    console.print(table)
+    samples_path = run / "results" / "generated_samples" / "sample_generations.json"
+    if samples_path.is_file():
+        samples = json.loads(samples_path.read_text())
+        for s in samples.get("samples", [])[:3]:
+            console.rule(f"[bold]{s.get('prompt', '')}")
+            console.print(s.get("prompt", "") + s.get("completion", s.get("output", "")), markup=False)
+    console.print(f"next: antimatter generate --run {run}   (interactive)  |  "
+                  f"antimatter export --run {run} --out {run}/hf")
+
+
+def as_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

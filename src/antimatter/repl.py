@@ -1,0 +1,130 @@
+"""`antimatter generate`: one-shot (`--prompt`) or an interactive session, streaming tokens as they come."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from antimatter.config import RunConfig, SampleConfig
+from antimatter.errors import UserError
+
+HELP = """commands: /temp X  /top_k N  /top_p X  /max N  /rep X  /seed N  /settings  /help  /quit
+(an empty line or Ctrl-D quits)"""
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class StreamPrinter:
+    """Decode the growing token list and print only the new text. Byte-level BPE can split one character
+    over several tokens, so text ending in an incomplete character (U+FFFD) is held back until it completes."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tok, self.out, self.ids, self.printed = tokenizer, out, [], ""
+
+    def __call__(self, step: int, tokens: torch.Tensor) -> None:
+        tid = int(tokens[0])
+        if tid == self.tok.eot_id:
+            return
+        self.ids.append(tid)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def load_for_generation(run_dir: Path, checkpoint: str, device: torch.device):
+    from antimatter.tokenizer import load_tokenizer
+    from antimatter.train.checkpoint import load_model
+
+    model, run_cfg, ckpt = load_model(run_dir, which=checkpoint, device=str(device))
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    tokenizer = load_tokenizer(run_dir)
+    return model.eval(), tokenizer, ckpt
+
+
+def complete(model, tokenizer, prompt: str, s: SampleConfig, compile: bool = False, stream=None) -> dict:
+    """Generate one continuation; returns the text and timing."""
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    printer = StreamPrinter(tokenizer, stream) if stream is not None else None
+    t0 = time.perf_counter()
+    new = generate_tokens(model, ids, s, tokenizer.eot_id, printer, compile)
+    dt = time.perf_counter() - t0
+    return {"prompt": prompt, "completion": tokenizer.decode(new), "new_tokens": len(new),
+            "seconds": dt, "tokens_per_s": len(new) / dt if dt > 0 else 0.0}
+
+
+def generate_tokens(model, ids: list[int], s: SampleConfig, eot_id: int, on_token, compile: bool) -> list[int]:
+    from antimatter.model.generate import generate
+
+    max_new = min(s.max_new_tokens, model.cfg.block_size - 1)
+    return generate(model, [ids], max_new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                    repetition_penalty=s.repetition_penalty, eot_id=eot_id, seed=s.seed, on_token=on_token,
+                    compile=compile)[0]
+
+
+def _apply_command(line: str, s: SampleConfig) -> bool:
+    """Handle a /command; returns False to quit."""
+    parts = line[1:].split()
+    if not parts:
+        return True
+    name, args = parts[0].lower(), parts[1:]
+    fields = {"temp": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
+              "max": ("max_new_tokens", int), "rep": ("repetition_penalty", float), "seed": ("seed", int)}
+    if name in ("quit", "exit", "q"):
+        return False
+    if name in fields and len(args) == 1:
+        attr, typ = fields[name]
+        try:
+            setattr(s, attr, typ(args[0]))
+        except ValueError:
+            print(f"/{name} needs a {typ.__name__}, got '{args[0]}'")
+    elif name == "settings":
+        print(s)
+    else:
+        print(HELP)
+    return True
+
+
+def run_generate(cfg: RunConfig, run_dir: Path, prompt: str | None = None, checkpoint: str = "best",
+                 device: str | None = None, compile: bool = False) -> int:
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run folder {run_dir} does not exist: pass --run PATH of a trained run "
+                        f"(or train one with `antimatter quickstart`)")
+    dev = pick_device(device or cfg.train.device)
+    model, tokenizer, ckpt = load_for_generation(Path(run_dir), checkpoint, dev)
+    s = cfg.generate
+    if prompt is not None:
+        sys.stdout.write(prompt)
+        r = complete(model, tokenizer, prompt, s, compile, stream=sys.stdout)
+        print()
+        print(f"[{r['new_tokens']} tokens in {r['seconds']:.2f}s, {r['tokens_per_s']:.1f} tokens/s on {dev}]",
+              file=sys.stderr)
+        return 0
+    print(f"AntiMatter: {ckpt} on {dev}. Type a prompt and press Enter. {HELP}")
+    while True:
+        try:
+            line = input("\n>>> ")
+        except EOFError:
+            print()
+            return 0
+        if not line.strip():
+            return 0
+        if line.startswith("/"):
+            if not _apply_command(line, s):
+                return 0
+            continue
+        sys.stdout.write(line)
+        r = complete(model, tokenizer, line, s, compile, stream=sys.stdout)
+        print(f"\n[{r['new_tokens']} tokens, {r['tokens_per_s']:.1f} tokens/s]")
