@@ -1,0 +1,680 @@
+"""To and from the Hugging Face format: a name map, a few transposes, and a logits-parity test.
+
+Export writes a folder that `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
+`AutoTokenizer.from_pretrained(DIR)` load offline:
+  * `arch: gpt2`  -> `GPT2LMHeadModel`. HF GPT-2 keeps its projections in Conv1D layers, whose weight is the
+    transpose of our nn.Linear weight. HF GPT-2 always has biases: a `bias: false` model gets zero biases,
+    which computes the same function.
+  * `arch: llama` -> `LlamaForCausalLM`; with `qk_norm: true` -> `Qwen3ForCausalLM` (Llama has no QK-norm;
+    Qwen3 is Llama plus an RMSNorm over each head of q and k before RoPE, exactly our block). Our fused
+    `c_attn` ([q; k; v]) and `mlp.c_fc` ([gate; up]) are split into HF's separate projections.
+Only the first `vocab_size` rows of the (internally padded) embedding are exported.
+
+Nothing here needs transformers: the config is written by hand, so the folder also loads in older versions
+(transformers >= 4.45; Qwen3 needs >= 4.51). Our own ModelConfig rides along under the "antimatter" key of
+config.json, so a round trip export -> import restores fields HF has no place for (vocab padding, init).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from antimatter.config import ModelConfig, RunConfig, save_config
+from antimatter.errors import UserError
+from antimatter.model.gpt import GPT
+
+EOT = "<|endoftext|>"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "llama"}
+MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "README.md", *TOKENIZER_FILES)
+
+
+# ------------------------------------------------------------------------------------------ config map
+
+
+def hf_architecture(cfg: ModelConfig) -> str:
+    """The transformers class that computes exactly what our model computes, or a UserError saying why
+    none does."""
+    if cfg.arch == "gpt2":
+        if cfg.kv_heads != cfg.n_head:
+            raise UserError(f"cannot export a gpt2-style model with grouped-query attention (n_kv_head="
+                            f"{cfg.kv_heads}, n_head={cfg.n_head}): HF GPT-2 has no GQA; use arch=llama")
+        if cfg.qk_norm:
+            raise UserError("cannot export a gpt2-style model with qk_norm=true: HF GPT-2 has no QK-norm; "
+                            "use arch=llama (exported as Qwen3ForCausalLM)")
+        return "GPT2LMHeadModel"
+    if cfg.arch == "llama":
+        if cfg.qk_norm and cfg.bias:
+            raise UserError("cannot export a llama-style model with qk_norm=true and bias=true: Qwen3 (the HF "
+                            "class with QK-norm) has no MLP biases; train with bias=false")
+        return "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"
+    raise UserError(f"cannot export model.arch='{cfg.arch}': supported are gpt2 and llama")
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
+    """config.json for the HF class of `cfg`. Written by hand with the keys of both transformers 4.x
+    (`rope_theta`, `torch_dtype`) and 5.x (`rope_parameters`, `dtype`)."""
+    arch = hf_architecture(cfg)
+    common = dict(architectures=[arch], vocab_size=cfg.vocab_size, bos_token_id=bos_id, eos_token_id=eos_id,
+                  tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std, use_cache=True,
+                  torch_dtype=HF_DTYPE_NAMES[dtype], dtype=HF_DTYPE_NAMES[dtype])
+    if arch == "GPT2LMHeadModel":
+        out = dict(model_type="gpt2", n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                   n_positions=cfg.block_size, n_ctx=cfg.block_size,
+                   n_inner=None if cfg.ffn_dim == 4 * cfg.d_model else cfg.ffn_dim,
+                   activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
+                   resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                   scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)
+    else:
+        out = dict(model_type="qwen3" if arch == "Qwen3ForCausalLM" else "llama",
+                   hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layer,
+                   num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                   hidden_act="silu", max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+                   rope_theta=cfg.rope_theta, rope_scaling=None,
+                   rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                   attention_bias=cfg.bias, attention_dropout=cfg.dropout, pretraining_tp=1)
+        if arch == "LlamaForCausalLM":
+            out["mlp_bias"] = cfg.bias
+        else:
+            out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
+    out.update(common)
+    out["antimatter"] = dataclasses.asdict(cfg)
+    return out
+
+
+def _pick(hf: dict[str, Any], *names: str, default: Any = None) -> Any:
+    for n in names:
+        if hf.get(n) is not None:
+            return hf[n]
+    return default
+
+
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """Our ModelConfig from a HF config.json dict, or a UserError naming what we cannot represent."""
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else MODEL_TYPES.get(hf.get("model_type", ""), "")
+    if arch not in SUPPORTED:
+        raise UserError(f"unsupported architecture '{arch or hf.get('model_type', '?')}' in config.json: "
+                        f"AntiMatter imports {', '.join(SUPPORTED)}")
+    ours = hf.get("antimatter") if isinstance(hf.get("antimatter"), dict) else {}
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    extra = {k: v for k, v in ours.items() if k in ("preset", "pad_vocab_multiple", "init_std") and k in known}
+    if arch == "GPT2LMHeadModel":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"unsupported GPT-2 activation '{act}': AntiMatter's GPT-2 block uses the tanh GELU "
+                            "(gelu_new)")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+            raise UserError("unsupported GPT-2 attention scaling (scale_attn_by_inverse_layer_idx / "
+                            "scale_attn_weights=false): AntiMatter scales by 1/sqrt(head_dim)")
+        d = hf["n_embd"]
+        cfg = ModelConfig(arch="gpt2", n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=d,
+                          d_ff=_pick(hf, "n_inner") or 4 * d, vocab_size=hf["vocab_size"],
+                          block_size=_pick(hf, "n_positions", "n_ctx"), bias=True,
+                          tie_embeddings=hf.get("tie_word_embeddings", True),
+                          norm_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=0.0, **extra)
+        if cfg.d_ff == 4 * d:
+            cfg.d_ff = None
+        return cfg
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise UserError(f"unsupported activation '{act}': AntiMatter's Llama block is SwiGLU (silu)")
+    scaling = hf.get("rope_scaling")
+    params = hf.get("rope_parameters") or {}
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or params.get("rope_type", "default")
+    if rope_type != "default":
+        raise UserError(f"unsupported RoPE scaling '{rope_type}': AntiMatter implements plain RoPE only")
+    theta = _pick(hf, "rope_theta", default=None) or params.get("rope_theta", 10000.0)
+    d, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, d // n_head) or d % n_head:
+        raise UserError(f"unsupported head_dim {hf.get('head_dim')}: AntiMatter needs head_dim = hidden_size / "
+                        f"num_attention_heads = {d}/{n_head}")
+    attn_bias = bool(hf.get("attention_bias", False))
+    if arch == "LlamaForCausalLM":
+        if bool(hf.get("mlp_bias", False)) != attn_bias:
+            raise UserError("unsupported Llama config: attention_bias and mlp_bias differ; AntiMatter has one "
+                            "bias switch for all projections")
+        qk_norm = False
+    else:
+        if attn_bias:
+            raise UserError("unsupported Qwen3 config: attention_bias=true without MLP biases; AntiMatter has one "
+                            "bias switch for all projections")
+        if hf.get("use_sliding_window"):
+            raise UserError("unsupported Qwen3 config: use_sliding_window=true; AntiMatter attends over the "
+                            "full context")
+        qk_norm = True
+    kv = hf.get("num_key_value_heads") or n_head
+    ffn = hf["intermediate_size"]
+    cfg = ModelConfig(arch="llama", n_layer=hf["num_hidden_layers"], n_head=n_head,
+                      n_kv_head=None if kv == n_head else kv, d_model=d, d_ff=ffn, vocab_size=hf["vocab_size"],
+                      block_size=hf.get("max_position_embeddings", 2048), bias=attn_bias,
+                      tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                      rope_theta=float(theta), qk_norm=qk_norm, dropout=0.0, **extra)
+    if ours.get("n_kv_head") == n_head:
+        cfg.n_kv_head = n_head
+    if ours.get("d_ff") is None and ModelConfig(arch="llama", d_model=d).ffn_dim == ffn:
+        cfg.d_ff = None
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------- weight map
+
+
+def to_hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Our parameters under HF names (contiguous copies in `dtype`, embedding rows cut to vocab_size)."""
+    cfg = model.cfg
+    arch = hf_architecture(cfg)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    V, H, hd = cfg.vocab_size, cfg.ffn_dim, cfg.head_dim
+    out: dict[str, torch.Tensor] = {}
+    if arch == "GPT2LMHeadModel":
+        def ln(dst: str, src: str) -> None:
+            out[f"{dst}.weight"] = sd[f"{src}.weight"]
+            out[f"{dst}.bias"] = sd.get(f"{src}.bias", torch.zeros_like(sd[f"{src}.weight"]))
+
+        def conv1d(dst: str, src: str) -> None:  # HF Conv1D: weight (in, out) = our Linear weight transposed
+            w = sd[f"{src}.weight"]
+            out[f"{dst}.weight"] = w.t()
+            out[f"{dst}.bias"] = sd.get(f"{src}.bias", torch.zeros(w.shape[0], dtype=w.dtype))
+
+        out["transformer.wte.weight"] = sd["transformer.wte.weight"][:V]
+        out["transformer.wpe.weight"] = sd["transformer.wpe.weight"]
+        for i in range(cfg.n_layer):
+            p = f"transformer.h.{i}"
+            ln(f"{p}.ln_1", f"{p}.ln_1")
+            conv1d(f"{p}.attn.c_attn", f"{p}.attn.c_attn")
+            conv1d(f"{p}.attn.c_proj", f"{p}.attn.c_proj")
+            ln(f"{p}.ln_2", f"{p}.ln_2")
+            conv1d(f"{p}.mlp.c_fc", f"{p}.mlp.c_fc")
+            conv1d(f"{p}.mlp.c_proj", f"{p}.mlp.c_proj")
+        ln("transformer.ln_f", "transformer.ln_f")
+    else:
+        nq, nkv = cfg.n_head * hd, cfg.kv_heads * hd
+        out["model.embed_tokens.weight"] = sd["transformer.wte.weight"][:V]
+        for i in range(cfg.n_layer):
+            src, dst = f"transformer.h.{i}", f"model.layers.{i}"
+            out[f"{dst}.input_layernorm.weight"] = sd[f"{src}.ln_1.weight"]
+            out[f"{dst}.post_attention_layernorm.weight"] = sd[f"{src}.ln_2.weight"]
+            for kind in ("weight", "bias") if cfg.bias else ("weight",):
+                q, k, v = sd[f"{src}.attn.c_attn.{kind}"].split([nq, nkv, nkv], dim=0)
+                gate, up = sd[f"{src}.mlp.c_fc.{kind}"].split([H, H], dim=0)
+                out[f"{dst}.self_attn.q_proj.{kind}"] = q
+                out[f"{dst}.self_attn.k_proj.{kind}"] = k
+                out[f"{dst}.self_attn.v_proj.{kind}"] = v
+                out[f"{dst}.self_attn.o_proj.{kind}"] = sd[f"{src}.attn.c_proj.{kind}"]
+                out[f"{dst}.mlp.gate_proj.{kind}"] = gate
+                out[f"{dst}.mlp.up_proj.{kind}"] = up
+                out[f"{dst}.mlp.down_proj.{kind}"] = sd[f"{src}.mlp.c_proj.{kind}"]
+            if cfg.qk_norm:
+                out[f"{dst}.self_attn.q_norm.weight"] = sd[f"{src}.attn.q_norm.weight"]
+                out[f"{dst}.self_attn.k_norm.weight"] = sd[f"{src}.attn.k_norm.weight"]
+        out["model.norm.weight"] = sd["transformer.ln_f.weight"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"][:V]
+    return {k: v.to(dtype).contiguous().clone() for k, v in out.items()}
+
+
+def _normalise_hf_names(hf_sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """Accept the name variants found in the wild: GPT-2 files without the `transformer.` prefix, and the
+    causal-mask buffers old GPT-2 files carry (not weights)."""
+    out = {}
+    for k, v in hf_sd.items():
+        if arch == "GPT2LMHeadModel":
+            if k.endswith((".attn.bias", ".attn.masked_bias")) and v.dim() != 1:
+                continue  # old causal-mask buffers
+            if not k.startswith(("transformer.", "lm_head.")):
+                k = "transformer." + k
+        out[k] = v
+    return out
+
+
+def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """HF tensors -> our names and layouts (fp32, real vocab rows only). Every HF tensor must be used and every
+    one of ours found; otherwise a UserError lists the difference (nothing silently dropped)."""
+    hf_sd = _normalise_hf_names(hf_sd, arch)
+    V = cfg.vocab_size
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf_sd:
+            raise UserError(f"weights are missing '{name}' (expected by a {arch} config): the folder's weights "
+                            "do not match its config.json")
+        used.add(name)
+        return hf_sd[name].float()
+
+    emb_name = "transformer.wte.weight" if arch == "GPT2LMHeadModel" else "model.embed_tokens.weight"
+    if emb_name in hf_sd and hf_sd[emb_name].shape[0] != V:
+        raise UserError(f"vocab mismatch: config.json says vocab_size={V} but the embedding has "
+                        f"{hf_sd[emb_name].shape[0]} rows: fix vocab_size in config.json")
+    if arch == "GPT2LMHeadModel":
+        out["transformer.wte.weight"] = take("transformer.wte.weight")
+        out["transformer.wpe.weight"] = take("transformer.wpe.weight")
+        names = [f"transformer.h.{i}.{m}" for i in range(cfg.n_layer)
+                 for m in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+        for n in [*names, "transformer.ln_f"]:
+            w = take(f"{n}.weight")
+            out[f"{n}.weight"] = w.t() if w.dim() == 2 else w
+            b = take(f"{n}.bias")
+            if cfg.bias:
+                out[f"{n}.bias"] = b
+    else:
+        out["transformer.wte.weight"] = take("model.embed_tokens.weight")
+        for i in range(cfg.n_layer):
+            src, dst = f"model.layers.{i}", f"transformer.h.{i}"
+            out[f"{dst}.ln_1.weight"] = take(f"{src}.input_layernorm.weight")
+            out[f"{dst}.ln_2.weight"] = take(f"{src}.post_attention_layernorm.weight")
+            for kind in ("weight", "bias") if cfg.bias else ("weight",):
+                out[f"{dst}.attn.c_attn.{kind}"] = torch.cat(
+                    [take(f"{src}.self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")], dim=0)
+                out[f"{dst}.attn.c_proj.{kind}"] = take(f"{src}.self_attn.o_proj.{kind}")
+                out[f"{dst}.mlp.c_fc.{kind}"] = torch.cat(
+                    [take(f"{src}.mlp.gate_proj.{kind}"), take(f"{src}.mlp.up_proj.{kind}")], dim=0)
+                out[f"{dst}.mlp.c_proj.{kind}"] = take(f"{src}.mlp.down_proj.{kind}")
+            if cfg.qk_norm:
+                out[f"{dst}.attn.q_norm.weight"] = take(f"{src}.self_attn.q_norm.weight")
+                out[f"{dst}.attn.k_norm.weight"] = take(f"{src}.self_attn.k_norm.weight")
+        out["transformer.ln_f.weight"] = take("model.norm.weight")
+    if not cfg.tie_embeddings:
+        head = take("lm_head.weight")
+        if head.shape[0] != V:
+            raise UserError(f"vocab mismatch: config.json says vocab_size={V} but lm_head has {head.shape[0]} "
+                            "rows: fix vocab_size in config.json")
+        out["lm_head.weight"] = head
+    elif "lm_head.weight" in hf_sd:
+        used.add("lm_head.weight")  # a tied head saved anyway: the same tensor as the embedding
+    unused = sorted(set(hf_sd) - used)
+    if unused:
+        raise UserError(f"{len(unused)} tensors in the weights are not part of a {arch} model of this config "
+                        f"(e.g. '{unused[0]}'): the folder's weights do not match its config.json")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _eot_id(tokenizer_file: Path | None) -> int | None:
+    if tokenizer_file is None:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_file)).token_to_id(EOT)
+
+
+def _tokenizer_size(tokenizer_file: Path) -> int:
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(tokenizer_file)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # the tokenizers library raises plain Exceptions for unreadable files
+        raise UserError(f"cannot read tokenizer file {tokenizer_file}: {e}") from None
+
+
+def write_tokenizer_files(tokenizer_file: Path, out_dir: Path, model_max_length: int) -> None:
+    """tokenizer.json plus tokenizer_config.json and special_tokens_map.json, so that
+    `AutoTokenizer.from_pretrained(out_dir)` builds a fast tokenizer with `<|endoftext|>` as bos/eos/unk/pad,
+    offline. AntiMatter tokenizers go through the tokenizer stage's writer; a foreign tokenizer without
+    `<|endoftext|>` (e.g. from an imported model) is copied with no special tokens declared."""
+    from antimatter.tokenizer import write_hf_tokenizer_files
+
+    if _eot_id(tokenizer_file) is not None:
+        write_hf_tokenizer_files(tokenizer_file, out_dir, model_max_length)
+        return
+    shutil.copyfile(tokenizer_file, out_dir / "tokenizer.json")
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+               "clean_up_tokenization_spaces": False}
+    _atomic_write(out_dir / "tokenizer_config.json", json.dumps(tok_cfg, indent=2) + "\n")
+    _atomic_write(out_dir / "special_tokens_map.json", "{}\n")
+
+
+SKIP_KEYS = ("provenance", "versions", "config", "settings", "outputs", "data", "timing", "memory", "histogram")
+EVAL_SECTIONS = ("checkpoint", "val", "continuation", "speed", "size")
+
+
+def _flatten(d: Any, prefix: str = "", depth: int = 0, max_depth: int = 3) -> list[tuple[str, Any]]:
+    """Scalar entries of a nested dict as (dotted key, value), for the model card's tables; hashes, long
+    strings, method notes and bookkeeping sections are left out."""
+    if not isinstance(d, dict) or depth > max_depth:
+        return []
+    rows = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if "sha256" in str(k) or str(k).endswith("method"):
+            continue
+        if isinstance(v, bool | int | float | str) and not (isinstance(v, str) and len(v) > 80):
+            rows.append((key, v))
+        elif isinstance(v, dict) and k not in SKIP_KEYS:
+            rows.extend(_flatten(v, key + ".", depth + 1, max_depth))
+    return rows
+
+
+def data_rows(stats: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The headline of dataset_statistics.json: its top-level figures and each source's kept docs / bytes."""
+    rows = _flatten(stats, max_depth=0)
+    sources = stats.get("sources")
+    if isinstance(sources, dict):
+        for name, src in sources.items():
+            if isinstance(src, dict):
+                rows += [(f"sources.{name}.{k}", src[k]) for k in ("kept_docs", "kept_bytes") if k in src]
+    return rows or _flatten(stats)
+
+
+def eval_rows(ev: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The figures of final_evaluation.json (val perplexity / bits per byte, continuations, speed, size)."""
+    if any(k in ev for k in EVAL_SECTIONS):
+        ev = {k: ev[k] for k in EVAL_SECTIONS if k in ev}
+    return _flatten(ev)
+
+
+def _table(rows: list[tuple[str, Any]], limit: int = 60) -> str:
+    lines = ["| key | value |", "|---|---|"]
+    for k, v in rows[:limit]:
+        v = f"{v:.6g}" if isinstance(v, float) else str(v)
+        lines.append(f"| {k} | {v.replace('|', '/')} |")
+    if len(rows) > limit:
+        lines.append(f"| ... | {len(rows) - limit} more entries in the source file |")
+    return "\n".join(lines)
+
+
+def model_card(model: GPT, arch: str, dtype: torch.dtype, card: dict[str, Any] | None) -> str:
+    """README.md: architecture and size always; data statistics and evaluation figures only when the run has
+    them (`card["data_statistics"]`, `card["evaluation"]`: the run's own JSON files, never made-up)."""
+    cfg, card = model.cfg, card or {}
+    name = card.get("name", "antimatter-model")
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- antimatter",
+             "- causal-lm", "---", "", f"# {name}", "",
+             "A causal language model trained from scratch with AntiMatter, exported to the Hugging Face format.",
+             ""]
+    if card.get("source"):
+        lines += [f"Exported from `{card['source']}`.", ""]
+    lines += ["## Architecture", "",
+              _table([("transformers class", arch), ("AntiMatter arch", cfg.arch),
+                      ("parameters", f"{model.num_params():,}"),
+                      ("non-embedding parameters", f"{model.num_params(non_embedding=True):,}"),
+                      ("layers", cfg.n_layer), ("d_model", cfg.d_model), ("heads", cfg.n_head),
+                      ("kv heads", cfg.kv_heads), ("ffn dim", cfg.ffn_dim), ("vocab size", cfg.vocab_size),
+                      ("context", cfg.block_size), ("tied embeddings", cfg.tie_embeddings),
+                      ("biases", cfg.bias), ("QK-norm", cfg.qk_norm), ("weights dtype", HF_DTYPE_NAMES[dtype])]),
+              "", "## Usage", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              'PATH = "path/to/this/folder"', "tok = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForCausalLM.from_pretrained(PATH)",
+              'ids = tok("Hello", return_tensors="pt").input_ids',
+              "print(tok.decode(model.generate(ids, max_new_tokens=32, do_sample=False)[0]))", "```", ""]
+    stats = card.get("data_statistics")
+    lines += ["## Training data", ""]
+    if stats:
+        lines += ["From the run's `data/dataset_statistics.json`:", "", _table(data_rows(stats)), ""]
+    else:
+        lines += ["No dataset statistics were recorded for this export.", ""]
+    ev = card.get("evaluation")
+    lines += ["## Evaluation", ""]
+    if ev:
+        which = card.get("evaluation_checkpoint")
+        note = f" (computed on checkpoint `{which}`)" if which else ""
+        lines += [f"From the run's `results/evaluations/final_evaluation.json`{note}:", ""]
+        exported = card.get("checkpoint")
+        if which and exported and Path(str(which)).name != Path(str(exported)).name:
+            lines += [f"**Note:** these figures are for checkpoint `{Path(str(which)).name}`; this export is "
+                      f"checkpoint `{Path(str(exported)).name}`.", ""]
+        lines += [_table(eval_rows(ev)), ""]
+    else:
+        lines += ["No evaluation results were recorded for this export.", ""]
+    return "\n".join(lines)
+
+
+def export_model(model: GPT, out_dir: str | Path, dtype: str = "fp32", tokenizer_file: Path | None = None,
+                 card: dict[str, Any] | None = None) -> Path:
+    """Write `model` as a Hugging Face folder: config.json, model.safetensors, generation_config.json,
+    tokenizer files (when `tokenizer_file` is given) and a README.md model card."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown export dtype '{dtype}': choose fp32, fp16 or bf16")
+    torch_dtype = DTYPES[dtype]
+    cfg = model.cfg
+    arch = hf_architecture(cfg)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"export folder {out_dir} is a file: choose a folder path for --out")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES) if out_dir.is_dir() else []
+    if foreign:  # transformers would read stale shards or tokenizer files next to ours
+        raise UserError(f"export folder {out_dir} already holds other files (e.g. {foreign[0]}): choose a new or "
+                        "empty folder for --out")
+    if tokenizer_file is not None:
+        tokenizer_file = Path(tokenizer_file)
+        if not tokenizer_file.is_file():
+            raise UserError(f"tokenizer file not found: {tokenizer_file}")
+        n_tok = _tokenizer_size(tokenizer_file)
+        if n_tok > cfg.vocab_size:
+            raise UserError(f"vocab mismatch: the tokenizer has {n_tok} tokens but the model's vocab_size is "
+                            f"{cfg.vocab_size}: export with the tokenizer the model was trained with")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eot = _eot_id(tokenizer_file)
+    tensors = to_hf_state_dict(model, torch_dtype)
+    tmp = out_dir / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out_dir / "model.safetensors")
+    _atomic_write(out_dir / "config.json", json.dumps(hf_config(cfg, torch_dtype, eot, eot), indent=2) + "\n")
+    gen = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "do_sample": False}
+    _atomic_write(out_dir / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    if tokenizer_file is not None:
+        write_tokenizer_files(tokenizer_file, out_dir, cfg.block_size)
+    else:  # a previous export's tokenizer does not describe this model
+        for name in TOKENIZER_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    _atomic_write(out_dir / "README.md", model_card(model, arch, torch_dtype, card))
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------- import
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    hf_dir = Path(hf_dir)
+    if not hf_dir.exists():
+        raise UserError(f"Hugging Face folder not found: {hf_dir} (give a local folder with config.json and "
+                        "model.safetensors)")
+    if not hf_dir.is_dir():
+        raise UserError(f"{hf_dir} is not a folder: give the Hugging Face model folder, not a file in it")
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{hf_dir} has no config.json: is it a Hugging Face model folder?")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}): fix or re-export it") from None
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, a sharded safetensors index, or (legacy) pytorch_model.bin read weights-only."""
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    files: list[Path]
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [hf_dir / n for n in shard_names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{hf_dir} is missing weight shard {missing[0]} listed in {index.name}")
+    elif (hf_dir / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError for unsafe content, RuntimeError/EOFError for damage
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"cannot read {hf_dir / 'pytorch_model.bin'} with weights_only=True ({first}): "
+                            "convert it to safetensors") from None
+    else:
+        raise UserError(f"{hf_dir} has no weights (model.safetensors, model.safetensors.index.json or "
+                        "pytorch_model.bin)")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    out[k] = fh.get_tensor(k)
+        except Exception as e:  # safetensors raises its own error types for truncated / foreign files
+            raise UserError(f"cannot read weights {f}: {e}") from None
+    return out
+
+
+def load_hf_model(hf_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """Our GPT (fp32, eval mode) from a local Hugging Face folder written by `export_model` or by transformers
+    (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM)."""
+    hf_dir = Path(hf_dir)
+    hf = read_hf_config(hf_dir)
+    cfg = model_config_from_hf(hf)
+    arch = (hf.get("architectures") or [MODEL_TYPES.get(hf.get("model_type", ""), "")])[0]
+    tok = hf_dir / "tokenizer.json"
+    if tok.is_file():
+        n_tok = _tokenizer_size(tok)
+        if n_tok > cfg.vocab_size:
+            raise UserError(f"vocab mismatch: {tok} has {n_tok} tokens but config.json says vocab_size="
+                            f"{cfg.vocab_size}: the tokenizer does not belong to this model")
+    hf_sd = read_hf_weights(hf_dir)
+    ours = hf.get("antimatter") if isinstance(hf.get("antimatter"), dict) else {}
+    if arch == "GPT2LMHeadModel" and ours.get("bias") is False:
+        # exported from a bias-free model: HF GPT-2 needed zero biases; drop them again if still zero
+        names = _normalise_hf_names(hf_sd, arch)
+        if all(not v.any() for k, v in names.items() if k.endswith(".bias")):
+            cfg.bias = False
+    sd = from_hf_state_dict(hf_sd, cfg, arch)
+    model = GPT(cfg)
+    _copy_into(model, sd)
+    return model.to(device).eval()
+
+
+def _copy_into(model: GPT, sd: dict[str, torch.Tensor]) -> None:
+    """Copy tensors (real vocab rows) into `model`; padding rows of the embedding are zeroed."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, p in params.items():
+            if name == "lm_head.weight" and model.cfg.tie_embeddings:
+                continue
+            src = sd[name]
+            if name in ("transformer.wte.weight", "lm_head.weight"):
+                p.zero_()
+                p[: src.shape[0]].copy_(src)
+            else:
+                if p.shape != src.shape:
+                    raise UserError(f"shape mismatch for {name}: model {tuple(p.shape)} vs weights "
+                                    f"{tuple(src.shape)}")
+                p.copy_(src)
+
+
+def init_weights_from(model: GPT, path: str | Path) -> GPT:
+    """Load weights from a Hugging Face folder (has config.json) or an AntiMatter checkpoint/run folder into
+    `model` in place, for `train.init_from`. The architectures must agree; a different vocabulary size or
+    shape is a UserError naming the field to change."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"train.init_from: {path} does not exist")
+    if (path / "config.json").is_file():
+        src = load_hf_model(path)
+    else:
+        from antimatter.train.checkpoint import load_model
+
+        src = load_model(path)[0]
+    a, b = model.cfg, src.cfg
+    if a.vocab_size != b.vocab_size:
+        raise UserError(f"vocab mismatch: {path} has vocab_size={b.vocab_size} but model.vocab_size="
+                        f"{a.vocab_size}: set model.vocab_size={b.vocab_size} and use that model's tokenizer")
+    for f in ("arch", "n_layer", "n_head", "kv_heads", "d_model", "ffn_dim", "bias", "qk_norm", "tie_embeddings"):
+        if getattr(a, f) != getattr(b, f):
+            raise UserError(f"train.init_from: {path} has {f}={getattr(b, f)} but this run's model has "
+                            f"{f}={getattr(a, f)}: make the model section match")
+    if b.block_size < a.block_size and a.arch == "gpt2":
+        raise UserError(f"train.init_from: {path} has block_size={b.block_size}, shorter than this run's "
+                        f"{a.block_size} (learned positions cannot grow)")
+    sd = {k: v for k, v in src.state_dict().items()}
+    if a.arch == "gpt2":
+        sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][: a.block_size]
+    for k in ("transformer.wte.weight", "lm_head.weight"):
+        sd[k] = sd[k][: a.vocab_size]
+    _copy_into(model, sd)
+    return model
+
+
+# -------------------------------------------------------------------------------------- run wrappers
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", dtype: str = "fp32") -> Path:
+    """`antimatter export`: a run's checkpoint (best, latest or a checkpoint folder) -> Hugging Face folder,
+    with the run's tokenizer, data statistics and evaluation figures in the card."""
+    from antimatter.train.checkpoint import load_model
+
+    run_dir = Path(run_dir)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown export dtype '{dtype}': choose fp32, fp16 or bf16")
+    if checkpoint in ("best", "latest"):
+        if not run_dir.is_dir():
+            raise UserError(f"run folder not found: {run_dir} (pass --run RUN or --name NAME)")
+        model, _, ckpt_dir = load_model(run_dir, checkpoint)
+    else:
+        model, _, ckpt_dir = load_model(Path(checkpoint))
+        if not run_dir.is_dir():  # a checkpoint folder lives at RUN/checkpoints/step_N
+            run_dir = Path(ckpt_dir).parent.parent
+    tok = run_dir / "tokenizer" / "tokenizer.json"
+    ev = _read_json(run_dir / "results" / "evaluations" / "final_evaluation.json")
+    card = {"name": run_dir.name, "source": f"{run_dir}/checkpoints/{Path(ckpt_dir).name}",
+            "checkpoint": Path(ckpt_dir).name,
+            "data_statistics": _read_json(run_dir / "data" / "dataset_statistics.json"), "evaluation": ev}
+    if ev:  # which checkpoint the figures belong to: eval writes {"checkpoint": {"path": ...}}
+        which = ev.get("checkpoint")
+        card["evaluation_checkpoint"] = which.get("path") if isinstance(which, dict) else which
+    out = export_model(model, out_dir, dtype, tok if tok.is_file() else None, card)
+    size = (out / "model.safetensors").stat().st_size
+    print(f"exported {run_dir.name} ({Path(ckpt_dir).name}, {model.num_params():,} params, {dtype}) -> {out} "
+          f"[{hf_architecture(model.cfg)}, model.safetensors {size / 1e6:.1f} MB]")
+    return out
+
+
+def import_hf(hf_dir: str | Path, out_run_dir: str | Path) -> Path:
+    """`antimatter import`: a local Hugging Face folder -> a run folder (checkpoint, tokenizer, config.yaml)
+    that eval, generate, export and `train.init_from` / resume can use."""
+    from antimatter.train.checkpoint import save_checkpoint
+
+    hf_dir, out = Path(hf_dir), Path(out_run_dir)
+    model = load_hf_model(hf_dir)
+    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise UserError(f"{out} already has checkpoints: choose a new --out folder")
+    cfg = RunConfig(name=out.name, runs_dir=str(out.parent))
+    cfg.model = model.cfg
+    out.mkdir(parents=True, exist_ok=True)
+    tok = hf_dir / "tokenizer.json"
+    if tok.is_file():
+        (out / "tokenizer").mkdir(exist_ok=True)
+        shutil.copyfile(tok, out / "tokenizer" / "tokenizer.json")
+        cfg.tokenizer.vocab_size = _tokenizer_size(tok)
+    save_config(cfg, out / "config.yaml")
+    state = {"step": 0, "tokens_seen": 0, "imported_from": str(hf_dir.resolve())}
+    ckpt = save_checkpoint(out / "checkpoints", 0, model.state_dict(), state, cfg, best=True)
+    print(f"imported {hf_dir} ({model.num_params():,} params, {cfg.model.arch}) -> {out} "
+          f"[{ckpt.relative_to(out)}{', tokenizer' if tok.is_file() else ''}]")
+    return out
