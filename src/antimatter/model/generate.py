@@ -97,8 +97,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         torch.manual_seed(seed)
 
     max_seq = T + max_new_tokens
-    if compile:  # one cache size for every call, so the decode graph is captured once and replayed
-        max_seq = ctx
+    if compile:  # few distinct cache sizes, so each decode graph is captured once and replayed
+        max_seq = min(ctx, -(-max_seq // 256) * 256)
     cache = model.transformer.h[0].attn.kv_cache
     if cache is None or cache.k.shape[0] != B or cache.k.shape[2] != max_seq:
         model.setup_caches(B, max_seq)

@@ -1,0 +1,186 @@
+"""Generation speed, side by side in ONE process: AntiMatter (eager and compiled with CUDA graphs) vs
+transformers' `generate` (default cache, and static cache which compiles its decode step), same shape and
+weights (random bf16), greedy, prompt 16 tokens, 256 new tokens, batch 1 and batch 32, and the time to first
+token of a 2,000-token prompt. MBU = bytes read per decode step (weights + KV cache) x steps/s over the
+device-to-device copy bandwidth measured in the same run.
+
+    python benchmarks/decode_speed.py --config seed-300m --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from antimatter.config import preset_model
+from antimatter.model.generate import generate
+from antimatter.model.gpt import GPT
+from antimatter.provenance import provenance
+
+
+def measured_bandwidth_tbs(nbytes: int = 2 << 30) -> float:
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * nbytes * 10 / (time.perf_counter() - t0) / 1e12  # bytes read + written
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def hf_model(cfg, ours: GPT, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """transformers' GPT-2 with OUR weights (so both generate the same greedy tokens)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.d_model,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+    hf_cfg._attn_implementation = "sdpa"
+    model = GPT2LMHeadModel(hf_cfg)
+    sd = {}
+    for k, v in ours.state_dict().items():
+        if k.startswith("lm_head") or k.endswith("causal_mask"):
+            continue
+        if k == "transformer.wte.weight":
+            v = v[: cfg.vocab_size]
+        if any(k.endswith(s) for s in ("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            v = v.t()
+        sd[k] = v
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected, unexpected
+    assert all("lm_head" in m or "attn.bias" in m or "masked_bias" in m for m in missing), missing
+    model.tie_weights()
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="seed-300m")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--ttft-prompt", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU")
+    torch.manual_seed(0)
+    cfg = preset_model(args.config)
+    model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    bw = measured_bandwidth_tbs()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # bytes each decode step must read: every weight once (embedding: one row, lm_head: all rows) + KV cache
+    kv_per_pos = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * 2
+    print(f"device {torch.cuda.get_device_name()}; copy bandwidth {bw:.2f} TB/s; weights {weight_bytes / 1e9:.3f} GB; "
+          f"bound at batch 1 ~{bw * 1e12 / weight_bytes:,.0f} tokens/s", flush=True)
+    results = []
+
+    def record(name: str, batch: int, seconds: float, new: int, prompt: int):
+        steps_per_s = new / seconds
+        avg_ctx = prompt + new / 2
+        step_bytes = weight_bytes + batch * kv_per_pos * avg_ctx
+        r = {"impl": name, "batch": batch, "new_tokens": new, "seconds": seconds,
+             "tokens_per_s": batch * new / seconds, "mbu": step_bytes * steps_per_s / (bw * 1e12)}
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        return r
+
+    hf = None if args.skip_hf else hf_model(cfg, model)
+    for B in args.batches:
+        prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_tokens), generator=torch.Generator().manual_seed(B))
+        plist = prompts.tolist()
+        n = args.new_tokens
+
+        def ours(compile: bool, plist=plist, n=n):
+            return generate(model, plist, n, compile=compile)
+
+        out_eager = ours(False)
+        record("antimatter eager", B, timed(lambda: ours(False), args.repeats), n, args.prompt_tokens)
+        for _ in range(2):  # compile + capture the CUDA graph
+            out_comp = ours(True)
+        record("antimatter compiled", B, timed(lambda: ours(True), args.repeats), n, args.prompt_tokens)
+        same = out_eager == out_comp
+        print(f"batch {B}: eager and compiled give the same greedy tokens: {same}", flush=True)
+        if hf is not None:
+            ids = prompts.cuda()
+            attn = torch.ones_like(ids)
+
+            def hf_gen(static: bool, ids=ids, attn=attn, n=n):
+                kw = {"cache_implementation": "static"} if static else {}
+                return hf.generate(ids, attention_mask=attn, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   pad_token_id=0, **kw)
+
+            hf_out = hf_gen(False)
+            record("transformers default cache", B, timed(lambda: hf_gen(False), args.repeats), n, args.prompt_tokens)
+            try:
+                for _ in range(2):
+                    hf_gen(True)
+                record("transformers static cache", B, timed(lambda: hf_gen(True), args.repeats), n,
+                       args.prompt_tokens)
+            except Exception as e:  # report, don't hide: the static path differs across versions
+                print(f"transformers static cache failed: {type(e).__name__}: {e}", flush=True)
+            match = hf_out[:, args.prompt_tokens:].tolist() == out_eager
+            print(f"batch {B}: transformers and AntiMatter greedy tokens identical: {match}", flush=True)
+
+    # time to first token for a long prompt (prefill + first sampled token)
+    long_prompt = torch.randint(0, cfg.vocab_size, (1, args.ttft_prompt), generator=torch.Generator().manual_seed(7))
+    for compile in (False, True):
+        for _ in range(2):
+            generate(model, long_prompt.tolist(), 1, compile=compile)
+        s = timed(lambda compile=compile: generate(model, long_prompt.tolist(), 1, compile=compile), 5)
+        r = {"impl": f"antimatter {'compiled' if compile else 'eager'}", "ttft_prompt": args.ttft_prompt,
+             "ttft_ms": s * 1000, "prefill_tokens_per_s": args.ttft_prompt / s}
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    if hf is not None:
+        ids = long_prompt.cuda()
+        s = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                                      pad_token_id=0), 5)
+        r = {"impl": "transformers", "ttft_prompt": args.ttft_prompt, "ttft_ms": s * 1000,
+             "prefill_tokens_per_s": args.ttft_prompt / s}
+        results.append(r)
+        print(json.dumps(r), flush=True)
+
+    print(f"\n{args.config} bf16, greedy, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
+          f"{torch.cuda.get_device_name()}")
+    print(f"{'impl':<30}{'batch':>6}{'tokens/s':>12}{'MBU':>8}")
+    for r in results:
+        if "batch" in r:
+            print(f"{r['impl']:<30}{r['batch']:>6}{r['tokens_per_s']:>12,.0f}{r['mbu']:>8.1%}")
+    for B in args.batches:
+        rows = {r["impl"]: r["tokens_per_s"] for r in results if r.get("batch") == B}
+        base = rows.get("transformers static cache") or rows.get("transformers default cache")
+        if base and "antimatter compiled" in rows:
+            print(f"batch {B}: AntiMatter compiled / transformers static: {rows['antimatter compiled'] / base:.1f}x")
+    for r in results:
+        if "ttft_ms" in r:
+            print(f"TTFT {r['impl']:<22} prompt {r['ttft_prompt']}: {r['ttft_ms']:.1f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"provenance": provenance("cuda"), "bandwidth_tbs": bw, "weight_bytes": weight_bytes,
+                       "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
