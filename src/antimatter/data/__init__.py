@@ -1,0 +1,1 @@
+"""Data preparation: readers, cleaning, quality filters, dedup, split and statistics (`antimatter prepare`)."""

@@ -1,0 +1,419 @@
+"""Readers: turn each configured source into a stream of raw documents, with bounded memory.
+
+A source (a file, folder, glob, Hugging Face `save_to_disk` folder, or `default`) expands into *units*, one
+per input file (the default corpus is cut into slices); a unit is the piece of work one worker process
+reads. Readers yield `RawDoc`s, or `BadInput` records for what could not be read (malformed JSON line,
+missing text field, binary file): those are counted as removed documents and logged with file:line, never
+silently dropped. Everything streams: JSON Lines line by line, Parquet and Arrow batch by batch.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from antimatter.config import SourceConfig
+from antimatter.data import default_corpus
+from antimatter.errors import UserError
+
+CODE_EXTS = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".js", ".mjs", ".ts", ".tsx",
+             ".java", ".go", ".rs", ".sh", ".bash", ".zsh", ".pl", ".pm", ".rb", ".lua", ".cs", ".swift", ".kt",
+             ".scala", ".sql", ".r", ".jl", ".php", ".m", ".f90", ".hs", ".ml", ".ex", ".erl", ".clj", ".el",
+             ".vim", ".cmake", ".mk", ".s", ".asm", ".zig", ".nim", ".dart", ".vue", ".css", ".scss"}
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".ndjson.gz", ".ndjson.zst", ".json",
+                  ".json.gz", ".json.zst")
+FORMATS = ("auto", "text", "jsonl", "parquet", "hf", "html", "default")
+DEFAULT_SLICE_BYTES = 2_000_000
+UNIT_BYTES = 4_000_000  # files smaller than this are grouped into units of about this size ...
+UNIT_FILES = 2_000  # ... and at most this many files
+_SHARD_SUFFIX = re.compile(r"[-_.](\d{3,}|train|val|valid|test|part-?\d+)$")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: one input file, or one slice of the embedded default corpus."""
+
+    index: int
+    source: int  # position in cfg.data.sources
+    name: str  # the source's name (stats and output records use it)
+    path: str  # the first file (for messages)
+    format: str
+    nbytes: int  # size on disk, for progress bars and scheduling
+    items: tuple[default_corpus.DefaultItem, ...] = ()
+    paths: tuple[str, ...] = ()  # all files of the unit: small files are grouped so a folder of 100k
+    # notes is a few hundred units, not 100k tasks
+
+
+@dataclass
+class RawDoc:
+    id: str
+    data: bytes | str  # bytes are decoded (and invalid UTF-8 counted) by the cleaner
+    kind: str = ""  # hint from the file extension: code | prose | reference | "" (decide from content)
+    where: str = ""
+    replaced: bool = False  # invalid UTF-8 was already replaced by the reader
+
+
+@dataclass
+class BadInput:
+    """Something that could not become a document; counted under `reason` and logged at `where`."""
+
+    reason: str
+    where: str
+    message: str
+    nbytes: int = 0
+
+
+@dataclass
+class ReadProgress:
+    """How far a reader got in its unit on disk (compressed bytes), for progress bars."""
+
+    fh: io.IOBase | None = None
+    done: int = 0  # bytes of the unit's files already finished
+
+    def position(self) -> int:
+        try:
+            return self.done + (self.fh.tell() if self.fh is not None and not self.fh.closed else 0)
+        except (OSError, ValueError):
+            return self.done
+
+
+# ------------------------------------------------------------------------------------- expanding sources
+
+
+def kind_from_name(name: str) -> str:
+    """`code` when the file name says so (".py", ".h", ...), else "" (let the content decide)."""
+    n = name.lower()
+    for suffix in (".gz", ".zst"):
+        n = n.removesuffix(suffix)
+    return "code" if os.path.splitext(n)[1] in CODE_EXTS else ""
+
+
+def detect_format(path: Path) -> str:
+    name = path.name.lower()
+    if path.is_dir():
+        return "hf" if _is_hf_dir(path) else "folder"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".arrow"):
+        return "hf"
+    if name.endswith((".html", ".htm", ".xhtml")):
+        return "html"
+    return "text"
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def source_name(path: str) -> str:
+    """A readable source name from a path: `corpus/gutenberg-00001.jsonl.zst` -> `gutenberg`."""
+    p = Path(path.rstrip("/"))
+    if any(c in path for c in "*?["):
+        parts = [q for q in p.parts if not any(c in q for c in "*?[")]
+        stem = re.sub(r"[*?\[\]]", "", p.name).split(".")[0].strip("-_.")
+        return stem or (Path(*parts).name if parts else "glob")
+    name = p.name
+    for suffix in (".gz", ".zst"):
+        name = name.removesuffix(suffix)
+    if p.is_dir():
+        return name or "folder"
+    stem = name.split(".")[0] if not name.startswith(".") else name
+    stem = _SHARD_SUFFIX.sub("", stem) or stem
+    return stem or "source"
+
+
+def sources_from_paths(paths: list[str]) -> list[SourceConfig]:
+    """One SourceConfig per command-line path (file, folder or glob); format and name from the path."""
+    out = []
+    for p in paths:
+        if p == "default":
+            out.append(SourceConfig(path="default", name="default"))
+            continue
+        if not any(c in p for c in "*?[") and not Path(p).exists():
+            raise UserError(f"input path does not exist: {p}: check the spelling, or quote a glob like 'dir/*.txt'")
+        fmt = "auto"
+        if Path(p).is_file() or Path(p).is_dir():
+            det = detect_format(Path(p))
+            fmt = det if det in FORMATS else "auto"
+        out.append(SourceConfig(path=p, name=source_name(p), format=fmt))
+    return out
+
+
+def _walk(folder: Path) -> list[Path]:
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
+    return files
+
+
+def _files_of(src: SourceConfig) -> list[tuple[Path, str]]:
+    """The (file, format) pairs a source reads, in a deterministic order."""
+    path = os.path.expanduser(src.path)
+    if any(c in path for c in "*?["):
+        matches = sorted(glob.glob(path, recursive=True))
+        if not matches:
+            raise UserError(f"source '{src.name or path}': the glob {path} matches no file: check the pattern")
+        candidates = [Path(m) for m in matches]
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise UserError(f"source '{src.name or path}': path does not exist: {path}: "
+                            f"fix data.sources[].path (or the path given to `antimatter prepare`)")
+        candidates = [p]
+    out: list[tuple[Path, str]] = []
+    for p in candidates:
+        if p.is_dir():
+            if src.format == "hf" or (src.format == "auto" and _is_hf_dir(p)):
+                arrows = sorted(p.rglob("*.arrow"))
+                if not arrows:
+                    raise UserError(f"source '{src.name}': {p} has no .arrow files: is it a save_to_disk folder?")
+                out.extend((a, "hf") for a in arrows)
+                continue
+            for f in _walk(p):
+                out.append((f, detect_format(f) if src.format == "auto" else src.format))
+        elif p.is_file():
+            out.append((p, detect_format(p) if src.format == "auto" else src.format))
+    return out
+
+
+def expand_sources(sources: list[SourceConfig], default_corpus_bytes: int) -> list[Unit]:
+    """All units of all sources, in config order then path order: the canonical order of the corpus."""
+    if not sources:
+        raise UserError("no data sources: set data.sources (or pass paths: antimatter prepare PATH... --out DIR)")
+    units: list[Unit] = []
+    for si, src in enumerate(sources):
+        if src.format not in FORMATS:
+            raise UserError(f"source '{src.name or src.path}': unknown format '{src.format}': "
+                            f"use one of {', '.join(FORMATS)}")
+        if src.path == "default" or src.format == "default":
+            name = src.name or "default"
+            items = default_corpus.default_items(default_corpus_bytes)
+            chunk: list[default_corpus.DefaultItem] = []
+            size = 0
+            for item in [*items, None]:
+                if item is not None:
+                    chunk.append(item)
+                    size += item.nbytes
+                if chunk and (item is None or size >= DEFAULT_SLICE_BYTES):
+                    units.append(Unit(len(units), si, name, "default", "default", size, tuple(chunk)))
+                    chunk, size = [], 0
+            continue
+        name = src.name or source_name(src.path)
+        group: list[tuple[Path, int]] = []
+        group_fmt = ""
+        for f, fmt in [*_files_of(src), (None, "")]:
+            size = f.stat().st_size if f is not None else 0
+            if group and (f is None or fmt != group_fmt or sum(n for _, n in group) + size > UNIT_BYTES
+                          or len(group) >= UNIT_FILES):
+                units.append(Unit(len(units), si, name, str(group[0][0]), group_fmt, sum(n for _, n in group),
+                                  paths=tuple(str(p) for p, _ in group)))
+                group = []
+            if f is not None:
+                group.append((f, size))
+                group_fmt = fmt
+    return units
+
+
+# ------------------------------------------------------------------------------------------------ readers
+
+
+def _open_binary(path: Path, progress: ReadProgress) -> io.BufferedIOBase:
+    """The decompressed byte stream of a (maybe .gz / .zst) file; progress tracks the compressed position."""
+    raw = open(path, "rb")  # noqa: SIM115 (closed by the caller's `with`)
+    progress.fh = raw
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+    if name.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return raw
+
+
+def _looks_binary(head: bytes) -> bool:
+    return b"\x00" in head
+
+
+def read_unit(unit: Unit, src: SourceConfig, *, strict: bool, max_doc_bytes: int,
+              progress: ReadProgress | None = None) -> Iterator[RawDoc | BadInput]:
+    """The documents of one unit, in file order."""
+    progress = progress or ReadProgress()
+    if unit.format == "default":
+        for item in unit.items:
+            yield RawDoc(item.id, default_corpus.load_item(item), item.kind, item.id)
+            progress.done += item.nbytes
+        return
+    for p in unit.paths or (unit.path,):
+        path = Path(p)
+        if unit.format == "jsonl":
+            yield from _read_jsonl(path, unit.name, src.text_field, strict, progress)
+        elif unit.format == "parquet":
+            yield from _read_parquet(path, unit.name, src.text_field, strict)
+        elif unit.format == "hf":
+            yield from _read_arrow(path, unit.name, src.text_field, strict)
+        elif unit.format in ("text", "html"):
+            yield from _read_text_file(path, unit, max_doc_bytes, progress)
+        else:
+            raise UserError(f"source '{unit.name}': unknown format '{unit.format}' for {path}")
+        progress.fh = None
+        progress.done += path.stat().st_size
+
+
+def _read_text_file(path: Path, unit: Unit, max_doc_bytes: int,
+                    progress: ReadProgress) -> Iterator[RawDoc | BadInput]:
+    size = path.stat().st_size
+    doc_id = f"{unit.name}/{path.name}"
+    if max_doc_bytes and size > max_doc_bytes and not path.name.endswith((".gz", ".zst")):
+        # do not load a huge file only to drop it: the filter `max_doc_bytes` would remove it anyway
+        yield BadInput("filter.max_doc_bytes", str(path), f"{size} bytes > data.filters.max_doc_bytes", size)
+        return
+    with _open_binary(path, progress) as f:
+        data = f.read(max_doc_bytes + 1) if max_doc_bytes else f.read()
+    if max_doc_bytes and len(data) > max_doc_bytes:
+        yield BadInput("filter.max_doc_bytes", str(path), f"more than {max_doc_bytes} bytes", len(data))
+        return
+    if _looks_binary(data[:8192]):
+        yield BadInput("read.binary_file", str(path), "binary file (NUL bytes): not text", len(data))
+        return
+    if unit.format == "html":
+        text = html_to_text(data.decode("utf-8", errors="replace"))
+        yield RawDoc(doc_id, text, "prose", str(path))
+        return
+    yield RawDoc(doc_id, data, kind_from_name(path.name), str(path))
+
+
+def _read_jsonl(path: Path, name: str, text_field: str, strict: bool,
+                progress: ReadProgress) -> Iterator[RawDoc | BadInput]:
+    with _open_binary(path, progress) as f:
+        first = True
+        for lineno, line in enumerate(f, 1):
+            if first:
+                first = False
+                if _looks_binary(line[:8192]):
+                    yield BadInput("read.binary_file", str(path), "binary file (NUL bytes): not JSON Lines",
+                                   path.stat().st_size)
+                    return
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            replaced = False
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                try:
+                    rec = json.loads(line.decode("utf-8", errors="replace"))
+                    replaced = True
+                except json.JSONDecodeError:
+                    if strict:
+                        raise UserError(f"{where}: malformed JSON ({e.msg if hasattr(e, 'msg') else e}): "
+                                        f"fix the line, or run without --strict to skip it") from None
+                    yield BadInput("read.malformed_json", where, f"malformed JSON: {e}", len(line))
+                    continue
+            text = rec.get(text_field) if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                msg = (f"no '{text_field}' field" if not isinstance(rec, dict) or text_field not in rec
+                       else f"'{text_field}' is {type(text).__name__}, not a string")
+                if strict:
+                    raise UserError(f"{where}: {msg}: set the source's text_field, or run without --strict")
+                yield BadInput("read.missing_text_field", where, msg, len(line))
+                continue
+            rid = rec.get("id")
+            doc_id = rid if isinstance(rid, str) and rid else f"{name}/{path.name}:{lineno}"
+            yield RawDoc(doc_id, text, kind_from_name(doc_id), where, replaced)
+
+
+def _batches_text(batches, path: Path, name: str, text_field: str, strict: bool) -> Iterator[RawDoc | BadInput]:
+    row = 0
+    for batch in batches:
+        if text_field not in batch.schema.names:
+            msg = f"no '{text_field}' column (columns: {', '.join(batch.schema.names)})"
+            raise UserError(f"source '{name}': {path}: {msg}: set the source's text_field")
+        texts = batch.column(text_field).to_pylist()
+        ids = batch.column("id").to_pylist() if "id" in batch.schema.names else [None] * len(texts)
+        for rid, text in zip(ids, texts):
+            where = f"{path}:row {row}"
+            row += 1
+            if not isinstance(text, str):
+                if strict:
+                    raise UserError(f"{where}: '{text_field}' is {type(text).__name__}, not a string: "
+                                    f"fix the data or run without --strict")
+                yield BadInput("read.missing_text_field", where, f"'{text_field}' is not a string", 0)
+                continue
+            doc_id = str(rid) if rid not in (None, "") else f"{name}/{path.name}:{row - 1}"
+            yield RawDoc(doc_id, text, kind_from_name(doc_id), where)
+
+
+def _read_parquet(path: Path, name: str, text_field: str, strict: bool) -> Iterator[RawDoc | BadInput]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise UserError(f"source '{name}': {path} is not a readable Parquet file ({e}): check the file") from None
+    cols = [c for c in (text_field, "id") if c in pf.schema_arrow.names] or None
+    yield from _batches_text(pf.iter_batches(batch_size=1024, columns=cols), path, name, text_field, strict)
+
+
+def _read_arrow(path: Path, name: str, text_field: str, strict: bool) -> Iterator[RawDoc | BadInput]:
+    """An Arrow file of a Hugging Face `save_to_disk` folder (IPC stream format; file format also accepted)."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path), "r") as source:
+        try:
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            try:
+                f = pa.ipc.open_file(source)
+            except pa.ArrowInvalid:
+                raise UserError(f"source '{name}': {path} is not an Arrow file: check the folder") from None
+            reader = (f.get_batch(i) for i in range(f.num_record_batches))
+        yield from _batches_text(reader, path, name, text_field, strict)
+
+
+def html_to_text(html: str) -> str:
+    """Main text of an HTML page: trafilatura when installed (boilerplate removal), else the visible text."""
+    try:
+        import trafilatura  # optional: `pip install trafilatura`
+
+        text = trafilatura.extract(html, include_comments=False, include_tables=True)
+        if text:
+            return text
+    except ImportError:
+        pass
+    from html.parser import HTMLParser
+
+    class _Text(HTMLParser):
+        skip = 0
+        out: list[str]
+
+        def handle_starttag(self, tag, attrs):
+            if tag in ("script", "style", "noscript", "template"):
+                self.skip += 1
+            elif tag in ("p", "br", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "section"):
+                self.out.append("\n")
+
+        def handle_endtag(self, tag):
+            if tag in ("script", "style", "noscript", "template") and self.skip:
+                self.skip -= 1
+
+        def handle_data(self, data):
+            if not self.skip:
+                self.out.append(data)
+
+    parser = _Text()
+    parser.out = []
+    parser.feed(html)
+    parser.close()
+    return "".join(parser.out)

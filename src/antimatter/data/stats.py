@@ -1,0 +1,128 @@
+"""Statistics of a prepare run: per source and total, every document accounted for.
+
+Invariant (tested): docs_in == kept_docs + sum(removed[reason].docs) for every source and the total.
+Removal reasons carry their stage as a prefix: read.* (could not be read), clean.empty, filter.<rule>,
+dedup.exact, dedup.near.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+
+SPLITS = ("train", "val")
+LENGTH_EDGES = [0, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10**12]
+
+
+class SourceStats:
+    def __init__(self) -> None:
+        self.docs_in = 0
+        self.bytes_in = 0
+        self.removed: Counter[str] = Counter()
+        self.removed_bytes: Counter[str] = Counter()
+        self.kept_docs = 0
+        self.kept_bytes = 0
+        self.kept_chars = 0
+        self.lengths: list[int] = []
+        self.splits = {s: Counter() for s in SPLITS}
+        self.rule_sets: Counter[str] = Counter()
+        self.clean: Counter[str] = Counter()
+
+    def add_in(self, nbytes: int) -> None:
+        self.docs_in += 1
+        self.bytes_in += nbytes
+
+    def remove(self, reason: str, nbytes: int) -> None:
+        self.removed[reason] += 1
+        self.removed_bytes[reason] += nbytes
+
+    def keep(self, nbytes: int, nchars: int, split: str) -> None:
+        self.kept_docs += 1
+        self.kept_bytes += nbytes
+        self.kept_chars += nchars
+        self.lengths.append(nchars)
+        self.splits[split]["docs"] += 1
+        self.splits[split]["bytes"] += nbytes
+        self.splits[split]["chars"] += nchars
+
+    def merge(self, other: SourceStats) -> None:
+        self.docs_in += other.docs_in
+        self.bytes_in += other.bytes_in
+        self.removed.update(other.removed)
+        self.removed_bytes.update(other.removed_bytes)
+        self.kept_docs += other.kept_docs
+        self.kept_bytes += other.kept_bytes
+        self.kept_chars += other.kept_chars
+        self.lengths.extend(other.lengths)
+        for s in SPLITS:
+            self.splits[s].update(other.splits[s])
+        self.rule_sets.update(other.rule_sets)
+        self.clean.update(other.clean)
+
+    def to_dict(self) -> dict[str, Any]:
+        def pct(a: int, b: int) -> float:
+            return round(100.0 * a / b, 3) if b else 0.0
+
+        removed = {r: {"docs": self.removed[r], "bytes": self.removed_bytes[r],
+                       "pct_docs": pct(self.removed[r], self.docs_in),
+                       "pct_bytes": pct(self.removed_bytes[r], self.bytes_in)}
+                   for r in sorted(self.removed)}
+        by_stage: dict[str, dict[str, float]] = defaultdict(lambda: {"docs": 0, "bytes": 0})
+        for r in self.removed:
+            stage = r.split(".")[0] if not r.startswith("dedup.") else r
+            by_stage[stage]["docs"] += self.removed[r]
+            by_stage[stage]["bytes"] += self.removed_bytes[r]
+        for v in by_stage.values():
+            v["pct_docs"] = pct(int(v["docs"]), self.docs_in)
+            v["pct_bytes"] = pct(int(v["bytes"]), self.bytes_in)
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        dist: dict[str, Any] = {"unit": "characters"}
+        if len(lengths):
+            q = np.percentile(lengths, [10, 50, 90, 99])
+            dist.update(min=int(lengths.min()), p10=int(q[0]), p50=int(q[1]), p90=int(q[2]), p99=int(q[3]),
+                        max=int(lengths.max()), mean=round(float(lengths.mean()), 1))
+        counts, _ = np.histogram(lengths, bins=LENGTH_EDGES) if len(lengths) else ([0] * 11, None)
+        dist["histogram"] = {"edges": LENGTH_EDGES, "counts": [int(c) for c in counts]}
+        return {
+            "docs_in": self.docs_in, "bytes_in": self.bytes_in,
+            "removed": removed, "removed_by_stage": dict(sorted(by_stage.items())),
+            "removed_docs": sum(self.removed.values()), "removed_bytes": sum(self.removed_bytes.values()),
+            "kept_docs": self.kept_docs, "kept_bytes": self.kept_bytes, "kept_chars": self.kept_chars,
+            "kept_pct_docs": pct(self.kept_docs, self.docs_in), "kept_pct_bytes": pct(self.kept_bytes, self.bytes_in),
+            "splits": {s: {k: int(self.splits[s][k]) for k in ("docs", "bytes", "chars")} for s in SPLITS},
+            "rule_sets": dict(sorted(self.rule_sets.items())), "cleaned": dict(sorted(self.clean.items())),
+            "length": dist,
+        }
+
+
+def check_invariant(stats: dict[str, Any]) -> None:
+    """docs in = kept + every removal, for each source and the total (raises AssertionError if broken)."""
+    for name, s in [("total", stats["total"]), *stats["sources"].items()]:
+        removed = sum(v["docs"] for v in s["removed"].values())
+        assert s["docs_in"] == s["kept_docs"] + removed, f"{name}: {s['docs_in']} != {s['kept_docs']} + {removed}"
+
+
+def summary_table(stats: dict[str, Any]):
+    """A rich Table: per source, documents and bytes in, removal % by stage, kept."""
+    from rich.table import Table
+
+    t = Table(title="antimatter prepare: documents by source", title_justify="left")
+    for col in ("source", "docs in", "MB in", "bad/empty %", "filter %", "exact %", "near %", "kept docs",
+                "kept MB", "kept % bytes", "top filter rule"):
+        t.add_column(col, justify="left" if col in ("source", "top filter rule") else "right")
+    rows = [*sorted(stats["sources"].items()), ("TOTAL", stats["total"])]
+    for name, s in rows:
+        st = s["removed_by_stage"]
+        filt = {r: v for r, v in s["removed"].items() if r.startswith("filter.")}
+        top = max(filt.items(), key=lambda kv: kv[1]["docs"], default=None)
+        t.add_row(
+            name, f"{s['docs_in']:,}", f"{s['bytes_in'] / 1e6:.2f}",
+            f"{st.get('read', {}).get('pct_docs', 0.0) + st.get('clean', {}).get('pct_docs', 0.0):.1f}",
+            f"{st.get('filter', {}).get('pct_docs', 0.0):.1f}", f"{st.get('dedup.exact', {}).get('pct_docs', 0.0):.1f}",
+            f"{st.get('dedup.near', {}).get('pct_docs', 0.0):.1f}", f"{s['kept_docs']:,}",
+            f"{s['kept_bytes'] / 1e6:.2f}", f"{s['kept_pct_bytes']:.1f}",
+            f"{top[0].removeprefix('filter.')} ({top[1]['docs']})" if top else "-",
+            end_section=name == rows[-2][0])
+    return t

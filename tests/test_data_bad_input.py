@@ -1,0 +1,152 @@
+"""Bad input: each case is counted (or refused with a message naming the fix), never silently lost."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from antimatter.config import RunConfig, SourceConfig
+from antimatter.data.prepare import run_prepare
+from antimatter.data.sample import SENTENCES
+from antimatter.data.sources import sources_from_paths
+from antimatter.data.stats import check_invariant
+from antimatter.errors import UserError
+
+PROSE = " ".join(SENTENCES[:8])
+
+
+def prepare(paths: list[str], out: Path, **data) -> dict:
+    cfg = RunConfig()
+    cfg.data.sources = sources_from_paths(paths)
+    cfg.data.workers = 1
+    cfg.data.val_fraction = 0.3
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    stats = run_prepare(cfg, out)
+    check_invariant(stats)
+    return stats
+
+
+def write_jsonl(path: Path, lines: list[bytes]) -> Path:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    return path
+
+
+def good(i: int) -> bytes:
+    return json.dumps({"id": f"d{i}", "text": " ".join(SENTENCES[i: i + 8])}).encode()
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    (tmp_path / "a.txt").write_bytes(PROSE.encode() + b" caf\xe9 \xff\xfe end of the story.")
+    bad_json = b'{"id": "x", "text": "' + " ".join(SENTENCES[10:18]).encode() + b' na\xefve."}'
+    write_jsonl(tmp_path / "b.jsonl", [bad_json, good(20)])
+    stats = prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], tmp_path / "out")
+    assert stats["total"]["cleaned"]["invalid_utf8"] == 2
+    assert stats["total"]["kept_docs"] == 3
+    log = (tmp_path / "out" / "rejects.log").read_text()
+    assert "a.txt: clean.invalid_utf8" in log and "b.jsonl:1: clean.invalid_utf8" in log
+
+
+def test_malformed_json_line_skipped_logged_counted(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl.gz", [good(0), b'{"id": "broken", "text": "no closing', good(12)])
+    stats = prepare([str(path)], tmp_path / "out")
+    assert stats["total"]["removed"]["read.malformed_json"]["docs"] == 1
+    assert stats["total"]["docs_in"] == 3 and stats["total"]["kept_docs"] == 2
+    assert f"{path}:2: read.malformed_json" in (tmp_path / "out" / "rejects.log").read_text()
+
+
+def test_malformed_json_under_strict_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [good(0), b"{not json"])
+    with pytest.raises(UserError, match=r"c\.jsonl:2: malformed JSON.*without --strict"):
+        prepare([str(path)], tmp_path / "out", strict=True)
+
+
+def test_missing_text_field_counted_and_strict_error(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [good(0), b'{"id": "x", "body": "hello"}', b'{"text": 42}', good(9)])
+    stats = prepare([str(path)], tmp_path / "out")
+    assert stats["total"]["removed"]["read.missing_text_field"]["docs"] == 2
+    log = (tmp_path / "out" / "rejects.log").read_text()
+    assert "d.jsonl:2: read.missing_text_field: no 'text' field" in log
+    assert "d.jsonl:3: read.missing_text_field: 'text' is int" in log
+    with pytest.raises(UserError, match=r"d\.jsonl:2: no 'text' field: set the source's text_field"):
+        prepare([str(path)], tmp_path / "strict", strict=True)
+
+
+def test_custom_text_field(tmp_path):
+    path = write_jsonl(tmp_path / "e.jsonl", [json.dumps({"body": " ".join(SENTENCES[i:i + 8])}).encode()
+                                             for i in (0, 10, 20)])
+    cfg = RunConfig()
+    cfg.data.workers = 1
+    cfg.data.val_fraction = 0.3
+    cfg.data.sources = [SourceConfig(path=str(path), text_field="body")]
+    assert run_prepare(cfg, tmp_path / "out")["total"]["kept_docs"] == 3
+
+
+def test_empty_files_and_binary_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 40)
+    (tmp_path / "ok.txt").write_text(PROSE)
+    (tmp_path / "ok2.md").write_text(" ".join(SENTENCES[20:30]))
+    stats = prepare([str(tmp_path)], tmp_path.parent / "out_bin")
+    t = stats["total"]
+    assert t["removed"]["clean.empty"]["docs"] == 1
+    assert t["removed"]["read.binary_file"]["docs"] == 1
+    assert t["kept_docs"] == 2
+    assert "blob.bin: read.binary_file" in (tmp_path.parent / "out_bin" / "rejects.log").read_text()
+
+
+def test_one_huge_document(tmp_path):
+    big = "\n\n".join(f"Chapter {i}. " + " ".join(SENTENCES[(i * 7 + k) % 40] for k in range(5))
+                      for i in range(3000))  # ~1.45 MB, one document
+    (tmp_path / "big.txt").write_text(big)
+    (tmp_path / "small.txt").write_text(PROSE)
+    stats = prepare([str(tmp_path / "big.txt"), str(tmp_path / "small.txt")], tmp_path / "out")
+    assert stats["sources"]["big"]["docs_in"] == 1 and stats["sources"]["big"]["bytes_in"] > 1_400_000
+    assert stats["sources"]["big"]["removed"]  # repeats its sentences: removed by a repetition rule
+    assert next(iter(stats["sources"]["big"]["removed"])).startswith("filter.gopher_")
+    cfg_small = prepare([str(tmp_path / "big.txt"), str(tmp_path / "small.txt")], tmp_path / "out2",
+                        filters=RunConfig().data.filters.__class__(max_doc_bytes=1_000_000))
+    assert cfg_small["sources"]["big"]["removed"]["filter.max_doc_bytes"]["docs"] == 1
+
+
+def test_nonexistent_path(tmp_path):
+    with pytest.raises(UserError, match="does not exist: .*nope"):
+        sources_from_paths([str(tmp_path / "nope")])
+    cfg = RunConfig()
+    cfg.data.sources = [SourceConfig(path=str(tmp_path / "nope.jsonl"), name="x")]
+    with pytest.raises(UserError, match=r"source 'x': path does not exist: .*fix data.sources"):
+        run_prepare(cfg, tmp_path / "out")
+    cfg.data.sources = [SourceConfig(path=str(tmp_path / "*.parquet"), name="g")]
+    with pytest.raises(UserError, match="matches no file"):
+        run_prepare(cfg, tmp_path / "out")
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(UserError, match="corpus is empty.*point them at text files"):
+        prepare([str(tmp_path / "in")], tmp_path / "out")
+    (tmp_path / "in" / "blank.txt").write_text("  \n\n ")
+    (tmp_path / "in" / "tiny.txt").write_text("hi")
+    with pytest.raises(UserError, match="no document survived.*loosen data.filters"):
+        prepare([str(tmp_path / "in")], tmp_path / "out")
+
+
+def test_bad_config_values(tmp_path):
+    (tmp_path / "a.txt").write_text(PROSE)
+    cfg = RunConfig()
+    cfg.data.sources = [SourceConfig(path=str(tmp_path / "a.txt"), rules="poetry")]
+    with pytest.raises(UserError, match="rules 'poetry' is not one of"):
+        run_prepare(cfg, tmp_path / "out")
+    cfg.data.sources = [SourceConfig(path=str(tmp_path / "a.txt"), format="csv")]
+    with pytest.raises(UserError, match="unknown format 'csv'"):
+        run_prepare(cfg, tmp_path / "out")
+    cfg.data.sources = [SourceConfig(path=str(tmp_path / "a.txt"))]
+    cfg.data.filters.disable = ["gopher_stopwords"]
+    with pytest.raises(UserError, match="unknown rule.*gopher_stopwords"):
+        run_prepare(cfg, tmp_path / "out")

@@ -1,0 +1,142 @@
+"""End to end: run_prepare on a small real corpus written to tmp_path (no mocks)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from antimatter.config import RunConfig, SourceConfig
+from antimatter.data.prepare import run_prepare
+from antimatter.data.sample import write_sample_corpus
+from antimatter.data.sources import sources_from_paths
+from antimatter.data.stats import check_invariant
+
+
+def read_split(folder: Path) -> list[dict]:
+    out = []
+    for p in sorted(folder.glob("*.jsonl.zst")):
+        with open(p, "rb") as f:
+            for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8"):
+                out.append(json.loads(line))
+    return out
+
+
+def make_cfg(paths: list[str], workers: int = 1, **data) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.sources = sources_from_paths(paths)
+    cfg.data.workers = workers
+    cfg.data.val_fraction = 0.2
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_sample_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    cfg = make_cfg([str(corpus / "books"), str(corpus / "web-00000.jsonl.zst"), str(corpus / "code")],
+                   keep_rejects=True)
+    return run_prepare(cfg, out), out
+
+
+def test_outputs_and_records(prepared):
+    stats, out = prepared
+    train, val = read_split(out / "train"), read_split(out / "val")
+    assert train and val
+    for rec in train + val:
+        assert set(rec) == {"id", "source", "text"} and rec["text"].strip()
+    assert {r["source"] for r in train + val} <= {"books", "web", "code"}
+    ids = [r["id"] for r in train + val]
+    assert len(ids) == len(set(ids))
+    on_disk = json.loads((out / "dataset_statistics.json").read_text())
+    assert on_disk["total"]["kept_docs"] == len(train) + len(val) == stats["total"]["kept_docs"]
+    assert stats["total"]["splits"]["val"]["docs"] == len(val)
+    assert not (out / ".prepare-tmp").exists()
+    assert not (out / "manifest.json").exists()
+    for key in ("git_commit", "device", "date", "command"):
+        assert key in stats["provenance"]
+
+
+def test_every_document_accounted_for(prepared):
+    stats, _ = prepared
+    check_invariant(stats)
+    t = stats["total"]
+    # sample corpus: 12 book files + 1 empty file, 16 JSONL records, 4 code files
+    assert t["docs_in"] == 13 + 16 + 4
+    assert t["removed"]["dedup.exact"]["docs"] == 1  # the upper-cased copy
+    assert t["removed"]["dedup.near"]["docs"] >= 4  # the one-word edit and three code copies
+    assert t["removed"]["clean.empty"]["docs"] == 2  # empty.txt and the blank record
+    assert any(r.startswith("filter.") for r in t["removed"])  # the bullet list page
+    assert t["rule_sets"]["code"] == 4
+    assert stats["sources"]["code"]["kept_docs"] == 1  # code judged by code rules: kept, once
+
+
+def test_keep_rejects_writes_every_removed_doc(prepared):
+    stats, out = prepared
+    rejects = read_split(out / "rejects")
+    removed_with_text = stats["total"]["removed_docs"]
+    assert len(rejects) == removed_with_text
+    near = [r for r in rejects if r["reason"] == "dedup.near"]
+    assert any(r["id"] == "web/near-copy" and r["duplicate_of"] for r in near)
+
+
+def test_deterministic_across_worker_counts(corpus, tmp_path):
+    paths = [str(corpus / "books"), str(corpus / "web-00000.jsonl.zst"), str(corpus / "code")]
+    a = run_prepare(make_cfg(paths, workers=1), tmp_path / "a")
+    b = run_prepare(make_cfg(paths, workers=2), tmp_path / "b")
+    assert b["timing"]["workers"] == 2
+    for split in ("train", "val"):
+        assert read_split(tmp_path / "a" / split) == read_split(tmp_path / "b" / split)
+    assert a["total"]["removed"] == b["total"]["removed"]
+
+
+def test_dedup_across_sources_before_split(tmp_path):
+    text = "The quick brown fox jumps over the lazy dog near the river bank and then it runs away home."
+    (tmp_path / "a.txt").write_text(" ".join([text] * 1) + " It was a good day for the fox.")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "copy.txt").write_text(" ".join([text] * 1) + " It was a good day for the fox.")
+    (tmp_path / "c.txt").write_text("A completely different story about the sea, the ships and the harbour town.")
+    cfg = make_cfg([str(tmp_path / "a.txt"), str(tmp_path / "b"), str(tmp_path / "c.txt")], val_fraction=0.5)
+    stats = run_prepare(cfg, tmp_path / "out")
+    assert stats["sources"]["b"]["removed"]["dedup.exact"]["docs"] == 1
+    texts = [r["text"] for s in ("train", "val") for r in read_split(tmp_path / "out" / s)]
+    assert sum(t.startswith("The quick brown fox") for t in texts) == 1
+
+
+def test_default_corpus_has_code_prose_and_duplicates(tmp_path):
+    cfg = RunConfig()
+    cfg.data.workers = 1
+    cfg.data.default_corpus_bytes = 400_000
+    stats = run_prepare(cfg, tmp_path / "out")
+    t = stats["total"]
+    assert t["rule_sets"].get("code", 0) > 0 and t["rule_sets"].get("prose", 0) > 0
+    assert 200_000 < t["bytes_in"] <= 400_000
+    assert t["removed_by_stage"].get("dedup.exact", {}).get("docs", 0) + \
+        t["removed_by_stage"].get("dedup.near", {}).get("docs", 0) > 0  # licence texts repeat
+    run_prepare(cfg, tmp_path / "again")
+    assert read_split(tmp_path / "out" / "train") == read_split(tmp_path / "again" / "train")
+
+
+def test_source_byte_cap_and_explicit_rules(corpus, tmp_path):
+    cfg = RunConfig()
+    cfg.data.workers = 1
+    cfg.data.sources = [SourceConfig(path=str(corpus / "books"), name="capped", max_bytes=2000, rules="none")]
+    stats = run_prepare(cfg, tmp_path / "out")
+    s = stats["sources"]["capped"]
+    assert s["bytes_in"] >= 2000 and s["docs_in"] < 13
+    assert set(s["rule_sets"]) == {"none"}
+
+
+def test_summary_table_printed(corpus, tmp_path, capsys):
+    run_prepare(make_cfg([str(corpus / "books")]), tmp_path / "out")
+    printed = capsys.readouterr().out
+    assert "documents by source" in printed and "books" in printed and "TOTAL" in printed
