@@ -1,0 +1,370 @@
+"""Byte-level BPE tokenizer: train on a bounded sample of the train split, save, load.
+
+The tokenizer is GPT-2's recipe built with Hugging Face `tokenizers`: text is split with GPT-2's regex,
+mapped to 256 byte symbols (so every string is representable and round-trips exactly, no unknown token),
+and merges are learned with BPE. `<|endoftext|>` is the first special token and always gets id 0, whatever
+the vocab size, so the end-of-text id is stable (`EOT_ID`); extra `tokenizer.special_tokens` follow it.
+
+Merges are learned on a deterministic sample of the train split bounded by `tokenizer.train_bytes`
+(BPE training memory grows with the corpus): each document is kept when a hash of its id falls below the
+sampling rate budget/total, so the sample spreads over every source instead of taking the first files.
+
+Files written to the tokenizer folder: `tokenizer.json` (loads in `tokenizers.Tokenizer.from_file` and in
+`transformers.PreTrainedTokenizerFast(tokenizer_file=...)`) plus `tokenizer_config.json` and
+`special_tokens_map.json`, so the folder also loads with `AutoTokenizer.from_pretrained(folder)`.
+`write_hf_tokenizer_files(src, dst)` writes the same three files into an export folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import zstandard
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from antimatter.errors import UserError
+
+EOT = "<|endoftext|>"
+EOT_ID = 0  # special tokens come first in the vocab; EOT is always the first of them
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(text: str) -> str:
+    """The text with lone surrogate code points (JSON "\\ud800" escapes, surrogateescape'd terminal input)
+    replaced by U+FFFD: they are not Unicode scalar values, so they have no UTF-8 bytes to tokenize."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+CHUNK_CHARS = 32_768  # long documents are encoded in pieces of about this size (identical ids)
+
+
+def safe_cuts(text: str, chunk_chars: int) -> list[int]:
+    """Positions about every `chunk_chars` where cutting the text cannot change its tokens.
+
+    A cut at p where text[p-1] is a newline and text[p-2], text[p] are not whitespace falls between two
+    pieces of GPT-2's pre-split regex whether or not the text is cut there (a lone newline is its own
+    piece; the pattern has no look-behind), and BPE never merges across pieces. Python's isspace() is a superset of
+    the regex's whitespace class, so the check errs on the safe side.
+    """
+    cuts: list[int] = []
+    n = len(text)
+    pos = chunk_chars
+    while pos < n:
+        i = text.find("\n", pos)
+        while i != -1 and not (0 < i < n - 1 and not text[i - 1].isspace() and not text[i + 1].isspace()):
+            i = text.find("\n", i + 1)
+        if i == -1:
+            break
+        cuts.append(i + 1)
+        pos = i + 1 + chunk_chars
+    return cuts
+
+
+class Tokenizer:
+    """Thin wrapper that fixes the conventions every stage relies on.
+
+    `encode` treats its input as plain text: a literal "<|endoftext|>" inside a document is encoded as
+    ordinary bytes and never becomes the EOT id, so data cannot inject document boundaries. `decode`
+    keeps special tokens, so `decode(encode(s)) == s` for every string `s`.
+    """
+
+    def __init__(self, hf: HFTokenizer, path: Path | None = None, eot_token: str = EOT):
+        self.hf = hf
+        self.path = path
+        eot = hf.token_to_id(eot_token)
+        if eot is None:
+            raise UserError(f"tokenizer {path} has no {eot_token} token: retrain it with `antimatter tokenizer`")
+        self.eot_token = eot_token
+        self.eot_id: int = eot
+        self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
+        hf.encode_special_tokens = True  # in-memory only: never serialised into tokenizer.json
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        except TypeError:  # lone surrogates cannot cross into Rust
+            return self.hf.encode(valid_unicode(text), add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], chunk_chars: int = CHUNK_CHARS) -> list[list[int]]:
+        """Encode many documents in parallel (Rust threads, GIL released); same ids as `encode`.
+
+        Threads share out whole inputs, so one long book would keep one core busy while the other idles:
+        documents longer than `chunk_chars` are cut at points where GPT-2's pre-split always cuts
+        (see `safe_cuts`), encoded as separate pieces and joined again.
+        """
+        pieces: list[str] = []
+        owners: list[int] = []
+        for i, text in enumerate(texts):
+            lo = 0
+            for cut in safe_cuts(text, chunk_chars) if len(text) > chunk_chars else ():
+                pieces.append(text[lo:cut])
+                owners.append(i)
+                lo = cut
+            pieces.append(text[lo:])
+            owners.append(i)
+        fast = getattr(self.hf, "encode_batch_fast", None)  # no offsets: faster (tokenizers >= 0.20)
+        try:
+            encs = (fast or self.hf.encode_batch)(pieces, add_special_tokens=False)
+        except TypeError:  # lone surrogates cannot cross into Rust
+            encs = (fast or self.hf.encode_batch)([valid_unicode(p) for p in pieces], add_special_tokens=False)
+        if len(pieces) == len(texts):
+            return [e.ids for e in encs]
+        out: list[list[int]] = [[] for _ in texts]
+        for owner, enc in zip(owners, encs):
+            out[owner].extend(enc.ids)
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.hf.id_to_token(i)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id}, path={self.path})"
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def split_files(split_dir: Path) -> list[Path]:
+    """The JSON Lines shards of one prepared split, in a fixed order."""
+    split_dir = Path(split_dir)
+    return sorted(p for p in split_dir.glob("*.jsonl*") if p.suffix in (".zst", ".jsonl"))
+
+
+def iter_records(path: Path) -> Iterator[tuple[dict[str, Any], int]]:
+    """(record, line bytes) for each record of a prepared .jsonl(.zst) file, streamed.
+
+    Records are {"id", "source", "text"}; a line without a string "text" is an error naming file and line.
+    Lone surrogates in a text (possible through JSON escapes) are replaced by U+FFFD, with a warning.
+    """
+    path = Path(path)
+    replaced = 0
+    with open(path, "rb") as raw:
+        lines = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20) \
+            if path.suffix == ".zst" else raw
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                text = rec["text"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{lineno}: not a prepared record with a 'text' field: "
+                                f"re-run `antimatter prepare`") from None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{lineno}: 'text' is not a string: re-run `antimatter prepare`")
+            if not rec.get("id"):
+                rec["id"] = f"{path.name}:{lineno}"
+            if not text.isascii():  # isascii is O(1) in CPython; the encode check only runs on the rest
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    rec["text"] = valid_unicode(text)
+                    replaced += 1
+            yield rec, len(line)
+    if replaced:
+        print(f"warning: {path}: {replaced} document(s) held lone surrogate code points (not valid Unicode); "
+              f"each was replaced by U+FFFD", file=sys.stderr)
+
+
+def count_input_bytes(files: list[Path]) -> int:
+    """Decompressed size of the files (cheap: no JSON parsing); used for sampling rates and progress."""
+    total = 0
+    for path in files:
+        with open(path, "rb") as raw:
+            if path.suffix != ".zst":
+                total += path.stat().st_size
+                continue
+            reader = zstandard.ZstdDecompressor().stream_reader(raw)
+            while chunk := reader.read(1 << 22):
+                total += len(chunk)
+    return total
+
+
+def _hash_fraction(doc_id: str) -> float:
+    """A uniform number in [0, 1) that depends only on the document id."""
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little") / 2**64
+
+
+def sample_texts(split_dir: Path, budget_bytes: int, stats: dict[str, Any]) -> Iterator[list[str]]:
+    """Batches of documents of a deterministic sample of at most `budget_bytes` UTF-8 bytes.
+
+    Documents are kept when their id hash falls below budget/total; a document that would overflow the
+    budget is skipped (never cut). Fills `stats` (docs/bytes seen and used) as it goes.
+    """
+    files = split_files(split_dir)
+    total = count_input_bytes(files)
+    rate = 1.0 if budget_bytes <= 0 or budget_bytes >= total else budget_bytes / total
+    stats.update(docs_total=0, bytes_total=0, docs_used=0, bytes_used=0, sample_rate=round(rate, 6))
+    batch: list[str] = []
+    for path in files:
+        for rec, _ in iter_records(path):
+            text, doc_id = rec["text"], str(rec["id"])
+            n = len(text.encode("utf-8"))
+            stats["docs_total"] += 1
+            stats["bytes_total"] += n
+            if rate < 1.0 and _hash_fraction(doc_id) >= rate:
+                continue
+            if budget_bytes > 0 and stats["bytes_used"] + n > budget_bytes:
+                continue
+            stats["docs_used"] += 1
+            stats["bytes_used"] += n
+            batch.append(text)
+            if len(batch) >= 256:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def new_byte_level_bpe() -> HFTokenizer:
+    """An empty GPT-2 style byte-level BPE (regex pre-split, byte alphabet, no normaliser: exact bytes)."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(cfg: Any, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Learn merges on a bounded sample of `data_dir/train`, write `out_dir/tokenizer.json` (+ HF files)."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    train_dir = data_dir / "train"
+    if not split_files(train_dir):
+        raise UserError(f"no training documents in {train_dir} (*.jsonl.zst): run `antimatter prepare` first")
+    vocab_size = cfg.tokenizer_vocab_size
+    specials = [EOT] + [s for s in cfg.tokenizer.special_tokens if s != EOT]
+    if vocab_size < 256 + len(specials):
+        raise UserError(f"tokenizer vocab size {vocab_size} is too small: byte-level BPE needs at least "
+                        f"{256 + len(specials)} (raise tokenizer.vocab_size)")
+    t0 = time.perf_counter()
+    tok = new_byte_level_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=cfg.tokenizer.min_frequency, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=sys.stderr.isatty())
+    stats: dict[str, Any] = {}
+    tok.train_from_iterator(sample_texts(train_dir, cfg.tokenizer.train_bytes, stats), trainer=trainer)
+    if stats["bytes_used"] == 0:
+        raise UserError(f"the train split in {train_dir} has no text to learn a tokenizer from: "
+                        f"add data or raise tokenizer.train_bytes")
+    seconds = time.perf_counter() - t0
+    assert tok.token_to_id(EOT) == EOT_ID, "special tokens must come first in the vocab"
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "tokenizer.json.tmp"
+    tok.save(str(tmp))
+    tmp.replace(out_dir / "tokenizer.json")
+    write_hf_tokenizer_files(out_dir / "tokenizer.json", out_dir, model_max_length=cfg.model.block_size)
+    wrapped = load_tokenizer(out_dir)
+    summary = {
+        "vocab_size": wrapped.vocab_size, "requested_vocab_size": vocab_size,
+        "eot_token": EOT, "eot_id": wrapped.eot_id, "special_tokens": specials,
+        "num_merges": len(json.loads((out_dir / "tokenizer.json").read_text("utf-8"))["model"]["merges"]),
+        "min_frequency": cfg.tokenizer.min_frequency, "train_bytes_budget": cfg.tokenizer.train_bytes,
+        **stats, "seconds": round(seconds, 2), "files": list(HF_FILES),
+    }
+    if wrapped.vocab_size < vocab_size:
+        summary["note"] = (f"the sample only supports {wrapped.vocab_size} tokens at min_frequency "
+                           f"{cfg.tokenizer.min_frequency}; the model keeps vocab {cfg.model.vocab_size}")
+    print(f"tokenizer: vocab {wrapped.vocab_size:,} (eot id {wrapped.eot_id}) learned from "
+          f"{stats['docs_used']:,}/{stats['docs_total']:,} docs, {stats['bytes_used'] / 1e6:.1f}/"
+          f"{stats['bytes_total'] / 1e6:.1f} MB in {seconds:.1f}s -> {out_dir / 'tokenizer.json'}",
+          file=sys.stderr)
+    return summary
+
+
+# ---------------------------------------------------------------------------------- loading, export
+
+
+def resolve_tokenizer_file(path: Path) -> Path:
+    """tokenizer.json itself, a folder holding it, or a run folder (RUN/tokenizer/tokenizer.json)."""
+    path = Path(path)
+    for candidate in (path, path / "tokenizer.json", path / "tokenizer" / "tokenizer.json"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"no tokenizer found at {path} (looked for tokenizer.json and tokenizer/tokenizer.json): "
+                    f"run `antimatter tokenizer` first or pass the right path")
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Load the run's tokenizer from tokenizer.json, its folder, or a run folder.
+
+    The end-of-text token is `<|endoftext|>`; a foreign tokenizer without it (a run made by
+    `antimatter import` from, say, a Llama folder) uses the `eos_token` of the tokenizer_config.json
+    next to it.
+    """
+    file = resolve_tokenizer_file(path)
+    try:
+        hf = HFTokenizer.from_file(str(file))
+    except Exception as e:  # the Rust side raises a bare Exception on malformed files
+        raise UserError(f"{file} is not a valid tokenizers file ({str(e).splitlines()[0][:120]}): "
+                        f"retrain it with `antimatter tokenizer`") from None
+    eot = EOT
+    if hf.token_to_id(EOT) is None:
+        eos = _configured_eos(file.with_name("tokenizer_config.json"))
+        if eos is None or hf.token_to_id(eos) is None:
+            raise UserError(f"tokenizer {file} has no {EOT} token and no eos_token in a tokenizer_config.json "
+                            f"beside it: retrain it with `antimatter tokenizer` or add the eos_token")
+        eot = eos
+    return Tokenizer(hf, file, eot)
+
+
+def _configured_eos(config_file: Path) -> str | None:
+    try:
+        eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(eos, dict):  # older transformers wrote {"content": "</s>", ...}
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else None
+
+
+def hf_tokenizer_config(eot_id: int = EOT_ID, model_max_length: int = 1024, eot_token: str = EOT
+                        ) -> dict[str, dict[str, Any]]:
+    """Contents of tokenizer_config.json and special_tokens_map.json for transformers.
+
+    EOT doubles as bos/eos/unk/pad like GPT-2; no clean-up of spaces so decoding is exact.
+    """
+    special = {"bos_token": eot_token, "eos_token": eot_token, "unk_token": eot_token, "pad_token": eot_token}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False, "add_prefix_space": False,
+        "added_tokens_decoder": {str(eot_id): {"content": eot_token, "lstrip": False, "normalized": False,
+                                               "rstrip": False, "single_word": False, "special": True}},
+    }
+    return {"tokenizer_config.json": config, "special_tokens_map.json": special}
+
+
+def write_hf_tokenizer_files(tokenizer_path: Path, out_dir: Path, model_max_length: int = 1024) -> list[Path]:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`.
+
+    `tokenizer_path` is anything `load_tokenizer` accepts; export calls this with the run folder and the
+    Hugging Face folder it builds.
+    """
+    src = resolve_tokenizer_file(tokenizer_path)
+    tok = load_tokenizer(src)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dst = out_dir / "tokenizer.json"
+    if src.resolve() != dst.resolve():
+        shutil.copyfile(src, dst)
+    written = [dst]
+    for name, content in hf_tokenizer_config(tok.eot_id, model_max_length, tok.eot_token).items():
+        (out_dir / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        written.append(out_dir / name)
+    return written
