@@ -1,0 +1,282 @@
+"""Checkpoints you can trust: atomic writes, checksummed files, safe loading.
+
+A checkpoint is a folder `checkpoints/step_000123/` holding
+  * `model.safetensors` - the full, unsharded weights of the uncompiled model (tied weights stored once),
+  * `state.pt`          - optimiser, grad scaler, step, tokens seen, data position, RNG states of every rank,
+  * `config.yaml`       - the resolved run config,
+  * `manifest.json`     - size and sha256 of each file above (written last).
+It is written into a hidden temp folder, every file fsynced, then renamed into place, and only then do the
+`checkpoints/latest` / `checkpoints/best` pointer files (one line: the step folder's name) move, each by an
+atomic rename. A crash at any instant leaves the previous checkpoint and a valid `latest`.
+
+Loading checks every file against the manifest (truncation and flipped bits are refused, naming the file)
+and unpickles `state.pt` only with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from antimatter.config import RunConfig, config_from_dict, config_to_dict
+from antimatter.errors import UserError
+from antimatter.provenance import now_iso, sha256_file
+
+WEIGHTS, STATE, CONFIG, MANIFEST = "model.safetensors", "state.pt", "config.yaml", "manifest.json"
+STEP_RE = re.compile(r"^step_(\d+)$")
+# Test hook: when set to a step number, the process SIGKILLs itself halfway through writing that checkpoint.
+CRASH_ENV = "ANTIMATTER_TEST_CRASH_IN_CHECKPOINT"
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, incomplete or damaged; the message names the file."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_pointer(root: Path, name: str, target: str) -> None:
+    """`root/name` <- target, atomically (temp file, fsync, rename, fsync folder)."""
+    tmp = root / f".{name}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(target + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / name)
+    _fsync_dir(root)
+
+
+def read_pointer(root: Path, name: str) -> str | None:
+    try:
+        value = (Path(root) / name).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return value or None
+
+
+def weights_for_saving(model_state: dict[str, torch.Tensor], tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, no `_orig_mod.`/`module.` prefixes, the tied lm_head dropped (safetensors stores
+    each tensor once; `load_weights` puts the alias back)."""
+    out = {}
+    for k, v in model_state.items():
+        k = k.replace("_orig_mod.", "").removeprefix("module.")
+        if tie_embeddings and k == "lm_head.weight":
+            continue
+        out[k] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
+                    cfg: RunConfig, *, best: bool = False, keep_last: int = 3) -> Path:
+    """Write `root/step_XXXXXX` atomically, point `latest` (and `best` when `best`) at it, prune old ones.
+
+    `model_state`: the full state dict of the uncompiled model (gathered on this process under FSDP).
+    `train_state`: anything `torch.load(weights_only=True)` can read back (tensors, numbers, strings,
+    lists, dicts). Call it on one process only (rank 0)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = step_name(step)
+    tmp = root / f".tmp_{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights = weights_for_saving(model_state, cfg.model.tie_embeddings)
+    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
+    if os.environ.get(CRASH_ENV) == str(step):  # test hook: die with a half-written checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save(train_state, tmp / STATE)
+    (tmp / CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    files = {}
+    for fname in (WEIGHTS, STATE, CONFIG):
+        _fsync_file(tmp / fname)
+        files[fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": sha256_file(tmp / fname)}
+    manifest = {"step": step, "created": now_iso(), "files": files,
+                "tokens_seen": train_state.get("tokens_seen"), "val_loss": train_state.get("val_loss")}
+    with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    final = root / name
+    if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
+        old = root / f".old_{name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    write_pointer(root, "latest", name)
+    if best:
+        write_pointer(root, "best", name)
+    prune_checkpoints(root, keep_last)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete step folders (those with a manifest), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := STEP_RE.match(p.name)) and (p / MANIFEST).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` step folders plus the ones `best` and `latest` point at; remove stale
+    temp folders left by a crash."""
+    if keep_last <= 0:
+        return
+    keep = {read_pointer(root, "best"), read_pointer(root, "latest")}
+    ckpts = list_checkpoints(root)
+    for p in ckpts[:-keep_last]:
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".tmp_step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def verify_checkpoint(ckpt: str | Path) -> dict[str, Any]:
+    """The manifest, after checking every listed file's size and sha256; CheckpointError names the culprit."""
+    ckpt = Path(ckpt)
+    mpath = ckpt / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {MANIFEST}): use another checkpoint")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint manifest {mpath} is unreadable: use another checkpoint") from None
+    for fname, info in files.items():
+        f = ckpt / fname
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing: use another checkpoint")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"checkpoint file {f} is truncated or damaged ({size} bytes, manifest says "
+                                  f"{info['bytes']}): use another checkpoint")
+        if sha256_file(f) != info["sha256"]:
+            raise CheckpointError(f"checkpoint file {f} is corrupt (sha256 differs from {MANIFEST}): "
+                                  f"use another checkpoint")
+    return manifest
+
+
+def find_resume(root: str | Path) -> Path | None:
+    """The checkpoint to resume from: the one `latest` names, else the newest complete step folder."""
+    root = Path(root)
+    name = read_pointer(root, "latest")
+    if name and (root / name / MANIFEST).is_file():
+        return root / name
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """A checkpoint folder from a run folder, a `checkpoints` folder or a step folder.
+    `which`: best (falls back to latest when no best was recorded), latest, or a step folder name."""
+    path = Path(path)
+    if STEP_RE.match(path.name) and path.is_dir():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not root.is_dir():
+        raise CheckpointError(f"no checkpoints found at {path}: train first (antimatter train) or check the path")
+    if which in ("best", "latest"):
+        name = read_pointer(root, which) or (read_pointer(root, "latest") if which == "best" else None)
+        if name and (root / name).is_dir():
+            return root / name
+        found = find_resume(root)
+        if found is None:
+            raise CheckpointError(f"no complete checkpoint in {root}: train first (antimatter train)")
+        return found
+    if (root / which).is_dir():
+        return root / which
+    if Path(which).is_dir():
+        return resolve_checkpoint(Path(which), "latest")
+    raise CheckpointError(f"checkpoint '{which}' not found in {root}: use best, latest or a step folder name")
+
+
+def load_weights(ckpt: str | Path, tie_embeddings: bool, verify: bool = True) -> dict[str, torch.Tensor]:
+    ckpt = Path(ckpt)
+    if verify:
+        verify_checkpoint(ckpt)
+    try:
+        sd = load_file(str(ckpt / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint file {ckpt / WEIGHTS} cannot be read ({e}): use another checkpoint") from None
+    if tie_embeddings and "transformer.wte.weight" in sd:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
+
+
+def load_train_state(ckpt: str | Path, verify: bool = True) -> dict[str, Any]:
+    """state.pt, unpickled with weights_only=True (a file that needs arbitrary code is refused)."""
+    ckpt = Path(ckpt)
+    if verify:
+        verify_checkpoint(ckpt)
+    try:
+        return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for unsafe content; RuntimeError/EOFError for damage
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint file {ckpt / STATE} was refused by torch.load(weights_only=True) "
+                              f"({first[:200]}): it is damaged or unsafe; use another checkpoint") from None
+
+
+def load_config_from_checkpoint(ckpt: str | Path) -> RunConfig:
+    return config_from_dict(yaml.safe_load((Path(ckpt) / CONFIG).read_text(encoding="utf-8")))
+
+
+def load_model(path: str | Path, which: str = "best", device: str | torch.device = "cpu"):
+    """(model in eval mode, the run's config, the checkpoint folder) from a run, checkpoints or step folder."""
+    from antimatter.model.gpt import GPT
+
+    ckpt = resolve_checkpoint(path, which)
+    verify_checkpoint(ckpt)
+    cfg = load_config_from_checkpoint(ckpt)
+    sd = load_weights(ckpt, cfg.model.tie_embeddings, verify=False)
+    model = GPT(cfg.model)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {ckpt / WEIGHTS} does not match its config.yaml (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]}): use another checkpoint")
+    return model.to(device).eval(), cfg, ckpt

@@ -1,0 +1,151 @@
+"""Processes, devices and sharding: one code path for plain `python` (one process) and `torchrun`.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR/PORT or a c10d rendezvous); without them we
+are a single process. Backend: NCCL on CUDA, gloo on CPU. `train.parallel` picks DDP (replicated weights,
+all-reduced gradients) or FSDP2 (`fully_shard`: parameters, gradients and optimiser state sharded across
+ranks, gathered per block for compute).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from antimatter.errors import UserError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(pref: str, local_rank: int = 0) -> torch.device:
+    if pref == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    dev = torch.device(pref)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device={pref} but CUDA is not available: use train.device=cpu or auto")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"train.device={pref} but MPS is not available: use train.device=cpu or auto")
+    return dev
+
+
+def init_distributed(device_pref: str = "auto") -> Dist:
+    """Join the process group if torchrun started us; otherwise a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_pref, local_rank)
+    if world <= 1:
+        return Dist(0, 0, 1, device, None)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    return Dist(rank, local_rank, world, device, backend)
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, d: Dist, parallel: str, mp_dtype: torch.dtype | None) -> nn.Module:
+    """DDP or FSDP2 around `model` (returned unchanged for one process). Under FSDP2 each transformer
+    block is its own shard unit, then the root; `mp_dtype` (bf16 on GPUs) sets the compute dtype of the
+    gathered parameters while the sharded master weights and the gradient reduction stay fp32."""
+    if not d.enabled:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else None
+        kw = {"mp_policy": mp} if mp else {}
+        for block in model.transformer.h:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [d.device.index] if d.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, sync: bool):
+    """Gradient all-reduce only on the last micro-batch of an accumulation: DDP's no_sync, FSDP2's
+    set_requires_gradient_sync. Nothing to do for a single process."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+        yield
+    elif hasattr(model, "no_sync") and not sync:  # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, d: Dist):
+    """Rank 0's python object on every rank (small things: the training state, a resume path)."""
+    if not d.enabled:
+        return obj
+    box = [obj if d.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj, d: Dist) -> list:
+    """Every rank's object, on every rank (used for per-rank RNG states)."""
+    if not d.enabled:
+        return [obj]
+    out: list = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class StopFlag:
+    """Agree across ranks whether to stop after this step (a signal arrived, or time is up somewhere).
+    Uses a gloo group on the host, so the check needs no GPU sync even under NCCL."""
+
+    def __init__(self, d: Dist):
+        self.d = d
+        self.group = None
+        if d.enabled:
+            self.group = dist.new_group(backend="gloo") if d.backend != "gloo" else dist.group.WORLD
+
+    def any(self, local: bool) -> bool:
+        if not self.d.enabled:
+            return local
+        t = torch.tensor([1 if local else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())

@@ -1,0 +1,232 @@
+"""The single-process training loop: it learns, writes what it promises, resumes exactly, stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import cli_train, losses, make_tokens, one_thread, tiny_config, write_config
+
+from antimatter.config import TrainConfig
+from antimatter.errors import UserError
+from antimatter.train import checkpoint as ck
+from antimatter.train.optim import lr_at, param_groups
+from antimatter.train.trainer import batch_geometry, train
+
+assert one_thread  # the autouse fixture, imported so pytest uses it here
+
+
+def test_trains_and_writes_everything(tmp_path):
+    run = make_tokens(tmp_path / "run")
+    cfg = tiny_config(run, max_steps=24, ckpt_interval=8, eval_interval=8, log_interval=4, tensorboard=True)
+    s = train(cfg, run)
+    assert s["steps"] == 24 and s["stopped"] == "max_steps" and s["nonfinite_steps"] == 0
+    assert s["accum_steps"] == 1 and s["global_batch_tokens"] == 4 * 32 and s["tokens_seen"] == 24 * 128
+    lines = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in train_lines] == [4, 8, 12, 16, 20, 24]
+    assert set(train_lines[0]) >= {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu",
+                                   "mem_gb", "elapsed"}
+    assert train_lines[0]["mfu"] is None  # no peak FLOP/s for a CPU: MFU is unknown, not guessed
+    val = [m["val_loss"] for m in lines if "val_loss" in m]
+    assert len(val) == 3 and val[-1] < val[0] < math.log(512) + 0.1  # it learns
+    assert s["best_val_loss"] == min(val) and s["last_val_loss"] == val[-1]
+    root = run / "checkpoints"
+    assert ck.read_pointer(root, "latest") == "step_000024"
+    assert (run / "config.yaml").is_file() and (run / "logs" / "train.log").read_text().count("checkpoint") >= 3
+    assert any((run / "logs" / "tensorboard").iterdir())
+    model, cfg2, where = ck.load_model(run, "best")
+    assert where.name == ck.read_pointer(root, "best") and cfg2.train.max_steps == 24
+
+
+def test_schedules():
+    t = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110, schedule="cosine")
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(10, t) == pytest.approx(1.0) and lr_at(60, t) == pytest.approx(0.55)
+    assert lr_at(110, t) == pytest.approx(0.1) and lr_at(500, t) == pytest.approx(0.1)
+    t.schedule = "linear"
+    assert lr_at(60, t) == pytest.approx(0.55) and lr_at(110, t) == pytest.approx(0.1)
+    t.schedule = "constant"
+    assert lr_at(100, t) == 1.0
+    t.schedule, t.decay_fraction = "wsd", 0.5
+    assert lr_at(50, t) == 1.0 and lr_at(55, t) == 1.0 and lr_at(110, t) == pytest.approx(0.1)
+    assert lr_at(83, t) == pytest.approx(1.0 - 0.9 * 28 / 55)
+
+
+def test_weight_decay_only_on_matrices(tmp_path):
+    from antimatter.model.gpt import GPT
+
+    model = GPT(tiny_config(tmp_path).model)
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == \
+        sum(p.numel() for p in model.parameters())  # the tied matrix once
+
+
+def test_batch_geometry_and_bad_input(tmp_path):
+    assert batch_geometry(0, 4, 32, 2) == (256, 1)
+    assert batch_geometry(1024, 4, 32, 2) == (1024, 4)
+    with pytest.raises(UserError, match=r"global_batch_tokens \(1,000\) is not a multiple of .* 4 x 32 x 1"):
+        batch_geometry(1000, 4, 32, 1)
+    run = make_tokens(tmp_path / "run", n_train=3000, n_val=500)
+    cfg = tiny_config(run)
+    cfg.model.vocab_size = 300
+    with pytest.raises(UserError, match="vocabulary of 512 ids but model.vocab_size is 300"):
+        train(cfg, run)
+    with pytest.raises(UserError, match="no token shards"):
+        train(tiny_config(tmp_path / "empty"), tmp_path / "empty")
+    cfg = tiny_config(run, resume=str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="no checkpoints found"):
+        train(cfg, run)
+
+
+def test_fp16_with_grad_scaler(tmp_path):
+    """The fp16 path (T4/V100 class GPUs) with the real GradScaler: autocast fp16 runs on the CPU too."""
+    run = make_tokens(tmp_path / "run")
+    s = train(tiny_config(run, dtype="fp16", max_steps=6, ckpt_interval=6, eval_interval=6), run)
+    assert s["dtype"] == "fp16" and s["last_loss"] is not None and math.isfinite(s["last_val_loss"])
+    scaler = ck.load_train_state(run / "checkpoints" / "step_000006")["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] >= 0
+    # resume restores the scaler state
+    s2 = train(tiny_config(run, dtype="fp16", max_steps=8, ckpt_interval=6, eval_interval=6), run)
+    assert s2["start_step"] == 6 and s2["steps"] == 8
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+    """An absurd learning rate blows the weights up after step 1; the following non-finite steps are
+    skipped (weights untouched) and training stops after max_nonfinite in a row, naming the step and the
+    last good checkpoint."""
+    run = make_tokens(tmp_path / "run")
+    cfg = tiny_config(run, lr=1e30, warmup_steps=0, max_steps=50, max_nonfinite=3, ckpt_interval=1,
+                      eval_interval=0)
+    with pytest.raises(UserError, match=r"3 optimizer steps in a row up to step \d+ had a non-finite .*"
+                                        r"last good checkpoint: .*step_0000\d\d"):
+        train(cfg, run)
+    last = ck.find_resume(run / "checkpoints")
+    a = load_file(str(last / "model.safetensors"))
+    prev = ck.list_checkpoints(run / "checkpoints")[-2]
+    b = load_file(str(prev / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # a skipped step leaves the weights as they were
+
+
+def test_no_host_sync_per_step(tmp_path, monkeypatch):
+    """Issue 7's structure guard: reading a tensor on the host (.item(), .tolist(), bool(), float()) happens
+    a fixed number of times per log/eval/checkpoint, never once per optimizer step."""
+    run = make_tokens(tmp_path / "run")
+    counts = {"n": 0}
+
+    def counting(name):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            counts["n"] += 1
+            return orig(self, *a, **k)
+        return wrapper
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    reads = []
+    for steps in (4, 16):
+        counts["n"] = 0
+        cfg = tiny_config(run / str(steps), max_steps=steps, log_interval=100, eval_interval=0,
+                          ckpt_interval=0, global_batch_tokens=256)  # accumulation 2
+        make_tokens(run / str(steps))
+        train(cfg, run / str(steps))
+        reads.append(counts["n"])
+    assert reads[0] == reads[1], f"host reads grow with steps: {reads}"
+
+
+def test_compiled_model_saves_clean_names(tmp_path):
+    run = make_tokens(tmp_path / "run")
+    train(tiny_config(run, compile=True, compile_backend="eager", max_steps=2, ckpt_interval=2), run)
+    keys = load_file(str(run / "checkpoints" / "step_000002" / "model.safetensors")).keys()
+    assert "transformer.wte.weight" in keys and not any("_orig_mod" in k for k in keys)
+    ck.load_model(run)
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_sigkill_and_resume_is_exact(tmp_path):
+    """Proof 2: N steps straight vs killed with SIGKILL after N/2 and resumed with --resume auto: the same
+    loss at every step and bitwise identical final weights."""
+    n = 12
+    straight = make_tokens(tmp_path / "straight")
+    cfg = tiny_config(straight, max_steps=n, ckpt_interval=n // 2, eval_interval=0, global_batch_tokens=256)
+    cfg.model.dropout = 0.1  # so the RNG state must be restored too
+    train(cfg, straight)  # in this process, also one thread: the same arithmetic as the subprocesses
+    killed = make_tokens(tmp_path / "killed")
+    cfg_k = tiny_config(killed, max_steps=n, ckpt_interval=n // 2, eval_interval=0, global_batch_tokens=256)
+    cfg_k.model.dropout = 0.1
+    path = write_config(killed, cfg_k)
+    proc = cli_train(path, popen=True)
+    deadline = time.time() + 90
+    while ck.read_pointer(killed / "checkpoints", "latest") != "step_000006" and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -9
+    r = cli_train(path, "--resume", "auto")
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert "resumed from" in (killed / "logs" / "train.log").read_text()
+    la, lb = losses(straight), losses(killed)
+    assert sorted(la) == sorted(lb) == list(range(1, n + 1))
+    assert la == lb
+    wa, wb = _weights(straight / "checkpoints" / "step_000012"), _weights(killed / "checkpoints" / "step_000012")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    """Proof 4: SIGTERM mid-run: the step finishes, a checkpoint at that step is written, exit code 0."""
+    run = make_tokens(tmp_path / "run")
+    cfg = tiny_config(run, max_steps=100_000, ckpt_interval=0, eval_interval=0, log_interval=1)
+    proc = cli_train(write_config(run, cfg), popen=True)
+    metrics = run / "logs" / "metrics.jsonl"
+    deadline = time.time() + 90
+    while (not metrics.exists() or metrics.read_text().count("\n") < 3) and time.time() < deadline:
+        time.sleep(0.05)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-2000:]
+    assert time.time() - t0 < 20
+    name = ck.read_pointer(run / "checkpoints", "latest")
+    step = int(name.split("_")[1])
+    assert 3 <= step < 100_000 and "stopped by SIGTERM" in out
+    assert ck.load_train_state(run / "checkpoints" / name)["step"] == step
+    assert max(losses(run)) == step
+
+
+def test_init_from_checkpoint(tmp_path):
+    a = make_tokens(tmp_path / "a")
+    train(tiny_config(a, max_steps=4), a)
+    b = make_tokens(tmp_path / "b")
+    s = train(tiny_config(b, max_steps=1, init_from=str(a), lr=1e-9, warmup_steps=0), b)
+    assert s["start_step"] == 0 and "initialised weights from" in (b / "logs" / "train.log").read_text()
+    wa = _weights(a / "checkpoints" / "step_000004")
+    wb = _weights(b / "checkpoints" / "step_000001")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="is a Hugging Face folder: convert it first"):
+        train(tiny_config(b, init_from=str(tmp_path / "hf"), resume="none"), b)
+
+
+def test_stop_step_then_resume_equals_straight(tmp_path):
+    """train.stop_step trains in chunks (e.g. 9-hour notebook sessions) on the schedule of max_steps."""
+    a, b = make_tokens(tmp_path / "a"), make_tokens(tmp_path / "b")
+    train(tiny_config(a, max_steps=8, ckpt_interval=0, eval_interval=0), a)
+    s = train(tiny_config(b, max_steps=8, ckpt_interval=0, eval_interval=0, stop_step=5), b)
+    assert s["steps"] == 5 and s["stopped"] == "stop_step"
+    s = train(tiny_config(b, max_steps=8, ckpt_interval=0, eval_interval=0), b)
+    assert s["start_step"] == 5 and s["steps"] == 8
+    assert losses(a) == losses(b)
+    wa, wb = _weights(a / "checkpoints" / "step_000008"), _weights(b / "checkpoints" / "step_000008")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
