@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and bits per byte, continuation quality, speed, size, plots and the report."""

@@ -1,0 +1,378 @@
+"""`antimatter eval`: turn a run (or one of its checkpoints) into the evidence a user shows.
+
+Writes, under RUN/results/:
+  * evaluations/final_evaluation.json - val loss / perplexity / bits per byte (and those of any --data
+    files), the unigram baseline, continuation quality, speed, size, and provenance (command, git commit,
+    checkpoint and its sha256, tokenizer hash, data hashes, device, versions, date);
+  * generated_samples/sample_generations.json - the config's prompts, sampling settings, seed, outputs;
+  * plots/*.png - training curves from logs/metrics.jsonl.
+`compare_runs` prints several runs' final_evaluation.json side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from antimatter.config import RunConfig, config_to_dict
+from antimatter.errors import UserError
+from antimatter.eval.continuation import evaluate_continuations
+from antimatter.eval.perplexity import (
+    autocast_for,
+    score_by_source,
+    score_files,
+    score_sequences,
+    token_byte_lengths,
+    unigram_score,
+)
+from antimatter.eval.plots import plot_training
+from antimatter.eval.size import model_size
+from antimatter.eval.speed import measure_speed
+from antimatter.model.generate import generate
+from antimatter.provenance import provenance, sha256_file
+
+EVAL_FILE = Path("results/evaluations/final_evaluation.json")
+SAMPLES_FILE = Path("results/generated_samples/sample_generations.json")
+PLOTS_DIR = Path("results/plots")
+CONTINUATION_SCAN_TOKENS = 4_000_000
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"eval.device={name} but no CUDA GPU is visible: use eval.device=cpu")
+    return torch.device(name)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomic write: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _model_shape(model_cfg) -> dict:
+    d = dict(config_to_dict(model_cfg))
+    d.pop("preset", None)
+    d.pop("dropout", None)
+    return d
+
+
+def check_settings(ev) -> None:
+    """Eval settings that would fail deep inside the work: refuse them up front, naming the key."""
+    for key in ("stride", "max_eval_tokens", "continuation_docs", "speed_prompt_tokens"):
+        if getattr(ev, key) < 0:
+            raise UserError(f"eval.{key} must be >= 0 (0 = default), got {getattr(ev, key)}")
+    for key in ("batch_size", "prefix_tokens", "continuation_tokens", "speed_batch", "speed_new_tokens"):
+        if getattr(ev, key) <= 0:
+            raise UserError(f"eval.{key} must be positive, got {getattr(ev, key)}")
+    if ev.dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise UserError(f"eval.dtype must be auto, bf16, fp16 or fp32, got '{ev.dtype}'")
+
+
+def load_for_eval(run_dir: Path, which: str, device: torch.device):
+    """(model, the checkpoint's config, checkpoint folder, tokenizer), checking that they belong together."""
+    from antimatter.tokenizer import load_tokenizer
+    from antimatter.train.checkpoint import load_model
+
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist: pass --run RUN (a folder made by `antimatter train`)")
+    try:
+        model, run_cfg, ckpt = load_model(run_dir, which, device=device)
+    except RuntimeError as e:  # load_state_dict: tensor shapes differ from the checkpoint's config
+        first = str(e).strip().splitlines()[-1].strip()[:160]
+        raise UserError(f"checkpoint '{which}' of {run_dir} does not match its config ({first}): "
+                        f"use another checkpoint or retrain") from None
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        from antimatter.config import load_config
+
+        run_model = load_config(saved).model
+        a, b = _model_shape(run_model), _model_shape(run_cfg.model)
+        diff = [f"model.{k} {a[k]} vs {b.get(k)}" for k in a if a[k] != b.get(k)]
+        if diff:
+            raise UserError(f"checkpoint {ckpt} does not match the run's config {saved} ({', '.join(diff[:3])}): "
+                            f"evaluate it with the run it came from (--run) or pass a checkpoint of this run")
+    tok = load_tokenizer(run_dir)
+    if tok.vocab_size > run_cfg.model.vocab_size:
+        raise UserError(f"the tokenizer of {run_dir} has {tok.vocab_size} tokens but checkpoint {ckpt} was built "
+                        f"for {run_cfg.model.vocab_size}: evaluate it with the run (and tokenizer) it came from")
+    return model, run_cfg, ckpt, tok
+
+
+def unigram_counts(train_dir: Path, vocab_size: int, chunk: int = 1 << 24) -> tuple[np.ndarray, int]:
+    """Token frequencies of the whole train split (streamed from the memory-mapped shards)."""
+    from antimatter.tokens import TokenShards
+
+    shards = TokenShards(train_dir)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    with tqdm(total=shards.num_tokens, desc="unigram counts", unit="tok", unit_scale=True, leave=False) as bar:
+        for arr in shards.arrays:
+            for i in range(0, len(arr), chunk):
+                part = np.asarray(arr[i: i + chunk])
+                counts += np.bincount(part, minlength=vocab_size)[:vocab_size]
+                bar.update(len(part))
+    return counts, shards.num_tokens
+
+
+def val_documents(val_dir: Path) -> list[tuple[str, str]]:
+    """(source, text) of the prepared val split (data/val/*.jsonl[.zst]); empty if it is not there."""
+    import io
+
+    import zstandard
+
+    from antimatter.tokenizer import split_files
+
+    docs = []
+    for path in split_files(val_dir) if val_dir.is_dir() else []:
+        with open(path, "rb") as raw:
+            f = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw) if path.suffix == ".zst" else raw,
+                                 encoding="utf-8")
+            for line in f:
+                if line.strip():
+                    rec = json.loads(line)
+                    docs.append((str(rec.get("source") or "unknown"), rec["text"]))
+    return docs
+
+
+def sample_generations(model, tok, cfg: RunConfig) -> dict:
+    """Completions of the configured prompts with the configured sampling settings (seeded)."""
+    s = cfg.eval.sample
+    prompts = [p for p in cfg.eval.prompts if p]
+    max_new = min(s.max_new_tokens, model.cfg.block_size - 1)
+    outs = generate(model, [tok.encode(p) or [tok.eot_id] for p in prompts], max_new, temperature=s.temperature,
+                    top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+                    eot_id=tok.eot_id, seed=s.seed) if prompts else []
+    return {
+        "settings": {"max_new_tokens": max_new, "temperature": s.temperature, "top_k": s.top_k,
+                     "top_p": s.top_p, "repetition_penalty": s.repetition_penalty},
+        "seed": s.seed,
+        "samples": [{"prompt": p, "completion": tok.decode(o), "new_tokens": len(o)}
+                    for p, o in zip(prompts, outs)],
+    }
+
+
+def run_eval(cfg: RunConfig, run_dir: Path, checkpoint: str | None = None,
+             data_files: list[str] | None = None) -> dict:
+    """Evaluate a run; returns the final_evaluation.json content. `cfg.eval` holds the settings; the model
+    shape, tokenizer and context come from the checkpoint."""
+    from antimatter.tokens import TokenShards
+
+    started = time.time()
+    run_dir = Path(run_dir)
+    ev = cfg.eval
+    which = checkpoint or ev.checkpoint
+    check_settings(ev)
+    device = resolve_device(ev.device)
+    model, run_cfg, ckpt, tok = load_for_eval(run_dir, which, device)
+    for path in data_files or []:  # check every file before the long work starts
+        from antimatter.eval.perplexity import read_documents
+
+        read_documents(path, ev.text_field)
+    seq_len = min(run_cfg.seq_len, model.cfg.block_size)
+    stride = min(ev.stride or seq_len, seq_len)
+    byte_lens = token_byte_lengths(tok)
+    if len(byte_lens) < model.cfg.vocab_size:
+        byte_lens = np.pad(byte_lens, (0, model.cfg.vocab_size - len(byte_lens)))
+
+    # ------------------------------------------------------------------ val perplexity and bits per byte
+    val_dir = run_dir / "tokens" / "val"
+    shards = TokenShards(val_dir)
+    n = shards.num_tokens if ev.max_eval_tokens <= 0 else min(shards.num_tokens, ev.max_eval_tokens + 1)
+    if n < 2:
+        raise UserError(f"{val_dir} holds {shards.num_tokens} tokens, too few to evaluate: add data or raise "
+                        f"data.val_fraction, then re-run prepare and tokenize")
+    stream = shards.read(0, n)
+    score = score_sequences(model, [stream], seq_len, stride, byte_lens, batch_size=ev.batch_size,
+                            dtype=ev.dtype, desc="val perplexity")
+    val: dict[str, Any] = {**score.to_dict(), "seq_len": seq_len, "stride": stride,
+                           "dtype": autocast_for(device, ev.dtype)[1],
+                           "tokens_available": shards.num_tokens, "complete_split": n == shards.num_tokens,
+                           "byte_count_method": "sum of the UTF-8 byte lengths of the scored tokens "
+                                                "(byte-level BPE: each token is a fixed byte string; "
+                                                "<|endoftext|> counts 0 bytes)"}
+    meta_path = run_dir / "tokens" / "meta.json"
+    if meta_path.is_file() and n == shards.num_tokens:
+        meta_bytes = json.loads(meta_path.read_text("utf-8")).get("splits", {}).get("val", {}).get("bytes")
+        if meta_bytes is not None:
+            val["bytes_of_split_meta_json"] = meta_bytes
+            val["bytes_of_split_from_tokens"] = int(byte_lens[stream].sum())
+    if ev.unigram and not any((run_dir / "tokens" / "train").glob("*.bin")):
+        val["unigram_skipped"] = "no train token shards in this run (tokens/train/*.bin) to count frequencies"
+    elif ev.unigram:
+        counts, n_train = unigram_counts(run_dir / "tokens" / "train", model.cfg.vocab_size)
+        uni = unigram_score(counts, [stream], byte_lens)
+        val.update({"unigram_loss": uni.loss, "unigram_perplexity": uni.perplexity,
+                    "unigram_bits_per_byte": uni.bits_per_byte, "unigram_train_tokens": n_train,
+                    "unigram_method": "p(t) = (train count of t + 1) / (train tokens + V), add-one smoothed "
+                                      f"over V = {model.cfg.vocab_size}; scored on the same val targets"})
+
+    result: dict[str, Any] = {"run": str(run_dir), "val": val}
+    if ev.by_source:
+        docs = val_documents(run_dir / "data" / "val")
+        if len({src for src, _ in docs}) > 1:
+            val["by_source"] = score_by_source(model, tok, docs, seq_len, stride, byte_lens,
+                                               max_tokens=ev.max_eval_tokens, batch_size=ev.batch_size,
+                                               dtype=ev.dtype)
+    if data_files:
+        result["files"] = score_files(model, tok, data_files, seq_len, stride, byte_lens,
+                                      batch_size=ev.batch_size, dtype=ev.dtype, text_field=ev.text_field)
+
+    # --------------------------------------------------------------------------- generation quality
+    torch.manual_seed(ev.seed)
+    # documents come from the whole val split (up to CONTINUATION_SCAN_TOKENS), not only the scored part
+    doc_stream = stream if n == shards.num_tokens else shards.read(0, min(shards.num_tokens,
+                                                                           max(n, CONTINUATION_SCAN_TOKENS)))
+    result["continuation"] = evaluate_continuations(
+        model, tok, doc_stream, n_docs=ev.continuation_docs, prefix_tokens=ev.prefix_tokens,
+        continuation_tokens=ev.continuation_tokens, seed=ev.seed, temperature=ev.continuation_temperature,
+        top_k=cfg.eval.sample.top_k if ev.continuation_temperature > 0 else 0,
+        top_p=cfg.eval.sample.top_p if ev.continuation_temperature > 0 else 1.0, batch_size=ev.batch_size)
+    samples = sample_generations(model, tok, cfg)
+    samples_path = run_dir / SAMPLES_FILE
+
+    # ------------------------------------------------------------------------------- speed, size, plots
+    if ev.speed:
+        result["speed"] = measure_speed(model, prompt_tokens=ev.speed_prompt_tokens, new_tokens=ev.speed_new_tokens,
+                                        batch_sizes=(1, max(1, ev.speed_batch)), dtype=ev.dtype, seed=ev.seed,
+                                        compile=ev.speed_compile)
+    result["size"] = model_size(model, ckpt)
+    if ev.plots:
+        step = json.loads((ckpt / "manifest.json").read_text("utf-8")).get("step") \
+            if (ckpt / "manifest.json").is_file() else None
+        result["plots"] = plot_training(run_dir / "logs" / "metrics.jsonl", run_dir / PLOTS_DIR, run_dir.name,
+                                        baseline=val.get("unigram_perplexity"),
+                                        final=(step, score.loss) if step is not None else None)
+
+    # --------------------------------------------------------------------------------------- provenance
+    manifest = json.loads((ckpt / "manifest.json").read_text("utf-8")) if (ckpt / "manifest.json").is_file() else {}
+    weights = ckpt / "model.safetensors"
+    result["checkpoint"] = {"path": str(ckpt), "requested": which, "step": manifest.get("step"),
+                            "tokens_seen": manifest.get("tokens_seen"), "train_val_loss": manifest.get("val_loss"),
+                            "sha256": sha256_file(weights) if weights.is_file() else None}
+    result["model"] = {**_model_shape(model.cfg), "preset": model.cfg.preset, "seq_len": seq_len}
+    result["tokenizer"] = {"path": str(tok.path), "sha256": sha256_file(tok.path) if tok.path else None,
+                           "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
+    result["data"] = {"val_shards": {f.name: sha256_file(f) for f in shards.files},
+                      "tokens_meta_sha256": sha256_file(meta_path) if meta_path.is_file() else None,
+                      "files": {f["path"]: f["sha256"] for f in result.get("files", [])}}
+    result["settings"] = config_to_dict(ev)
+    result["outputs"] = {"evaluation": str(run_dir / EVAL_FILE), "samples": str(samples_path),
+                         "plots": result.get("plots", {}).get("plots", [])}
+    prov = provenance(device)
+    result["provenance"] = {**prov, "torch": torch.__version__}
+    result["seconds"] = round(time.time() - started, 2)
+    order = ("run", "checkpoint", "model", "tokenizer", "val", "files", "continuation", "speed", "size", "plots",
+             "data", "settings", "outputs", "provenance", "seconds")
+    result = {k: result[k] for k in order if k in result}
+    _write_json(samples_path, {**samples, "checkpoint": str(ckpt), "provenance": prov})
+    _write_json(run_dir / EVAL_FILE, result)
+    print_summary(result)
+    return result
+
+
+def print_summary(result: dict) -> None:
+    """A few lines for the terminal: the headline numbers and where the files are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    v = result["val"]
+    t = Table(title=f"evaluation of {result['run']} (step {result['checkpoint']['step']})", show_header=False)
+    t.add_row("val loss", f"{v['loss']:.4f} nats/token over {v['tokens']:,} tokens")
+    t.add_row("val perplexity", f"{v['perplexity']:.2f}" + (f"   (unigram baseline {v['unigram_perplexity']:.1f})"
+                                                           if "unigram_perplexity" in v else ""))
+    t.add_row("bits per byte", f"{v['bits_per_byte']:.4f}")
+    for f in result.get("files", []):
+        t.add_row(Path(f["path"]).name, f"loss {f['loss']:.4f}  ppl {f['perplexity']:.2f}  bpb {f['bits_per_byte']:.4f}")
+    c = result.get("continuation", {})
+    if "bleu" in c:
+        t.add_row("continuations", f"BLEU {c['bleu']:.2f}  ROUGE-L {c['rouge_l_f1']:.3f}  "
+                                   f"distinct-2 {c['distinct_2']:.3f}  ({c['documents']} docs)")
+    s = result.get("speed")
+    if s:
+        t.add_row("speed", f"decode {s['decode_tokens_per_s_batch1']:.0f} tok/s at batch 1, "
+                           f"TTFT {1000 * s['time_to_first_token_s']:.1f} ms on {s['device']}")
+    console = Console(stderr=False)
+    console.print(t)
+    out = result["outputs"]
+    console.print(f"results: {out['evaluation']}", soft_wrap=True, markup=False, highlight=False)
+    console.print(f"samples: {out['samples']}", soft_wrap=True, markup=False, highlight=False)
+    if out["plots"]:
+        console.print(f"plots:   {Path(out['plots'][0]).parent}/ ({len(out['plots'])} PNG)", soft_wrap=True,
+                      markup=False, highlight=False)
+
+
+# ------------------------------------------------------------------------------------------- compare
+
+COMPARE_ROWS = (
+    ("step", ("checkpoint", "step"), "{}"),
+    ("params", ("size", "params_total"), "{:,}"),
+    ("val loss", ("val", "loss"), "{:.4f}"),
+    ("val perplexity", ("val", "perplexity"), "{:.2f}"),
+    ("val bits/byte", ("val", "bits_per_byte"), "{:.4f}"),
+    ("unigram perplexity", ("val", "unigram_perplexity"), "{:.1f}"),
+    ("top-1 accuracy", ("val", "top1_accuracy"), "{:.3f}"),
+    ("val tokens", ("val", "tokens"), "{:,}"),
+    ("BLEU", ("continuation", "bleu"), "{:.2f}"),
+    ("ROUGE-L F1", ("continuation", "rouge_l_f1"), "{:.3f}"),
+    ("distinct-2", ("continuation", "distinct_2"), "{:.3f}"),
+    ("repetition (4-gram)", ("continuation", "repetition_rate_4gram"), "{:.3f}"),
+    ("decode tok/s (batch 1)", ("speed", "decode_tokens_per_s_batch1"), "{:.0f}"),
+    ("time to first token (s)", ("speed", "time_to_first_token_s"), "{:.4f}"),
+    ("device", ("provenance", "device"), "{}"),
+    ("git commit", ("provenance", "git_commit"), "{}"),
+    ("date", ("provenance", "date"), "{}"),
+)
+
+
+def _dig(d: dict, keys: tuple[str, ...]):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def compare_runs(run_dirs: list[Path]) -> str:
+    """A plain-text table with one column per run's final_evaluation.json (files scored with --data get a
+    bits-per-byte row each). Bits per byte compares fairly across tokenizers; perplexity does not."""
+    if not run_dirs:
+        raise UserError("no runs to compare: pass --compare RUN_A RUN_B ...")
+    evals = []
+    for r in map(Path, run_dirs):
+        path = r / EVAL_FILE if r.is_dir() else r
+        if not path.is_file():
+            raise UserError(f"no final_evaluation.json for {r}: run `antimatter eval --run {r}` first")
+        try:
+            evals.append((r.name if r.is_dir() else r.parent.parent.parent.name, json.loads(path.read_text("utf-8"))))
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is not valid JSON: re-run `antimatter eval --run {r}`") from None
+    rows = [["metric", *[name for name, _ in evals]]]
+    for label, keys, fmt in COMPARE_ROWS:
+        vals = [_dig(e, keys) for _, e in evals]
+        if all(v is None for v in vals):
+            continue
+        rows.append([label, *["-" if v is None else fmt.format(v) for v in vals]])
+    sources = sorted({src for _, e in evals for src in e.get("val", {}).get("by_source", {})})
+    for src in sources:
+        vals = [_dig(e, ("val", "by_source", src, "bits_per_byte")) for _, e in evals]
+        rows.append([f"val {src} bits/byte", *["-" if v is None else f"{v:.4f}" for v in vals]])
+    file_names = sorted({Path(f["path"]).name for _, e in evals for f in e.get("files", [])})
+    for fname in file_names:
+        vals = [next((f["bits_per_byte"] for f in e.get("files", []) if Path(f["path"]).name == fname), None)
+                for _, e in evals]
+        rows.append([f"{fname} bits/byte", *["-" if v is None else f"{v:.4f}" for v in vals]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
