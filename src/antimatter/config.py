@@ -115,13 +115,57 @@ class DedupConfig:
     num_perm: int = 128
     threshold: float = 0.8  # Jaccard similarity above which two documents are near-duplicates
     shingle: int = 5  # word n-gram size
+    verify: bool = True  # confirm LSH candidates with the estimated Jaccard before removing
 
 
 @dataclass
 class FilterConfig:
+    """Thresholds of the named quality rules (see antimatter.data.filters for the rule sets).
+
+    A document fails a rule when its measure is outside the bound; the first failing rule is the one it is
+    counted under. `disable` switches rules off by name everywhere (e.g. `[fineweb_short_lines]`)."""
+
     enabled: bool = True
+    disable: list[str] = field(default_factory=list)
     min_words: int = 5
+    max_words: int = 10_000_000
     max_doc_bytes: int = 20_000_000
+    # ratios over a handful of words or lines are noise: shorter documents (quotes, entries, sonnets) are
+    # judged by the length, word-length, alphabetic and lorem-ipsum rules only
+    short_doc_words: int = 50
+    dup_min_chars: int = 30  # lines/paragraphs shorter than this (headings, speaker names) are not counted
+    # Gopher's thresholds were set on web pages; in a whole book common phrases repeat by chance, so the
+    # n-gram repetition rules judge long documents window by window (mean over windows of this many words)
+    repetition_window_words: int = 10_000
+    # prose: Gopher quality
+    min_mean_word_len: float = 3.0
+    max_mean_word_len: float = 10.0
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines: float = 0.9
+    max_ellipsis_lines: float = 0.3
+    min_alpha_words: float = 0.8
+    min_stop_words: int = 2
+    # prose: Gopher repetition
+    max_dup_line_frac: float = 0.3
+    max_dup_para_frac: float = 0.3
+    max_dup_line_chars: float = 0.2
+    max_dup_para_chars: float = 0.2
+    max_top_ngram_chars: list[float] = field(default_factory=lambda: [0.20, 0.18, 0.16])  # n = 2, 3, 4
+    max_dup_ngram_chars: list[float] = field(
+        default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])  # n = 5..10
+    # prose: C4 / FineWeb
+    min_terminal_punct_lines: float = 0.12
+    max_short_lines: float = 0.67
+    max_newline_word_ratio: float = 0.3
+    # code (StarCoder / Codex style)
+    code_max_line_len: int = 1000
+    code_max_mean_line_len: float = 100.0
+    code_min_alnum_frac: float = 0.25
+    code_max_dup_line_frac: float = 0.7
+    # reference (dictionaries, glossaries, manuals)
+    ref_min_alpha_words: float = 0.5
+    ref_max_mean_word_len: float = 15.0
+    ref_max_dup_line_frac: float = 0.6
 
 
 @dataclass
@@ -145,15 +189,16 @@ class DataConfig:
 class TokenizerConfig:
     vocab_size: int = 0  # 0 = model.vocab_size
     min_frequency: int = 2
-    train_bytes: int = 200_000_000  # bounded deterministic sample of the train split used to learn merges
+    train_bytes: int = 200_000_000  # bounded deterministic sample of the train split used to learn merges (0 = all)
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
 
 
 @dataclass
 class TokenizeConfig:
-    shard_tokens: int = 100_000_000
-    workers: int = 0
-    batch_docs: int = 512
+    shard_tokens: int = 100_000_000  # tokens per .bin shard (200 MB at uint16)
+    workers: int = 0  # encoder threads; 0 = all cores (sets RAYON_NUM_THREADS before the first encode)
+    batch_docs: int = 512  # documents encoded together (parallel across documents) ...
+    batch_bytes: int = 2_000_000  # ... or this many input bytes, whichever comes first (bounds memory)
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -164,6 +209,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend (eager / aot_eager to debug compile problems)
     parallel: str = "ddp"  # ddp | fsdp (only matters with several processes)
     activation_checkpointing: bool = False
     seq_len: int = 0  # 0 = model.block_size
@@ -175,6 +221,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     schedule: str = "cosine"  # cosine | linear | constant | wsd
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays linearly to lr * min_lr_ratio
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -188,8 +235,10 @@ class TrainConfig:
     resume: str = "auto"  # auto | none | PATH
     max_nonfinite: int = 5
     max_time_s: float = 0.0  # 0 = no wall-time limit; else stop (and checkpoint) after this many seconds
+    stop_step: int = 0  # >0: stop (and checkpoint) after this step; the schedule still runs to max_steps
     init_from: str = ""  # a checkpoint or Hugging Face folder to start from
     tensorboard: bool = True
+    loss_chunk_tokens: int = 0  # >0: cross-entropy in chunks of this many tokens (less logits memory)
 
 
 @dataclass
@@ -220,6 +269,19 @@ class EvalConfig:
     prefix_tokens: int = 32
     continuation_tokens: int = 32
     speed: bool = True
+    # added for issue 5 (evaluation)
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on GPUs that have it, else fp32) | bf16 | fp16 | fp32
+    text_field: str = "text"  # field holding the text in JSON Lines files given to --data
+    seed: int = 1234  # choice of continuation documents and generation seed
+    continuation_temperature: float = 0.0  # 0 = greedy continuations
+    speed_batch: int = 8  # the larger decode batch of the speed test (batch 1 is always measured)
+    speed_prompt_tokens: int = 0  # 0 = half the context
+    speed_new_tokens: int = 32
+    speed_compile: bool = False  # also time the compiled (CUDA graphs) decode step; compiling takes a while
+    by_source: bool = True  # also score the prepared val documents per source (data/val/*.jsonl.zst)
+    unigram: bool = True  # unigram perplexity of the val tokens (counts from the train split) as a baseline
+    plots: bool = True
 
 
 @dataclass
