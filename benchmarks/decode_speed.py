@@ -81,10 +81,17 @@ def main() -> None:
     ap.add_argument("--ttft-prompt", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--cd-tuning", action="store_true",
+                    help="inductor coordinate-descent tuning of the generated kernels (gpt-fast's setting)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
+    if args.cd_tuning:
+        torch._inductor.config.coordinate_descent_tuning = True
+        torch._inductor.config.triton.unique_kernel_names = True
     torch.manual_seed(0)
     cfg = preset_model(args.config)
     model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
@@ -116,7 +123,8 @@ def main() -> None:
             return generate(model, plist, n, compile=compile)
 
         out_eager = ours(False)
-        record("antimatter eager", B, timed(lambda: ours(False), args.repeats), n, args.prompt_tokens)
+        if not args.skip_eager:
+            record("antimatter eager", B, timed(lambda: ours(False), args.repeats), n, args.prompt_tokens)
         for _ in range(2):  # compile + capture the CUDA graph
             out_comp = ours(True)
         record("antimatter compiled", B, timed(lambda: ours(True), args.repeats), n, args.prompt_tokens)
@@ -145,7 +153,7 @@ def main() -> None:
 
     # time to first token for a long prompt (prefill + first sampled token)
     long_prompt = torch.randint(0, cfg.vocab_size, (1, args.ttft_prompt), generator=torch.Generator().manual_seed(7))
-    for compile in (False, True):
+    for compile in () if args.skip_ttft else (False, True):
         for _ in range(2):
             generate(model, long_prompt.tolist(), 1, compile=compile)
         s = timed(lambda compile=compile: generate(model, long_prompt.tolist(), 1, compile=compile), 5)
@@ -153,7 +161,7 @@ def main() -> None:
              "ttft_ms": s * 1000, "prefill_tokens_per_s": args.ttft_prompt / s}
         results.append(r)
         print(json.dumps(r), flush=True)
-    if hf is not None:
+    if hf is not None and not args.skip_ttft:
         ids = long_prompt.cuda()
         s = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
                                       pad_token_id=0), 5)

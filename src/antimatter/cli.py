@@ -121,7 +121,15 @@ def dispatch(args: argparse.Namespace) -> int:
     if paths and args.command != "prepare":
         raise UserError(f"unexpected argument '{paths[0]}': overrides look like section.key=value")
     if args.command == "quickstart":
-        return pipeline.quickstart(overrides, config_path=args.config, force=args.force)
+        extra = [f"name={args.name}"] if args.name else []
+        extra += [f"runs_dir={args.runs_dir}"] if args.runs_dir else []
+        return pipeline.quickstart([*extra, *overrides], config_path=args.config, force=args.force)
+    if getattr(args, "data", None):  # `--data` swallows what follows it: give back the overrides
+        overrides += [d for d in args.data if "=" in d and not Path(d).exists()]
+        args.data = [d for d in args.data if d not in overrides]
+    run_arg = getattr(args, "run", None)
+    if run_arg and not args.config and (Path(run_arg) / "config.yaml").is_file():
+        args.config = str(Path(run_arg) / "config.yaml")  # evaluate / sample a run with its own settings
     cfg = load_run_config(args, overrides)
     cmd = args.command
     if cmd == "info":

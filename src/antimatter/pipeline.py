@@ -7,6 +7,7 @@ where it stopped; `--force` redoes it. Training resumes from its own checkpoints
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import sys
 import time
@@ -63,8 +64,13 @@ def _require(path: Path, what: str, command: str) -> None:
 def run_stage(stage: str, cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     """Run one stage of the run `cfg.run_dir`, unless its outputs are already current."""
     run = cfg.run_dir
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if stage != "train" and world > 1:
+        raise UserError(f"the {stage} stage runs in one process: run `antimatter pipeline` (or the data stages) "
+                        f"without torchrun first, then `torchrun ... -m antimatter.cli train`")
+    if int(os.environ.get("RANK", "0")) == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
     if stage == "train":
         _require(run / "tokens" / "meta.json", "token shards", "tokenize")
         from antimatter.train.trainer import train
@@ -115,6 +121,10 @@ def run_pipeline(cfg: RunConfig, force: bool = False, stages: tuple[str, ...] = 
     results: dict[str, Any] = {}
     for stage in stages:
         results[stage] = run_stage(stage, cfg, force=force)
+        stopped = results[stage].get("stopped") if isinstance(results[stage], dict) else None
+        if stage == "train" and stopped == "signal":
+            _log("[pipeline] training was interrupted and saved a checkpoint; run the same command to resume")
+            break
     return results
 
 
@@ -155,7 +165,9 @@ def quickstart(overrides: list[str], config_path: str | None = None, force: bool
     """The whole pipeline on the embedded corpus with a tiny model, then a short summary."""
     started = time.time()
     cfg = load_config(config_path or quickstart_config_path(), overrides)
-    run_pipeline(cfg, force=force)
+    results = run_pipeline(cfg, force=force)
+    if "eval" not in results:
+        return 1
     print_summary(cfg, time.time() - started)
     return 0
 

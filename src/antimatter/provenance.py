@@ -19,8 +19,8 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=5).stdout.strip()
-        if not sha:
-            return "unknown"
+        if len(sha) != 40 or any(c not in "0123456789abcdef" for c in sha):
+            return "unknown"  # not a git checkout, or one with no commit yet
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return sha + ("-dirty" if dirty else "")
