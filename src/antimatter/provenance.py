@@ -14,7 +14,12 @@ from typing import Any
 
 @functools.cache
 def git_commit() -> str:
-    """The commit of the checkout the code runs from (with '-dirty' if it has local changes), or 'unknown'."""
+    """The commit of the checkout the code runs from (with '-dirty' if it has local changes), or 'unknown'.
+    ANTIMATTER_GIT_COMMIT overrides it, for copies of a checkout without its history (e.g. a GPU box)."""
+    import os
+
+    if os.environ.get("ANTIMATTER_GIT_COMMIT"):
+        return os.environ["ANTIMATTER_GIT_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
