@@ -138,7 +138,8 @@ def main() -> None:
                     help="AntiMatter cross-entropy chunk sizes in tokens to try (0 = one piece)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--compile-mode", default="default", help="default | max-autotune-no-cudagraphs | none")
+    ap.add_argument("--compile-mode", nargs="+", default=["default"],
+                    help="torch.compile modes to try: default | max-autotune-no-cudagraphs | none")
     ap.add_argument("--attn", nargs="+", default=["auto"], help="AntiMatter attention backends to try: auto flash cudnn")
     ap.add_argument("--fp8", nargs="+", type=int, default=[0], help="AntiMatter fp8 settings to try (0 1)")
     ap.add_argument("--json", help="write all results here")
@@ -150,7 +151,7 @@ def main() -> None:
     # every variant compiles from scratch: a cached graph from another variant (e.g. another attention
     # kernel) must not be reused, and the warm-up time reported is the real one
     torch._inductor.config.fx_graph_cache = False
-    mode = None if args.compile_mode == "default" else args.compile_mode
+    modes = [None if m == "default" else m for m in args.compile_mode]
     device = torch.cuda.get_device_name()
     measured = measured_matmul_tflops()
     datasheet = (peak_flops(device, "bf16") or float("nan")) / 1e12
@@ -158,8 +159,8 @@ def main() -> None:
     results = []
     for mb in args.micro_batch:
         for impl in args.impl:
-            variants = [(c, a, f) for c in args.loss_chunk for a in args.attn for f in args.fp8]
-            for chunk, attn, fp8 in variants if impl == "antimatter" else [(0, "auto", 0)]:
+            variants = [(c, a, f, m) for c in args.loss_chunk for a in args.attn for f in args.fp8 for m in modes]
+            for chunk, attn, fp8, mode in variants if impl == "antimatter" else [(0, "auto", 0, modes[0])]:
                 r = bench(impl, args.config, mb, args.steps, args.warmup, chunk, mode, attn, bool(fp8))
                 if not r["oom"]:
                     r["mfu_measured_peak"] = r["achieved_tflops"] / measured
@@ -168,7 +169,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
     print(f"\n{args.config}, seq {SEQ[args.config]}, bf16 autocast, compiled, fused AdamW, median of "
           f"{args.steps} steps, {device}")
-    print(f"{'impl':<13}{'mb':>4}{'chunk':>7}{'attn':>7}{'fp8':>5}{'tokens/s':>11}{'MFU(meas)':>11}"
+    print(f"{'impl':<13}{'mb':>4}{'chunk':>7}{'attn':>7}{'fp8':>5}{'mode':>10}{'tokens/s':>11}{'MFU(meas)':>11}"
           f"{'MFU(sheet)':>11}{'peak GiB':>10}")
     for r in results:
         if r["oom"]:
@@ -176,7 +177,7 @@ def main() -> None:
                   f"{'out of memory':>11}")
             continue
         print(f"{r['impl']:<13}{r['micro_batch']:>4}{r['loss_chunk']:>7}{r['attn']:>7}{r['fp8']:>5}"
-              f"{r['tokens_per_s']:>11,.0f}"
+              f"{str(r['compile'] or 'default')[:10]:>10}{r['tokens_per_s']:>11,.0f}"
               f"{r['mfu_measured_peak']:>11.1%}{r['mfu_datasheet']:>11.1%}{r['peak_mem_gib']:>10.1f}")
     ok = [r for r in results if not r["oom"]]
     hf = [r for r in ok if r["impl"] == "transformers"]
