@@ -342,7 +342,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         (item_tp,) = args or (Any,)
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if item_tp is not str or "," in value else [value]
+            # one string is one item (prompts contain commas); other lists may be given as "1,2,3"
+            value = [value] if item_tp is not int and item_tp is not float else [v for v in value.split(",") if v]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -464,7 +465,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections (model:, train:, ...)")
         data = loaded
-    for item in overrides or []:
+    # `model=NAME` first, so a dotted `model.x=...` is never thrown away by a preset given after it
+    overrides = sorted(overrides or [], key=lambda o: not o.replace(" ", "").startswith("model="))
+    for item in overrides:
         apply_override(data, item)
     cfg = config_from_dict(data)
     validate(cfg)
@@ -504,6 +507,11 @@ def validate(cfg: RunConfig) -> None:
     for name in ("n_layer", "n_head", "d_model", "vocab_size", "block_size"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
+    for name in ("n_kv_head", "d_ff"):
+        if getattr(m, name) is not None and getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name} must be positive (or null for the default), got {getattr(m, name)}")
+    if cfg.train.seq_len < 0:
+        raise ConfigError(f"train.seq_len must be >= 0 (0 = model.block_size), got {cfg.train.seq_len}")
     if m.d_model % m.n_head:
         raise ConfigError(
             f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head}): "

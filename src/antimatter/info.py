@@ -14,6 +14,11 @@ ASSUMED_MFU = 0.5  # for time estimates only; docs/RESULTS.md has the MFU measur
 
 def print_info(cfg: RunConfig, gpu: str | None = None, micro_batch: int | None = None,
                tokens: float | None = None) -> dict:
+    spec = None
+    if gpu:
+        spec = gpu_spec(gpu)
+        if spec is None:
+            raise UserError(f"unknown GPU '{gpu}': choose one of {', '.join(GPUS)}")
     m = cfg.model
     T = cfg.seq_len
     c = param_counts(m)
@@ -24,7 +29,8 @@ def print_info(cfg: RunConfig, gpu: str | None = None, micro_batch: int | None =
     t = Table(title=title, show_header=False)
     t.add_row("parameters (total)", f"{c['total']:,}")
     t.add_row("  non-embedding", f"{c['non_embedding']:,}")
-    t.add_row("  embedding (token + position" + (", untied head)" if c["lm_head_untied"] else ")"),
+    parts = ["token"] + (["position"] if c["wpe"] else []) + (["untied head"] if c["lm_head_untied"] else [])
+    t.add_row(f"  embedding ({' + '.join(parts)})",
               f"{c['embedding']:,}")
     t.add_row("tied input/output embeddings", "yes" if m.tie_embeddings else "no")
     t.add_row(f"training FLOPs per token (seq {T})", f"{fpt / 1e9:.3f} GFLOP  (6N + 12·L·d·T)")
@@ -34,11 +40,6 @@ def print_info(cfg: RunConfig, gpu: str | None = None, micro_batch: int | None =
     t.add_row("weights + grads + AdamW state (fp32)", f"{16 * c['total'] / 2**30:.2f} GiB")
     console.print(t)
 
-    spec = None
-    if gpu:
-        spec = gpu_spec(gpu)
-        if spec is None:
-            raise UserError(f"unknown GPU '{gpu}': choose one of {', '.join(GPUS)}")
     dtype = "bf16" if spec is None or "bf16" in spec.tflops else "fp16"
     mem = Table(title=f"training memory estimate at seq {T} ({dtype} autocast, flash attention)")
     for col in ("micro-batch", "states GiB", "activations GiB", "total GiB"):

@@ -7,6 +7,7 @@ where it stopped; `--force` redoes it. Training resumes from its own checkpoints
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import shutil
 import sys
@@ -37,7 +38,7 @@ def _source_fingerprints(cfg: RunConfig) -> dict[str, str]:
             out["default"] = f"python-{sys.version.split()[0]}:{sys.prefix}:{cfg.data.default_corpus_bytes}"
             continue
         p = Path(src.path)
-        files = [p] if p.exists() else sorted(Path().glob(src.path))
+        files = [p] if p.exists() else [Path(f) for f in sorted(glob.glob(src.path, recursive=True))]
         if not files:
             raise UserError(f"data source '{src.path}' does not exist: fix data.sources[].path")
         out.update(hash_paths(files))

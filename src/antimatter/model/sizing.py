@@ -83,8 +83,10 @@ def gpu_spec(device_name: str) -> GpuSpec | None:
         return GPUS["H100-PCIE"] if "PCIE" in n else GPUS["H100"]
     if "A100" in n:
         return GPUS["A100-40GB"] if "40GB" in n else GPUS["A100-80GB"]
+    tokens = n.split("-")  # whole words only: an 'L40' is not an 'L4'
+    joined = {a + b for a, b in zip(tokens, tokens[1:])}  # 'RTX 4090' -> 'RTX4090'
     for key in ("L40S", "A10G", "L4", "RTX-4090", "RTX-3090", "T4", "V100", "P100"):
-        if key in n or key.replace("RTX-", "RTX") in n.replace("-", ""):
+        if key in tokens or key.replace("-", "") in joined:
             return GPUS[key]
     return None
 

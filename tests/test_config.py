@@ -1,0 +1,243 @@
+"""The typed config: defaults, YAML + dotted overrides, type coercion, round trips, and one clear message for
+every mistake a user can make (each names the key and the fix)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from antimatter.config import (
+    MODEL_PRESETS,
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    preset_model,
+    save_config,
+)
+from antimatter.errors import UserError
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(path=None, overrides=None) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    msg = str(e.value)
+    assert "\n" not in msg, "config errors are one line"
+    assert isinstance(e.value, UserError), "the CLI prints UserErrors without a traceback"
+    return msg
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def test_defaults_load():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert cfg == RunConfig()
+    assert cfg.model.arch == "gpt2" and cfg.model.preset is None
+    assert cfg.seq_len == cfg.model.block_size  # train.seq_len 0 = the model's context
+    assert cfg.tokenizer_vocab_size == cfg.model.vocab_size  # tokenizer.vocab_size 0 = the model's vocab
+    assert cfg.run_dir == Path("runs") / "default"
+    assert [s.path for s in cfg.data.sources] == ["default"]
+
+
+def test_yaml_file_then_dotted_overrides(tmp_path):
+    path = write(tmp_path, "name: exp1\nmodel: seed-300m\ntrain:\n  lr: 1.0e-3\n  max_steps: 50\n"
+                           "data:\n  dedup:\n    threshold: 0.7\n")
+    cfg = load_config(path, ["train.lr=3e-4", "model.n_layer=12", "data.dedup.near=false"])
+    assert cfg.name == "exp1"
+    assert cfg.train.lr == pytest.approx(3e-4)  # override beats the file
+    assert cfg.train.max_steps == 50  # the file beats the default
+    assert cfg.data.dedup.threshold == pytest.approx(0.7) and cfg.data.dedup.near is False
+    m = cfg.model
+    assert (m.preset, m.n_layer, m.d_model, m.n_head, m.block_size) == ("seed-300m", 12, 1024, 16, 2048)
+
+
+def test_preset_override_then_field_override():
+    cfg = load_config(None, ["model=seed-300m", "model.n_layer=12"])
+    assert cfg.model.preset == "seed-300m"
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.vocab_size) == (12, 1024, 50257)
+    # a preset named inside the section works the same
+    assert load_config(None, ["model.preset=seed-300m", "model.n_layer=12"]).model == cfg.model
+
+
+def test_model_section_with_preset_key_in_yaml(tmp_path):
+    path = write(tmp_path, "model:\n  preset: llama-tiny\n  n_layer: 3\n")
+    m = load_config(path).model
+    assert (m.arch, m.n_layer, m.n_kv_head, m.qk_norm, m.tie_embeddings) == ("llama", 3, 2, True, False)
+
+
+def test_every_preset_loads_and_validates():
+    for name in MODEL_PRESETS:
+        cfg = load_config(None, [f"model={name}"])
+        assert cfg.model == preset_model(name)
+
+
+def test_type_coercion():
+    cfg = load_config(None, [
+        "train.max_steps=1e3",  # YAML reads 1e3 as a string; an int field takes it when it is whole
+        "train.warmup_steps=1_000",
+        "train.micro_batch_size=4.0",
+        "train.lr=3e-4",  # float from a string YAML does not read as a number
+        "train.compile=yes",
+        "train.tensorboard=off",
+        "eval.plots=0",
+        "eval.speed=True",
+        "model.n_kv_head=null",
+        "name=123",  # a string field takes a number as its text
+        "eval.prompts=[Once upon a time, The end]",
+    ])
+    t = cfg.train
+    assert t.max_steps == 1000 and isinstance(t.max_steps, int)
+    assert t.warmup_steps == 1000 and isinstance(t.warmup_steps, int)
+    assert t.micro_batch_size == 4 and isinstance(t.micro_batch_size, int)
+    assert t.lr == pytest.approx(3e-4) and isinstance(t.lr, float)
+    assert t.compile is True and t.tensorboard is False
+    assert cfg.eval.plots is False and cfg.eval.speed is True
+    assert cfg.model.n_kv_head is None
+    assert cfg.name == "123"
+    assert cfg.eval.prompts == ["Once upon a time", "The end"]
+
+
+def test_yaml_types_coerced_from_file(tmp_path):
+    path = write(tmp_path, "train:\n  max_steps: '2e3'\n  compile: 'on'\n  lr: 1\n"
+                           "data:\n  sources:\n    - path: a.txt\n    - {path: b.jsonl, format: jsonl}\n")
+    cfg = load_config(path)
+    assert cfg.train.max_steps == 2000 and cfg.train.compile is True
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert [(s.path, s.format) for s in cfg.data.sources] == [("a.txt", "auto"), ("b.jsonl", "jsonl")]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    cfg = load_config(None, ["model=llama-tiny", "model.n_layer=3", "train.lr=1e-3", "data.sources=[{path: x}]",
+                             "eval.sample.top_k=7", "tokenizer.vocab_size=300"])
+    save_config(cfg, tmp_path / "sub" / "config.yaml")
+    assert load_config(tmp_path / "sub" / "config.yaml") == cfg
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path, "# nothing here\n")) == RunConfig()
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_unknown_key_suggests_the_right_one():
+    assert error_of(None, ["train.lrr=1e-3"]) == "unknown config key 'train.lrr': did you mean 'train.lr'?"
+    assert error_of(None, ["model.n_layr=3"]) == "unknown config key 'model.n_layr': did you mean 'model.n_layer'?"
+    assert error_of(None, ["trian.lr=1"]) == "unknown config key 'trian': did you mean 'train'?"
+    msg = error_of(None, ["data.dedup.treshold=0.5"])
+    assert msg == "unknown config key 'data.dedup.treshold': did you mean 'data.dedup.threshold'?"
+    msg = error_of(None, ["data.sources=[{pth: a.txt}]"])
+    assert msg == "unknown config key 'data.sources[0].pth': did you mean 'data.sources[0].path'?"
+
+
+def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
+    msg = error_of(write(tmp_path, "train:\n  zzzzqqq: 1\n"))
+    assert msg.startswith("unknown config key 'train.zzzzqqq': valid keys: ")
+    assert "lr" in msg and "max_steps" in msg
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.micro_batch_size=abc", "train.micro_batch_size: expected an integer, got 'abc'"),
+    ("train.max_steps=1.5", "train.max_steps: expected an integer, got 1.5"),
+    ("train.max_steps=true", "train.max_steps: expected an integer, got True"),
+    ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
+    ("train.compile=maybe", "train.compile: expected true or false, got 'maybe'"),
+    ("model.n_kv_head=two", "model.n_kv_head: expected an integer, got 'two'"),
+    ("name=[a, b]", "name: expected a string, got ['a', 'b']"),
+    ("data.sources=5", "data.sources: expected a list, got 5"),
+    ("train=5", "train: expected a mapping of TrainConfig fields, got 5"),
+])
+def test_wrong_type_names_key_and_value(override, expected):
+    assert error_of(None, [override]) == expected
+
+
+def test_d_model_not_divisible_by_n_head_names_a_fix():
+    msg = error_of(None, ["model=tiny", "model.n_head=5"])
+    assert msg == ("model.d_model (32) must be divisible by model.n_head (5): change one of them "
+                   "(e.g. n_head=4)")
+    assert "n_head=" in error_of(None, ["model.d_model=100", "model.n_head=3"])
+
+
+def test_gqa_heads_must_divide():
+    assert error_of(None, ["model=llama-tiny", "model.n_kv_head=3"]) == \
+        "model.n_head (4) must be divisible by model.n_kv_head (3)"
+
+
+def test_seq_len_longer_than_block_size():
+    msg = error_of(None, ["model=tiny", "train.seq_len=128"])
+    assert msg == ("train.seq_len (128) is longer than the model's context model.block_size (64): "
+                   "lower train.seq_len or raise model.block_size")
+
+
+def test_unknown_preset_lists_presets():
+    msg = error_of(None, ["model=seed-300"])
+    assert msg.startswith("unknown model preset 'seed-300': did you mean 'seed-300m'? choose one of ")
+    for name in MODEL_PRESETS:
+        assert name in msg
+    msg = error_of(None, ["model=qqqq"])
+    assert msg == f"unknown model preset 'qqqq': choose one of {', '.join(MODEL_PRESETS)}"
+    with pytest.raises(ConfigError, match="unknown model preset 'nope'"):
+        preset_model("nope")
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    assert error_of(missing) == f"config file not found: {missing} (check the path given to --config)"
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 1e-3\n  max_steps: [1, 2\n")
+    msg = error_of(path)
+    assert msg.startswith(f"config file {path} is not valid YAML at line ")
+    assert msg.endswith(": fix the syntax")
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = write(tmp_path, "- a\n- b\n")
+    assert error_of(path) == f"config file {path} must hold a mapping of sections (model:, train:, ...)"
+
+
+def test_override_without_equals():
+    assert error_of(None, ["train.lr"]) == "override 'train.lr' must look like section.key=value (e.g. train.lr=3e-4)"
+    assert error_of(None, ["=3"]) == "override '=3' has an empty key"
+    assert error_of(None, ["train.lr=1e-3", "train.lr.x=1"]) == "override 'train.lr.x=1': 'lr' is not a section"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.arch=mamba", "model.arch must be 'gpt2' or 'llama'"),
+    ("model.n_layer=0", "model.n_layer must be positive"),
+    ("model.dropout=1.0", "model.dropout must be in [0, 1)"),
+    ("train.dtype=fp64", "train.dtype must be auto, bf16, fp16 or fp32"),
+    ("train.parallel=tp", "train.parallel must be ddp or fsdp"),
+    ("train.schedule=step", "train.schedule must be cosine, linear, constant or wsd"),
+    ("train.lr=0", "train.lr must be positive"),
+    ("tokenizer.vocab_size=60000", "tokenizer.vocab_size (60000) exceeds model.vocab_size (50257)"),
+    ("tokenizer.vocab_size=200", "tokenizer vocab size 200 is too small"),
+    ("data.val_fraction=0", "data.val_fraction must be between 0 and 1"),
+])
+def test_other_validation_errors(override, fragment):
+    assert fragment in error_of(None, [override])
+
+
+def test_odd_head_dim_for_rope():
+    assert "RoPE needs an even head dimension" in error_of(None, ["model=llama-tiny", "model.d_model=36"])
+
+
+@pytest.mark.parametrize("override", ["model.n_kv_head=-1", "model.d_ff=-8", "train.seq_len=-5"])
+def test_negative_sizes_are_refused(override):
+    error_of(None, ["model=tiny", override])
+
+
+def test_field_override_survives_a_later_preset_override():
+    assert load_config(None, ["model.n_layer=12", "model=seed-300m"]).model.n_layer == 12

@@ -1,0 +1,167 @@
+"""Generation: batched left-padded prompts equal each prompt alone, greedy equals a naive argmax loop, seeds
+reproduce, top-k / top-p limits, the repetition penalty, EOT, streaming and the context limits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from antimatter.config import preset_model
+from antimatter.model.generate import generate
+from antimatter.model.gpt import GPT
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model(preset: str = "tiny", seed: int = 0, **over) -> GPT:
+    """Random weights with a large init, so greedy choices are decisive (no near-ties)."""
+    cfg = dataclasses.replace(preset_model(preset), **{"init_std": 0.3, **over})
+    torch.manual_seed(seed)
+    return GPT(cfg).eval()
+
+
+def prompt(n: int, seed: int, vocab: int = 512) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (n,), generator=g).tolist()
+
+
+def naive_greedy(model: GPT, ids: list[int], n: int) -> list[int]:
+    """No cache, no padding: the argmax of the full forward, one token at a time."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_greedy_equals_naive_argmax_loop(preset):
+    model = make_model(preset)
+    p = prompt(7, seed=1)
+    assert generate(model, [p], 20) == [naive_greedy(model, p, 20)]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_batched_prompts_of_different_lengths_equal_each_alone(preset):
+    model = make_model(preset)
+    prompts = [prompt(n, seed=n) for n in (12, 3, 1, 8)]
+    batched = generate(model, prompts, 16)
+    alone = [generate(model, [p], 16)[0] for p in prompts]
+    assert batched == alone
+    assert all(len(row) == 16 for row in batched)
+    assert len({tuple(r) for r in batched}) > 1  # the rows really differ
+
+
+def test_same_seed_same_sample_different_seed_different():
+    model = make_model(init_std=0.02)  # near-uniform next-token distributions: sampling varies a lot
+    p = [prompt(5, seed=1), prompt(2, seed=2)]
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0)
+    a = generate(model, p, 24, seed=7, **kw)
+    assert generate(model, p, 24, seed=7, **kw) == a
+    assert generate(model, p, 24, seed=8, **kw) != a
+    assert a != generate(model, p, 24)  # and it is not greedy
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy():
+    model = make_model()
+    p = [prompt(6, seed=3), prompt(4, seed=4)]
+    greedy = generate(model, p, 20)
+    assert generate(model, p, 20, temperature=1.5, top_k=1, seed=1) == greedy
+    assert generate(model, p, 20, temperature=1.5, top_p=1e-6, seed=2) == greedy
+
+
+def constant_logits_model(vocab: int = 512) -> tuple[GPT, list[int]]:
+    """A model whose next-token logits are the same at every position, all positive and distinct: the final
+    norm outputs a constant vector (gain 0, bias 1) and the untied head rows are positive. Returns the model and
+    the token ids from the highest logit down."""
+    model = make_model(tie_embeddings=False, vocab_size=vocab)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        head = torch.rand(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)) + 1.0
+        model.lm_head.weight.copy_(head)
+        logits = model(torch.tensor([[1, 2, 3]]))[0]
+    assert torch.equal(logits[0], logits[-1]) and (logits > 0).all()
+    return model, logits[-1].argsort(descending=True).tolist()
+
+
+def test_repetition_penalty():
+    model, order = constant_logits_model()
+    p = [order[1], order[4], 17]
+    # without a penalty the constant logits repeat the top token forever
+    assert generate(model, [p], 12) == [[order[0]] * 12]
+    # a huge penalty pushes every seen token (prompt included) below every unseen one: each new token is the
+    # best not yet in the row, so nothing repeats
+    out = generate(model, [p], 12, repetition_penalty=1e6)[0]
+    assert out == [t for t in order if t not in p][:12]
+    assert len(set(out)) == 12 and not set(out) & set(p)
+    # a penalty of 1 is no penalty
+    assert generate(model, [p], 12, repetition_penalty=1.0) == generate(model, [p], 12)
+
+
+def test_padding_rows_of_the_head_are_never_generated():
+    model, _ = constant_logits_model(vocab=300)  # head padded to 320 rows
+    with torch.no_grad():
+        model.lm_head.weight[300:] = 1e3
+    out = generate(model, [[1, 2], [3]], 20, temperature=1.0, seed=0) + generate(model, [[1]], 20,
+                                                                                    repetition_penalty=1e6)
+    assert max(max(row) for row in out) < 300
+
+
+def test_eot_stops_and_is_excluded():
+    model = make_model()
+    p = prompt(5, seed=5)
+    free = generate(model, [p], 20)[0]
+    k = next(i for i in range(2, 20) if free[i] not in free[:i])  # first position where a new token appears
+    assert generate(model, [p], 20, eot_id=free[k]) == [free[:k]]
+    assert generate(model, [p], 20, eot_id=free[0]) == [[]]
+    # in a batch each row stops at its own EOT; the others go on
+    q = prompt(9, seed=6)
+    other = generate(model, [q], 20)[0]
+    cut = other[: other.index(free[k])] if free[k] in other else other
+    assert generate(model, [p, q], 20, eot_id=free[k]) == [free[:k], cut]
+
+
+def test_on_token_streams_each_new_token_once():
+    model = make_model()
+    prompts = [prompt(5, seed=5), prompt(2, seed=9)]
+    calls: list[tuple[int, list[int]]] = []
+    out = generate(model, prompts, 10, on_token=lambda step, t: calls.append((step, t.tolist())))
+    assert [s for s, _ in calls] == list(range(10))
+    assert [[ids[i] for _, ids in calls] for i in range(2)] == out
+    # with EOT, single row: streaming stops right after the EOT token (which the caller sees and skips)
+    k = next(i for i in range(2, 10) if out[0][i] not in out[0][:i])
+    calls.clear()
+    res = generate(model, prompts[:1], 10, eot_id=out[0][k],
+                   on_token=lambda step, t: calls.append((step, t.tolist())))
+    assert res == [out[0][:k]]
+    assert [ids[0] for _, ids in calls] == out[0][:k + 1]
+
+
+def test_context_limits():
+    model = make_model()  # block_size 64
+    with pytest.raises(ValueError, match="max_new_tokens \\(64\\) must be smaller than the context \\(64\\)"):
+        generate(model, [[1, 2]], 64)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1], []], 4)
+    assert generate(model, [[1, 2]], 0) == [[]]
+    # a prompt longer than the context is cropped from the left, so prompt + new tokens fit
+    long = prompt(100, seed=11)
+    out = generate(model, [long], 10)
+    assert out == generate(model, [long[-54:]], 10) == [naive_greedy(model, long[-54:], 10)]
+    assert generate(model, [long, [5]], 10) == [out[0], generate(model, [[5]], 10)[0]]
+
+
+def test_generate_leaves_no_cache_behind():
+    model = make_model()
+    generate(model, [[1, 2, 3]], 5)
+    assert all(b.attn.kv_cache is None for b in model.transformer.h)
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 512)  # the plain forward works again
