@@ -241,3 +241,9 @@ def test_negative_sizes_are_refused(override):
 
 def test_field_override_survives_a_later_preset_override():
     assert load_config(None, ["model.n_layer=12", "model=seed-300m"]).model.n_layer == 12
+
+
+def test_one_prompt_with_commas_stays_one_prompt():
+    cfg = load_config(None, ["eval.prompts=Once upon a time, there"])
+    assert cfg.eval.prompts == ["Once upon a time, there"]
+    assert load_config(None, ["eval.prompts=[a, b]"]).eval.prompts == ["a", "b"]
