@@ -143,3 +143,10 @@ def test_l40_is_not_an_l4():
     assert gpu_spec("NVIDIA L4") is GPUS["L4"]
     assert gpu_spec("NVIDIA L40S") is GPUS["L40S"]
     assert gpu_spec("NVIDIA L40") is not GPUS["L4"]
+
+
+@pytest.mark.parametrize("micro_batch, measured_gib", [(16, 35.1), (32, 65.4)])
+def test_memory_estimate_is_close_to_the_measured_h100_peaks(micro_batch, measured_gib):
+    """Peaks measured by benchmarks/train_throughput.py on one H100 (docs/RESULTS.md, compiled, bf16)."""
+    est = memory_estimate(preset_model("seed-300m"), micro_batch, 2048)["total_gib"]
+    assert abs(est - measured_gib) / measured_gib < 0.15
