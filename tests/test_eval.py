@@ -106,15 +106,6 @@ def build_tiny_run(root: Path, steps: int = 120, name: str = "tiny") -> Path:
     return run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add overhead and contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_run(tmp_path_factory.mktemp("evalrun"))

@@ -13,14 +13,6 @@ from antimatter.model.generate import generate
 from antimatter.model.gpt import GPT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(preset: str = "tiny", seed: int = 0, **over) -> GPT:
     """Random weights with a large init, so greedy choices are decisive (no near-ties)."""
     cfg = dataclasses.replace(preset_model(preset), **{"init_std": 0.3, **over})

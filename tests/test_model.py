@@ -23,15 +23,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models on 2 shared cores run much faster without thread hand-offs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(variant: str, seed: int = 0, **extra) -> GPT:
     over = {**VARIANTS[variant], **extra}
     cfg = dataclasses.replace(preset_model(over.pop("preset")), init_std=0.1, **over)

@@ -19,14 +19,6 @@ from antimatter.pipeline import run_pipeline, run_stage
 DATA_STAGES = ("prepare", "tokenizer", "tokenize")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_corpus(folder: Path, docs: int = 40) -> Path:
     """Short English documents from a seeded grammar: varied enough to pass the quality rules and dedup."""
     rng = random.Random(0)
