@@ -6,7 +6,6 @@ where it stopped; `--force` redoes it. Training resumes from its own checkpoints
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 import shutil
@@ -30,8 +29,6 @@ def _log(msg: str) -> None:
 def _source_fingerprints(cfg: RunConfig) -> dict[str, str]:
     """What the prepare stage reads. The embedded corpus is named by interpreter version and budget: hashing
     the whole standard library on every run would cost more than it protects."""
-    from antimatter.data.sources import sources_from_paths  # noqa: F401  (fails early if data/ is missing)
-
     out: dict[str, str] = {}
     for src in cfg.data.sources:
         if src.path == "default" or src.format == "default":
@@ -201,7 +198,3 @@ def print_summary(cfg: RunConfig, seconds: float) -> None:
             console.print(s.get("prompt", "") + s.get("completion", s.get("output", "")), markup=False)
     console.print(f"next: antimatter generate --run {run}   (interactive)  |  "
                   f"antimatter export --run {run} --out {run}/hf")
-
-
-def as_dict(cfg: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
