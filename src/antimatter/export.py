@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from antimatter.config import ModelConfig, RunConfig, save_config
 from antimatter.errors import UserError
+from antimatter.files import atomic_write_text
 from antimatter.model.gpt import GPT
 
 EOT = "<|endoftext|>"
@@ -305,12 +306,6 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, arch: s
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _eot_id(tokenizer_file: Path | None) -> int | None:
     if tokenizer_file is None:
         return None
@@ -341,8 +336,8 @@ def write_tokenizer_files(tokenizer_file: Path, out_dir: Path, model_max_length:
     shutil.copyfile(tokenizer_file, out_dir / "tokenizer.json")
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
                "clean_up_tokenization_spaces": False}
-    _atomic_write(out_dir / "tokenizer_config.json", json.dumps(tok_cfg, indent=2) + "\n")
-    _atomic_write(out_dir / "special_tokens_map.json", "{}\n")
+    atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(tok_cfg, indent=2) + "\n")
+    atomic_write_text(out_dir / "special_tokens_map.json", "{}\n")
 
 
 SKIP_KEYS = ("provenance", "versions", "config", "settings", "outputs", "data", "timing", "memory", "histogram")
@@ -470,15 +465,15 @@ def export_model(model: GPT, out_dir: str | Path, dtype: str = "fp32", tokenizer
     tmp = out_dir / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out_dir / "model.safetensors")
-    _atomic_write(out_dir / "config.json", json.dumps(hf_config(cfg, torch_dtype, eot, eot), indent=2) + "\n")
+    atomic_write_text(out_dir / "config.json", json.dumps(hf_config(cfg, torch_dtype, eot, eot), indent=2) + "\n")
     gen = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "do_sample": False}
-    _atomic_write(out_dir / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    atomic_write_text(out_dir / "generation_config.json", json.dumps(gen, indent=2) + "\n")
     if tokenizer_file is not None:
         write_tokenizer_files(tokenizer_file, out_dir, cfg.block_size)
     else:  # a previous export's tokenizer does not describe this model
         for name in TOKENIZER_FILES:
             (out_dir / name).unlink(missing_ok=True)
-    _atomic_write(out_dir / "README.md", model_card(model, arch, torch_dtype, card))
+    atomic_write_text(out_dir / "README.md", model_card(model, arch, torch_dtype, card))
     return out_dir
 
 

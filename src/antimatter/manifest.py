@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from antimatter.files import atomic_write_text
 from antimatter.provenance import provenance, sha256_file
 
 MANIFEST = "manifest.json"
@@ -62,7 +63,5 @@ def write_manifest(out_dir: str | Path, stage: str, inputs: dict[str, str], conf
     m = {"stage": stage, "inputs": inputs, "config": config, "outputs": outputs,
          "counts": counts or {}, "seconds": round(time.time() - started, 3) if started else None,
          **provenance(), **(extra or {})}
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(m, indent=2, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, out_dir / MANIFEST)
+    atomic_write_text(out_dir / MANIFEST, json.dumps(m, indent=2, sort_keys=False))
     return m

@@ -10,17 +10,10 @@ import torch
 
 from antimatter.config import RunConfig, SampleConfig
 from antimatter.errors import UserError
+from antimatter.train.distributed import pick_device
 
 HELP = """commands: /temp X  /top_k N  /top_p X  /max N  /rep X  /seed N  /settings  /help  /quit
 (an empty line or Ctrl-D quits)"""
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device and device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 class StreamPrinter:
@@ -102,7 +95,7 @@ def run_generate(cfg: RunConfig, run_dir: Path, prompt: str | None = None, check
     if not Path(run_dir).is_dir():
         raise UserError(f"run folder {run_dir} does not exist: pass --run PATH of a trained run "
                         f"(or train one with `antimatter quickstart`)")
-    dev = pick_device(device or cfg.train.device)
+    dev = pick_device(device or cfg.train.device, setting="--device" if device else "train.device")
     model, tokenizer, ckpt = load_for_generation(Path(run_dir), checkpoint, dev)
     s = cfg.generate
     if prompt is not None:

@@ -12,7 +12,6 @@ Writes, under RUN/results/:
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,10 @@ from antimatter.eval.perplexity import (
 from antimatter.eval.plots import plot_training
 from antimatter.eval.size import model_size
 from antimatter.eval.speed import measure_speed
+from antimatter.files import atomic_write_text
 from antimatter.model.generate import generate
 from antimatter.provenance import provenance, sha256_file
+from antimatter.train.distributed import pick_device
 
 EVAL_FILE = Path("results/evaluations/final_evaluation.json")
 SAMPLES_FILE = Path("results/generated_samples/sample_generations.json")
@@ -44,20 +45,8 @@ PLOTS_DIR = Path("results/plots")
 CONTINUATION_SCAN_TOKENS = 4_000_000
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"eval.device={name} but no CUDA GPU is visible: use eval.device=cpu")
-    return torch.device(name)
-
-
 def _write_json(path: Path, data: dict) -> None:
-    """Atomic write: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _model_shape(model_cfg) -> dict:
@@ -126,22 +115,10 @@ def unigram_counts(train_dir: Path, vocab_size: int, chunk: int = 1 << 24) -> tu
 
 def val_documents(val_dir: Path) -> list[tuple[str, str]]:
     """(source, text) of the prepared val split (data/val/*.jsonl[.zst]); empty if it is not there."""
-    import io
+    from antimatter.tokenizer import iter_records, split_files
 
-    import zstandard
-
-    from antimatter.tokenizer import split_files
-
-    docs = []
-    for path in split_files(val_dir) if val_dir.is_dir() else []:
-        with open(path, "rb") as raw:
-            f = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw) if path.suffix == ".zst" else raw,
-                                 encoding="utf-8")
-            for line in f:
-                if line.strip():
-                    rec = json.loads(line)
-                    docs.append((str(rec.get("source") or "unknown"), rec["text"]))
-    return docs
+    return [(str(rec.get("source") or "unknown"), rec["text"])
+            for path in (split_files(val_dir) if val_dir.is_dir() else []) for rec, _ in iter_records(path)]
 
 
 def sample_generations(model, tok, cfg: RunConfig) -> dict:
@@ -172,7 +149,7 @@ def run_eval(cfg: RunConfig, run_dir: Path, checkpoint: str | None = None,
     ev = cfg.eval
     which = checkpoint or ev.checkpoint
     check_settings(ev)
-    device = resolve_device(ev.device)
+    device = pick_device(ev.device, setting="eval.device")
     model, run_cfg, ckpt, tok = load_for_eval(run_dir, which, device)
     for path in data_files or []:  # check every file before the long work starts
         from antimatter.eval.perplexity import read_documents
