@@ -1,0 +1,203 @@
+"""Where the GPU time goes: kernel tables of the compiled decode step and the compiled training step, and
+micro-benchmarks of the attention kernels that dominate them. A diagnosis tool for issues 7 and 8, not a
+side-by-side benchmark (those are train_throughput.py and decode_speed.py).
+
+    python benchmarks/profile_kernels.py --part attn decode train --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from antimatter.config import preset_model
+from antimatter.model.generate import generate
+from antimatter.model.gpt import GPT
+
+
+def kernel_table(prof, steps: int, top: int = 25) -> list[dict]:
+    """Device time per kernel name, per step, largest first."""
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(e, "cuda_time_total", 0)
+        if dev_us <= 0 or e.key.startswith(("ProfilerStep", "cudaGraphLaunch", "Memcpy")):
+            continue
+        if getattr(e, "device_type", None) is not None and "CUDA" not in str(e.device_type):
+            continue
+        rows.append({"kernel": e.key[:110], "us_per_step": dev_us / steps, "calls_per_step": e.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows[:top]
+
+
+def print_table(title: str, rows: list[dict], wall_us: float | None = None) -> None:
+    total = sum(r["us_per_step"] for r in rows)
+    print(f"\n== {title}: top kernels, device us per step (top-{len(rows)} sum {total:,.0f} us"
+          + (f", wall {wall_us:,.0f} us/step" if wall_us else "") + ")")
+    for r in rows:
+        print(f"{r['us_per_step']:>10,.1f} {r['calls_per_step']:>6.1f}x  {r['kernel']}")
+
+
+def profile_decode(preset: str, batch: int, new_tokens: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = preset_model(preset)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    prompts = torch.randint(0, cfg.vocab_size, (batch, 16)).tolist()
+    for _ in range(2):
+        generate(model, prompts, new_tokens, compile=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    generate(model, prompts, new_tokens, compile=True)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / new_tokens * 1e6
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate(model, prompts, new_tokens, compile=True)
+        torch.cuda.synchronize()
+    rows = kernel_table(prof, new_tokens, top=30)
+    all_rows = kernel_table(prof, new_tokens, top=10_000)
+    gpu_us = sum(r["us_per_step"] for r in all_rows)
+    n_kernels = sum(r["calls_per_step"] for r in all_rows)
+    print_table(f"decode {preset} batch {batch} (compiled)", rows, wall)
+    print(f"decode batch {batch}: wall {wall:.0f} us/token, kernel time {gpu_us:.0f} us/token, "
+          f"{n_kernels:.0f} kernels/token")
+    del model
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return {"batch": batch, "wall_us_per_token": wall, "kernel_us_per_token": gpu_us,
+            "kernels_per_token": n_kernels, "top": rows}
+
+
+def profile_train(preset: str, micro_batch: int, seq: int, attn: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from antimatter.model.accel import attention_backend
+
+    cfg = preset_model(preset)
+    with attention_backend(attn):
+        model = GPT(cfg).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+        cmodel = torch.compile(model)
+        x = torch.randint(0, cfg.vocab_size, (micro_batch, seq + 1), device="cuda")
+
+        def step(model=model, cmodel=cmodel, opt=opt):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = cmodel(x[:, :-1], x[:, 1:])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(4):
+            step()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(8):
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        wall = statistics.median(times) * 1e6
+        steps = 3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+    rows = kernel_table(prof, steps, top=25)
+    print_table(f"train {preset} mb {micro_batch} seq {seq} attn {attn}", rows, wall)
+    print(f"train attn {attn}: {micro_batch * seq / (wall / 1e6):,.0f} tokens/s")
+    del step, model, opt, cmodel
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return {"attn": attn, "micro_batch": micro_batch, "wall_us_per_step": wall,
+            "tokens_per_s": micro_batch * seq / (wall / 1e6), "top": rows}
+
+
+def bench_attention() -> list[dict]:
+    """SDPA forward+backward at the seed-300m training shape per backend, and single-query decode attention
+    over a cache (the decode step's shape) for SDPA with a mask vs plain reductions."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    out = []
+    B, H, T, D = 16, 16, 2048, 64
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+    flops_fwd = 4 * B * H * T * T * D / 2  # causal
+    for name, be in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+        try:
+            with sdpa_kernel([be]):
+                fwd = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), return_mode="median")
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                bwd = do_bench(lambda y=y: torch.autograd.grad(y, (q, k, v), g, retain_graph=True),
+                               return_mode="median")
+            r = {"attn": name, "fwd_ms": fwd, "bwd_ms": bwd, "fwd_tflops": flops_fwd / fwd / 1e9,
+                 "bwd_tflops": 2.5 * flops_fwd / bwd / 1e9}
+        except Exception as e:  # a backend that cannot take these inputs says why
+            r = {"attn": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        out.append(r)
+        print(json.dumps(r), flush=True)
+
+    for B, S in [(1, 512), (1, 2048), (32, 512), (32, 2048)]:
+        qd = torch.randn(B, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
+        kc, vc = (torch.randn(B, 16, S, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device="cuda")
+        mask[..., : S // 2] = True
+        sdpa_mask = torch.compile(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m))
+
+        def reduce_attn(q, k, v, m):
+            s = (q.float() * k.float()).sum(-1, keepdim=True).transpose(-1, -2) * 0.125  # (B,H,1,S)
+            p = s.masked_fill(~m, float("-inf")).softmax(-1)
+            return (p.transpose(-1, -2) * v.float()).sum(-2, keepdim=True).to(q.dtype)
+
+        reduce_c = torch.compile(reduce_attn)
+        ref = F.scaled_dot_product_attention(qd.float(), kc.float(), vc.float(), attn_mask=mask)
+        kv_bytes = 2 * kc.numel() * 2
+        for name, fn in [("sdpa+mask (compiled)", sdpa_mask), ("reductions (compiled)", reduce_c)]:
+            err = (fn(qd, kc, vc, mask).float() - ref).abs().max().item()
+            us = do_bench_cudagraph(lambda fn=fn, a=(qd, kc, vc, mask): fn(*a)) * 1000
+            r = {"decode_attn": name, "batch": B, "cache": S, "us": us, "GB_per_s": kv_bytes / us / 1e3,
+                 "max_err": err}
+            out.append(r)
+            print(json.dumps(r), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", nargs="+", default=["attn", "decode", "train"])
+    ap.add_argument("--config", default="seed-300m")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--attn", nargs="+", default=["flash", "cudnn"])
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("this tool needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch._inductor.config.fx_graph_cache = False
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if "attn" in args.part:
+        res["attention"] = bench_attention()
+    if "decode" in args.part:
+        res["decode"] = [profile_decode(args.config, b, args.new_tokens) for b in args.batches]
+    if "train" in args.part:
+        res["train"] = [profile_train(args.config, args.micro_batch, args.seq, a) for a in args.attn]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
