@@ -20,7 +20,7 @@ import time
 import torch
 
 from antimatter.config import preset_model
-from antimatter.model.accel import attention_backend, enable_fp8_training
+from antimatter.model.accel import attention_backend, enable_fp8_training, prefers_cudnn_attention
 from antimatter.model.gpt import GPT
 from antimatter.model.sizing import flops_per_token, peak_flops
 from antimatter.provenance import provenance
@@ -68,7 +68,9 @@ def loss_fn(impl: str, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def bench(impl: str, preset: str, micro_batch: int, steps: int, warmup: int, loss_chunk: int,
           compile_mode: str | None, attn: str = "auto", fp8: bool = False) -> dict:
     seq = SEQ[preset]
-    with attention_backend(attn):
+    if attn == "auto" and impl == "antimatter":  # what the trainer's train.attention=auto picks here
+        attn = "cudnn" if prefers_cudnn_attention() else "sdpa-default"
+    with attention_backend("auto" if attn == "sdpa-default" else attn):
         return _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, compile_mode, attn, fp8, seq)
 
 
@@ -140,7 +142,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile-mode", nargs="+", default=["default"],
                     help="torch.compile modes to try: default | max-autotune-no-cudagraphs | none")
-    ap.add_argument("--attn", nargs="+", default=["auto"], help="AntiMatter attention backends to try: auto flash cudnn")
+    ap.add_argument("--attn", nargs="+", default=["auto"], help="AntiMatter attention backends to try: auto (the trainer's default) flash cudnn")
     ap.add_argument("--fp8", nargs="+", type=int, default=[0], help="AntiMatter fp8 settings to try (0 1)")
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args()

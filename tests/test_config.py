@@ -221,6 +221,7 @@ def test_override_without_equals():
     ("train.dtype=fp64", "train.dtype must be auto, bf16, fp16 or fp32"),
     ("train.parallel=tp", "train.parallel must be ddp or fsdp"),
     ("train.schedule=step", "train.schedule must be cosine, linear, constant or wsd"),
+    ("train.attention=fa3", "train.attention must be one of auto, flash, cudnn, efficient, math, got 'fa3'"),
     ("train.lr=0", "train.lr must be positive"),
     ("tokenizer.vocab_size=60000", "tokenizer.vocab_size (60000) exceeds model.vocab_size (50257)"),
     ("tokenizer.vocab_size=200", "tokenizer vocab size 200 is too small"),

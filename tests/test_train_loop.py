@@ -142,6 +142,23 @@ def test_no_host_sync_per_step(tmp_path, monkeypatch):
     assert reads[0] == reads[1], f"host reads grow with steps: {reads}"
 
 
+def test_attention_preference_gives_the_same_training(tmp_path):
+    """train.attention only picks the SDPA kernel: on the CPU 'math' and 'auto' train the same losses."""
+    losses = []
+    for attn in ("auto", "math"):
+        run = make_tokens(tmp_path / attn)
+        train(tiny_config(run, attention=attn, max_steps=3, eval_interval=0, ckpt_interval=0), run)
+        rows = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in rows if "loss" in r])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_fp8_on_the_cpu_says_what_it_needs(tmp_path):
+    run = make_tokens(tmp_path / "run")
+    with pytest.raises(UserError, match=r"fp8 training needs an NVIDIA GPU with fp8 tensor cores .*train.fp8=false"):
+        train(tiny_config(run, fp8=True, max_steps=1), run)
+
+
 def test_compiled_model_saves_clean_names(tmp_path):
     run = make_tokens(tmp_path / "run")
     train(tiny_config(run, compile=True, compile_backend="eager", max_steps=2, ckpt_interval=2), run)

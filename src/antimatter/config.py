@@ -204,6 +204,9 @@ class TokenizeConfig:
 # --------------------------------------------------------------------------------------------- train
 
 
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # train.attention: SDPA kernel preference
+
+
 @dataclass
 class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -239,6 +242,8 @@ class TrainConfig:
     init_from: str = ""  # a checkpoint or Hugging Face folder to start from
     tensorboard: bool = True
     loss_chunk_tokens: int = 0  # >0: cross-entropy in chunks of this many tokens (less logits memory)
+    attention: str = "auto"  # auto | flash | cudnn | efficient | math: the preferred SDPA kernel
+    fp8: bool = False  # torchao float8 matmuls in the blocks (Ada/Hopper GPUs, needs torchao)
 
 
 @dataclass
@@ -531,6 +536,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.dtype must be auto, bf16, fp16 or fp32, got '{t.dtype}'")
     if t.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"train.parallel must be ddp or fsdp, got '{t.parallel}'")
+    if t.attention not in ATTENTION_BACKENDS:
+        raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_BACKENDS)}, got '{t.attention}'")
     if t.schedule not in ("cosine", "linear", "constant", "wsd"):
         raise ConfigError(f"train.schedule must be cosine, linear, constant or wsd, got '{t.schedule}'")
     if t.micro_batch_size <= 0 or t.max_steps < 0 or t.lr <= 0:

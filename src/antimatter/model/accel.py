@@ -11,18 +11,20 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from antimatter.config import ATTENTION_BACKENDS
 from antimatter.errors import UserError
-
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 def attention_backend(name: str) -> contextlib.AbstractContextManager:
     """Context that makes `scaled_dot_product_attention` prefer one kernel (it falls back to the others when
-    the preferred one cannot take the inputs). Enter it around compilation and the training loop."""
+    the preferred one cannot take the inputs). Enter it around compilation and the training loop. 'auto'
+    prefers cuDNN on Hopper and leaves SDPA's default order elsewhere."""
     if name not in ATTENTION_BACKENDS:
         raise UserError(f"unknown attention backend '{name}': choose one of {', '.join(ATTENTION_BACKENDS)}")
-    if name == "auto":
-        return contextlib.nullcontext()
+    if name == "auto":  # cuDNN's attention on Hopper: 1.5x flash's backward there (docs/RESULTS.md)
+        name = "cudnn" if prefers_cudnn_attention() else ""
+        if not name:
+            return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -33,6 +35,13 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
         return sdpa_kernel(backends, set_priority=True)
     except TypeError:  # torch < 2.6 has no priority order: restrict to the preferred kernel and math
         return sdpa_kernel([first, SDPBackend.MATH])
+
+
+def prefers_cudnn_attention() -> bool:
+    """True on Hopper GPUs (sm_90), where cuDNN's fused attention beats the flash kernel that SDPA picks by
+    default; elsewhere SDPA's own choice stands."""
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+            and torch.backends.cudnn.is_available())
 
 
 def _fp8_filter(module: nn.Module, fqn: str) -> bool:

@@ -227,6 +227,10 @@ class Trainer:
                 raise UserError(f"checkpoint weights do not fit model config (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]}): use the same model settings as that run")
         model.to(self.device)
+        if t.fp8:  # before wrapping: FSDP and DDP then see the float8 Linears
+            from antimatter.model.accel import enable_fp8_training
+
+            self.log(f"fp8: {enable_fp8_training(model)} Linear layers use torchao float8 matmuls")
         self.model = model  # the uncompiled module: its state dicts have clean names
         mp = DTYPES[self.dtype] if self.dtype == "bf16" and self.device.type == "cuda" else None
         self.wrapped = wrap_model(model, d, t.parallel, mp)  # DDP broadcasts rank 0's weights
@@ -298,8 +302,10 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.log_dir / "tensorboard"), purge_step=self.step + 1)
-        try:
-            with _Signals() as sigs:
+        from antimatter.model.accel import attention_backend
+
+        try:  # the attention preference is read when the step is traced, so it wraps the whole loop
+            with _Signals() as sigs, attention_backend(t.attention):
                 return self._loop(sigs)
         finally:
             if self.tb is not None:
