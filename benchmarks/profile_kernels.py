@@ -172,6 +172,37 @@ def bench_attention() -> list[dict]:
     return out
 
 
+def bench_gemv() -> list[dict]:
+    """The decode step's matmuls at batch 1 and 32 (weights (N, K) bf16): cuBLAS (F.linear) vs inductor's
+    Triton templates (max-autotune) vs a plain multiply-and-sum reduction compiled by inductor."""
+    from triton.testing import do_bench_cudagraph
+
+    out = []
+    for M in (1, 32):
+        for K, N in [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024), (1024, 50304)]:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+            b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x.float(), w.float(), b.float())
+            fns = {"cublas": lambda x, w, b: F.linear(x, w, b),
+                   "max-autotune": torch.compile(lambda x, w, b: F.linear(x, w, b),
+                                                 mode="max-autotune-no-cudagraphs")}
+            if M == 1:
+                fns["reduction"] = torch.compile(
+                    lambda x, w, b: ((x[:, None, :].float() * w.float()).sum(-1) + b.float()).to(x.dtype))
+            for name, fn in fns.items():
+                try:
+                    err = ((fn(x, w, b).float() - ref).norm() / ref.norm()).item()
+                    us = do_bench_cudagraph(lambda fn=fn, a=(x, w, b): fn(*a)) * 1000
+                    r = {"gemv": name, "M": M, "K": K, "N": N, "us": us, "GB_per_s": w.numel() * 2 / us / 1e3,
+                         "rel_err": err}
+                except Exception as e:
+                    r = {"gemv": name, "M": M, "K": K, "N": N, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                out.append(r)
+                print(json.dumps(r), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", nargs="+", default=["attn", "decode", "train"])
@@ -190,6 +221,8 @@ def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if "attn" in args.part:
         res["attention"] = bench_attention()
+    if "gemv" in args.part:
+        res["gemv"] = bench_gemv()
     if "decode" in args.part:
         res["decode"] = [profile_decode(args.config, b, args.new_tokens) for b in args.batches]
     if "train" in args.part:

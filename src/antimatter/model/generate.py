@@ -45,34 +45,59 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
     return (probs / race).argmax(dim=-1)
 
 
+KV_BLOCK = 128  # decode attention reads the cache in whole blocks of this many slots
+
+
+def kv_blocks(filled: int, max_seq: int) -> int:
+    """Cache slots the attention of a step reads: `filled` rounded up to whole blocks. Few distinct values,
+    so the compiled decode step is captured as a CUDA graph once per block count and then replayed."""
+    return min(max_seq, -(-filled // KV_BLOCK) * KV_BLOCK)
+
+
 def _step(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor, left_pad: torch.Tensor,
-          seen: torch.Tensor, temperature: float, top_k: int, top_p: float, penalty: float):
-    """One forward over `tokens` (B, T) at cache slots `input_pos`, then sample the next token per row."""
-    logits = model(tokens, input_pos=input_pos, left_pad=left_pad)[:, -1].float()
+          seen: torch.Tensor, kv_slots: torch.Tensor, temperature: float, top_k: int, top_p: float,
+          penalty: float):
+    """One forward over `tokens` (B, T) at cache slots `input_pos`, attending over the first
+    len(kv_slots) cache slots, then sample the next token per row. The length travels as a tensor's shape
+    (marked dynamic) so that one compilation serves every length while all other shapes stay static."""
+    kv_len = kv_slots.shape[0]
+    logits = model(tokens, input_pos=input_pos, left_pad=left_pad, kv_len=kv_len)[:, -1].float()
     logits = apply_repetition_penalty(logits, seen, penalty)
     nxt = sample_next(logits, temperature, top_k, top_p)
     seen = seen.scatter(1, nxt[:, None], True)
     return nxt, seen
 
 
-def _compiled_steps(model: GPT):
-    """Compiled (prefill, decode) pair, cached on the model so repeated calls reuse the graphs."""
-    fns = getattr(model, "_antimatter_compiled_steps", None)
-    if fns is None:
-        prefill = torch.compile(_step, dynamic=True)
-        decode = torch.compile(_step, mode="reduce-overhead", fullgraph=True)
-        fns = (prefill, decode)
-        model._antimatter_compiled_steps = fns
-    return fns
+DECODE_COMPILE_MODE = "reduce-overhead"  # CUDA graphs; "max-autotune" also tunes Triton matmuls (slow start)
+
+
+def _compiled_steps(model: GPT, mode: str):
+    """Compiled (prefill, decode) pair for a torch.compile mode, cached on the model so repeated calls reuse
+    the graphs. The decode step replays as a CUDA graph, one per distinct kv_len."""
+    cache = model.__dict__.setdefault("_antimatter_compiled_steps", {})
+    if mode not in cache:
+        cache[mode] = (torch.compile(_step, dynamic=True),
+                       torch.compile(_step, mode=mode, fullgraph=True))
+    return cache[mode]
+
+
+def _slots(n: int, device: torch.device, table: dict[int, torch.Tensor]) -> torch.Tensor:
+    """arange(n) on the device, made once per length (no host-to-device copy per token)."""
+    if n not in table:
+        table[n] = torch.arange(n, device=device)
+        torch._dynamo.maybe_mark_dynamic(table[n], 0)
+    return table[n]
 
 
 @torch.inference_mode()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, eot_id: int | None = None,
              seed: int | None = None, on_token: Callable[[int, torch.Tensor], None] | None = None,
-             compile: bool = False, pad_id: int = 0) -> list[list[int]]:
+             compile: bool | str = False, pad_id: int = 0) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens of each row, cut
-    before the first EOT. `on_token(step, tokens)` is called with each new (B,) tensor, for streaming."""
+    before the first EOT. `on_token(step, tokens)` is called with each new (B,) tensor, for streaming.
+    `compile`: True compiles prefill and the decode step (DECODE_COMPILE_MODE); a string names the
+    torch.compile mode of the decode step."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens <= 0:
@@ -102,10 +127,13 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     cache = model.transformer.h[0].attn.kv_cache
     if cache is None or cache.k.shape[0] != B or cache.k.shape[2] != max_seq:
         model.setup_caches(B, max_seq)
-    prefill, decode = _compiled_steps(model) if compile else (_step, _step)
+    mode = compile if isinstance(compile, str) else DECODE_COMPILE_MODE
+    prefill, decode = _compiled_steps(model, mode) if compile else (_step, _step)
     args = (temperature, top_k, top_p, repetition_penalty)
+    slots: dict[int, torch.Tensor] = {}
     try:
-        nxt, seen = prefill(model, idx, torch.arange(T, device=device), left_pad, seen, *args)
+        nxt, seen = prefill(model, idx, torch.arange(T, device=device), left_pad, seen, _slots(T, device, slots),
+                            *args)
         out = [nxt]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         if on_token is not None:
@@ -116,7 +144,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
                 done = done | (nxt == eot_id)
                 if (on_token is not None or step % 16 == 0) and bool(done.all()):
                     break
-            nxt, seen = decode(model, nxt.view(B, 1), pos, left_pad, seen, *args)
+            kv = _slots(kv_blocks(T + step, max_seq), device, slots)
+            nxt, seen = decode(model, nxt.view(B, 1), pos, left_pad, seen, kv, *args)
             nxt, seen = nxt.clone(), seen.clone()  # graph outputs are overwritten by the next replay
             pos += 1
             out.append(nxt)

@@ -90,7 +90,8 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                kv_len: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
@@ -105,8 +106,10 @@ class CausalSelfAttention(nn.Module):
         if self.kv_cache is None:  # training / scoring: the whole sequence at once
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa,
                                                dropout_p=self.dropout if self.training else 0.0)
-        else:  # generation: attend over the static cache with an explicit mask
+        else:  # generation: attend over the first kv_len slots of the static cache, with an explicit mask
             k, v = self.kv_cache.update(input_pos, k, v)
+            if kv_len is not None:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -141,8 +144,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, input_pos=None, mask=None):
-        x = x + self.attn(self.ln_1(x), rope, input_pos, mask)
+    def forward(self, x, rope=None, input_pos=None, mask=None, kv_len=None):
+        x = x + self.attn(self.ln_1(x), rope, input_pos, mask, kv_len)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -217,10 +220,13 @@ class GPT(nn.Module):
 
     # --------------------------------------------------------------------------------------- forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                input_pos: torch.Tensor | None = None, left_pad: torch.Tensor | None = None) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, left_pad: torch.Tensor | None = None,
+                kv_len: int | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) when `targets` is None, else the mean cross-entropy (targets == -1
-        are ignored). With caches set up, `input_pos` (T,) gives the cache slots of these tokens and
-        `left_pad` (B,) the number of padding slots at the start of each row (batched prompts)."""
+        are ignored). With caches set up, `input_pos` (T,) gives the cache slots of these tokens,
+        `left_pad` (B,) the number of padding slots at the start of each row (batched prompts), and
+        `kv_len` how many leading cache slots attention reads (at least the last slot written + 1; None =
+        all): decoding then reads only the filled part of the cache, not all of it."""
         B, T = idx.shape
         cached = self.causal_mask.numel() > 0
         if cached:
@@ -228,6 +234,8 @@ class GPT(nn.Module):
                 raise ValueError("caches are set up: pass input_pos")
             pos = input_pos.unsqueeze(0).expand(B, T)
             mask = self.causal_mask[input_pos].unsqueeze(0).unsqueeze(0)  # (1, 1, T, S)
+            if kv_len is not None:
+                mask = mask[..., :kv_len]
             if left_pad is not None:
                 pos = (pos - left_pad[:, None]).clamp(min=0)
                 slots = torch.arange(mask.shape[-1], device=idx.device)
@@ -249,7 +257,7 @@ class GPT(nn.Module):
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, rope, input_pos, mask, use_reentrant=False)
             else:
-                x = block(x, rope, input_pos, mask)
+                x = block(x, rope, input_pos, mask, kv_len)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x)[..., : self.cfg.vocab_size]
