@@ -86,7 +86,8 @@ def main() -> None:
     ap.add_argument("--cd-tuning", action="store_true",
                     help="inductor coordinate-descent tuning of the generated kernels (gpt-fast's setting)")
     ap.add_argument("--compile-modes", nargs="+", default=["reduce-overhead"],
-                    help="torch.compile modes of AntiMatter's decode step to time (reduce-overhead, max-autotune)")
+                    help="torch.compile modes of AntiMatter's decode step to time (reduce-overhead, max-autotune; "
+                         "MODE+gemv: batch-1 matmuls as inductor reductions, GPT.set_gemv)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -127,15 +128,24 @@ def main() -> None:
         out_eager = ours(False)
         if not args.skip_eager:
             record("antimatter eager", B, timed(lambda: ours(False), args.repeats), n, args.prompt_tokens)
-        for mode in args.compile_modes:
-            t0 = time.perf_counter()
-            for _ in range(2):  # compile + capture the CUDA graphs
-                out_comp = ours(mode)
-            name = "antimatter compiled" + ("" if mode == "reduce-overhead" else f" ({mode})")
-            r = record(name, B, timed(lambda mode=mode: ours(mode), args.repeats), n, args.prompt_tokens)
-            r["warmup_s"] = time.perf_counter() - t0
-            same = out_eager == out_comp
-            print(f"batch {B}: eager and compiled ({mode}) give the same greedy tokens: {same}", flush=True)
+        for variant in args.compile_modes:
+            mode, _, extra = variant.partition("+")
+            if extra == "gemv" and B > 1:
+                continue  # the single-row path only changes batch 1
+            model.set_gemv(extra == "gemv")
+            try:
+                t0 = time.perf_counter()
+                for _ in range(2):  # compile + capture the CUDA graphs
+                    out_comp = ours(mode)
+                name = "antimatter compiled" + ("" if variant == "reduce-overhead" else f" ({variant})")
+                r = record(name, B, timed(lambda mode=mode: ours(mode), args.repeats), n, args.prompt_tokens)
+                r["warmup_s"] = time.perf_counter() - t0
+                same = out_eager == out_comp
+                print(f"batch {B}: eager and compiled ({variant}) give the same greedy tokens: {same}", flush=True)
+            except Exception as e:  # report a variant that fails, keep measuring the others
+                print(f"batch {B}: compiled ({variant}) failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            finally:
+                model.set_gemv(False)
         if hf is not None:
             ids = prompts.cuda()
             attn = torch.ones_like(ids)

@@ -208,3 +208,19 @@ def test_compiled_decode_equals_eager_across_kv_blocks(monkeypatch):
     eager = generate(model, prompts, 30)
     assert generate(model, prompts, 30, compile=True) == eager
     assert generate(model, prompts, 30, compile=True) == eager  # the cached compiled steps again
+
+
+def test_single_row_gemv_path_equals_the_matmul():
+    """GPT.set_gemv(True): under torch.compile a single-row matmul is a multiply-and-sum reduction; the
+    compiled batch-1 tokens equal the eager ones (where F.linear always runs)."""
+    model = make_model()
+    p = [prompt(6, seed=5)]
+    eager = generate(model, p, 12)
+    model.set_gemv(True)
+    try:
+        x = torch.randn(1, 1, model.cfg.d_model)
+        fc = model.transformer.h[0].mlp.c_fc
+        torch.testing.assert_close(torch.compile(fc)(x), fc(x), rtol=1e-5, atol=1e-5)
+        assert generate(model, p, 12, compile=True) == eager
+    finally:
+        model.set_gemv(False)

@@ -64,5 +64,5 @@ def enable_fp8_training(model: nn.Module, recipe: str = "tensorwise") -> int:
     config = Float8LinearConfig.from_recipe_name(recipe)
     before = sum(isinstance(m, nn.Linear) for m in model.modules())
     convert_to_float8_training(model, config=config, module_filter_fn=_fp8_filter)
-    after = sum(type(m) is nn.Linear for m in model.modules())
+    after = sum(isinstance(m, nn.Linear) and type(m).__name__ != "Float8Linear" for m in model.modules())
     return before - after

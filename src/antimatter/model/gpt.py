@@ -38,6 +38,23 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear with an optional single-row path for the batch-1 decode step. With `gemv` set, a single
+    input row under torch.compile is a multiply-and-sum that inductor turns into one bandwidth-bound
+    reduction kernel (bias and the following pointwise ops fused), instead of a cuBLAS matmul kernel tuned
+    for larger shapes. Eager calls, and more than one row, always take F.linear."""
+
+    gemv: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
+            y = (x.float().unsqueeze(-2) * self.weight.float()).sum(-1)
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.arch == "llama":
         return RMSNorm(dim, cfg.norm_eps)
@@ -80,8 +97,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        self.c_attn = nn.Linear(cfg.d_model, qkv_dim, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.c_attn = Linear(cfg.d_model, qkv_dim, bias=cfg.bias)
+        self.c_proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.use_rope = cfg.arch == "llama"
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -122,8 +139,8 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = cfg.arch == "llama"
         hidden = cfg.ffn_dim
-        self.c_fc = nn.Linear(cfg.d_model, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
-        self.c_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.c_fc = Linear(cfg.d_model, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
+        self.c_proj = Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +179,7 @@ class GPT(nn.Module):
         ))
         if cfg.arch == "gpt2":
             self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, V, bias=False)
+        self.lm_head = Linear(cfg.d_model, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         if cfg.arch == "llama":
@@ -212,6 +229,12 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch, self.cfg.kv_heads, max_seq, self.cfg.head_dim, dtype, device)
         self.causal_mask = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device))
+
+    def set_gemv(self, on: bool) -> None:
+        """Single-row matmuls as inductor reductions in compiled decoding (see `Linear`)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.gemv = on
 
     def clear_caches(self) -> None:
         for block in self.transformer.h:
