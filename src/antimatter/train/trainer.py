@@ -402,7 +402,8 @@ class Trainer:
                 self._write_metrics(metrics)
                 if d.is_main:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}" if metrics["loss"] is not None else "nan",
-                                    tok_s=f"{tps:,.0f}", refresh=False)
+                                    tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}" if mfu is not None else "n/a",
+                                    refresh=False)
                 acc[[0, 1, 2, 4]] = 0.0
                 if first_log_done:
                     steady[0] += now - last_log_t
