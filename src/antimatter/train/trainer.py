@@ -401,9 +401,11 @@ class Trainer:
                            "nonfinite_steps": self.nonfinite_total}
                 self._write_metrics(metrics)
                 if d.is_main:
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}" if metrics["loss"] is not None else "nan",
-                                    tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}" if mfu is not None else "n/a",
-                                    refresh=False)
+                    post = {"loss": f"{metrics['loss']:.4f}" if metrics["loss"] is not None else "nan",
+                            "tok_s": f"{tps:,.0f}"}
+                    if mfu is not None:  # a GPU in the peak table
+                        post["mfu"] = f"{mfu:.1%}"
+                    bar.set_postfix(post, refresh=False)
                 acc[[0, 1, 2, 4]] = 0.0
                 if first_log_done:
                     steady[0] += now - last_log_t
