@@ -68,10 +68,11 @@ def loss_fn(impl: str, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def bench(impl: str, preset: str, micro_batch: int, steps: int, warmup: int, loss_chunk: int,
           compile_mode: str | None, attn: str = "auto", fp8: bool = False) -> dict:
     seq = SEQ[preset]
-    if attn == "auto" and impl == "antimatter":  # what the trainer's train.attention=auto picks here
-        attn = "cudnn" if prefers_cudnn_attention() else "sdpa-default"
-    with attention_backend("auto" if attn == "sdpa-default" else attn):
-        return _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, compile_mode, attn, fp8, seq)
+    label = attn  # the kernel that the trainer's train.attention=auto picks here, for the table
+    if attn == "auto" and impl == "antimatter":
+        label = "cudnn" if prefers_cudnn_attention() else "sdpa-default"
+    with attention_backend(attn):
+        return _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, compile_mode, label, fp8, seq)
 
 
 def _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, compile_mode, attn, fp8, seq) -> dict:

@@ -22,9 +22,9 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
     if name not in ATTENTION_BACKENDS:
         raise UserError(f"unknown attention backend '{name}': choose one of {', '.join(ATTENTION_BACKENDS)}")
     if name == "auto":  # cuDNN's attention on Hopper: 1.5x flash's backward there (docs/RESULTS.md)
-        name = "cudnn" if prefers_cudnn_attention() else ""
-        if not name:
+        if not prefers_cudnn_attention():
             return contextlib.nullcontext()
+        name = "cudnn"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -62,7 +62,5 @@ def enable_fp8_training(model: nn.Module, recipe: str = "tensorwise") -> int:
     except ImportError:
         raise UserError("fp8 training needs torchao: pip install torchao (or set train.fp8=false)") from None
     config = Float8LinearConfig.from_recipe_name(recipe)
-    before = sum(isinstance(m, nn.Linear) for m in model.modules())
     convert_to_float8_training(model, config=config, module_filter_fn=_fp8_filter)
-    after = sum(isinstance(m, nn.Linear) and type(m).__name__ != "Float8Linear" for m in model.modules())
-    return before - after
+    return sum(type(m).__name__ == "Float8Linear" for m in model.modules())

@@ -137,8 +137,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     args = (temperature, top_k, top_p, repetition_penalty)
     slots: dict[int, torch.Tensor] = {}
     try:
-        nxt, seen = prefill(model, idx, torch.arange(T, device=device), left_pad, seen, _slots(T, device, slots),
-                            *args)
+        prompt_slots = _slots(T, device, slots)  # the prompt's cache slots, and the length attention reads
+        nxt, seen = prefill(model, idx, prompt_slots, left_pad, seen, prompt_slots, *args)
         out = [nxt]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         if on_token is not None:

@@ -125,8 +125,7 @@ class CausalSelfAttention(nn.Module):
                                                dropout_p=self.dropout if self.training else 0.0)
         else:  # generation: attend over the first kv_len slots of the static cache, with an explicit mask
             k, v = self.kv_cache.update(input_pos, k, v)
-            if kv_len is not None:
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # kv_len None: the whole cache
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -256,9 +255,7 @@ class GPT(nn.Module):
             if input_pos is None:
                 raise ValueError("caches are set up: pass input_pos")
             pos = input_pos.unsqueeze(0).expand(B, T)
-            mask = self.causal_mask[input_pos].unsqueeze(0).unsqueeze(0)  # (1, 1, T, S)
-            if kv_len is not None:
-                mask = mask[..., :kv_len]
+            mask = self.causal_mask[input_pos, :kv_len].unsqueeze(0).unsqueeze(0)  # (1, 1, T, kv_len or S)
             if left_pad is not None:
                 pos = (pos - left_pad[:, None]).clamp(min=0)
                 slots = torch.arange(mask.shape[-1], device=idx.device)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from antimatter.config import RunConfig, save_config
 from antimatter.errors import UserError
+from antimatter.model.accel import attention_backend, enable_fp8_training
 from antimatter.model.gpt import GPT
 from antimatter.train import checkpoint as ckpt_io
 from antimatter.train.distributed import (
@@ -228,8 +229,6 @@ class Trainer:
                                 f"unexpected {unexpected[:3]}): use the same model settings as that run")
         model.to(self.device)
         if t.fp8:  # before wrapping: FSDP and DDP then see the float8 Linears
-            from antimatter.model.accel import enable_fp8_training
-
             self.log(f"fp8: {enable_fp8_training(model)} Linear layers use torchao float8 matmuls")
         self.model = model  # the uncompiled module: its state dicts have clean names
         mp = DTYPES[self.dtype] if self.dtype == "bf16" and self.device.type == "cuda" else None
@@ -302,8 +301,6 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.log_dir / "tensorboard"), purge_step=self.step + 1)
-        from antimatter.model.accel import attention_backend
-
         try:  # the attention preference is read when the step is traced, so it wraps the whole loop
             with _Signals() as sigs, attention_backend(t.attention):
                 return self._loop(sigs)
