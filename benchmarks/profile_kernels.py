@@ -2,12 +2,13 @@
 micro-benchmarks of the attention kernels that dominate them. A diagnosis tool for issues 7 and 8, not a
 side-by-side benchmark (those are train_throughput.py and decode_speed.py).
 
-    python benchmarks/profile_kernels.py --part attn decode train --json out.json
+    python benchmarks/profile_kernels.py --part attn decode-attn gemv decode train --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from antimatter.config import preset_model
+from antimatter.model import generate as gen
 from antimatter.model.generate import generate
 from antimatter.model.gpt import GPT
 
@@ -122,10 +124,9 @@ def profile_train(preset: str, micro_batch: int, seq: int, attn: str) -> dict:
 
 
 def bench_attention() -> list[dict]:
-    """SDPA forward+backward at the seed-300m training shape per backend, and single-query decode attention
-    over a cache (the decode step's shape) for SDPA with a mask vs plain reductions."""
+    """SDPA forward+backward at the seed-300m training shape, per backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from triton.testing import do_bench, do_bench_cudagraph
+    from triton.testing import do_bench
 
     out = []
     B, H, T, D = 16, 16, 2048, 64
@@ -147,26 +148,52 @@ def bench_attention() -> list[dict]:
         out.append(r)
         print(json.dumps(r), flush=True)
 
-    for B, S in [(1, 512), (1, 2048), (32, 512), (32, 2048)]:
+    return out
+
+
+def bench_decode_attention() -> list[dict]:
+    """Single-query attention over a masked cache (the decode step's shape): SDPA per kernel, plain reductions
+    and FlexAttention (its split-KV decoding kernel), each compiled and timed as a CUDA graph."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+    from triton.testing import do_bench_cudagraph
+
+    out = []
+    for B, S in [(1, 256), (1, 512), (1, 2048), (32, 256), (32, 512), (32, 2048)]:
         qd = torch.randn(B, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
         kc, vc = (torch.randn(B, 16, S, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device="cuda")
         mask[..., : S // 2] = True
-        sdpa_mask = torch.compile(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m))
+
+        def sdpa(q, k, v, m):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
 
         def reduce_attn(q, k, v, m):
             s = (q.float() * k.float()).sum(-1, keepdim=True).transpose(-1, -2) * 0.125  # (B,H,1,S)
             p = s.masked_fill(~m, float("-inf")).softmax(-1)
             return (p.transpose(-1, -2) * v.float()).sum(-2, keepdim=True).to(q.dtype)
 
-        reduce_c = torch.compile(reduce_attn)
+        def flex(q, k, v, m):
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return torch.where(m[b, 0, 0, kv_idx], score, -float("inf"))
+            return flex_attention(q, k, v, score_mod=score_mod)
+
         ref = F.scaled_dot_product_attention(qd.float(), kc.float(), vc.float(), attn_mask=mask)
         kv_bytes = 2 * kc.numel() * 2
-        for name, fn in [("sdpa+mask (compiled)", sdpa_mask), ("reductions (compiled)", reduce_c)]:
-            err = (fn(qd, kc, vc, mask).float() - ref).abs().max().item()
-            us = do_bench_cudagraph(lambda fn=fn, a=(qd, kc, vc, mask): fn(*a)) * 1000
-            r = {"decode_attn": name, "batch": B, "cache": S, "us": us, "GB_per_s": kv_bytes / us / 1e3,
-                 "max_err": err}
+        variants = [("sdpa+mask default", sdpa, None), ("sdpa+mask cudnn", sdpa, SDPBackend.CUDNN_ATTENTION),
+                    ("sdpa+mask efficient", sdpa, SDPBackend.EFFICIENT_ATTENTION),
+                    ("reductions", reduce_attn, None), ("flex", flex, None)]
+        for name, fn, backend in variants:
+            try:
+                with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                    torch._dynamo.reset()
+                    cfn = torch.compile(fn, fullgraph=True)
+                    err = (cfn(qd, kc, vc, mask).float() - ref).abs().max().item()
+                    us = do_bench_cudagraph(lambda cfn=cfn, a=(qd, kc, vc, mask): cfn(*a)) * 1000
+                r = {"decode_attn": name, "batch": B, "cache": S, "us": us, "GB_per_s": kv_bytes / us / 1e3,
+                     "max_err": err}
+            except Exception as e:  # a kernel that cannot take these inputs says why
+                r = {"decode_attn": name, "batch": B, "cache": S, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             out.append(r)
             print(json.dumps(r), flush=True)
     return out
@@ -184,12 +211,16 @@ def bench_gemv() -> list[dict]:
             w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
             b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), w.float(), b.float())
-            fns = {"cublas": lambda x, w, b: F.linear(x, w, b),
-                   "max-autotune": torch.compile(lambda x, w, b: F.linear(x, w, b),
-                                                 mode="max-autotune-no-cudagraphs")}
+            def reduction(x, w, b):
+                return ((x[:, None, :].float() * w.float()).sum(-1) + b.float()).to(x.dtype)
+
+            fns = {"cublas": lambda x, w, b: F.linear(x, w, b)}
             if M == 1:
-                fns["reduction"] = torch.compile(
-                    lambda x, w, b: ((x[:, None, :].float() * w.float()).sum(-1) + b.float()).to(x.dtype))
+                fns["reduction"] = torch.compile(reduction)
+                fns["reduction+cdt"] = torch.compile(reduction, options={"coordinate_descent_tuning": True})
+            else:  # Triton matmul templates tuned for this shape (slow to compile: M=32 only)
+                fns["max-autotune"] = torch.compile(lambda x, w, b: F.linear(x, w, b),
+                                                    mode="max-autotune-no-cudagraphs")
             for name, fn in fns.items():
                 try:
                     err = ((fn(x, w, b).float() - ref).norm() / ref.norm()).item()
@@ -212,15 +243,19 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--attn", nargs="+", default=["flash", "cudnn"])
+    ap.add_argument("--cd-tuning", action="store_true", help="decode profile with coordinate-descent tuning")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this tool needs a CUDA GPU")
+    gen.DECODE_TUNING = args.cd_tuning
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._inductor.config.fx_graph_cache = False
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if "attn" in args.part:
         res["attention"] = bench_attention()
+    if "decode-attn" in args.part:
+        res["decode_attention"] = bench_decode_attention()
     if "gemv" in args.part:
         res["gemv"] = bench_gemv()
     if "decode" in args.part:

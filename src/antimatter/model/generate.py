@@ -71,16 +71,21 @@ def _step(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor, left_pad: t
 
 
 DECODE_COMPILE_MODE = "reduce-overhead"  # CUDA graphs; "max-autotune" also tunes Triton matmuls (slow start)
+DECODE_TUNING = False  # inductor's coordinate-descent tuning of the decode step's kernels (gpt-fast's setting)
 
 
 def _compiled_steps(model: GPT, mode: str):
     """Compiled (prefill, decode) pair for a torch.compile mode, cached on the model so repeated calls reuse
     the graphs. The decode step replays as a CUDA graph, one per distinct kv_len."""
     cache = model.__dict__.setdefault("_antimatter_compiled_steps", {})
-    if mode not in cache:
-        cache[mode] = (torch.compile(_step, dynamic=True),
-                       torch.compile(_step, mode=mode, fullgraph=True))
-    return cache[mode]
+    key = (mode, DECODE_TUNING)
+    if key not in cache:
+        options = dict(torch._inductor.list_mode_options(mode))
+        if DECODE_TUNING:
+            options["coordinate_descent_tuning"] = True
+        cache[key] = (torch.compile(_step, dynamic=True),
+                      torch.compile(_step, fullgraph=True, options=options))
+    return cache[key]
 
 
 def _slots(n: int, device: torch.device, table: dict[int, torch.Tensor]) -> torch.Tensor:

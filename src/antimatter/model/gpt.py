@@ -77,19 +77,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values, (B, H_kv, max_seq, D); written in place at `input_pos`."""
+    """Preallocated keys and values in one buffer, (2, B, H_kv, max_seq, D), written in place at `input_pos`.
+    One buffer means one write per layer and step (a single kernel under torch.compile) instead of two."""
 
     def __init__(self, batch: int, n_kv_head: int, max_seq: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None = None):
         super().__init__()
-        shape = (batch, n_kv_head, max_seq, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (2, batch, n_kv_head, max_seq, head_dim)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv[0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[1]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+        self.kv.index_copy_(3, input_pos, torch.stack([k, v]).to(self.kv.dtype))
+        return self.kv[0], self.kv[1]
 
 
 class CausalSelfAttention(nn.Module):
