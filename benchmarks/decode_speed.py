@@ -179,7 +179,7 @@ def main() -> None:
                       f"{r['same_tokens_as_eager']}; teacher-forced {r['teacher_forced']}", flush=True)
             except Exception as e:  # report a variant that fails, keep measuring the others
                 print(f"batch {B}: compiled ({variant}) failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        gen.DECODE_TUNING = False
+        gen.DECODE_TUNING = True  # the default again (the TTFT rows below)
         if hf is not None:
             ids = prompts.cuda()
             attn = torch.ones_like(ids)

@@ -170,6 +170,7 @@ def main() -> None:
                     r["mfu_datasheet"] = r["achieved_tflops"] / datasheet
                 results.append(r)
                 print(json.dumps(r), flush=True)
+                dump(args.json, measured, datasheet, results)  # after every row: a run cut short keeps them
     print(f"\n{args.config}, seq {SEQ[args.config]}, bf16 autocast, compiled, fused AdamW, median of "
           f"{args.steps} steps, {device}")
     print(f"{'impl':<13}{'mb':>4}{'chunk':>7}{'attn':>7}{'fp8':>5}{'mode':>10}{'tokens/s':>11}{'MFU(meas)':>11}"
@@ -193,8 +194,12 @@ def main() -> None:
             if same:
                 print(f"  mb {r['micro_batch']} chunk {r['loss_chunk']} attn {r['attn']} fp8 {r['fp8']}: "
                       f"{r['tokens_per_s'] / same[0]['tokens_per_s']:.2f}x transformers at the same micro-batch")
-    if args.json:
-        with open(args.json, "w") as f:
+    dump(args.json, measured, datasheet, results)
+
+
+def dump(path: str | None, measured: float, datasheet: float, results: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump({"provenance": provenance("cuda"), "measured_bf16_tflops": measured,
                        "datasheet_bf16_tflops": datasheet, "results": results}, f, indent=2)
 

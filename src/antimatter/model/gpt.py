@@ -237,8 +237,10 @@ class GPT(nn.Module):
         self.causal_mask = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device))
 
     def set_gemv(self, on: bool) -> None:
-        """Single-row matmuls as inductor reductions in compiled decoding (see `Linear`)."""
-        for m in self.modules():
+        """Single-row matmuls of the blocks as inductor reductions in compiled decoding (see `Linear`). The
+        output head stays on cuBLAS: at 50k rows its GEMV reads at 3.6 TB/s on an H200, the reduction at 0.7-1.6
+        (docs/RESULTS.md), while the blocks' small matmuls are where cuBLAS is slow at one row."""
+        for m in self.transformer.h.modules():
             if isinstance(m, Linear):
                 m.gemv = on
 
