@@ -237,10 +237,10 @@ class GPT(nn.Module):
         self.causal_mask = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device))
 
     def set_gemv(self, on: bool) -> None:
-        """Single-row matmuls of the blocks as inductor reductions in compiled decoding (see `Linear`). The
-        output head stays on cuBLAS: at 50k rows its GEMV reads at 3.6 TB/s on an H200, the reduction at 0.7-1.6
-        (docs/RESULTS.md), while the blocks' small matmuls are where cuBLAS is slow at one row."""
-        for m in self.transformer.h.modules():
+        """Single-row matmuls as inductor reductions in compiled decoding (see `Linear`). The output head too:
+        alone its reduction is slower than cuBLAS (63 vs 29 us on an H200), yet batch-1 decoding with the head
+        left on cuBLAS measured 913 tokens/s against 1,070 with it (two H200 runs, docs/RESULTS.md)."""
+        for m in self.modules():
             if isinstance(m, Linear):
                 m.gemv = on
 
