@@ -21,6 +21,7 @@ from antimatter.config import preset_model
 from antimatter.model import generate as gen
 from antimatter.model.generate import generate
 from antimatter.model.gpt import GPT
+from antimatter.model.quantize import int8_copy, is_int8
 from antimatter.provenance import provenance
 
 
@@ -66,6 +67,17 @@ def teacher_forced_check(model: GPT, prompts: list[list[int]], out: list[list[in
             "max_gap": (top.values - chosen).max().item(), "top_minus_mean_logit": spread}
 
 
+def stored_bytes(model: GPT) -> int:
+    """Bytes of the weights as stored: int8 values and their fp32 row scales for quantised layers."""
+    total = 0
+    for p in model.parameters():
+        if is_int8(p):
+            total += p.qdata.numel() + p.scale.numel() * p.scale.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
 def hf_model(cfg, ours: GPT, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
     """transformers' GPT-2 with OUR weights (so both generate the same greedy tokens)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -108,7 +120,7 @@ def main() -> None:
                     help="variants of AntiMatter's compiled decode step, MODE[+gemv][+cdt]: MODE a torch.compile "
                          "mode (reduce-overhead, max-autotune); +gemv: single-row matmuls as inductor reductions "
                          "(batch 1 only; without it, cuBLAS); +cdt: inductor coordinate-descent tuning of the "
-                         "generated kernels (gpt-fast's setting)")
+                         "generated kernels (gpt-fast's setting); +int8: weight-only int8 blocks (torchao)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -117,17 +129,18 @@ def main() -> None:
     cfg = preset_model(args.config)
     model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
     bw = measured_bandwidth_tbs()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = stored_bytes(model)
+    int8_model = None  # made on first use by a +int8 variant
     # bytes each decode step must read: every weight once (embedding: one row, lm_head: all rows) + KV cache
     kv_per_pos = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * 2
     print(f"device {torch.cuda.get_device_name()}; copy bandwidth {bw:.2f} TB/s; weights {weight_bytes / 1e9:.3f} GB; "
           f"bound at batch 1 ~{bw * 1e12 / weight_bytes:,.0f} tokens/s", flush=True)
     results = []
 
-    def record(name: str, batch: int, seconds: float, new: int, prompt: int):
+    def record(name: str, batch: int, seconds: float, new: int, prompt: int, wbytes: int = weight_bytes):
         steps_per_s = new / seconds
         avg_ctx = prompt + new / 2
-        step_bytes = weight_bytes + batch * kv_per_pos * avg_ctx
+        step_bytes = wbytes + batch * kv_per_pos * avg_ctx
         r = {"impl": name, "batch": batch, "new_tokens": new, "seconds": seconds,
              "tokens_per_s": batch * new / seconds, "mbu": step_bytes * steps_per_s / (bw * 1e12)}
         results.append(r)
@@ -147,8 +160,8 @@ def main() -> None:
         plist = prompts.tolist()
         n = args.new_tokens
 
-        def ours(compile: bool | str, gemv: bool | None = None, plist=plist, n=n):
-            return generate(model, plist, n, compile=compile, gemv=gemv)
+        def ours(compile: bool | str, gemv: bool | None = None, m=model, plist=plist, n=n):
+            return generate(m, plist, n, compile=compile, gemv=gemv)
 
         out_eager = ours(False)
         if not args.skip_eager:
@@ -161,18 +174,21 @@ def main() -> None:
                 continue  # the single-row path only changes batch 1
             gemv = "gemv" in extras
             gen.DECODE_TUNING = "cdt" in extras
+            if "int8" in extras and int8_model is None:
+                int8_model = int8_copy(model)
+            m = int8_model if "int8" in extras else model
             torch._dynamo.reset()  # each variant compiles from scratch (and stays under dynamo's recompile limit)
             model.__dict__.pop("_antimatter_compiled_steps", None)
             try:
                 t0 = time.perf_counter()
                 for _ in range(2):  # compile + capture the CUDA graphs
-                    out_comp = ours(mode, gemv)
+                    out_comp = ours(mode, gemv, m)
                 warmup = time.perf_counter() - t0
                 name = "antimatter compiled" + ("" if variant == "reduce-overhead" else f" ({variant})")
-                r = record(name, B, timed(lambda mode=mode, gemv=gemv: ours(mode, gemv), args.repeats), n,
-                           args.prompt_tokens)
+                r = record(name, B, timed(lambda mode=mode, gemv=gemv, m=m: ours(mode, gemv, m), args.repeats), n,
+                           args.prompt_tokens, stored_bytes(m))
                 r["warmup_s"] = warmup
-                r["teacher_forced"] = teacher_forced_check(model, plist, out_comp)
+                r["teacher_forced"] = teacher_forced_check(m, plist, out_comp)  # int8: against its own forward
                 r["same_tokens_as_eager"] = out_eager == out_comp
                 dump()
                 print(f"batch {B}: compiled ({variant}) warm-up {warmup:.0f} s; same greedy tokens as eager: "

@@ -400,3 +400,30 @@ def test_cli_compare(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
         run_eval(eval_cfg(tiny_run, "eval.speed=false", "eval.plots=false"), tiny_run)
     assert main(["eval", "--compare", str(tiny_run), str(tiny_run)]) == 0
     assert "val bits/byte" in capsys.readouterr().out
+
+
+def test_eval_int8_reports_the_perplexity_it_costs(tiny_run: Path) -> None:
+    res = run_eval(eval_cfg(tiny_run, "eval.int8=true", "eval.plots=false", "eval.by_source=false"), tiny_run)
+    v, q = res["val"], res["val"]["int8"]
+    assert q["tokens"] == v["tokens"] and q["perplexity"] == pytest.approx(math.exp(q["loss"]))
+    assert q["perplexity_change_pct"] == pytest.approx(100 * (q["perplexity"] / v["perplexity"] - 1))
+    assert q["perplexity"] != v["perplexity"] and abs(q["perplexity_change_pct"]) < 5  # rounding, not damage
+    assert "torchao" in q["method"] and res["speed_int8"]["decode_tokens_per_s_batch1"] > 0
+
+
+def test_eval_int8_without_torchao_fails_before_the_work(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(UserError, match="int8 weight-only quantisation needs torchao"):
+        run_eval(eval_cfg(tiny_run, "eval.int8=true"), tiny_run)
+
+
+def test_cli_generate_int8(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    from antimatter.cli import main
+
+    assert main(["generate", "--run", str(tiny_run), "--prompt", "def ", "--int8", "--max-new-tokens", "8",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("def ") and "tokens/s on cpu" in out.err

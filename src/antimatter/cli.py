@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text; without it an interactive session starts")
     p.add_argument("--device", help="cpu, cuda, ... (default: best available)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPUs)")
+    p.add_argument("--int8", action="store_true",
+                   help="weight-only int8 block matmuls (torchao): half their bytes per token; "
+                        "`antimatter eval` with eval.int8=true measures the perplexity it costs")
     _sampling(p)
 
     p = sub.add_parser("export", help="write a Hugging Face folder (config.json, safetensors, tokenizer)")
@@ -169,7 +172,7 @@ def dispatch(args: argparse.Namespace) -> int:
             if getattr(args, key) is not None:
                 setattr(cfg.generate, key, getattr(args, key))
         return run_generate(cfg, run_dir, prompt=args.prompt, checkpoint=args.checkpoint or "best",
-                            device=args.device, compile=args.compile)
+                            device=args.device, compile=args.compile, int8=args.int8)
     if cmd == "export":
         from antimatter.export import export_hf
 

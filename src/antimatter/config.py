@@ -287,6 +287,7 @@ class EvalConfig:
     by_source: bool = True  # also score the prepared val documents per source (data/val/*.jsonl.zst)
     unigram: bool = True  # unigram perplexity of the val tokens (counts from the train split) as a baseline
     plots: bool = True
+    int8: bool = False  # also score (and time) a weight-only int8 copy (torchao): the perplexity it costs
 
 
 @dataclass

@@ -91,12 +91,18 @@ def _apply_command(line: str, s: SampleConfig) -> bool:
 
 
 def run_generate(cfg: RunConfig, run_dir: Path, prompt: str | None = None, checkpoint: str = "best",
-                 device: str | None = None, compile: bool = False) -> int:
+                 device: str | None = None, compile: bool = False, int8: bool = False) -> int:
     if not Path(run_dir).is_dir():
         raise UserError(f"run folder {run_dir} does not exist: pass --run PATH of a trained run "
                         f"(or train one with `antimatter quickstart`)")
+    if int8:
+        from antimatter.model.quantize import int8_weight_only, require_torchao
+
+        require_torchao()  # before the checkpoint loads
     dev = pick_device(device or cfg.train.device, setting="--device" if device else "train.device")
     model, tokenizer, ckpt = load_for_generation(Path(run_dir), checkpoint, dev)
+    if int8:
+        int8_weight_only(model)
     s = cfg.generate
     if prompt is not None:
         sys.stdout.write(prompt)

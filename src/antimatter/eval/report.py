@@ -66,6 +66,10 @@ def check_settings(ev) -> None:
             raise UserError(f"eval.{key} must be positive, got {getattr(ev, key)}")
     if ev.dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"eval.dtype must be auto, bf16, fp16 or fp32, got '{ev.dtype}'")
+    if ev.int8:
+        from antimatter.model.quantize import require_torchao
+
+        require_torchao()
 
 
 def load_for_eval(run_dir: Path, which: str, device: torch.device):
@@ -177,6 +181,15 @@ def run_eval(cfg: RunConfig, run_dir: Path, checkpoint: str | None = None,
                            "byte_count_method": "sum of the UTF-8 byte lengths of the scored tokens "
                                                 "(byte-level BPE: each token is a fixed byte string; "
                                                 "<|endoftext|> counts 0 bytes)"}
+    qmodel = None
+    if ev.int8:  # the same targets through a weight-only int8 copy: what quantisation costs in perplexity
+        from antimatter.model.quantize import INT8_METHOD, int8_copy
+
+        qmodel = int8_copy(model)
+        q = score_sequences(qmodel, [stream], seq_len, stride, byte_lens, batch_size=ev.batch_size,
+                            dtype=ev.dtype, desc="val perplexity, int8 weights")
+        val["int8"] = {**q.to_dict(), "perplexity_change_pct": 100 * (q.perplexity / score.perplexity - 1),
+                       "method": INT8_METHOD}
     meta_path = run_dir / "tokens" / "meta.json"
     if meta_path.is_file() and n == shards.num_tokens:
         meta_bytes = json.loads(meta_path.read_text("utf-8")).get("splits", {}).get("val", {}).get("bytes")
@@ -222,6 +235,11 @@ def run_eval(cfg: RunConfig, run_dir: Path, checkpoint: str | None = None,
         result["speed"] = measure_speed(model, prompt_tokens=ev.speed_prompt_tokens, new_tokens=ev.speed_new_tokens,
                                         batch_sizes=(1, max(1, ev.speed_batch)), dtype=ev.dtype, seed=ev.seed,
                                         compile=ev.speed_compile)
+        if qmodel is not None:
+            result["speed_int8"] = measure_speed(qmodel, prompt_tokens=ev.speed_prompt_tokens,
+                                                 new_tokens=ev.speed_new_tokens,
+                                                 batch_sizes=(1, max(1, ev.speed_batch)), dtype=ev.dtype,
+                                                 seed=ev.seed, compile=ev.speed_compile)
     result["size"] = model_size(model, ckpt)
     if ev.plots:
         step = json.loads((ckpt / "manifest.json").read_text("utf-8")).get("step") \
@@ -248,7 +266,8 @@ def run_eval(cfg: RunConfig, run_dir: Path, checkpoint: str | None = None,
     prov = provenance(device)
     result["provenance"] = {**prov, "torch": torch.__version__}
     result["seconds"] = round(time.time() - started, 2)
-    order = ("run", "checkpoint", "model", "tokenizer", "val", "files", "continuation", "speed", "size", "plots",
+    order = ("run", "checkpoint", "model", "tokenizer", "val", "files", "continuation", "speed", "speed_int8",
+             "size", "plots",
              "data", "settings", "outputs", "provenance", "seconds")
     result = {k: result[k] for k in order if k in result}
     _write_json(samples_path, {**samples, "checkpoint": str(ckpt), "provenance": prov})
@@ -268,6 +287,9 @@ def print_summary(result: dict) -> None:
     t.add_row("val perplexity", f"{v['perplexity']:.2f}" + (f"   (unigram baseline {v['unigram_perplexity']:.1f})"
                                                            if "unigram_perplexity" in v else ""))
     t.add_row("bits per byte", f"{v['bits_per_byte']:.4f}")
+    if "int8" in v:
+        t.add_row("int8 weights", f"perplexity {v['int8']['perplexity']:.2f} "
+                                  f"({v['int8']['perplexity_change_pct']:+.2f}%)")
     for f in result.get("files", []):
         t.add_row(Path(f["path"]).name, f"loss {f['loss']:.4f}  ppl {f['perplexity']:.2f}  bpb {f['bits_per_byte']:.4f}")
     c = result.get("continuation", {})
@@ -278,6 +300,9 @@ def print_summary(result: dict) -> None:
     if s:
         t.add_row("speed", f"decode {s['decode_tokens_per_s_batch1']:.0f} tok/s at batch 1, "
                            f"TTFT {1000 * s['time_to_first_token_s']:.1f} ms on {s['device']}")
+    s = result.get("speed_int8")
+    if s:
+        t.add_row("speed, int8", f"decode {s['decode_tokens_per_s_batch1']:.0f} tok/s at batch 1")
     console = Console(stderr=False)
     console.print(t)
     out = result["outputs"]
@@ -296,6 +321,7 @@ COMPARE_ROWS = (
     ("val loss", ("val", "loss"), "{:.4f}"),
     ("val perplexity", ("val", "perplexity"), "{:.2f}"),
     ("val bits/byte", ("val", "bits_per_byte"), "{:.4f}"),
+    ("val perplexity, int8", ("val", "int8", "perplexity"), "{:.2f}"),
     ("unigram perplexity", ("val", "unigram_perplexity"), "{:.1f}"),
     ("top-1 accuracy", ("val", "top1_accuracy"), "{:.3f}"),
     ("val tokens", ("val", "tokens"), "{:,}"),

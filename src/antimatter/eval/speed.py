@@ -47,7 +47,10 @@ def _inference_copy(model, device: torch.device, dtype: str):
     if device.type != "cuda" or dtype == "fp32":
         return model, "fp32"
     name = "fp16" if dtype == "fp16" or not torch.cuda.is_bf16_supported() else "bf16"
-    return copy.deepcopy(model).to(torch.bfloat16 if name == "bf16" else torch.float16).eval(), name
+    target = torch.bfloat16 if name == "bf16" else torch.float16
+    if model.lm_head.weight.dtype == target:  # already served as such (e.g. an int8 copy made from bf16)
+        return model, name
+    return copy.deepcopy(model).to(target).eval(), name
 
 
 @torch.inference_mode()

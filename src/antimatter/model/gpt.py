@@ -42,13 +42,18 @@ class Linear(nn.Linear):
     """nn.Linear with an optional single-row path for the batch-1 decode step. With `gemv` set, a single
     input row under torch.compile is a multiply-and-sum that inductor turns into one bandwidth-bound
     reduction kernel (bias and the following pointwise ops fused), instead of a cuBLAS matmul kernel tuned
-    for larger shapes. Eager calls, and more than one row, always take F.linear."""
+    for larger shapes; with int8 weights the kernel reads the int8 values and dequantises in registers. Eager
+    calls, and more than one row, always take F.linear."""
 
     gemv: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
-            y = (x.float().unsqueeze(-2) * self.weight.float()).sum(-1)
+            w = self.weight
+            if hasattr(w, "qdata"):  # torchao int8 weight (model/quantize.py): int8 rows times one scale each
+                y = (x.float().unsqueeze(-2) * w.qdata.float()).sum(-1) * w.scale.float().reshape(-1)
+            else:
+                y = (x.float().unsqueeze(-2) * w.float()).sum(-1)
             if self.bias is not None:
                 y = y + self.bias.float()
             return y.to(x.dtype)
