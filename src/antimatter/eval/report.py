@@ -289,7 +289,7 @@ def print_summary(result: dict) -> None:
     t.add_row("bits per byte", f"{v['bits_per_byte']:.4f}")
     if "int8" in v:
         t.add_row("int8 weights", f"perplexity {v['int8']['perplexity']:.2f} "
-                                  f"({v['int8']['perplexity_change_pct']:+.2f}%)")
+                                  f"({v['int8']['perplexity_change_pct']:+.3f}%)")
     for f in result.get("files", []):
         t.add_row(Path(f["path"]).name, f"loss {f['loss']:.4f}  ppl {f['perplexity']:.2f}  bpb {f['bits_per_byte']:.4f}")
     c = result.get("continuation", {})

@@ -71,7 +71,8 @@ def _step(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor, left_pad: t
 
 
 DECODE_COMPILE_MODE = "reduce-overhead"  # CUDA graphs; "max-autotune" also tunes Triton matmuls (slow start)
-DECODE_TUNING = True  # inductor coordinate-descent tuning of the decode kernels (gpt-fast's setting; +2-4% on an H200)
+DECODE_TUNING = False  # inductor coordinate-descent tuning of the decode kernels (gpt-fast's setting): +3.9% at
+# batch 1 on an H200, but one cold start with it did not finish compiling within 150 s (docs/RESULTS.md)
 
 
 def _compiled_steps(model: GPT, mode: str):
