@@ -69,6 +69,17 @@ def test_preset_override_then_field_override():
     assert load_config(None, ["model.preset=seed-300m", "model.n_layer=12"]).model == cfg.model
 
 
+def test_preset_override_on_a_saved_config_changes_the_shape(tmp_path):
+    """A run's saved config.yaml spells out every model field; `model.preset=NAME` over it must give that
+    preset's shape (it used to relabel the old shape with the new name), and a field after it still wins."""
+    saved = tmp_path / "config.yaml"
+    save_config(load_config(None, ["model=seed-300m"]), saved)
+    cfg = load_config(saved, ["model.preset=tiny"])
+    assert cfg.model == preset_model("tiny")
+    cfg = load_config(saved, ["model.n_layer=3", "model.preset=tiny"])
+    assert cfg.model.preset == "tiny" and cfg.model.n_layer == 3 and cfg.model.d_model == preset_model("tiny").d_model
+
+
 def test_model_section_with_preset_key_in_yaml(tmp_path):
     path = write(tmp_path, "model:\n  preset: llama-tiny\n  n_layer: 3\n")
     m = load_config(path).model

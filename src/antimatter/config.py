@@ -471,8 +471,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections (model:, train:, ...)")
         data = loaded
-    # `model=NAME` first, so a dotted `model.x=...` is never thrown away by a preset given after it
-    overrides = sorted(overrides or [], key=lambda o: not o.replace(" ", "").startswith("model="))
+    # `model=NAME` (or `model.preset=NAME`) first, so a dotted `model.x=...` is never thrown away by a preset
+    # given after it
+    overrides = sorted(overrides or [], key=lambda o: not o.replace(" ", "").startswith(("model=", "model.preset=")))
     for item in overrides:
         apply_override(data, item)
     cfg = config_from_dict(data)
@@ -493,6 +494,9 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     except yaml.YAMLError:
         value = raw
     node = data
+    if parts == ["model", "preset"]:  # a new preset replaces the whole model section, as `model=NAME` does:
+        data["model"] = {"preset": value}  # kept fields of an expanded (saved) config would silently win
+        return
     if parts[0] == "model" and isinstance(node.get("model"), str):
         node["model"] = {"preset": node["model"]}
     for p in parts[:-1]:
