@@ -81,7 +81,9 @@ def _compiled_steps(model: GPT, mode: str):
     cache = model.__dict__.setdefault("_antimatter_compiled_steps", {})
     key = (mode, DECODE_TUNING)
     if key not in cache:
-        options = dict(torch._inductor.list_mode_options(mode))
+        from torch._inductor import list_mode_options
+
+        options = dict(list_mode_options(mode))
         if DECODE_TUNING:
             options["coordinate_descent_tuning"] = True
         cache[key] = (torch.compile(_step, dynamic=True),

@@ -244,7 +244,8 @@ class GPT(nn.Module):
     def set_gemv(self, on: bool) -> None:
         """Single-row matmuls as inductor reductions in compiled decoding (see `Linear`). The output head too:
         alone its reduction is slower than cuBLAS (63 vs 29 us on an H200), yet batch-1 decoding with the head
-        left on cuBLAS measured 913 tokens/s against 1,070 with it (two H200 runs, docs/RESULTS.md)."""
+        left on cuBLAS measured 913 tokens/s against 1,070 with it (two H200 runs, both with coordinate-descent
+        tuning; docs/RESULTS.md)."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.gemv = on
