@@ -177,7 +177,7 @@ def main() -> None:
                 int8_model = int8_copy(model)
             m = int8_model if "int8" in extras else model
             torch._dynamo.reset()  # each variant compiles from scratch (and stays under dynamo's recompile limit)
-            model.__dict__.pop("_antimatter_compiled_steps", None)
+            m.__dict__.pop("_antimatter_compiled_steps", None)
             try:
                 t0 = time.perf_counter()
                 for _ in range(2):  # compile + capture the CUDA graphs

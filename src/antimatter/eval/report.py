@@ -232,14 +232,11 @@ def run_eval(cfg: RunConfig, run_dir: Path, checkpoint: str | None = None,
 
     # ------------------------------------------------------------------------------- speed, size, plots
     if ev.speed:
-        result["speed"] = measure_speed(model, prompt_tokens=ev.speed_prompt_tokens, new_tokens=ev.speed_new_tokens,
-                                        batch_sizes=(1, max(1, ev.speed_batch)), dtype=ev.dtype, seed=ev.seed,
-                                        compile=ev.speed_compile)
-        if qmodel is not None:
-            result["speed_int8"] = measure_speed(qmodel, prompt_tokens=ev.speed_prompt_tokens,
-                                                 new_tokens=ev.speed_new_tokens,
-                                                 batch_sizes=(1, max(1, ev.speed_batch)), dtype=ev.dtype,
-                                                 seed=ev.seed, compile=ev.speed_compile)
+        for key, m in (("speed", model), ("speed_int8", qmodel)):
+            if m is not None:
+                result[key] = measure_speed(m, prompt_tokens=ev.speed_prompt_tokens, new_tokens=ev.speed_new_tokens,
+                                            batch_sizes=(1, max(1, ev.speed_batch)), dtype=ev.dtype, seed=ev.seed,
+                                            compile=ev.speed_compile)
     result["size"] = model_size(model, ckpt)
     if ev.plots:
         step = json.loads((ckpt / "manifest.json").read_text("utf-8")).get("step") \

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from antimatter.config import ModelConfig
+from antimatter.model.quantize import is_int8
 
 
 class RMSNorm(nn.Module):
@@ -50,7 +51,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
             w = self.weight
-            if hasattr(w, "qdata"):  # torchao int8 weight (model/quantize.py): int8 rows times one scale each
+            if is_int8(w):  # torchao int8 weight (model/quantize.py): int8 rows times one scale each
                 y = (x.float().unsqueeze(-2) * w.qdata.float()).sum(-1) * w.scale.float().reshape(-1)
             else:
                 y = (x.float().unsqueeze(-2) * w.float()).sum(-1)
