@@ -20,7 +20,7 @@ import torch
 from antimatter.config import preset_model
 from antimatter.model import generate as gen
 from antimatter.model.generate import generate
-from antimatter.model.gpt import GPT
+from antimatter.model.gpt import GPT, Linear
 from antimatter.model.quantize import int8_copy, is_int8
 from antimatter.provenance import provenance
 
@@ -115,11 +115,13 @@ def main() -> None:
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--compile-modes", nargs="+",
-                    default=["reduce-overhead+gemv", "reduce-overhead", "reduce-overhead+gemv+int8"],
+                    default=["reduce-overhead+gemv", "reduce-overhead+gemv+nofold", "reduce-overhead",
+                             "reduce-overhead+gemv+int8"],
                     help="variants of AntiMatter's compiled decode step, MODE[+gemv][+cdt]: MODE a torch.compile "
                          "mode (reduce-overhead, max-autotune); +gemv: single-row matmuls as inductor reductions "
                          "(batch 1 only; without it, cuBLAS); +cdt: inductor coordinate-descent tuning of the "
-                         "generated kernels (gpt-fast's setting); +int8: weight-only int8 blocks (torchao)")
+                         "generated kernels (gpt-fast's setting); +int8: weight-only int8 blocks (torchao); +nofold: with "
+                         "+gemv, LayerNorm as its own kernel instead of folded into the next reduction")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -173,6 +175,7 @@ def main() -> None:
                 continue  # the single-row path only changes batch 1
             gemv = "gemv" in extras
             gen.DECODE_TUNING = "cdt" in extras
+            Linear.fold_norm = "nofold" not in extras
             if "int8" in extras and int8_model is None:
                 int8_model = int8_copy(model)
             m = int8_model if "int8" in extras else model
@@ -194,7 +197,7 @@ def main() -> None:
                       f"{r['same_tokens_as_eager']}; teacher-forced {r['teacher_forced']}", flush=True)
             except Exception as e:  # report a variant that fails, keep measuring the others
                 print(f"batch {B}: compiled ({variant}) failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        gen.DECODE_TUNING = False  # the default again (the TTFT rows below)
+        gen.DECODE_TUNING, Linear.fold_norm = False, True  # the defaults again (the TTFT rows below)
         if hf is not None:
             ids = prompts.cuda()
             attn = torch.ones_like(ids)

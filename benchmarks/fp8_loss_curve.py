@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -27,16 +28,18 @@ VARIANTS = {  # name: overrides
 }
 
 
-def read_curve(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(step, train loss) and (step, val loss) rows of a run's logs/metrics.jsonl."""
-    train, val = [], []
+def read_curve(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]], list[float]]:
+    """(step, train loss), (step, val loss) and the logged tokens/s of a run's logs/metrics.jsonl."""
+    train, val, tps = [], [], []
     for line in (run_dir / "logs" / "metrics.jsonl").read_text("utf-8").splitlines():
         row = json.loads(line)
         if "loss" in row:
             train.append((row["step"], row["loss"]))
+            if row.get("tokens_per_s"):
+                tps.append(row["tokens_per_s"])
         if "val_loss" in row:
             val.append((row["step"], row["val_loss"]))
-    return train, val
+    return train, val, tps
 
 
 def mean_abs_gap(a: list[tuple[int, float]], b: list[tuple[int, float]], from_step: int) -> float | None:
@@ -69,7 +72,7 @@ def plot(curves: dict[str, tuple[list, list]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, (train, val) in curves.items():
+    for name, (train, val, _) in curves.items():
         line, = ax.plot([s for s, _ in train], [v for _, v in train], label=f"{name} train", lw=1)
         if val:
             ax.plot([s for s, _ in val], [v for _, v in val], "o--", color=line.get_color(), label=f"{name} val", ms=4)
@@ -107,16 +110,23 @@ def main() -> None:
     summary = {"provenance": provenance(), "steps": args.steps, "overrides": common, "seconds": seconds,
                "final_train_loss": {n: c[0][-1][1] for n, c in curves.items() if c[0]},
                "final_val_loss": {n: c[1][-1][1] for n, c in curves.items() if c[1]},
-               "compared_from_step": half}
+               "compared_from_step": half,
+               # median of the logged tokens/s after the first quarter (compile and warm-up excluded)
+               "median_tokens_per_s": {n: statistics.median(c[2][len(c[2]) // 4:])
+                                       for n, c in curves.items() if c[2]}}
     if "bf16" in curves:
         for other in (n for n in curves if n != "bf16"):
             summary[f"mean_abs_train_gap_{other}_vs_bf16"] = mean_abs_gap(curves[other][0], curves["bf16"][0], half)
     args.out.mkdir(parents=True, exist_ok=True)
-    png = args.out / "fp8_loss_curve.png"
-    plot(curves, png, f"{' / '.join(curves)} - {args.steps} steps, {' '.join(args.overrides)}")
     (args.out / "fp8_loss_curve.json").write_text(json.dumps(summary, indent=2), "utf-8")
     print(json.dumps({k: v for k, v in summary.items() if k != "provenance"}, indent=2))
-    print(f"plot: {png}\nsummary: {args.out / 'fp8_loss_curve.json'}")
+    png = args.out / "fp8_loss_curve.png"
+    try:
+        plot(curves, png, f"{' / '.join(curves)} - {args.steps} steps, {' '.join(args.overrides)}")
+        print(f"plot: {png}")
+    except ImportError:  # the summary above stands; plot later from the runs' logs/metrics.jsonl
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    print(f"summary: {args.out / 'fp8_loss_curve.json'}")
 
 
 if __name__ == "__main__":

@@ -226,6 +226,39 @@ def test_single_row_gemv_path_equals_the_matmul():
         model.set_gemv(False)
 
 
+@pytest.mark.parametrize("norm_kind", ["layernorm", "rmsnorm"])
+def test_norm_folded_into_single_row_matmul(norm_kind):
+    """On the compiled single-row path `norm_linear` folds the norm into the matmul's reduction (statistics
+    summed per output row): the same numbers as norm then matmul, on inputs whose mean exceeds their spread
+    (the variance is E[x^2] - mean^2 in float32 there), and one generated kernel fewer than with the norm as
+    its own step."""
+    from torch._inductor import metrics
+
+    from antimatter.model.gpt import Linear, RMSNorm, norm_linear
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(64) if norm_kind == "layernorm" else RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.uniform_(-0.5, 0.5)
+    lin = Linear(64, 96)
+    lin.gemv = True
+    x = torch.randn(1, 1, 64) * 3 + 4.0
+    with torch.no_grad():
+        ref = lin(norm(x))
+        kernels = {}
+        for fold in (True, False):
+            lin.fold_norm = fold
+            torch._dynamo.reset()
+            metrics.reset()
+            out = torch.compile(lambda x: norm_linear(norm, lin, x))(x)
+            kernels[fold] = metrics.generated_kernel_count
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
+    torch._dynamo.reset()
+    assert kernels[True] < kernels[False], kernels
+
+
 def test_seed_reproduces_compiled_sampling():
     """A seed gives the same sample again in compiled mode too (its random stream is inductor's own, so it
     differs from eager's: docs/ARCHITECTURE.md)."""

@@ -44,21 +44,65 @@ class Linear(nn.Linear):
     input row under torch.compile is a multiply-and-sum that inductor turns into one bandwidth-bound
     reduction kernel (bias and the following pointwise ops fused), instead of a cuBLAS matmul kernel tuned
     for larger shapes; with int8 weights the kernel reads the int8 values and dequantises in registers. Eager
-    calls, and more than one row, always take F.linear."""
+    calls, and more than one row, always take F.linear. On that path `norm_linear` also folds the norm in
+    front of the matmul into the same reduction."""
 
     gemv: bool = False
+    fold_norm: bool = True  # single-row path: fold the preceding norm into the reduction (False: its own kernel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
-            w = self.weight
-            if is_int8(w):  # torchao int8 weight (model/quantize.py): int8 rows times one scale each
-                y = (x.float().unsqueeze(-2) * w.qdata.float()).sum(-1) * w.scale.float().reshape(-1)
-            else:
-                y = (x.float().unsqueeze(-2) * w.float()).sum(-1)
-            if self.bias is not None:
-                y = y + self.bias.float()
-            return y.to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
+    def single_row(self, x: torch.Tensor) -> bool:
+        return self.gemv and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling()
+
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """self(norm(x)) when `norm` is given (folded into the reduction on the single-row path)."""
+        if not self.single_row(x):
+            return F.linear(x if norm is None else norm(x), self.weight, self.bias)
+        w, scale = self.weight, None
+        if is_int8(w):  # torchao int8 weight (model/quantize.py): int8 rows times one scale each
+            w, scale = w.qdata, w.scale.float().reshape(-1)
+        if norm is not None and self.fold_norm:
+            y = _folded_norm_gemv(x.float(), w.float(), norm)
+        else:
+            if norm is not None:
+                x = norm(x)
+            y = (x.float().unsqueeze(-2) * w.float()).sum(-1)
+        if scale is not None:
+            y = y * scale
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+
+def norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(norm(x)). Our Linear takes the norm itself so its single-row path can fold it in; any other
+    module there (torchao's Float8Linear after fp8 conversion) gets the normalised input."""
+    if isinstance(linear, Linear):
+        return linear(x, norm)
+    return linear(norm(x))
+
+
+def _folded_norm_gemv(x: torch.Tensor, w: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """W @ norm(x) for one row x (..., K) as reductions over K that all have the output's shape (..., N), so
+    inductor emits them as one kernel reading W once. For LayerNorm, with g and b its weight and bias:
+        W @ ((x - mean) * rstd * g + b) = rstd * (W@(g*x) - mean * W@g) + W@b,
+    and mean and E[x^2] are summed per output row too (x is tiny and stays in cache), so no separate
+    statistics kernel runs first. RMSNorm is the same without the mean and bias terms. Every term is linear
+    in W, so int8 row scales apply to the result."""
+    K = x.shape[-1]
+    xr = x.unsqueeze(-2)  # (..., 1, K) against w (N, K)
+    rows = (*x.shape[:-1], w.shape[0], K)  # statistics expanded to one copy per output row
+    wg = w * norm.weight.float()
+    sum_sq = (xr * xr).expand(rows).sum(-1)
+    if isinstance(norm, RMSNorm):
+        rstd = torch.rsqrt(sum_sq / K + norm.eps)
+        y = rstd * (xr * wg).sum(-1)
+    else:
+        mean = xr.expand(rows).sum(-1) / K
+        rstd = torch.rsqrt(sum_sq / K - mean * mean + norm.eps)
+        y = rstd * ((xr * wg).sum(-1) - mean * wg.sum(-1))
+        if getattr(norm, "bias", None) is not None:
+            y = y + (w * norm.bias.float()).sum(-1)
+    return y
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -119,11 +163,12 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+    def forward(self, x: torch.Tensor, norm: nn.Module, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 kv_len: int | None = None) -> torch.Tensor:
+        """Attention over norm(x) (applied by `norm_linear`, which may fold it into the QKV matmul)."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(
+        q, k, v = norm_linear(norm, self.c_attn, x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -155,8 +200,9 @@ class MLP(nn.Module):
         self.c_proj = Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)
+    def forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """MLP of norm(x) (applied by `norm_linear`, which may fold it into the up projection)."""
+        h = norm_linear(norm, self.c_fc, x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
@@ -174,8 +220,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope=None, input_pos=None, mask=None, kv_len=None):
-        x = x + self.attn(self.ln_1(x), rope, input_pos, mask, kv_len)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn(x, self.ln_1, rope, input_pos, mask, kv_len)
+        return x + self.mlp(x, self.ln_2)
 
 
 class GPT(nn.Module):
@@ -294,10 +340,9 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, rope, input_pos, mask, use_reentrant=False)
             else:
                 x = block(x, rope, input_pos, mask, kv_len)
-        x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x)[..., : self.cfg.vocab_size]
-        return self.loss(x, targets)
+            return norm_linear(self.transformer.ln_f, self.lm_head, x)[..., : self.cfg.vocab_size]
+        return self.loss(self.transformer.ln_f(x), targets)
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the final hidden states. In chunks when `loss_chunk_tokens` is set, each
