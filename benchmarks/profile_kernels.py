@@ -47,12 +47,17 @@ def print_table(title: str, rows: list[dict], wall_us: float | None = None) -> N
         print(f"{r['us_per_step']:>10,.1f} {r['calls_per_step']:>6.1f}x  {r['kernel']}")
 
 
-def profile_decode(preset: str, batch: int, new_tokens: int) -> dict:
+def profile_decode(preset: str, batch: int, new_tokens: int, weights: str = "bf16") -> dict:
+    """Kernel table of the compiled decode step; `weights` int8: the blocks' Linears in weight-only int8."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = preset_model(preset)
     torch.manual_seed(0)
     model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    if weights == "int8":
+        from antimatter.model.quantize import int8_copy
+
+        model = int8_copy(model)
     prompts = torch.randint(0, cfg.vocab_size, (batch, 16)).tolist()
     for _ in range(2):
         generate(model, prompts, new_tokens, compile=True)
@@ -68,13 +73,13 @@ def profile_decode(preset: str, batch: int, new_tokens: int) -> dict:
     all_rows = kernel_table(prof, new_tokens, top=10_000)
     gpu_us = sum(r["us_per_step"] for r in all_rows)
     n_kernels = sum(r["calls_per_step"] for r in all_rows)
-    print_table(f"decode {preset} batch {batch} (compiled)", rows, wall)
-    print(f"decode batch {batch}: wall {wall:.0f} us/token, kernel time {gpu_us:.0f} us/token, "
-          f"{n_kernels:.0f} kernels/token")
+    print_table(f"decode {preset} {weights} batch {batch} (compiled)", rows, wall)
+    print(f"decode {weights} batch {batch}: wall {wall:.0f} us/token, kernel time {gpu_us:.0f} us/token, "
+          f"{n_kernels:.0f} kernels/token", flush=True)
     del model
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    return {"batch": batch, "wall_us_per_token": wall, "kernel_us_per_token": gpu_us,
+    return {"weights": weights, "batch": batch, "wall_us_per_token": wall, "kernel_us_per_token": gpu_us,
             "kernels_per_token": n_kernels, "top": rows}
 
 
@@ -243,6 +248,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--attn", nargs="+", default=["flash", "cudnn"])
+    ap.add_argument("--decode-weights", nargs="+", default=["bf16"], choices=["bf16", "int8"],
+                    help="decode profile of the bf16 model and/or its weight-only int8 copy (torchao)")
     ap.add_argument("--cd-tuning", action="store_true", help="decode profile with coordinate-descent tuning")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -259,7 +266,13 @@ def main() -> None:
     if "gemv" in args.part:
         res["gemv"] = bench_gemv()
     if "decode" in args.part:
-        res["decode"] = [profile_decode(args.config, b, args.new_tokens) for b in args.batches]
+        res["decode"] = []
+        for w in args.decode_weights:
+            for b in args.batches:
+                res["decode"].append(profile_decode(args.config, b, args.new_tokens, w))
+                if args.json:  # after every profile, so a run cut at its time limit keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump(res, f, indent=2)
     if "train" in args.part:
         res["train"] = [profile_train(args.config, args.micro_batch, args.seq, a) for a in args.attn]
     if args.json:
