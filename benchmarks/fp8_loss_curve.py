@@ -65,7 +65,7 @@ def train_variant(run: Path, out: Path, name: str, overrides: list[str]) -> tupl
     return run_dir, time.perf_counter() - t0
 
 
-def plot(curves: dict[str, tuple[list, list]], path: Path, title: str) -> None:
+def plot(curves: dict[str, tuple[list, list, list]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

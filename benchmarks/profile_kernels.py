@@ -259,6 +259,12 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._inductor.config.fx_graph_cache = False
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def dump():  # also after every decode profile, so a run cut at its time limit keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+
     if "attn" in args.part:
         res["attention"] = bench_attention()
     if "decode-attn" in args.part:
@@ -270,14 +276,10 @@ def main() -> None:
         for w in args.decode_weights:
             for b in args.batches:
                 res["decode"].append(profile_decode(args.config, b, args.new_tokens, w))
-                if args.json:  # after every profile, so a run cut at its time limit keeps what it measured
-                    with open(args.json, "w") as f:
-                        json.dump(res, f, indent=2)
+                dump()
     if "train" in args.part:
         res["train"] = [profile_train(args.config, args.micro_batch, args.seq, a) for a in args.attn]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    dump()
 
 
 if __name__ == "__main__":

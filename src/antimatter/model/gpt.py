@@ -100,7 +100,7 @@ def _folded_norm_gemv(x: torch.Tensor, w: torch.Tensor, norm: nn.Module) -> torc
         mean = xr.expand(rows).sum(-1) / K
         rstd = torch.rsqrt(sum_sq / K - mean * mean + norm.eps)
         y = rstd * ((xr * wg).sum(-1) - mean * wg.sum(-1))
-        if getattr(norm, "bias", None) is not None:
+        if norm.bias is not None:  # nn.LayerNorm(bias=False) keeps the attribute, set to None
             y = y + (w * norm.bias.float()).sum(-1)
     return y
 
