@@ -115,10 +115,11 @@ def main() -> None:
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--compile-modes", nargs="+",
-                    default=["reduce-overhead+gemv", "reduce-overhead+gemv+nofold", "reduce-overhead",
-                             "reduce-overhead+gemv+int8"],
-                    help="variants of AntiMatter's compiled decode step, MODE[+gemv][+cdt]: MODE a torch.compile "
-                         "mode (reduce-overhead, max-autotune); +gemv: single-row matmuls as inductor reductions "
+                    default=["reduce-overhead+kernels", "reduce-overhead+gemv", "reduce-overhead"],
+                    help="variants of AntiMatter's compiled decode step, MODE[+kernels][+gemv][+cdt]: MODE a "
+                         "torch.compile mode (reduce-overhead, max-autotune); +kernels: batch-1 decode steps as "
+                         "AntiMatter's Triton kernels in one CUDA graph (model/triton_decode.py; without it, the "
+                         "torch.compile path); +gemv: single-row matmuls as inductor reductions "
                          "(batch 1 only; without it, cuBLAS); +cdt: inductor coordinate-descent tuning of the "
                          "generated kernels (gpt-fast's setting); +int8: weight-only int8 blocks (torchao); +nofold: with "
                          "+gemv, LayerNorm as its own kernel instead of folded into the next reduction")
@@ -161,8 +162,8 @@ def main() -> None:
         plist = prompts.tolist()
         n = args.new_tokens
 
-        def ours(compile: bool | str, gemv: bool | None = None, m=model, plist=plist, n=n):
-            return generate(m, plist, n, compile=compile, gemv=gemv)
+        def ours(compile: bool | str, gemv: bool | None = None, m=model, plist=plist, n=n, kernels=False):
+            return generate(m, plist, n, compile=compile, gemv=gemv, kernels=kernels)
 
         out_eager = ours(False)
         if not args.skip_eager:
@@ -171,9 +172,9 @@ def main() -> None:
             print(f"batch {B} eager: teacher-forced {r['teacher_forced']}", flush=True)
         for variant in args.compile_modes:
             mode, *extras = variant.split("+")
-            if "gemv" in extras and B > 1:
-                continue  # the single-row path only changes batch 1
-            gemv = "gemv" in extras
+            if ("gemv" in extras or "kernels" in extras) and B > 1:
+                continue  # the single-row paths only change batch 1
+            gemv, kernels = "gemv" in extras, "kernels" in extras
             gen.DECODE_TUNING = "cdt" in extras
             Linear.fold_norm = "nofold" not in extras
             if "int8" in extras and int8_model is None:
@@ -181,14 +182,15 @@ def main() -> None:
             m = int8_model if "int8" in extras else model
             torch._dynamo.reset()  # each variant compiles from scratch (and stays under dynamo's recompile limit)
             m.__dict__.pop("_antimatter_compiled_steps", None)
+            m.__dict__.pop("_antimatter_triton_decoder", None)
             try:
                 t0 = time.perf_counter()
                 for _ in range(2):  # compile + capture the CUDA graphs
-                    out_comp = ours(mode, gemv, m)
+                    out_comp = ours(mode, gemv, m, kernels=kernels)
                 warmup = time.perf_counter() - t0
                 name = "antimatter compiled" + ("" if variant == "reduce-overhead" else f" ({variant})")
-                r = record(name, B, timed(lambda mode=mode, gemv=gemv, m=m: ours(mode, gemv, m), args.repeats), n,
-                           args.prompt_tokens, stored_bytes(m))
+                r = record(name, B, timed(lambda mode=mode, gemv=gemv, m=m, k=kernels: ours(mode, gemv, m, kernels=k),
+                                          args.repeats), n, args.prompt_tokens, stored_bytes(m))
                 r["warmup_s"] = warmup
                 r["teacher_forced"] = teacher_forced_check(m, plist, out_comp)  # int8: against its own forward
                 r["same_tokens_as_eager"] = out_eager == out_comp

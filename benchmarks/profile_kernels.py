@@ -3,6 +3,7 @@ micro-benchmarks of the attention kernels that dominate them. A diagnosis tool f
 side-by-side benchmark (those are train_throughput.py and decode_speed.py).
 
     python benchmarks/profile_kernels.py --part attn decode-attn gemv decode train --json out.json
+    python benchmarks/profile_kernels.py --part triton decode --batches 1 --decode-path compiled kernels
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def print_table(title: str, rows: list[dict], wall_us: float | None = None) -> N
         print(f"{r['us_per_step']:>10,.1f} {r['calls_per_step']:>6.1f}x  {r['kernel']}")
 
 
-def profile_decode(preset: str, batch: int, new_tokens: int, weights: str = "bf16") -> dict:
-    """Kernel table of the compiled decode step; `weights` int8: the blocks' Linears in weight-only int8."""
+def profile_decode(preset: str, batch: int, new_tokens: int, weights: str = "bf16", path: str = "compiled") -> dict:
+    """Kernel table of the compiled decode step; `weights` int8: the blocks' Linears in weight-only int8;
+    `path` kernels: batch-1 steps through model/triton_decode.py instead of torch.compile's step."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = preset_model(preset)
@@ -59,27 +61,28 @@ def profile_decode(preset: str, batch: int, new_tokens: int, weights: str = "bf1
 
         model = int8_copy(model)
     prompts = torch.randint(0, cfg.vocab_size, (batch, 16)).tolist()
+    kernels = path == "kernels"
     for _ in range(2):
-        generate(model, prompts, new_tokens, compile=True)
+        generate(model, prompts, new_tokens, compile=True, kernels=kernels)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    generate(model, prompts, new_tokens, compile=True)
+    generate(model, prompts, new_tokens, compile=True, kernels=kernels)
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / new_tokens * 1e6
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        generate(model, prompts, new_tokens, compile=True)
+        generate(model, prompts, new_tokens, compile=True, kernels=kernels)
         torch.cuda.synchronize()
     rows = kernel_table(prof, new_tokens, top=30)
     all_rows = kernel_table(prof, new_tokens, top=10_000)
     gpu_us = sum(r["us_per_step"] for r in all_rows)
     n_kernels = sum(r["calls_per_step"] for r in all_rows)
-    print_table(f"decode {preset} {weights} batch {batch} (compiled)", rows, wall)
-    print(f"decode {weights} batch {batch}: wall {wall:.0f} us/token, kernel time {gpu_us:.0f} us/token, "
+    print_table(f"decode {preset} {weights} batch {batch} ({path})", rows, wall)
+    print(f"decode {weights} {path} batch {batch}: wall {wall:.0f} us/token, kernel time {gpu_us:.0f} us/token, "
           f"{n_kernels:.0f} kernels/token", flush=True)
     del model
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    return {"weights": weights, "batch": batch, "wall_us_per_token": wall, "kernel_us_per_token": gpu_us,
+    return {"weights": weights, "path": path, "batch": batch, "wall_us_per_token": wall, "kernel_us_per_token": gpu_us,
             "kernels_per_token": n_kernels, "top": rows}
 
 
@@ -239,6 +242,59 @@ def bench_gemv() -> list[dict]:
     return out
 
 
+def bench_triton_decode(preset: str) -> dict:
+    """The Triton batch-1 kernels alone (model/triton_decode.py): each matrix shape's block-shape candidates
+    (us and GB/s, L2 flushed between runs), attention by split count at several cache fills, and the whole
+    step replayed as its CUDA graph."""
+    from triton.testing import do_bench
+
+    from antimatter.model.triton_decode import TritonDecoder
+
+    cfg = preset_model(preset)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    model.setup_caches(1, cfg.block_size)
+    dec = TritonDecoder(model, sample=lambda logits, seen: logits.argmax(-1))
+    dec.refresh()
+    out: dict = {"matvec": []}
+    for sig, r in dec.tune().items():
+        n, k, _, act, *_ = r["signature"]  # (N, K, norm, act, bias, residual)
+        nbytes = n * k * 2 * (2 if act == 2 else 1)
+        best_us = r["us"][str(r["best"])]
+        row = {"signature": sig, "best": r["best"], "us": best_us, "gb_s": nbytes / best_us / 1e3,
+               "candidates_us": r["us"]}
+        out["matvec"].append(row)
+        print(f"matvec {sig}: best {r['best']} {best_us:.2f} us = {row['gb_s']:,.0f} GB/s; "
+              + ", ".join(f"{c} {t:.2f}" for c, t in r["us"].items()), flush=True)
+    attn = model.transformer.h[0].attn
+    out["attention"] = []
+    for fill in (272, 1024, 2000):
+        for splits in (1, 2, 4, 8, 16):
+            dec.splits = splits
+            dec.pos.fill_(fill)
+            us = do_bench(lambda: dec._attend(attn), warmup=5, rep=25, return_mode="median") * 1000
+            out["attention"].append({"fill": fill, "splits": splits, "us": us})
+            print(f"attention fill {fill} splits {splits}: {us:.2f} us", flush=True)
+    dec.splits = TritonDecoder.default_splits(cfg.block_size)
+    dec.start(torch.tensor([1], device="cuda"), 272, torch.zeros_like(dec.seen))
+    dec.capture()
+    runs = []
+    for _ in range(5):  # 200 replays from cache fill 272 (the graph advances the position itself)
+        dec.pos.fill_(272)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(200):
+            dec.graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        runs.append(start.elapsed_time(end) * 1000 / 200)
+    us = statistics.median(runs)
+    out["step_us"] = us
+    print(f"whole step (graph replays, cache fill 272-472, {dec.splits} attention splits): {us:.1f} us = "
+          f"{1e6 / us:,.0f} tokens/s", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", nargs="+", default=["attn", "decode", "train"])
@@ -251,6 +307,8 @@ def main() -> None:
     ap.add_argument("--decode-weights", nargs="+", default=["bf16"], choices=["bf16", "int8"],
                     help="decode profile of the bf16 model and/or its weight-only int8 copy (torchao)")
     ap.add_argument("--cd-tuning", action="store_true", help="decode profile with coordinate-descent tuning")
+    ap.add_argument("--decode-path", nargs="+", default=["compiled"], choices=["compiled", "kernels"],
+                    help="decode profile of torch.compile's step and/or the Triton kernels (batch 1 only)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -271,12 +329,18 @@ def main() -> None:
         res["decode_attention"] = bench_decode_attention()
     if "gemv" in args.part:
         res["gemv"] = bench_gemv()
+    if "triton" in args.part:
+        res["triton"] = bench_triton_decode(args.config)
+        dump()
     if "decode" in args.part:
         res["decode"] = []
-        for w in args.decode_weights:
-            for b in args.batches:
-                res["decode"].append(profile_decode(args.config, b, args.new_tokens, w))
-                dump()
+        for path in args.decode_path:
+            for w in args.decode_weights:
+                for b in args.batches:
+                    if path == "kernels" and (b != 1 or w != "bf16"):
+                        continue
+                    res["decode"].append(profile_decode(args.config, b, args.new_tokens, w, path))
+                    dump()
     if "train" in args.part:
         res["train"] = [profile_train(args.config, args.micro_batch, args.seq, a) for a in args.attn]
     dump()

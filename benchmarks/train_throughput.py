@@ -20,6 +20,7 @@ import time
 import torch
 
 from antimatter.config import preset_model
+from antimatter.model import gpt as gpt_module
 from antimatter.model.accel import attention_backend, enable_fp8_training, prefers_cudnn_attention
 from antimatter.model.gpt import GPT
 from antimatter.model.sizing import flops_per_token, peak_flops
@@ -66,13 +67,17 @@ def loss_fn(impl: str, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def bench(impl: str, preset: str, micro_batch: int, steps: int, warmup: int, loss_chunk: int,
-          compile_mode: str | None, attn: str = "auto", fp8: bool = False) -> dict:
+          compile_mode: str | None, attn: str = "auto", fp8: bool = False, ce_pad: str = "mask") -> dict:
     seq = SEQ[preset]
+    gpt_module.CE_PADDING = ce_pad
     label = attn  # the kernel that the trainer's train.attention=auto picks here, for the table
     if attn == "auto" and impl == "antimatter":
         label = "cudnn" if prefers_cudnn_attention() else "sdpa-default"
     with attention_backend(attn):
-        return _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, compile_mode, label, fp8, seq)
+        r = _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, compile_mode, label, fp8, seq)
+    r["ce_pad"] = ce_pad if impl == "antimatter" else None
+    gpt_module.CE_PADDING = "mask"
+    return r
 
 
 def _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, compile_mode, attn, fp8, seq) -> dict:
@@ -145,6 +150,8 @@ def main() -> None:
                     help="torch.compile modes to try: default | max-autotune-no-cudagraphs | none")
     ap.add_argument("--attn", nargs="+", default=["auto"], help="AntiMatter attention backends to try: auto (the trainer's default) flash cudnn")
     ap.add_argument("--fp8", nargs="+", type=int, default=[0], help="AntiMatter fp8 settings to try (0 1)")
+    ap.add_argument("--ce-pad", nargs="+", default=["mask"], choices=["mask", "slice"],
+                    help="how AntiMatter's loss leaves out the vocabulary padding: -inf mask (default) or slice")
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -162,9 +169,11 @@ def main() -> None:
     results = []
     for mb in args.micro_batch:
         for impl in args.impl:
-            variants = [(c, a, f, m) for c in args.loss_chunk for a in args.attn for f in args.fp8 for m in modes]
-            for chunk, attn, fp8, mode in variants if impl == "antimatter" else [(0, "auto", 0, modes[0])]:
-                r = bench(impl, args.config, mb, args.steps, args.warmup, chunk, mode, attn, bool(fp8))
+            variants = [(c, a, f, m, p) for c in args.loss_chunk for a in args.attn for f in args.fp8 for m in modes
+                        for p in args.ce_pad]
+            for chunk, attn, fp8, mode, pad in (variants if impl == "antimatter"
+                                                else [(0, "auto", 0, modes[0], "mask")]):
+                r = bench(impl, args.config, mb, args.steps, args.warmup, chunk, mode, attn, bool(fp8), pad)
                 if not r["oom"]:
                     r["mfu_measured_peak"] = r["achieved_tflops"] / measured
                     r["mfu_datasheet"] = r["achieved_tflops"] / datasheet
@@ -173,15 +182,15 @@ def main() -> None:
                 dump(args.json, measured, datasheet, results)  # after every row: a run cut short keeps them
     print(f"\n{args.config}, seq {SEQ[args.config]}, bf16 autocast, compiled, fused AdamW, median of "
           f"{args.steps} steps, {device}")
-    print(f"{'impl':<13}{'mb':>4}{'chunk':>7}{'attn':>7}{'fp8':>5}{'mode':>10}{'tokens/s':>11}{'MFU(meas)':>11}"
-          f"{'MFU(sheet)':>11}{'peak GiB':>10}")
+    print(f"{'impl':<13}{'mb':>4}{'chunk':>7}{'attn':>7}{'fp8':>5}{'mode':>10}{'ce pad':>7}{'tokens/s':>11}"
+          f"{'MFU(meas)':>11}{'MFU(sheet)':>11}{'peak GiB':>10}")
     for r in results:
         if r["oom"]:
             print(f"{r['impl']:<13}{r['micro_batch']:>4}{r['loss_chunk']:>7}{r['attn']:>7}{r['fp8']:>5}"
                   f"{'out of memory':>11}")
             continue
         print(f"{r['impl']:<13}{r['micro_batch']:>4}{r['loss_chunk']:>7}{r['attn']:>7}{r['fp8']:>5}"
-              f"{str(r['compile'] or 'default')[:10]:>10}{r['tokens_per_s']:>11,.0f}"
+              f"{str(r['compile'] or 'default')[:10]:>10}{str(r.get('ce_pad') or '-'):>7}{r['tokens_per_s']:>11,.0f}"
               f"{r['mfu_measured_peak']:>11.1%}{r['mfu_datasheet']:>11.1%}{r['peak_mem_gib']:>10.1f}")
     ok = [r for r in results if not r["oom"]]
     hf = [r for r in ok if r["impl"] == "transformers"]
@@ -192,7 +201,8 @@ def main() -> None:
         for r in ours:
             same = [h for h in hf if h["micro_batch"] == r["micro_batch"]]
             if same:
-                print(f"  mb {r['micro_batch']} chunk {r['loss_chunk']} attn {r['attn']} fp8 {r['fp8']}: "
+                print(f"  mb {r['micro_batch']} chunk {r['loss_chunk']} attn {r['attn']} fp8 {r['fp8']} "
+                      f"ce pad {r['ce_pad']}: "
                       f"{r['tokens_per_s'] / same[0]['tokens_per_s']:.2f}x transformers at the same micro-batch")
     dump(args.json, measured, datasheet, results)
 

@@ -8,7 +8,10 @@ from p) so no host sync is needed per token; only streaming (`on_token`) and the
 With `compile=True` the single-token step is compiled with CUDA graphs (`mode="reduce-overhead"`), which
 removes the kernel-launch overhead that otherwise dominates batch-1 decoding of small models. Attention reads
 only the filled part of the cache (whole blocks of KV_BLOCK slots; one compilation serves every length), and
-at batch 1 the matmuls run as inductor reductions (`GPT.set_gemv`), faster than cuBLAS at one row.
+at batch 1 the matmuls run as inductor reductions (`GPT.set_gemv`), faster than cuBLAS at one row. With
+`kernels=True` (the default for compiled batch-1 decoding on a GPU, when Triton is there) the batch-1 step
+runs instead as AntiMatter's own Triton kernels, five a layer, replayed as one CUDA graph
+(`model/triton_decode.py`).
 """
 
 from __future__ import annotations
@@ -91,6 +94,36 @@ def _compiled_steps(model: GPT, mode: str):
     return cache[key]
 
 
+DECODE_KERNELS = True  # compiled batch-1 decoding on a GPU uses model/triton_decode.py when it can
+
+
+def _triton_decoder(model: GPT, kernels: bool | None, compile: bool | str, batch: int,
+                    sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], key: tuple):
+    """The Triton batch-1 decoder for this call, or None for the torch path. `kernels=True` insists (and says
+    why it cannot), None decides: compiled, batch 1, Triton importable, the model supported."""
+    if kernels and batch != 1:
+        raise ValueError(f"kernels=True decodes one prompt at a time, got {batch}: pass kernels=None for batches")
+    if batch != 1 or kernels is False or (kernels is None and not (compile and DECODE_KERNELS)):
+        return None
+    try:
+        from antimatter.model import triton_decode
+    except ImportError:
+        if kernels:
+            raise ValueError("kernels=True needs Triton: pip install triton (CUDA builds of torch bring it)") from None
+        return None
+    reason = triton_decode.unsupported_reason(model)
+    if reason:
+        if kernels:
+            raise ValueError(f"kernels=True: {reason}")
+        return None
+    cached = model.__dict__.get("_antimatter_triton_decoder")
+    if cached is None or cached[0] != key:  # new cache buffers or sampling settings: a new graph
+        cached = (key, triton_decode.TritonDecoder(model, sample))
+        model.__dict__["_antimatter_triton_decoder"] = cached
+    cached[1].refresh()
+    return cached[1]
+
+
 def _slots(n: int, device: torch.device, table: dict[int, torch.Tensor]) -> torch.Tensor:
     """arange(n) on the device, made once per length (no host-to-device copy per token)."""
     if n not in table:
@@ -103,12 +136,14 @@ def _slots(n: int, device: torch.device, table: dict[int, torch.Tensor]) -> torc
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, eot_id: int | None = None,
              seed: int | None = None, on_token: Callable[[int, torch.Tensor], None] | None = None,
-             compile: bool | str = False, pad_id: int = 0, gemv: bool | None = None) -> list[list[int]]:
+             compile: bool | str = False, pad_id: int = 0, gemv: bool | None = None,
+             kernels: bool | None = None) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens of each row, cut
     before the first EOT. `on_token(step, tokens)` is called with each new (B,) tensor, for streaming.
     `compile`: True compiles prefill and the decode step (DECODE_COMPILE_MODE); a string names the
     torch.compile mode of the decode step. `gemv` (compiled only): single-row matmuls as reductions;
-    None = at batch 1."""
+    None = at batch 1. `kernels`: batch-1 decode steps as AntiMatter's Triton kernels in one CUDA graph
+    (True: required; None: when compiled on a GPU and the model is supported; False: never)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens <= 0:
@@ -143,6 +178,13 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         model.set_gemv(B == 1 if gemv is None else gemv)
     prefill, decode = _compiled_steps(model, mode) if compile else (_step, _step)
     args = (temperature, top_k, top_p, repetition_penalty)
+
+    def sample(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        return sample_next(apply_repetition_penalty(logits, seen, repetition_penalty), temperature, top_k, top_p)
+
+    kv_buf = model.transformer.h[0].attn.kv_cache.kv
+    decoder = _triton_decoder(model, kernels, compile, B, sample, (kv_buf.data_ptr(), kv_buf.shape, *args)) \
+        if max_new_tokens > 1 else None
     slots: dict[int, torch.Tensor] = {}
     try:
         prompt_slots = _slots(T, device, slots)  # the prompt's cache slots, and the length attention reads
@@ -152,15 +194,21 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         if on_token is not None:
             on_token(0, nxt)
         pos = torch.tensor([T], device=device)  # advanced on the device: no host-to-device copy per token
+        if decoder is not None:
+            decoder.start(nxt, T, seen)
         for step in range(1, max_new_tokens):
             if eot_id is not None:
                 done = done | (nxt == eot_id)
                 if (on_token is not None or step % 16 == 0) and bool(done.all()):
                     break
-            kv = _slots(kv_blocks(T + step, max_seq), device, slots)
-            nxt, seen = decode(model, nxt.view(B, 1), pos, left_pad, seen, kv, *args)
-            nxt, seen = nxt.clone(), seen.clone()  # graph outputs are overwritten by the next replay
-            pos += 1
+            if decoder is not None:
+                decoder.step()
+                nxt = decoder.token.clone()  # the graph overwrites its token on the next replay
+            else:
+                kv = _slots(kv_blocks(T + step, max_seq), device, slots)
+                nxt, seen = decode(model, nxt.view(B, 1), pos, left_pad, seen, kv, *args)
+                nxt, seen = nxt.clone(), seen.clone()  # graph outputs are overwritten by the next replay
+                pos += 1
             out.append(nxt)
             if on_token is not None:
                 on_token(step, nxt)

@@ -1,0 +1,393 @@
+"""Batch-1 decoding as a few hand-written Triton kernels, replayed as one CUDA graph.
+
+At batch 1 each new token reads every weight once, so the step is bound by memory bandwidth, in principle. The
+compiled step (torch.compile, CUDA graphs) ran 230 generated kernels of 2-9 us a token, each reading a few MB
+at about 30% of the bandwidth (docs/RESULTS.md). Here a layer is five kernels, each issuing the loads of its
+whole weight matrix at once:
+
+  1. norm_1 folded into the QKV matrix-vector product (+ bias)                          -> qkv
+  2. attention of the new token: QK-norm and RoPE (llama), its key and value written to
+     the cache, softmax over the filled slots (optionally split over programs)          -> y
+  3. output projection (+ bias) + residual, in place                                    -> x
+  4. norm_2 folded into the MLP up projection (+ bias), GELU or SwiGLU                  -> h
+  5. MLP down projection (+ bias) + residual, in place                                  -> x
+
+then the final norm folded into the output head, and sampling with `generate`'s own torch code. The norm folds
+as in `gpt._folded_norm_gemv`: W @ ((x - mean) * rstd * g + b) = rstd * (W@(g*x) - mean * W@g) + W@b, with W@g
+and W@b precomputed per output row (`refresh`) and the statistics of x summed in the loop that reads W, so no
+program waits for a statistics pass before its first weight load. The position of the new token lives in
+device memory, so one graph serves every step. Without a GPU the same kernels run in Triton's interpreter
+(TRITON_INTERPRET=1), which is how the tests check them against the model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from antimatter.model.gpt import GPT, Linear, RMSNorm
+from antimatter.model.quantize import is_int8
+
+NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
+ACT_NONE, ACT_GELU, ACT_SWIGLU = 0, 1, 2
+
+
+@triton.jit
+def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, N, K, eps,
+                   NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[n] = act(W[n] . norm(x) + bias[n]) (+ res[n]) for the BLOCK_N rows n of this program.
+    SwiGLU reads rows n (gate) and n + N (up) of W: silu(gate) * up. `out` may be `res` (in place): each
+    program reads and writes only its own rows."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        ok = row_ok[:, None] & col_ok[None, :]
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
+        if ACT == 2:
+            w_up = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=ok, other=0.0)
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if NORM != 0:
+            s1 += x
+            s2 += x * x
+            x = x * tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+        if ACT == 2:
+            acc_up += w_up.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1)
+    y_up = tl.sum(acc_up, axis=1)
+    if NORM == 1:  # LayerNorm: rstd * (W@(g*x) - mean * W@g) + W@b
+        mean = tl.sum(s1, axis=0) / K
+        rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K - mean * mean + eps)
+        y = rstd * (y - mean * tl.load(wg_ptr + rows, mask=row_ok, other=0.0)) + tl.load(wb_ptr + rows, mask=row_ok,
+                                                                                        other=0.0)
+        if ACT == 2:
+            y_up = rstd * (y_up - mean * tl.load(wg_ptr + N + rows, mask=row_ok, other=0.0)) + tl.load(
+                wb_ptr + N + rows, mask=row_ok, other=0.0)
+    if NORM == 2:  # RMSNorm: rstd * W@(g*x)
+        rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K + eps)
+        y = rstd * y
+        y_up = rstd * y_up
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if ACT == 2:
+            y_up += tl.load(bias_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if ACT == 1:  # GELU, tanh approximation: 0.5 * (1 + tanh(z)) = sigmoid(2z)
+        y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+    if ACT == 2:
+        y = y * tl.sigmoid(y) * y_up
+    if HAS_RES:
+        y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _head_vector(ptr, pos, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, ROPE: tl.constexpr,
+                 QK_NORM: tl.constexpr):
+    """One head's query or key as the model computes it: RMS-normalised (QK-norm) and rotated (RoPE, the
+    Hugging Face halves convention), rounded to the activations' dtype after each step as the model is."""
+    d = tl.arange(0, D)
+    x = tl.load(ptr + d).to(tl.float32)
+    half = D // 2
+    if ROPE:
+        partner = (d + half) % D
+        xp = tl.load(ptr + partner).to(tl.float32)
+    if QK_NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+        x = (x * rstd * tl.load(w_ptr + d).to(tl.float32)).to(ptr.dtype.element_ty).to(tl.float32)
+        if ROPE:
+            xp = (xp * rstd * tl.load(w_ptr + partner).to(tl.float32)).to(ptr.dtype.element_ty).to(tl.float32)
+    if ROPE:
+        cos = tl.load(cos_ptr + pos * half + d % half)
+        sin = tl.load(sin_ptr + pos * half + d % half)
+        x = (x * cos + tl.where(d < half, -xp, xp) * sin).to(ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qn_ptr, kn_ptr,
+                   cos_ptr, sin_ptr, kv_stride, head_stride, slot_stride, scale, eps,
+                   Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                   ROPE: tl.constexpr, QK_NORM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Attention of the new token for query head program_id(0), over the cache slots of split program_id(1)
+    (every SPLITS-th block of BLOCK_S slots below `pos`) plus, in split 0, the new token itself. The first
+    query head of each key/value group writes the new key and value into cache slot `pos`; no program reads
+    that slot in this step, so there is no race."""
+    h = tl.program_id(0)
+    split = tl.program_id(1)
+    hk = h // GROUP
+    pos = tl.load(pos_ptr).to(tl.int32)
+    d = tl.arange(0, D)
+    q = _head_vector(qkv_ptr + h * D, pos, qn_ptr, cos_ptr, sin_ptr, eps, D, ROPE, QK_NORM)
+    k_new = _head_vector(qkv_ptr + Q_DIM + hk * D, pos, kn_ptr, cos_ptr, sin_ptr, eps, D, ROPE, QK_NORM)
+    k_new = k_new.to(kv_ptr.dtype.element_ty)
+    v_new = tl.load(qkv_ptr + Q_DIM + KV_DIM + hk * D + d).to(kv_ptr.dtype.element_ty)
+    k_base = kv_ptr + hk * head_stride
+    v_base = k_base + kv_stride
+    if (h % GROUP == 0) & (split == 0):
+        tl.store(k_base + pos * slot_stride + d, k_new)
+        tl.store(v_base + pos * slot_stride + d, v_new)
+    first = split == 0
+    m_i = tl.where(first, tl.sum(q * k_new.to(tl.float32), axis=0) * scale, float("-inf"))
+    l_i = tl.where(first, 1.0, 0.0)
+    acc = tl.where(first, v_new.to(tl.float32), 0.0)
+    for s0 in range(split * BLOCK_S, pos, SPLITS * BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ok = s < pos
+        k = tl.load(k_base + s[:, None] * slot_stride + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_base + s[:, None] * slot_stride + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        scores = tl.where(ok, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+    if SPLITS == 1:
+        tl.store(out_ptr + h * D + d, (acc / l_i).to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(part_m_ptr + h * SPLITS + split, m_i)
+        tl.store(part_l_ptr + h * SPLITS + split, l_i)
+        tl.store(part_acc_ptr + (h * SPLITS + split) * D + d, acc)
+
+
+@triton.jit
+def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr):
+    """Merge the SPLITS partial softmaxes of query head program_id(0) (a split with no slots has m = -inf
+    and weighs nothing)."""
+    h = tl.program_id(0)
+    j = tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    m = tl.load(part_m_ptr + h * SPLITS + j)
+    weight = tl.exp(m - tl.max(m, axis=0))
+    l_sum = tl.sum(tl.load(part_l_ptr + h * SPLITS + j) * weight, axis=0)
+    acc = tl.load(part_acc_ptr + (h * SPLITS + j)[:, None] * D + d[None, :])
+    tl.store(out_ptr + h * D + d, (tl.sum(acc * weight[:, None], axis=0) / l_sum).to(out_ptr.dtype.element_ty))
+
+
+# ------------------------------------------------------------------------------------------------ host side
+
+# (BLOCK_N, BLOCK_K, num_warps) tried per matrix shape on the GPU; the first that fits is the CPU default
+MATVEC_CONFIGS = [(4, 1024, 4), (2, 1024, 4), (1, 1024, 4), (8, 512, 4), (4, 512, 4), (8, 1024, 8),
+                  (16, 256, 4), (2, 2048, 8)]
+_TUNED: dict[tuple, tuple[int, int, int]] = {}  # (GPU name, matrix signature) -> fastest config, this process
+
+
+def unsupported_reason(model: GPT) -> str | None:
+    """Why this model cannot decode through these kernels (None: it can)."""
+    cfg = model.cfg
+    device = model.lm_head.weight.device
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the Triton decode kernels need a CUDA GPU (or TRITON_INTERPRET=1)"
+    if cfg.head_dim & (cfg.head_dim - 1):
+        return f"head_dim {cfg.head_dim} is not a power of two"
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and (not isinstance(m, Linear) or is_int8(m.weight)):
+            return "int8 or converted Linear layers (the kernels read plain weights)"
+    return None
+
+
+class _MatVec:
+    """One fused matrix-vector product: a norm folded in front (optional), bias, activation, residual."""
+
+    def __init__(self, linear: Linear, x: torch.Tensor, out: torch.Tensor, norm: torch.nn.Module | None = None,
+                 act: int = ACT_NONE, residual: torch.Tensor | None = None):
+        self.w, self.x, self.out = linear.weight, x, out
+        self.bias, self.res, self.norm, self.act = linear.bias, residual, norm, act
+        self.N = self.w.shape[0] // (2 if act == ACT_SWIGLU else 1)
+        self.K = self.w.shape[1]
+        self.kind = NORM_NONE if norm is None else NORM_RMS if isinstance(norm, RMSNorm) else NORM_LAYER
+        self.eps = float(getattr(norm, "eps", 0.0) or 0.0)
+        rows = self.w.shape[0]
+        self.wg = torch.zeros(rows, dtype=torch.float32, device=self.w.device)  # W @ g (LayerNorm's mean term)
+        self.wb = torch.zeros(rows, dtype=torch.float32, device=self.w.device)  # W @ b (LayerNorm's bias term)
+        if self.w.is_cuda:  # until `TritonDecoder.tune` has timed the candidates
+            self.config = next(c for c in MATVEC_CONFIGS if c[1] <= max(self.K, 256))
+        else:  # the interpreter (tests): few, large programs
+            self.config = (64, min(1024, triton.next_power_of_2(self.K)), 4)
+
+    def refresh(self) -> None:
+        """Per-row folds of the norm's weight and bias into W, from the weights as they are now."""
+        if self.kind != NORM_LAYER:
+            return
+        w = self.w
+        for i in range(0, w.shape[0], 8192):  # fp32 in slices: bounded memory for the output head
+            wi = w[i: i + 8192].float()
+            self.wg[i: i + 8192] = wi @ self.norm.weight.float()
+            if self.norm.bias is not None:
+                self.wb[i: i + 8192] = wi @ self.norm.bias.float()
+
+    def signature(self) -> tuple:
+        return (self.N, self.K, self.kind, self.act, self.bias is not None, self.res is not None)
+
+    def __call__(self, config: tuple[int, int, int] | None = None) -> None:
+        block_n, block_k, warps = config or self.config
+        g = self.norm.weight if self.norm is not None else self.w
+        _matvec_kernel[(triton.cdiv(self.N, block_n),)](
+            self.x, self.w, self.out, self.bias if self.bias is not None else self.w,
+            self.res if self.res is not None else self.out, g, self.wg, self.wb, self.N, self.K, self.eps,
+            NORM=self.kind, HAS_BIAS=self.bias is not None, ACT=self.act, HAS_RES=self.res is not None,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+
+
+class TritonDecoder:
+    """The batch-1 decode step of one GPT over its KV cache (set up by `GPT.setup_caches(1, max_seq)`).
+
+    `start(token, pos, seen)` loads the state; each `step()` feeds the token at cache slot `pos`, writes the
+    next token into `token`, and advances `pos`. On a GPU the step is captured once as a CUDA graph (after
+    one tuning pass over the matrix-vector block shapes) and replayed."""
+
+    ATTN_BLOCK_S = 64
+    MAX_SPLITS = 16
+
+    def __init__(self, model: GPT, sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 attn_splits: int | None = None):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(f"Triton decode: {reason}")
+        cfg = model.cfg
+        self.model, self.sample = model, sample
+        w = model.lm_head.weight
+        dev, dt = w.device, w.dtype
+        self.q_dim, self.kv_dim = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.seen = torch.zeros(1, cfg.vocab_size, dtype=torch.bool, device=dev)
+        self.x = torch.zeros(cfg.d_model, dtype=dt, device=dev)
+        self.qkv = torch.zeros(self.q_dim + 2 * self.kv_dim, dtype=dt, device=dev)
+        self.y = torch.zeros(self.q_dim, dtype=dt, device=dev)
+        self.h = torch.zeros(cfg.ffn_dim, dtype=dt, device=dev)
+        self.logits = torch.zeros(cfg.padded_vocab_size, dtype=torch.float32, device=dev)
+        act = ACT_SWIGLU if cfg.arch == "llama" else ACT_GELU
+        self.layers = []
+        for block in model.transformer.h:
+            a, m = block.attn, block.mlp
+            self.layers.append((
+                _MatVec(a.c_attn, self.x, self.qkv, norm=block.ln_1),
+                a,
+                _MatVec(a.c_proj, self.y, self.x, residual=self.x),
+                _MatVec(m.c_fc, self.x, self.h, norm=block.ln_2, act=act),
+                _MatVec(m.c_proj, self.h, self.x, residual=self.x),
+            ))
+        self.head = _MatVec(model.lm_head, self.x, self.logits, norm=model.transformer.ln_f)
+        max_seq = model.transformer.h[0].attn.kv_cache.k.shape[2]
+        self.splits = attn_splits or self.default_splits(max_seq)
+        n = cfg.n_head * self.MAX_SPLITS  # room for any split count (profile_kernels.py tries several)
+        self.part_m = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.part_l = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.part_acc = torch.zeros(n, cfg.head_dim, dtype=torch.float32, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.tuned = False
+
+    @staticmethod
+    def default_splits(max_seq: int) -> int:
+        """Programs per head in attention: one per 512 cache slots (a power of two, at most 16)."""
+        n = max(1, math.ceil(max_seq / 512))
+        return min(TritonDecoder.MAX_SPLITS, 1 << (n - 1).bit_length())
+
+    def matvecs(self) -> list[_MatVec]:
+        return [mv for layer in self.layers for mv in (layer[0], *layer[2:])] + [self.head]
+
+    def refresh(self) -> None:
+        """Re-read what depends on the weights' values (they may have changed since the last call)."""
+        for mv in self.matvecs():
+            mv.refresh()
+
+    def start(self, token: torch.Tensor, pos: int, seen: torch.Tensor) -> None:
+        self.token.copy_(token.view(1))
+        self.pos.fill_(pos)
+        self.seen.copy_(seen)
+
+    def _attend(self, attn) -> None:
+        cfg, kv = self.model.cfg, attn.kv_cache.kv
+        rope = cfg.arch == "llama"
+        cos, sin = (self.model.rope_cos, self.model.rope_sin) if rope else (self.x, self.x)
+        qn = attn.q_norm.weight if attn.q_norm is not None else self.x
+        kn = attn.k_norm.weight if attn.k_norm is not None else self.x
+        D = cfg.head_dim
+        _attend_kernel[(cfg.n_head, self.splits)](
+            self.qkv, kv, self.pos, self.y, self.part_m, self.part_l, self.part_acc, qn, kn, cos, sin,
+            kv.stride(0), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D), cfg.norm_eps,
+            Q_DIM=self.q_dim, KV_DIM=self.kv_dim, GROUP=cfg.n_head // cfg.kv_heads, D=D, ROPE=rope,
+            QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.ATTN_BLOCK_S, num_warps=4)
+        if self.splits > 1:
+            _combine_kernel[(cfg.n_head,)](self.part_m, self.part_l, self.part_acc, self.y, D=D,
+                                           SPLITS=self.splits, num_warps=1)
+
+    def run_step(self) -> None:
+        """One decode step as kernel launches (what the CUDA graph records)."""
+        t = self.model.transformer
+        x = t.wte.weight[self.token]
+        if self.model.cfg.arch == "gpt2":
+            x = x + t.wpe.weight[self.pos]
+        self.x.copy_(x.view(-1))
+        for qkv, attn, proj, up, down in self.layers:
+            qkv()
+            self._attend(attn)
+            proj()
+            up()
+            down()
+        self.head()
+        vocab = self.model.cfg.vocab_size
+        nxt = self.sample(self.logits[:vocab].view(1, vocab), self.seen)
+        self.seen.scatter_(1, nxt.view(1, 1), True)
+        self.token.copy_(nxt.view(1))
+        self.pos += 1
+
+    def tune(self) -> dict:
+        """Pick each matrix shape's fastest block shape by timing the candidates on the GPU (writes only into
+        the decoder's own buffers, whose contents the next step recomputes)."""
+        from triton.testing import do_bench
+
+        gpu = torch.cuda.get_device_name(self.x.device)
+        report = {}
+        for mv in self.matvecs():
+            key = (gpu, mv.signature())
+            if key not in _TUNED:
+                times = {}
+                for c in MATVEC_CONFIGS:
+                    if c[1] <= max(mv.K, 256):
+                        times[c] = do_bench(lambda c=c, mv=mv: mv(c), warmup=5, rep=20, return_mode="median")
+                _TUNED[key] = min(times, key=times.get)
+                report[str(key[1])] = {"signature": key[1], "best": _TUNED[key],
+                                       "us": {str(c): t * 1000 for c, t in times.items()}}
+            mv.config = _TUNED[key]
+        self.tuned = True
+        return report
+
+    def step(self) -> None:
+        if self.token.device.type != "cuda":
+            self.run_step()
+            return
+        if self.graph is None:
+            self.capture()
+        self.graph.replay()
+
+    def capture(self) -> None:
+        """Tune, warm up (compiles the kernels), then record the step as a CUDA graph. The warm-up step runs on
+        the real cache: it writes slot `pos` with what the real step writes there, and the state is restored."""
+        state = (self.token.clone(), self.pos.clone(), self.seen.clone())
+        if not self.tuned:
+            self.tune()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.run_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.token.copy_(state[0])
+        self.pos.copy_(state[1])
+        self.seen.copy_(state[2])
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.run_step()

@@ -1,0 +1,89 @@
+"""The Triton batch-1 decode kernels (model/triton_decode.py) against the model's own forward. Without a GPU
+they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before Triton is imported)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from antimatter.config import preset_model
+from antimatter.model.generate import generate
+from antimatter.model.gpt import GPT
+
+pytest.importorskip("triton")
+from antimatter.model.triton_decode import TritonDecoder, unsupported_reason  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_model(preset: str, **over) -> GPT:
+    """Random weights with a large init (decisive greedy choices) and perturbed norm gains and biases, so a
+    misplaced norm weight or bias term changes the numbers."""
+    cfg = dataclasses.replace(preset_model(preset), **{"init_std": 0.3, **over})
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    return model.to(DEVICE).eval()
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(1, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_one_step_equals_the_model_forward(preset, splits, monkeypatch):
+    """One kernel step after a 12-token prefill: logits equal a plain forward over all 13 tokens, and cache
+    slot 12 holds the key and value the model's own cached forward writes there. Attention blocks of 4 slots,
+    so the 12 cached slots span several blocks per split (and some splits get none)."""
+    monkeypatch.setattr(TritonDecoder, "ATTN_BLOCK_S", 4)
+    model = make_model(preset)
+    ids = torch.tensor([prompt(13, seed=1)], device=DEVICE)
+    model.setup_caches(1, 32)
+    with torch.no_grad():
+        model(ids[:, :12], input_pos=torch.arange(12, device=DEVICE))
+        dec = TritonDecoder(model, sample=lambda logits, seen: logits.argmax(-1), attn_splits=splits)
+        dec.refresh()
+        dec.start(ids[0, 12], 12, torch.zeros_like(dec.seen))
+        dec.run_step()
+        ours = dec.logits[: model.cfg.vocab_size].clone()
+        kv_ours = [b.attn.kv_cache.kv[:, :, :, 12].clone() for b in model.transformer.h]
+        model(ids[:, 12:], input_pos=torch.tensor([12], device=DEVICE))  # the model writes slot 12 itself
+        kv_ref = [b.attn.kv_cache.kv[:, :, :, 12] for b in model.transformer.h]
+        model.clear_caches()
+        ref = model(ids)[0, -1].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(kv_ours, kv_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert dec.token.item() == ref.argmax().item() and dec.pos.item() == 13
+    assert dec.seen[0, dec.token.item()]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_generate_with_kernels_equals_the_torch_path(preset):
+    """Greedy, and sampling with a seed, a top-k and a repetition penalty: the same tokens as generate's torch
+    path, streamed once each."""
+    model = make_model(preset)
+    p = [prompt(7, seed=2)]
+    assert generate(model, p, 6, kernels=True) == generate(model, p, 6, kernels=False)
+    kw = dict(temperature=1.0, top_k=50, repetition_penalty=1.3, seed=5)
+    streamed = []
+    sampled = generate(model, p, 6, kernels=True, on_token=lambda i, t: streamed.append(int(t[0])), **kw)
+    assert sampled == generate(model, p, 6, kernels=False, **kw)
+    assert streamed == sampled[0]
+
+
+def test_unsupported_models_and_batches_say_why():
+    model = make_model("tiny")
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        generate(model, [prompt(3, 1), prompt(4, 2)], 4, kernels=True)
+    odd = make_model("tiny", d_model=48, n_head=2)  # head_dim 24
+    assert "power of two" in unsupported_reason(odd)
+    with pytest.raises(ValueError, match="power of two"):
+        generate(odd, [prompt(3, 1)], 4, kernels=True)
+    assert generate(odd, [prompt(3, 1)], 4, kernels=None) == generate(odd, [prompt(3, 1)], 4)  # falls back
