@@ -19,6 +19,7 @@ import torch
 
 from antimatter.config import preset_model
 from antimatter.model import generate as gen
+from antimatter.model import triton_decode
 from antimatter.model.generate import generate
 from antimatter.model.gpt import GPT, Linear
 from antimatter.model.quantize import int8_copy, is_int8
@@ -119,7 +120,7 @@ def main() -> None:
                     help="variants of AntiMatter's compiled decode step, MODE[+kernels][+gemv][+cdt]: MODE a "
                          "torch.compile mode (reduce-overhead, max-autotune); +kernels: batch-1 decode steps as "
                          "AntiMatter's Triton kernels in one CUDA graph (model/triton_decode.py; without it, the "
-                         "torch.compile path); +gemv: single-row matmuls as inductor reductions "
+                         "torch.compile path); +nopdl: those kernels without programmatic dependent launch; +gemv: single-row matmuls as inductor reductions "
                          "(batch 1 only; without it, cuBLAS); +cdt: inductor coordinate-descent tuning of the "
                          "generated kernels (gpt-fast's setting); +int8: weight-only int8 blocks (torchao); +nofold: with "
                          "+gemv, LayerNorm as its own kernel instead of folded into the next reduction")
@@ -176,6 +177,7 @@ def main() -> None:
                 continue  # the single-row paths only change batch 1
             gemv, kernels = "gemv" in extras, "kernels" in extras
             gen.DECODE_TUNING = "cdt" in extras
+            triton_decode.USE_PDL = "nopdl" not in extras
             Linear.fold_norm = "nofold" not in extras
             if "int8" in extras and int8_model is None:
                 int8_model = int8_copy(model)

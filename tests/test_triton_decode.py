@@ -66,16 +66,21 @@ def test_one_step_equals_the_model_forward(preset, splits, monkeypatch):
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
 def test_generate_with_kernels_equals_the_torch_path(preset):
-    """Greedy, and sampling with a seed, a top-k and a repetition penalty: the same tokens as generate's torch
-    path, streamed once each."""
+    """Greedy: the same tokens as generate's torch path. Sampling with a seed, a top-k and a repetition
+    penalty: the same tokens too where both draw from one random stream (eager, on the CPU); on a GPU the
+    CUDA graph draws its own stream (as compiled decoding does), so there the seed must reproduce. Tokens
+    are streamed once each."""
     model = make_model(preset)
     p = [prompt(7, seed=2)]
     assert generate(model, p, 6, kernels=True) == generate(model, p, 6, kernels=False)
     kw = dict(temperature=1.0, top_k=50, repetition_penalty=1.3, seed=5)
     streamed = []
     sampled = generate(model, p, 6, kernels=True, on_token=lambda i, t: streamed.append(int(t[0])), **kw)
-    assert sampled == generate(model, p, 6, kernels=False, **kw)
     assert streamed == sampled[0]
+    if DEVICE == "cpu":
+        assert sampled == generate(model, p, 6, kernels=False, **kw)
+    else:
+        assert sampled == generate(model, p, 6, kernels=True, **kw)
 
 
 def test_unsupported_models_and_batches_say_why():

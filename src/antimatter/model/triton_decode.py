@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from antimatter.model.gpt import GPT, Linear, RMSNorm
 from antimatter.model.quantize import is_int8
@@ -40,31 +42,43 @@ ACT_NONE, ACT_GELU, ACT_SWIGLU = 0, 1, 2
 @triton.jit
 def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, N, K, eps,
                    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out[n] = act(W[n] . norm(x) + bias[n]) (+ res[n]) for the BLOCK_N rows n of this program.
     SwiGLU reads rows n (gate) and n + N (up) of W: silu(gate) * up. `out` may be `res` (in place): each
-    program reads and writes only its own rows."""
+    program reads and writes only its own rows. With PDL (programmatic dependent launch) the program lets the
+    next kernel launch at once and loads its first weight tile before waiting for the previous kernel: weights
+    never change during a step, so their loads overlap the previous kernel's tail; every read of activations
+    and every store comes after the wait."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    ok = row_ok[:, None] & (cols < K)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
+    w_up = w
+    if ACT == 2:
+        w_up = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=ok, other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     s1 = tl.zeros([BLOCK_K], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        ok = row_ok[:, None] & col_ok[None, :]
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
-        if ACT == 2:
-            w_up = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=ok, other=0.0)
-        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        col_ok = k0 + cols < K
+        x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
         if NORM != 0:
             s1 += x
             s2 += x * x
-            x = x * tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x = x * tl.load(g_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
         if ACT == 2:
             acc_up += w_up.to(tl.float32) * x[None, :]
+        nxt = k0 + BLOCK_K + cols  # the next tile, loaded while this one is summed (none after the last)
+        ok = row_ok[:, None] & (nxt < K)[None, :]
+        w = tl.load(w_ptr + rows[:, None] * K + nxt[None, :], mask=ok, other=0.0)
+        if ACT == 2:
+            w_up = tl.load(w_ptr + (rows[:, None] + N) * K + nxt[None, :], mask=ok, other=0.0)
     y = tl.sum(acc, axis=1)
     y_up = tl.sum(acc_up, axis=1)
     if NORM == 1:  # LayerNorm: rstd * (W@(g*x) - mean * W@g) + W@b
@@ -119,22 +133,30 @@ def _head_vector(ptr, pos, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, ROPE: 
 def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qn_ptr, kn_ptr,
                    cos_ptr, sin_ptr, kv_stride, head_stride, slot_stride, scale, eps,
                    Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                   ROPE: tl.constexpr, QK_NORM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                   ROPE: tl.constexpr, QK_NORM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                   PDL: tl.constexpr):
     """Attention of the new token for query head program_id(0), over the cache slots of split program_id(1)
     (every SPLITS-th block of BLOCK_S slots below `pos`) plus, in split 0, the new token itself. The first
     query head of each key/value group writes the new key and value into cache slot `pos`; no program reads
-    that slot in this step, so there is no race."""
+    that slot in this step, so there is no race. Slots below `pos` were written by earlier steps, so with PDL
+    the first block is loaded before waiting for the QKV kernel."""
     h = tl.program_id(0)
     split = tl.program_id(1)
     hk = h // GROUP
     pos = tl.load(pos_ptr).to(tl.int32)
     d = tl.arange(0, D)
+    k_base = kv_ptr + hk * head_stride
+    v_base = k_base + kv_stride
+    s = split * BLOCK_S + tl.arange(0, BLOCK_S)
+    k = tl.load(k_base + s[:, None] * slot_stride + d[None, :], mask=(s < pos)[:, None], other=0.0)
+    v = tl.load(v_base + s[:, None] * slot_stride + d[None, :], mask=(s < pos)[:, None], other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     q = _head_vector(qkv_ptr + h * D, pos, qn_ptr, cos_ptr, sin_ptr, eps, D, ROPE, QK_NORM)
     k_new = _head_vector(qkv_ptr + Q_DIM + hk * D, pos, kn_ptr, cos_ptr, sin_ptr, eps, D, ROPE, QK_NORM)
     k_new = k_new.to(kv_ptr.dtype.element_ty)
     v_new = tl.load(qkv_ptr + Q_DIM + KV_DIM + hk * D + d).to(kv_ptr.dtype.element_ty)
-    k_base = kv_ptr + hk * head_stride
-    v_base = k_base + kv_stride
     if (h % GROUP == 0) & (split == 0):
         tl.store(k_base + pos * slot_stride + d, k_new)
         tl.store(v_base + pos * slot_stride + d, v_new)
@@ -143,17 +165,17 @@ def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, out_ptr, part_m_ptr, part_l_ptr, pa
     l_i = tl.where(first, 1.0, 0.0)
     acc = tl.where(first, v_new.to(tl.float32), 0.0)
     for s0 in range(split * BLOCK_S, pos, SPLITS * BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        ok = s < pos
-        k = tl.load(k_base + s[:, None] * slot_stride + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_base + s[:, None] * slot_stride + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        scores = tl.where(ok, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+        ok = s0 + tl.arange(0, BLOCK_S) < pos
+        scores = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
+        s = s0 + SPLITS * BLOCK_S + tl.arange(0, BLOCK_S)  # this split's next block, loaded ahead
+        k = tl.load(k_base + s[:, None] * slot_stride + d[None, :], mask=(s < pos)[:, None], other=0.0)
+        v = tl.load(v_base + s[:, None] * slot_stride + d[None, :], mask=(s < pos)[:, None], other=0.0)
     if SPLITS == 1:
         tl.store(out_ptr + h * D + d, (acc / l_i).to(out_ptr.dtype.element_ty))
     else:
@@ -163,9 +185,13 @@ def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, out_ptr, part_m_ptr, part_l_ptr, pa
 
 
 @triton.jit
-def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr):
+def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr,
+                    PDL: tl.constexpr):
     """Merge the SPLITS partial softmaxes of query head program_id(0) (a split with no slots has m = -inf
     and weighs nothing)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     h = tl.program_id(0)
     j = tl.arange(0, SPLITS)
     d = tl.arange(0, D)
@@ -178,10 +204,11 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, D: tl.constex
 
 # ------------------------------------------------------------------------------------------------ host side
 
-# (BLOCK_N, BLOCK_K, num_warps) tried per matrix shape on the GPU; the first that fits is the CPU default
-MATVEC_CONFIGS = [(4, 1024, 4), (2, 1024, 4), (1, 1024, 4), (8, 512, 4), (4, 512, 4), (8, 1024, 8),
-                  (16, 256, 4), (2, 2048, 8)]
-_TUNED: dict[tuple, tuple[int, int, int]] = {}  # (GPU name, matrix signature) -> fastest config, this process
+# (BLOCK_N, BLOCK_K, num_warps) tried per matrix shape on the GPU (those with BLOCK_K <= K); the first that
+# fits is used until tuned
+MATVEC_CONFIGS = [(2, 1024, 4), (1, 1024, 4), (4, 1024, 4), (4, 512, 4), (8, 512, 4), (16, 256, 4),
+                  (1, 2048, 4), (2, 2048, 8), (1, 4096, 4), (2, 4096, 8)]
+_TUNED: dict[tuple, tuple[int, int, int]] = {}  # (GPU name, signature, PDL) -> fastest config, this process
 
 
 def unsupported_reason(model: GPT) -> str | None:
@@ -198,11 +225,22 @@ def unsupported_reason(model: GPT) -> str | None:
     return None
 
 
+USE_PDL = True  # programmatic dependent launch where the GPU has it (False: plain launches, for A/B runs)
+
+
+def _pdl_launch(device: torch.device) -> dict:
+    """Launch options for programmatic dependent launch: Hopper and newer GPUs (not the interpreter)."""
+    if USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return {"launch_pdl": True}
+    return {}
+
+
 class _MatVec:
     """One fused matrix-vector product: a norm folded in front (optional), bias, activation, residual."""
 
     def __init__(self, linear: Linear, x: torch.Tensor, out: torch.Tensor, norm: torch.nn.Module | None = None,
                  act: int = ACT_NONE, residual: torch.Tensor | None = None):
+        self.launch = _pdl_launch(x.device)
         self.w, self.x, self.out = linear.weight, x, out
         self.bias, self.res, self.norm, self.act = linear.bias, residual, norm, act
         self.N = self.w.shape[0] // (2 if act == ACT_SWIGLU else 1)
@@ -213,7 +251,7 @@ class _MatVec:
         self.wg = torch.zeros(rows, dtype=torch.float32, device=self.w.device)  # W @ g (LayerNorm's mean term)
         self.wb = torch.zeros(rows, dtype=torch.float32, device=self.w.device)  # W @ b (LayerNorm's bias term)
         if self.w.is_cuda:  # until `TritonDecoder.tune` has timed the candidates
-            self.config = next(c for c in MATVEC_CONFIGS if c[1] <= max(self.K, 256))
+            self.config = self.candidates()[0]
         else:  # the interpreter (tests): few, large programs
             self.config = (64, min(1024, triton.next_power_of_2(self.K)), 4)
 
@@ -228,6 +266,9 @@ class _MatVec:
             if self.norm.bias is not None:
                 self.wb[i: i + 8192] = wi @ self.norm.bias.float()
 
+    def candidates(self) -> list[tuple[int, int, int]]:
+        return [c for c in MATVEC_CONFIGS if c[1] <= max(self.K, 256)]
+
     def signature(self) -> tuple:
         return (self.N, self.K, self.kind, self.act, self.bias is not None, self.res is not None)
 
@@ -238,7 +279,7 @@ class _MatVec:
             self.x, self.w, self.out, self.bias if self.bias is not None else self.w,
             self.res if self.res is not None else self.out, g, self.wg, self.wb, self.N, self.K, self.eps,
             NORM=self.kind, HAS_BIAS=self.bias is not None, ACT=self.act, HAS_RES=self.res is not None,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            BLOCK_N=block_n, BLOCK_K=block_k, PDL=bool(self.launch), num_warps=warps, **self.launch)
 
 
 class TritonDecoder:
@@ -290,11 +331,13 @@ class TritonDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.tuned = False
 
-    @staticmethod
-    def default_splits(max_seq: int) -> int:
-        """Programs per head in attention: one per 512 cache slots (a power of two, at most 16)."""
-        n = max(1, math.ceil(max_seq / 512))
-        return min(TritonDecoder.MAX_SPLITS, 1 << (n - 1).bit_length())
+    @classmethod
+    def default_splits(cls, max_seq: int) -> int:
+        """Programs per head in attention: enough that each reads one block of the cache up to 1,024 slots,
+        at most 16 (a power of two). Splits with no slot below the position return at once. On an H200,
+        16 splits took 11-15 us for 272-2,000 filled slots, one split 25-102 us (docs/RESULTS.md)."""
+        n = max(1, math.ceil(max_seq / cls.ATTN_BLOCK_S))
+        return min(cls.MAX_SPLITS, 1 << (n - 1).bit_length())
 
     def matvecs(self) -> list[_MatVec]:
         return [mv for layer in self.layers for mv in (layer[0], *layer[2:])] + [self.head]
@@ -315,15 +358,16 @@ class TritonDecoder:
         cos, sin = (self.model.rope_cos, self.model.rope_sin) if rope else (self.x, self.x)
         qn = attn.q_norm.weight if attn.q_norm is not None else self.x
         kn = attn.k_norm.weight if attn.k_norm is not None else self.x
-        D = cfg.head_dim
+        D, launch = cfg.head_dim, self.head.launch
         _attend_kernel[(cfg.n_head, self.splits)](
             self.qkv, kv, self.pos, self.y, self.part_m, self.part_l, self.part_acc, qn, kn, cos, sin,
             kv.stride(0), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D), cfg.norm_eps,
             Q_DIM=self.q_dim, KV_DIM=self.kv_dim, GROUP=cfg.n_head // cfg.kv_heads, D=D, ROPE=rope,
-            QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.ATTN_BLOCK_S, num_warps=4)
+            QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.ATTN_BLOCK_S, PDL=bool(launch),
+            num_warps=4, **launch)
         if self.splits > 1:
             _combine_kernel[(cfg.n_head,)](self.part_m, self.part_l, self.part_acc, self.y, D=D,
-                                           SPLITS=self.splits, num_warps=1)
+                                           SPLITS=self.splits, PDL=bool(launch), num_warps=1, **launch)
 
     def run_step(self) -> None:
         """One decode step as kernel launches (what the CUDA graph records)."""
@@ -346,23 +390,26 @@ class TritonDecoder:
         self.pos += 1
 
     def tune(self) -> dict:
-        """Pick each matrix shape's fastest block shape by timing the candidates on the GPU (writes only into
-        the decoder's own buffers, whose contents the next step recomputes)."""
-        from triton.testing import do_bench
-
+        """Pick each matrix shape's fastest block shape. Each candidate runs every layer's instance of that
+        shape back to back, captured as a CUDA graph and timed by its replays: the weights stream from memory
+        as in a real step (24 layers' worth do not fit in L2), with no host launch time in the figure. Writes
+        only into the decoder's own buffers, whose contents the next step recomputes."""
         gpu = torch.cuda.get_device_name(self.x.device)
-        report = {}
+        groups: dict[tuple, list[_MatVec]] = {}
         for mv in self.matvecs():
-            key = (gpu, mv.signature())
+            groups.setdefault(mv.signature(), []).append(mv)
+        report = {}
+        for sig, mvs in groups.items():
+            key = (gpu, sig, bool(self.head.launch))
             if key not in _TUNED:
                 times = {}
-                for c in MATVEC_CONFIGS:
-                    if c[1] <= max(mv.K, 256):
-                        times[c] = do_bench(lambda c=c, mv=mv: mv(c), warmup=5, rep=20, return_mode="median")
+                for c in mvs[0].candidates():
+                    times[c] = _graph_time_us(lambda c=c, mvs=mvs: [mv(c) for mv in mvs]) / len(mvs)
                 _TUNED[key] = min(times, key=times.get)
-                report[str(key[1])] = {"signature": key[1], "best": _TUNED[key],
-                                       "us": {str(c): t * 1000 for c, t in times.items()}}
-            mv.config = _TUNED[key]
+                report[str(sig)] = {"signature": sig, "instances": len(mvs), "best": _TUNED[key],
+                                    "us": {str(c): t for c, t in times.items()}}
+            for mv in mvs:
+                mv.config = _TUNED[key]
         self.tuned = True
         return report
 
@@ -378,6 +425,7 @@ class TritonDecoder:
         """Tune, warm up (compiles the kernels), then record the step as a CUDA graph. The warm-up step runs on
         the real cache: it writes slot `pos` with what the real step writes there, and the state is restored."""
         state = (self.token.clone(), self.pos.clone(), self.seen.clone())
+        rng = torch.cuda.get_rng_state(self.x.device)  # restored below: the first call samples as later ones do
         if not self.tuned:
             self.tune()
         stream = torch.cuda.Stream()
@@ -391,3 +439,23 @@ class TritonDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.run_step()
+        torch.cuda.set_rng_state(rng, self.x.device)
+
+
+def _graph_time_us(fn: Callable[[], object], replays: int = 5) -> float:
+    """Median device time of `fn` captured once as a CUDA graph (after one eager call that compiles)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return statistics.median(times)
