@@ -194,6 +194,9 @@ def main() -> None:
                 r = record(name, B, timed(lambda mode=mode, gemv=gemv, m=m, k=kernels: ours(mode, gemv, m, kernels=k),
                                           args.repeats), n, args.prompt_tokens, stored_bytes(m))
                 r["warmup_s"] = warmup
+                if kernels:  # the block shape each matrix shape was tuned to, and every candidate's time
+                    r["triton_tuning"] = {k: {"best": v["best"], "us": v["us"]}
+                                          for k, v in m.__dict__["_antimatter_triton_decoder"][1].tune_report.items()}
                 r["teacher_forced"] = teacher_forced_check(m, plist, out_comp)  # int8: against its own forward
                 r["same_tokens_as_eager"] = out_eager == out_comp
                 dump()

@@ -155,6 +155,27 @@ def test_padded_vocab_columns_never_get_probability(variant):
     torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1)))
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "gpt2-untied-nobias"])
+def test_loss_masking_the_vocab_padding_equals_slicing_it(variant, monkeypatch):
+    """The loss sets the padding columns to -inf instead of slicing them off (aligned rows for the fused
+    softmax kernels): the same loss and gradients, and none reaches the padding rows of the head."""
+    import antimatter.model.gpt as gpt
+
+    results = {}
+    for mode in ("slice", "mask"):
+        monkeypatch.setattr(gpt, "CE_PADDING", mode)
+        model = make_model(variant)
+        idx, targets = tokens(model, 2, 12), tokens(model, 2, 12, seed=5)
+        loss = model(idx, targets)
+        loss.backward()
+        results[mode] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                         model.lm_head.weight.grad.clone())
+    torch.testing.assert_close(results["mask"][0], results["slice"][0])
+    for name, grad in results["mask"][1].items():
+        torch.testing.assert_close(grad, results["slice"][1][name], msg=name)
+    assert results["mask"][2][300:].abs().max() == 0
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_num_params_counts_the_real_vocab(variant):
     model = make_model(variant)

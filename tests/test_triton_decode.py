@@ -92,3 +92,31 @@ def test_unsupported_models_and_batches_say_why():
     with pytest.raises(ValueError, match="power of two"):
         generate(odd, [prompt(3, 1)], 4, kernels=True)
     assert generate(odd, [prompt(3, 1)], 4, kernels=None) == generate(odd, [prompt(3, 1)], 4)  # falls back
+
+
+
+def test_weights_changed_in_place_are_seen_after_refresh():
+    """The norm folds (W@g, W@b) are cached between calls and recomputed when a weight changed in place, as
+    an optimizer step changes it: after `refresh` the same decoder computes with the new weights."""
+    model = make_model("tiny")
+    ids = torch.tensor([prompt(6, seed=3)], device=DEVICE)
+    model.setup_caches(1, 16)
+    dec = TritonDecoder(model, sample=lambda logits, seen: logits.argmax(-1))
+
+    def step_logits() -> torch.Tensor:
+        model(ids[:, :5], input_pos=torch.arange(5, device=DEVICE))
+        dec.refresh()
+        dec.start(ids[0, 5], 5, torch.zeros_like(dec.seen))
+        dec.run_step()
+        return dec.logits[: model.cfg.vocab_size].clone()
+
+    with torch.no_grad():
+        before = step_logits()
+        for block in model.transformer.h:
+            block.ln_1.weight.mul_(-1.5)
+            block.ln_2.bias.add_(1.0)
+        after = step_logits()
+        model.clear_caches()
+        ref = model(ids)[0, -1].float()
+    torch.testing.assert_close(after, ref, rtol=1e-4, atol=1e-4)
+    assert (after - before).abs().max() > 0.1

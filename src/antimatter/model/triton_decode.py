@@ -207,6 +207,7 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, D: tl.constex
 # (BLOCK_N, BLOCK_K, num_warps) tried per matrix shape on the GPU (those with BLOCK_K <= K); the first that
 # fits is used until tuned
 MATVEC_CONFIGS = [(2, 1024, 4), (1, 1024, 4), (4, 1024, 4), (4, 512, 4), (8, 512, 4), (16, 256, 4),
+                  (8, 256, 4), (2, 512, 4), (2, 1024, 2), (4, 1024, 8), (16, 512, 8), (32, 256, 8),
                   (1, 2048, 4), (2, 2048, 8), (1, 4096, 4), (2, 4096, 8)]
 _TUNED: dict[tuple, tuple[int, int, int]] = {}  # (GPU name, signature, PDL) -> fastest config, this process
 
@@ -256,9 +257,14 @@ class _MatVec:
             self.config = (64, min(1024, triton.next_power_of_2(self.K)), 4)
 
     def refresh(self) -> None:
-        """Per-row folds of the norm's weight and bias into W, from the weights as they are now."""
+        """Per-row folds of the norm's weight and bias into W, from the weights as they are now (recomputed
+        only when one of them was modified in place since, e.g. by an optimizer step)."""
         if self.kind != NORM_LAYER:
             return
+        versions = tuple(t._version for t in (self.w, self.norm.weight, self.norm.bias) if t is not None)
+        if versions == getattr(self, "_versions", None):
+            return
+        self._versions = versions
         w = self.w
         for i in range(0, w.shape[0], 8192):  # fp32 in slices: bounded memory for the output head
             wi = w[i: i + 8192].float()
@@ -330,12 +336,12 @@ class TritonDecoder:
         self.part_acc = torch.zeros(n, cfg.head_dim, dtype=torch.float32, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.tuned = False
+        self.tune_report: dict = {}
 
     @classmethod
     def default_splits(cls, max_seq: int) -> int:
         """Programs per head in attention: enough that each reads one block of the cache up to 1,024 slots,
-        at most 16 (a power of two). Splits with no slot below the position return at once. On an H200,
-        16 splits took 11-15 us for 272-2,000 filled slots, one split 25-102 us (docs/RESULTS.md)."""
+        at most 16 (a power of two). Splits with no slot below the position return at once."""
         n = max(1, math.ceil(max_seq / cls.ATTN_BLOCK_S))
         return min(cls.MAX_SPLITS, 1 << (n - 1).bit_length())
 
@@ -404,13 +410,14 @@ class TritonDecoder:
             if key not in _TUNED:
                 times = {}
                 for c in mvs[0].candidates():
-                    times[c] = _graph_time_us(lambda c=c, mvs=mvs: [mv(c) for mv in mvs]) / len(mvs)
+                    times[c] = graph_time_us(lambda c=c, mvs=mvs: [mv(c) for mv in mvs]) / len(mvs)
                 _TUNED[key] = min(times, key=times.get)
                 report[str(sig)] = {"signature": sig, "instances": len(mvs), "best": _TUNED[key],
                                     "us": {str(c): t for c, t in times.items()}}
             for mv in mvs:
                 mv.config = _TUNED[key]
         self.tuned = True
+        self.tune_report = report
         return report
 
     def step(self) -> None:
@@ -442,7 +449,7 @@ class TritonDecoder:
         torch.cuda.set_rng_state(rng, self.x.device)
 
 
-def _graph_time_us(fn: Callable[[], object], replays: int = 5) -> float:
+def graph_time_us(fn: Callable[[], object], replays: int = 5) -> float:
     """Median device time of `fn` captured once as a CUDA graph (after one eager call that compiles)."""
     fn()
     torch.cuda.synchronize()
