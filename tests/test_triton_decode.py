@@ -120,3 +120,12 @@ def test_weights_changed_in_place_are_seen_after_refresh():
         ref = model(ids)[0, -1].float()
     torch.testing.assert_close(after, ref, rtol=1e-4, atol=1e-4)
     assert (after - before).abs().max() > 0.1
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU compiled batch-1 decoding takes the kernels by default")
+def test_the_interpreter_runs_only_when_asked():
+    """On the CPU `kernels=None` keeps compiled decoding on the torch.compile step (the interpreter is for
+    tests), so the compiled tests of that step still test it."""
+    model = make_model("tiny")
+    generate(model, [prompt(4, seed=1)], 3, compile=True)
+    assert "_antimatter_triton_decoder" not in model.__dict__

@@ -103,7 +103,8 @@ def _triton_decoder(model: GPT, kernels: bool | None, compile: bool | str, batch
     why it cannot), None decides: compiled, batch 1, Triton importable, the model supported."""
     if kernels and batch != 1:
         raise ValueError(f"kernels=True decodes one prompt at a time, got {batch}: pass kernels=None for batches")
-    if batch != 1 or kernels is False or (kernels is None and not (compile and DECODE_KERNELS)):
+    on_gpu = model.lm_head.weight.is_cuda  # the interpreter (CPU) runs them only when asked: kernels=True
+    if batch != 1 or kernels is False or (kernels is None and not (compile and DECODE_KERNELS and on_gpu)):
         return None
     try:
         from antimatter.model import triton_decode
