@@ -73,10 +73,12 @@ def bench(impl: str, preset: str, micro_batch: int, steps: int, warmup: int, los
     label = attn  # the kernel that the trainer's train.attention=auto picks here, for the table
     if attn == "auto" and impl == "antimatter":
         label = "cudnn" if prefers_cudnn_attention() else "sdpa-default"
-    with attention_backend(attn):
-        r = _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, compile_mode, label, fp8, seq)
+    try:
+        with attention_backend(attn):
+            r = _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, compile_mode, label, fp8, seq)
+    finally:
+        gpt_module.CE_PADDING = "mask"
     r["ce_pad"] = ce_pad if impl == "antimatter" else None
-    gpt_module.CE_PADDING = "mask"
     return r
 
 

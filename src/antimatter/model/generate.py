@@ -184,8 +184,9 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         return sample_next(apply_repetition_penalty(logits, seen, repetition_penalty), temperature, top_k, top_p)
 
     kv_buf = model.transformer.h[0].attn.kv_cache.kv
-    decoder = _triton_decoder(model, kernels, compile, B, sample, (kv_buf.data_ptr(), kv_buf.shape, *args)) \
-        if max_new_tokens > 1 else None
+    decoder = None  # a single new token comes from the prefill alone
+    if max_new_tokens > 1:
+        decoder = _triton_decoder(model, kernels, compile, B, sample, (kv_buf.data_ptr(), kv_buf.shape, *args))
     slots: dict[int, torch.Tensor] = {}
     try:
         prompt_slots = _slots(T, device, slots)  # the prompt's cache slots, and the length attention reads

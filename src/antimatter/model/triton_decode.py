@@ -239,9 +239,9 @@ def _pdl_launch(device: torch.device) -> dict:
 class _MatVec:
     """One fused matrix-vector product: a norm folded in front (optional), bias, activation, residual."""
 
-    def __init__(self, linear: Linear, x: torch.Tensor, out: torch.Tensor, norm: torch.nn.Module | None = None,
-                 act: int = ACT_NONE, residual: torch.Tensor | None = None):
-        self.launch = _pdl_launch(x.device)
+    def __init__(self, linear: Linear, x: torch.Tensor, out: torch.Tensor, launch: dict,
+                 norm: torch.nn.Module | None = None, act: int = ACT_NONE, residual: torch.Tensor | None = None):
+        self.launch = launch  # _pdl_launch's options, shared by the decoder's kernels
         self.w, self.x, self.out = linear.weight, x, out
         self.bias, self.res, self.norm, self.act = linear.bias, residual, norm, act
         self.N = self.w.shape[0] // (2 if act == ACT_SWIGLU else 1)
@@ -317,17 +317,18 @@ class TritonDecoder:
         self.h = torch.zeros(cfg.ffn_dim, dtype=dt, device=dev)
         self.logits = torch.zeros(cfg.padded_vocab_size, dtype=torch.float32, device=dev)
         act = ACT_SWIGLU if cfg.arch == "llama" else ACT_GELU
+        self.launch = launch = _pdl_launch(dev)
         self.layers = []
         for block in model.transformer.h:
             a, m = block.attn, block.mlp
             self.layers.append((
-                _MatVec(a.c_attn, self.x, self.qkv, norm=block.ln_1),
+                _MatVec(a.c_attn, self.x, self.qkv, launch, norm=block.ln_1),
                 a,
-                _MatVec(a.c_proj, self.y, self.x, residual=self.x),
-                _MatVec(m.c_fc, self.x, self.h, norm=block.ln_2, act=act),
-                _MatVec(m.c_proj, self.h, self.x, residual=self.x),
+                _MatVec(a.c_proj, self.y, self.x, launch, residual=self.x),
+                _MatVec(m.c_fc, self.x, self.h, launch, norm=block.ln_2, act=act),
+                _MatVec(m.c_proj, self.h, self.x, launch, residual=self.x),
             ))
-        self.head = _MatVec(model.lm_head, self.x, self.logits, norm=model.transformer.ln_f)
+        self.head = _MatVec(model.lm_head, self.x, self.logits, launch, norm=model.transformer.ln_f)
         max_seq = model.transformer.h[0].attn.kv_cache.k.shape[2]
         self.splits = attn_splits or self.default_splits(max_seq)
         n = cfg.n_head * self.MAX_SPLITS  # room for any split count (profile_kernels.py tries several)
@@ -365,7 +366,7 @@ class TritonDecoder:
         cos, sin = (self.model.rope_cos, self.model.rope_sin) if rope else (self.x, self.x)
         qn = attn.q_norm.weight if attn.q_norm is not None else self.x
         kn = attn.k_norm.weight if attn.k_norm is not None else self.x
-        D, launch = cfg.head_dim, self.head.launch
+        D, launch = cfg.head_dim, self.launch
         _attend_kernel[(cfg.n_head, self.splits)](
             self.qkv, kv, self.pos, self.y, self.part_m, self.part_l, self.part_acc, qn, kn, cos, sin,
             kv.stride(0), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D), cfg.norm_eps,
@@ -407,7 +408,7 @@ class TritonDecoder:
             groups.setdefault(mv.signature(), []).append(mv)
         report = {}
         for sig, mvs in groups.items():
-            key = (gpu, sig, bool(self.head.launch))
+            key = (gpu, sig, bool(self.launch))
             if key not in _TUNED:
                 times = {}
                 for c in mvs[0].candidates():
