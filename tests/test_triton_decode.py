@@ -129,3 +129,14 @@ def test_the_interpreter_runs_only_when_asked():
     model = make_model("tiny")
     generate(model, [prompt(4, seed=1)], 3, compile=True)
     assert "_antimatter_triton_decoder" not in model.__dict__
+
+
+def test_kernels_without_triton_say_how_to_get_it(monkeypatch):
+    """kernels=True with Triton not importable: an error that names the fix; kernels=None falls back."""
+    import sys
+
+    model = make_model("tiny")
+    monkeypatch.setitem(sys.modules, "antimatter.model.triton_decode", None)  # import now raises ImportError
+    with pytest.raises(ValueError, match="pip install triton"):
+        generate(model, [prompt(3, 1)], 4, kernels=True)
+    assert generate(model, [prompt(3, 1)], 4, kernels=None) == generate(model, [prompt(3, 1)], 4, kernels=False)
