@@ -135,7 +135,10 @@ def test_kernels_without_triton_say_how_to_get_it(monkeypatch):
     """kernels=True with Triton not importable: an error that names the fix; kernels=None falls back."""
     import sys
 
+    import antimatter.model
+
     model = make_model("tiny")
+    monkeypatch.delattr(antimatter.model, "triton_decode", raising=False)
     monkeypatch.setitem(sys.modules, "antimatter.model.triton_decode", None)  # import now raises ImportError
     with pytest.raises(ValueError, match="pip install triton"):
         generate(model, [prompt(3, 1)], 4, kernels=True)
