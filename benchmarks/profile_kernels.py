@@ -242,8 +242,8 @@ def bench_gemv() -> list[dict]:
     return out
 
 
-def bench_triton_decode(preset: str) -> dict:
-    """The Triton batch-1 kernels alone (model/triton_decode.py), each timed as CUDA-graph replays of all 24
+def bench_triton_decode(preset: str, batch: int = 1) -> dict:
+    """The Triton decode kernels alone (model/triton_decode.py), each timed as CUDA-graph replays of all 24
     layers' instances back to back (no host launch time; weights stream from memory as in a real step): each
     matrix shape's block-shape candidates (us and GB/s), attention by split count at several cache fills, and
     the whole step."""
@@ -252,12 +252,12 @@ def bench_triton_decode(preset: str) -> dict:
     cfg = preset_model(preset)
     torch.manual_seed(0)
     model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
-    model.setup_caches(1, cfg.block_size)
+    model.setup_caches(batch, cfg.block_size)
     dec = TritonDecoder(model, sample=lambda logits, seen: logits.argmax(-1))
     dec.refresh()
-    out: dict = {"matvec": []}
+    out: dict = {"batch": batch, "matvec": []}
     for sig, r in dec.tune().items():
-        n, k, _, act, *_ = r["signature"]  # (N, K, norm, act, bias, residual)
+        _, n, k, _, act, *_ = r["signature"]  # (M, N, K, norm, act, bias, residual)
         nbytes = n * k * 2 * (2 if act == 2 else 1)
         best_us = r["us"][str(r["best"])]
         row = {"signature": sig, "best": r["best"], "us": best_us, "gb_s": nbytes / best_us / 1e3,
@@ -274,8 +274,8 @@ def bench_triton_decode(preset: str) -> dict:
             us = graph_time_us(lambda: [dec._attend(a) for a in attns]) / len(attns)
             out["attention"].append({"fill": fill, "splits": splits, "us_per_layer": us})
             print(f"attention fill {fill} splits {splits}: {us:.2f} us per layer", flush=True)
-    dec.splits = TritonDecoder.default_splits(cfg.block_size)
-    dec.start(torch.tensor([1], device="cuda"), 272, torch.zeros_like(dec.seen))
+    dec.splits = TritonDecoder.default_splits(cfg.block_size, batch * cfg.n_head)
+    dec.start(torch.ones(batch, dtype=torch.long, device="cuda"), 272, torch.zeros_like(dec.seen))
     dec.capture()
     runs = []
     for _ in range(5):  # 200 replays from cache fill 272 (the graph advances the position itself)
@@ -289,8 +289,8 @@ def bench_triton_decode(preset: str) -> dict:
         runs.append(start.elapsed_time(end) * 1000 / 200)
     us = statistics.median(runs)
     out["step_us"] = us
-    print(f"whole step (graph replays, cache fill 272-472, {dec.splits} attention splits): {us:.1f} us = "
-          f"{1e6 / us:,.0f} tokens/s", flush=True)
+    print(f"whole step at batch {batch} (graph replays, cache fill 272-472, {dec.splits} attention splits): "
+          f"{us:.1f} us = {batch * 1e6 / us:,.0f} tokens/s", flush=True)
     return out
 
 
@@ -307,7 +307,7 @@ def main() -> None:
                     help="decode profile of the bf16 model and/or its weight-only int8 copy (torchao)")
     ap.add_argument("--cd-tuning", action="store_true", help="decode profile with coordinate-descent tuning")
     ap.add_argument("--decode-path", nargs="+", default=["compiled"], choices=["compiled", "kernels"],
-                    help="decode profile of torch.compile's step and/or the Triton kernels (batch 1 only)")
+                    help="decode profile of torch.compile's step and/or the Triton kernels")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -329,14 +329,14 @@ def main() -> None:
     if "gemv" in args.part:
         res["gemv"] = bench_gemv()
     if "triton" in args.part:
-        res["triton"] = bench_triton_decode(args.config)
+        res["triton"] = [bench_triton_decode(args.config, b) for b in args.batches]
         dump()
     if "decode" in args.part:
         res["decode"] = []
         for path in args.decode_path:
             for w in args.decode_weights:
                 for b in args.batches:
-                    if path == "kernels" and (b != 1 or w != "bf16"):
+                    if path == "kernels" and w != "bf16":
                         continue
                     res["decode"].append(profile_decode(args.config, b, args.new_tokens, w, path))
                     dump()

@@ -51,7 +51,7 @@ def test_one_step_equals_the_model_forward(preset, splits, monkeypatch):
         dec.refresh()
         dec.start(ids[0, 12], 12, torch.zeros_like(dec.seen))
         dec.run_step()
-        ours = dec.logits[: model.cfg.vocab_size].clone()
+        ours = dec.logits[0, : model.cfg.vocab_size].clone()
         kv_ours = [b.attn.kv_cache.kv[:, :, :, 12].clone() for b in model.transformer.h]
         model(ids[:, 12:], input_pos=torch.tensor([12], device=DEVICE))  # the model writes slot 12 itself
         kv_ref = [b.attn.kv_cache.kv[:, :, :, 12] for b in model.transformer.h]
@@ -83,10 +83,50 @@ def test_generate_with_kernels_equals_the_torch_path(preset):
         assert sampled == generate(model, p, 6, kernels=True, **kw)
 
 
-def test_unsupported_models_and_batches_say_why():
-    model = make_model("tiny")
-    with pytest.raises(ValueError, match="one prompt at a time"):
-        generate(model, [prompt(3, 1), prompt(4, 2)], 4, kernels=True)
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_batched_step_with_left_padding_equals_the_model(preset, splits, monkeypatch):
+    """Three prompts of 12, 9 and 5 tokens, left-padded as `generate` lays them out: one kernel step gives
+    each row the logits and the cache slot of the model's own cached step (which masks the padding and
+    shifts each row's positions). Attention blocks of 4 slots, so some blocks are all padding."""
+    monkeypatch.setattr(TritonDecoder, "ATTN_BLOCK_S", 4)
+    model = make_model(preset)
+    lengths, T = [12, 9, 5], 12
+    ids = torch.zeros(3, T + 1, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, T - n:] = torch.tensor(prompt(n + 1, seed=10 + i))
+    ids = ids.to(DEVICE)
+    left_pad = torch.tensor([T - n for n in lengths], device=DEVICE)
+    model.setup_caches(3, 32)
+    with torch.no_grad():
+        model(ids[:, :T], input_pos=torch.arange(T, device=DEVICE), left_pad=left_pad)
+        dec = TritonDecoder(model, sample=lambda logits, seen: logits.argmax(-1), attn_splits=splits)
+        dec.refresh()
+        dec.start(ids[:, T], T, torch.zeros_like(dec.seen), left_pad)
+        dec.run_step()
+        ours = dec.logits[:, : model.cfg.vocab_size].clone()
+        kv_ours = [b.attn.kv_cache.kv[:, :, :, T].clone() for b in model.transformer.h]
+        ref = model(ids[:, T:], input_pos=torch.tensor([T], device=DEVICE), left_pad=left_pad)[:, -1].float()
+        kv_ref = [b.attn.kv_cache.kv[:, :, :, T] for b in model.transformer.h]
+        model.clear_caches()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(kv_ours, kv_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert dec.token.tolist() == ref.argmax(-1).tolist() and dec.pos.item() == T + 1
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_batched_generate_with_kernels_equals_one_prompt_at_a_time(preset):
+    """Prompts of different lengths in one batch through the kernels: each row's greedy tokens are the ones
+    that prompt gets alone (its padding changes nothing), and the torch path's."""
+    model = make_model(preset)
+    prompts = [prompt(7, seed=2), prompt(3, seed=3), prompt(5, seed=4)]
+    batched = generate(model, prompts, 6, kernels=True)
+    assert batched == [generate(model, [p], 6, kernels=True)[0] for p in prompts]
+    assert batched == generate(model, prompts, 6, kernels=False)
+
+
+def test_unsupported_models_say_why():
     odd = make_model("tiny", d_model=48, n_head=2)  # head_dim 24
     assert "power of two" in unsupported_reason(odd)
     with pytest.raises(ValueError, match="power of two"):
@@ -108,7 +148,7 @@ def test_weights_changed_in_place_are_seen_after_refresh():
         dec.refresh()
         dec.start(ids[0, 5], 5, torch.zeros_like(dec.seen))
         dec.run_step()
-        return dec.logits[: model.cfg.vocab_size].clone()
+        return dec.logits[0, : model.cfg.vocab_size].clone()
 
     with torch.no_grad():
         before = step_logits()

@@ -9,8 +9,8 @@ With `compile=True` the single-token step is compiled with CUDA graphs (`mode="r
 removes the kernel-launch overhead that otherwise dominates batch-1 decoding of small models. Attention reads
 only the filled part of the cache (whole blocks of KV_BLOCK slots; one compilation serves every length), and
 at batch 1 the matmuls run as inductor reductions (`GPT.set_gemv`), faster than cuBLAS at one row. With
-`kernels=True` (the default for compiled batch-1 decoding on a GPU, when Triton is there) the batch-1 step
-runs instead as AntiMatter's own Triton kernels, five a layer, replayed as one CUDA graph
+`kernels=True` (the default for compiled decoding on a GPU up to KERNELS_MAX_BATCH rows, when Triton is there)
+the step runs instead as AntiMatter's own Triton kernels, five a layer, replayed as one CUDA graph
 (`model/triton_decode.py`).
 """
 
@@ -94,17 +94,18 @@ def _compiled_steps(model: GPT, mode: str):
     return cache[key]
 
 
-DECODE_KERNELS = True  # compiled batch-1 decoding on a GPU uses model/triton_decode.py when it can
+DECODE_KERNELS = True  # compiled decoding on a GPU uses model/triton_decode.py when it can
+KERNELS_MAX_BATCH = 64  # ... up to this many rows (one tile of rows in its matmuls)
 
 
 def _triton_decoder(model: GPT, kernels: bool | None, compile: bool | str, batch: int,
                     sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], key: tuple):
-    """The Triton batch-1 decoder for this call, or None for the torch path. `kernels=True` insists (and says
-    why it cannot), None decides: compiled, batch 1, Triton importable, the model supported."""
-    if kernels and batch != 1:
-        raise ValueError(f"kernels=True decodes one prompt at a time, got {batch}: pass kernels=None for batches")
+    """The Triton decoder for this call, or None for the torch path. `kernels=True` insists (and says why it
+    cannot), None decides: compiled, on a GPU, at most KERNELS_MAX_BATCH rows, Triton importable, the model
+    supported."""
     on_gpu = model.lm_head.weight.is_cuda  # the interpreter (CPU) runs them only when asked: kernels=True
-    if batch != 1 or kernels is False or (kernels is None and not (compile and DECODE_KERNELS and on_gpu)):
+    auto = compile and DECODE_KERNELS and on_gpu and batch <= KERNELS_MAX_BATCH
+    if kernels is False or (kernels is None and not auto):
         return None
     try:
         from antimatter.model import triton_decode
@@ -143,8 +144,9 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     before the first EOT. `on_token(step, tokens)` is called with each new (B,) tensor, for streaming.
     `compile`: True compiles prefill and the decode step (DECODE_COMPILE_MODE); a string names the
     torch.compile mode of the decode step. `gemv` (compiled only): single-row matmuls as reductions;
-    None = at batch 1. `kernels`: batch-1 decode steps as AntiMatter's Triton kernels in one CUDA graph
-    (True: required; None: when compiled on a GPU and the model is supported; False: never)."""
+    None = at batch 1. `kernels`: decode steps as AntiMatter's Triton kernels in one CUDA graph (True:
+    required; None: when compiled on a GPU, the batch at most KERNELS_MAX_BATCH and the model supported;
+    False: never)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens <= 0:
@@ -197,7 +199,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
             on_token(0, nxt)
         pos = torch.tensor([T], device=device)  # advanced on the device: no host-to-device copy per token
         if decoder is not None:
-            decoder.start(nxt, T, seen)
+            decoder.start(nxt, T, seen, left_pad)
         for step in range(1, max_new_tokens):
             if eot_id is not None:
                 done = done | (nxt == eot_id)

@@ -1,4 +1,4 @@
-"""Batch-1 decoding as a few hand-written Triton kernels, replayed as one CUDA graph.
+"""Decoding as a few hand-written Triton kernels, replayed as one CUDA graph.
 
 At batch 1 each new token reads every weight once, so the step is bound by memory bandwidth, in principle. The
 compiled step (torch.compile, CUDA graphs) ran 230 generated kernels of 2-9 us a token, each reading a few MB
@@ -16,8 +16,10 @@ then the final norm folded into the output head, and sampling with `generate`'s 
 as in `gpt._folded_norm_gemv`: W @ ((x - mean) * rstd * g + b) = rstd * (W@(g*x) - mean * W@g) + W@b, with W@g
 and W@b precomputed per output row (`refresh`) and the statistics of x summed in the loop that reads W, so no
 program waits for a statistics pass before its first weight load. The position of the new token lives in
-device memory, so one graph serves every step. Without a GPU the same kernels run in Triton's interpreter
-(TRITON_INTERPRET=1), which is how the tests check them against the model.
+device memory, so one graph serves every step. A batch of left-padded prompts runs the same five kernels:
+the products as small tensor-core matmuls (`_matmul_kernel`), attention one program per row and head, each
+row masking its padding. Without a GPU the same kernels run in Triton's interpreter (TRITON_INTERPRET=1),
+which is how the tests check them against the model.
 """
 
 from __future__ import annotations
@@ -107,6 +109,75 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
 
 
 @triton.jit
+def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, M, N, K, eps,
+                   NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """_matvec_kernel for a few rows at once (batched decoding): out[m, n] for the rows m of x (M, K) in
+    program_id(1)'s block and the BLOCK_N columns n of program_id(0), with the same norm fold, bias,
+    activation and in-place residual. The products run on tensor cores; x stays fp32 (tf32) after the
+    norm's gain is applied, since the fold subtracts mean * W@g afterwards."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_ok, row_ok = cols < N, rows < M
+    k = tl.arange(0, BLOCK_K)
+    ok = col_ok[:, None] & (k < K)[None, :]
+    w = tl.load(w_ptr + cols[:, None] * K + k[None, :], mask=ok, other=0.0)
+    w_up = w
+    if ACT == 2:
+        w_up = tl.load(w_ptr + (cols[:, None] + N) * K + k[None, :], mask=ok, other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + k
+        x = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :],
+                    other=0.0).to(tl.float32)
+        if NORM != 0:
+            s1 += tl.sum(x, axis=1)
+            s2 += tl.sum(x * x, axis=1)
+            x = x * tl.load(g_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+        acc = tl.dot(x, tl.trans(w.to(tl.float32)), acc)
+        if ACT == 2:
+            acc_up = tl.dot(x, tl.trans(w_up.to(tl.float32)), acc_up)
+        nxt = kk + BLOCK_K  # the next tile, loaded while this one is multiplied (none after the last)
+        ok = col_ok[:, None] & (nxt < K)[None, :]
+        w = tl.load(w_ptr + cols[:, None] * K + nxt[None, :], mask=ok, other=0.0)
+        if ACT == 2:
+            w_up = tl.load(w_ptr + (cols[:, None] + N) * K + nxt[None, :], mask=ok, other=0.0)
+    y, y_up = acc, acc_up
+    if NORM == 1:  # LayerNorm, per row: rstd * (W@(g*x) - mean * W@g) + W@b
+        mean = s1 / K
+        rstd = 1.0 / tl.sqrt(s2 / K - mean * mean + eps)
+        wg = tl.load(wg_ptr + cols, mask=col_ok, other=0.0)
+        wb = tl.load(wb_ptr + cols, mask=col_ok, other=0.0)
+        y = rstd[:, None] * (y - mean[:, None] * wg[None, :]) + wb[None, :]
+        if ACT == 2:
+            wg = tl.load(wg_ptr + N + cols, mask=col_ok, other=0.0)
+            wb = tl.load(wb_ptr + N + cols, mask=col_ok, other=0.0)
+            y_up = rstd[:, None] * (y_up - mean[:, None] * wg[None, :]) + wb[None, :]
+    if NORM == 2:  # RMSNorm: rstd * W@(g*x)
+        rstd = 1.0 / tl.sqrt(s2 / K + eps)
+        y = rstd[:, None] * y
+        y_up = rstd[:, None] * y_up
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if ACT == 2:
+            y_up += tl.load(bias_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+    if ACT == 2:
+        y = y * tl.sigmoid(y) * y_up
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_RES:
+        y += tl.load(res_ptr + rows[:, None] * N + cols[None, :], mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
 def _head_vector(ptr, pos, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, ROPE: tl.constexpr,
                  QK_NORM: tl.constexpr):
     """One head's query or key as the model computes it: RMS-normalised (QK-norm) and rotated (RoPE, the
@@ -130,33 +201,38 @@ def _head_vector(ptr, pos, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, ROPE: 
 
 
 @triton.jit
-def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qn_ptr, kn_ptr,
-                   cos_ptr, sin_ptr, kv_stride, head_stride, slot_stride, scale, eps,
+def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, pad_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qn_ptr,
+                   kn_ptr, cos_ptr, sin_ptr, kv_stride, batch_stride, head_stride, slot_stride, scale, eps,
                    Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                    ROPE: tl.constexpr, QK_NORM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
                    PDL: tl.constexpr):
-    """Attention of the new token for query head program_id(0), over the cache slots of split program_id(1)
-    (every SPLITS-th block of BLOCK_S slots below `pos`) plus, in split 0, the new token itself. The first
-    query head of each key/value group writes the new key and value into cache slot `pos`; no program reads
-    that slot in this step, so there is no race. Slots below `pos` were written by earlier steps, so with PDL
-    the first block is loaded before waiting for the QKV kernel."""
+    """Attention of the new token of row program_id(2) for query head program_id(0), over the cache slots of
+    split program_id(1) (every SPLITS-th block of BLOCK_S slots below `pos`) plus, in split 0, the new token
+    itself. Rows are left-padded: the row's first `pad` slots are masked out and its positions count from
+    there. The first query head of each key/value group writes the new key and value into cache slot `pos`;
+    no program reads that slot in this step, so there is no race. Slots below `pos` were written by earlier
+    steps, so with PDL the first block is loaded before waiting for the QKV kernel."""
     h = tl.program_id(0)
     split = tl.program_id(1)
+    b = tl.program_id(2)
     hk = h // GROUP
     pos = tl.load(pos_ptr).to(tl.int32)
+    pad = tl.load(pad_ptr + b).to(tl.int32)
     d = tl.arange(0, D)
-    k_base = kv_ptr + hk * head_stride
+    k_base = kv_ptr + b * batch_stride + hk * head_stride
     v_base = k_base + kv_stride
     s = split * BLOCK_S + tl.arange(0, BLOCK_S)
-    k = tl.load(k_base + s[:, None] * slot_stride + d[None, :], mask=(s < pos)[:, None], other=0.0)
-    v = tl.load(v_base + s[:, None] * slot_stride + d[None, :], mask=(s < pos)[:, None], other=0.0)
+    ok = (s < pos) & (s >= pad)
+    k = tl.load(k_base + s[:, None] * slot_stride + d[None, :], mask=ok[:, None], other=0.0)
+    v = tl.load(v_base + s[:, None] * slot_stride + d[None, :], mask=ok[:, None], other=0.0)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    q = _head_vector(qkv_ptr + h * D, pos, qn_ptr, cos_ptr, sin_ptr, eps, D, ROPE, QK_NORM)
-    k_new = _head_vector(qkv_ptr + Q_DIM + hk * D, pos, kn_ptr, cos_ptr, sin_ptr, eps, D, ROPE, QK_NORM)
+    row = qkv_ptr + b * (Q_DIM + 2 * KV_DIM)
+    q = _head_vector(row + h * D, pos - pad, qn_ptr, cos_ptr, sin_ptr, eps, D, ROPE, QK_NORM)
+    k_new = _head_vector(row + Q_DIM + hk * D, pos - pad, kn_ptr, cos_ptr, sin_ptr, eps, D, ROPE, QK_NORM)
     k_new = k_new.to(kv_ptr.dtype.element_ty)
-    v_new = tl.load(qkv_ptr + Q_DIM + KV_DIM + hk * D + d).to(kv_ptr.dtype.element_ty)
+    v_new = tl.load(row + Q_DIM + KV_DIM + hk * D + d).to(kv_ptr.dtype.element_ty)
     if (h % GROUP == 0) & (split == 0):
         tl.store(k_base + pos * slot_stride + d, k_new)
         tl.store(v_base + pos * slot_stride + d, v_new)
@@ -165,41 +241,48 @@ def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, out_ptr, part_m_ptr, part_l_ptr, pa
     l_i = tl.where(first, 1.0, 0.0)
     acc = tl.where(first, v_new.to(tl.float32), 0.0)
     for s0 in range(split * BLOCK_S, pos, SPLITS * BLOCK_S):
-        ok = s0 + tl.arange(0, BLOCK_S) < pos
+        s = s0 + tl.arange(0, BLOCK_S)
+        ok = (s < pos) & (s >= pad)
         scores = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block of padding only, nothing before it
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(scores - m_ref)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
         s = s0 + SPLITS * BLOCK_S + tl.arange(0, BLOCK_S)  # this split's next block, loaded ahead
-        k = tl.load(k_base + s[:, None] * slot_stride + d[None, :], mask=(s < pos)[:, None], other=0.0)
-        v = tl.load(v_base + s[:, None] * slot_stride + d[None, :], mask=(s < pos)[:, None], other=0.0)
+        ok = (s < pos) & (s >= pad)
+        k = tl.load(k_base + s[:, None] * slot_stride + d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_base + s[:, None] * slot_stride + d[None, :], mask=ok[:, None], other=0.0)
+    out = out_ptr + b * Q_DIM + h * D
     if SPLITS == 1:
-        tl.store(out_ptr + h * D + d, (acc / l_i).to(out_ptr.dtype.element_ty))
+        tl.store(out + d, (acc / l_i).to(out_ptr.dtype.element_ty))
     else:
-        tl.store(part_m_ptr + h * SPLITS + split, m_i)
-        tl.store(part_l_ptr + h * SPLITS + split, l_i)
-        tl.store(part_acc_ptr + (h * SPLITS + split) * D + d, acc)
+        part = (b * tl.num_programs(0) + h) * SPLITS + split
+        tl.store(part_m_ptr + part, m_i)
+        tl.store(part_l_ptr + part, l_i)
+        tl.store(part_acc_ptr + part * D + d, acc)
 
 
 @triton.jit
-def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr,
-                    PDL: tl.constexpr):
-    """Merge the SPLITS partial softmaxes of query head program_id(0) (a split with no slots has m = -inf
-    and weighs nothing)."""
+def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, Q_DIM: tl.constexpr, D: tl.constexpr,
+                    SPLITS: tl.constexpr, PDL: tl.constexpr):
+    """Merge the SPLITS partial softmaxes of query head program_id(0) of row program_id(1) (a split with no
+    slots has m = -inf and weighs nothing)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
     h = tl.program_id(0)
-    j = tl.arange(0, SPLITS)
+    b = tl.program_id(1)
+    j = (b * tl.num_programs(0) + h) * SPLITS + tl.arange(0, SPLITS)
     d = tl.arange(0, D)
-    m = tl.load(part_m_ptr + h * SPLITS + j)
+    m = tl.load(part_m_ptr + j)
     weight = tl.exp(m - tl.max(m, axis=0))
-    l_sum = tl.sum(tl.load(part_l_ptr + h * SPLITS + j) * weight, axis=0)
-    acc = tl.load(part_acc_ptr + (h * SPLITS + j)[:, None] * D + d[None, :])
-    tl.store(out_ptr + h * D + d, (tl.sum(acc * weight[:, None], axis=0) / l_sum).to(out_ptr.dtype.element_ty))
+    l_sum = tl.sum(tl.load(part_l_ptr + j) * weight, axis=0)
+    acc = tl.load(part_acc_ptr + j[:, None] * D + d[None, :])
+    out = out_ptr + b * Q_DIM + h * D + d
+    tl.store(out, (tl.sum(acc * weight[:, None], axis=0) / l_sum).to(out_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -209,6 +292,9 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, D: tl.constex
 MATVEC_CONFIGS = [(2, 1024, 4), (1, 1024, 4), (4, 1024, 4), (4, 512, 4), (8, 512, 4), (16, 256, 4),
                   (8, 256, 4), (2, 512, 4), (2, 1024, 2), (4, 1024, 8), (16, 512, 8), (32, 256, 8),
                   (1, 2048, 4), (2, 2048, 8), (1, 4096, 4), (2, 4096, 8)]
+# the same for the batched kernel (BLOCK_M follows the batch): tensor-core tiles of at least 16
+MATMUL_CONFIGS = [(32, 128, 4), (16, 128, 4), (16, 256, 4), (32, 256, 4), (64, 128, 4), (32, 64, 4),
+                  (64, 64, 4), (16, 512, 4), (64, 256, 8), (128, 64, 4)]
 _TUNED: dict[tuple, tuple[int, int, int]] = {}  # (GPU name, signature, PDL) -> fastest config, this process
 
 
@@ -237,7 +323,8 @@ def _pdl_launch(device: torch.device) -> dict:
 
 
 class _MatVec:
-    """One fused matrix-vector product: a norm folded in front (optional), bias, activation, residual."""
+    """One fused matrix-vector product: a norm folded in front (optional), bias, activation, residual; for
+    each of the M rows of x (M, K) -> out (M, N), one row by _matvec_kernel, several by _matmul_kernel."""
 
     def __init__(self, linear: Linear, x: torch.Tensor, out: torch.Tensor, launch: dict,
                  norm: torch.nn.Module | None = None, act: int = ACT_NONE, residual: torch.Tensor | None = None):
@@ -246,6 +333,8 @@ class _MatVec:
         self.bias, self.res, self.norm, self.act = linear.bias, residual, norm, act
         self.N = self.w.shape[0] // (2 if act == ACT_SWIGLU else 1)
         self.K = self.w.shape[1]
+        self.M = x.shape[0]
+        self.block_m = min(64, max(16, triton.next_power_of_2(self.M)))
         self.kind = NORM_NONE if norm is None else NORM_RMS if isinstance(norm, RMSNorm) else NORM_LAYER
         self.eps = float(getattr(norm, "eps", 0.0) or 0.0)
         rows = self.w.shape[0]
@@ -254,7 +343,7 @@ class _MatVec:
         if self.w.is_cuda:  # until `TritonDecoder.tune` has timed the candidates
             self.config = self.candidates()[0]
         else:  # the interpreter (tests): few, large programs
-            self.config = (64, min(1024, triton.next_power_of_2(self.K)), 4)
+            self.config = (64, min(1024 if self.M == 1 else 256, triton.next_power_of_2(self.K)), 4)
 
     def refresh(self) -> None:
         """Per-row folds of the norm's weight and bias into W, from the weights as they are now (recomputed
@@ -273,27 +362,34 @@ class _MatVec:
                 self.wb[i: i + 8192] = wi @ self.norm.bias.float()
 
     def candidates(self) -> list[tuple[int, int, int]]:
-        return [c for c in MATVEC_CONFIGS if c[1] <= max(self.K, 256)]
+        if self.M == 1:
+            return [c for c in MATVEC_CONFIGS if c[1] <= max(self.K, 256)]
+        return [c for c in MATMUL_CONFIGS if c[1] <= max(self.K, 64)]
 
     def signature(self) -> tuple:
-        return (self.N, self.K, self.kind, self.act, self.bias is not None, self.res is not None)
+        return (self.M, self.N, self.K, self.kind, self.act, self.bias is not None, self.res is not None)
 
     def __call__(self, config: tuple[int, int, int] | None = None) -> None:
         block_n, block_k, warps = config or self.config
         g = self.norm.weight if self.norm is not None else self.w
-        _matvec_kernel[(triton.cdiv(self.N, block_n),)](
-            self.x, self.w, self.out, self.bias if self.bias is not None else self.w,
-            self.res if self.res is not None else self.out, g, self.wg, self.wb, self.N, self.K, self.eps,
-            NORM=self.kind, HAS_BIAS=self.bias is not None, ACT=self.act, HAS_RES=self.res is not None,
-            BLOCK_N=block_n, BLOCK_K=block_k, PDL=bool(self.launch), num_warps=warps, **self.launch)
+        args = (self.x, self.w, self.out, self.bias if self.bias is not None else self.w,
+                self.res if self.res is not None else self.out, g, self.wg, self.wb)
+        flags = dict(NORM=self.kind, HAS_BIAS=self.bias is not None, ACT=self.act, HAS_RES=self.res is not None,
+                     BLOCK_N=block_n, BLOCK_K=block_k, PDL=bool(self.launch), num_warps=warps, **self.launch)
+        if self.M == 1:
+            _matvec_kernel[(triton.cdiv(self.N, block_n),)](*args, self.N, self.K, self.eps, **flags)
+        else:
+            grid = (triton.cdiv(self.N, block_n), triton.cdiv(self.M, self.block_m))
+            _matmul_kernel[grid](*args, self.M, self.N, self.K, self.eps, BLOCK_M=self.block_m, **flags)
 
 
 class TritonDecoder:
-    """The batch-1 decode step of one GPT over its KV cache (set up by `GPT.setup_caches(1, max_seq)`).
+    """The decode step of one GPT over its KV cache (set up by `GPT.setup_caches(batch, max_seq)`).
 
-    `start(token, pos, seen)` loads the state; each `step()` feeds the token at cache slot `pos`, writes the
-    next token into `token`, and advances `pos`. On a GPU the step is captured once as a CUDA graph (after
-    one tuning pass over the matrix-vector block shapes) and replayed."""
+    `start(token, pos, seen, left_pad)` loads the state; each `step()` feeds each row's token at cache slot
+    `pos` (rows are left-padded by `left_pad` slots, as `generate` lays out a batch), writes the next tokens
+    into `token`, and advances `pos`. On a GPU the step is captured once as a CUDA graph (after one tuning
+    pass over the matrix block shapes) and replayed."""
 
     ATTN_BLOCK_S = 64
     MAX_SPLITS = 16
@@ -308,14 +404,17 @@ class TritonDecoder:
         w = model.lm_head.weight
         dev, dt = w.device, w.dtype
         self.q_dim, self.kv_dim = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        B, _, max_seq, _ = model.transformer.h[0].attn.kv_cache.k.shape  # (B, H_kv, max_seq, D)
+        self.batch = B
+        self.token = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.seen = torch.zeros(1, cfg.vocab_size, dtype=torch.bool, device=dev)
-        self.x = torch.zeros(cfg.d_model, dtype=dt, device=dev)
-        self.qkv = torch.zeros(self.q_dim + 2 * self.kv_dim, dtype=dt, device=dev)
-        self.y = torch.zeros(self.q_dim, dtype=dt, device=dev)
-        self.h = torch.zeros(cfg.ffn_dim, dtype=dt, device=dev)
-        self.logits = torch.zeros(cfg.padded_vocab_size, dtype=torch.float32, device=dev)
+        self.left_pad = torch.zeros(B, dtype=torch.long, device=dev)
+        self.seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=dev)
+        self.x = torch.zeros(B, cfg.d_model, dtype=dt, device=dev)
+        self.qkv = torch.zeros(B, self.q_dim + 2 * self.kv_dim, dtype=dt, device=dev)
+        self.y = torch.zeros(B, self.q_dim, dtype=dt, device=dev)
+        self.h = torch.zeros(B, cfg.ffn_dim, dtype=dt, device=dev)
+        self.logits = torch.zeros(B, cfg.padded_vocab_size, dtype=torch.float32, device=dev)
         act = ACT_SWIGLU if cfg.arch == "llama" else ACT_GELU
         self.launch = launch = _pdl_launch(dev)
         self.layers = []
@@ -329,9 +428,8 @@ class TritonDecoder:
                 _MatVec(m.c_proj, self.h, self.x, launch, residual=self.x),
             ))
         self.head = _MatVec(model.lm_head, self.x, self.logits, launch, norm=model.transformer.ln_f)
-        max_seq = model.transformer.h[0].attn.kv_cache.k.shape[2]
-        self.splits = attn_splits or self.default_splits(max_seq)
-        n = cfg.n_head * self.MAX_SPLITS  # room for any split count (profile_kernels.py tries several)
+        self.splits = attn_splits or self.default_splits(max_seq, B * cfg.n_head)
+        n = B * cfg.n_head * self.MAX_SPLITS  # room for any split count (profile_kernels.py tries several)
         self.part_m = torch.zeros(n, dtype=torch.float32, device=dev)
         self.part_l = torch.zeros(n, dtype=torch.float32, device=dev)
         self.part_acc = torch.zeros(n, cfg.head_dim, dtype=torch.float32, device=dev)
@@ -340,12 +438,14 @@ class TritonDecoder:
         self.tune_report: dict = {}
 
     @classmethod
-    def default_splits(cls, max_seq: int) -> int:
+    def default_splits(cls, max_seq: int, heads: int = 16) -> int:
         """Programs per head in attention: enough that each reads one block of the cache up to 1,024 slots,
-        at most 16 (a power of two). Splits with no slot below the position return at once. On an H200 this
+        at most 16 (a power of two), and not more than make ~2,048 programs over all `heads` (rows x query
+        heads) of a batch. Splits with no slot below the position return at once. At batch 1 on an H200 this
         picked the fastest count for 272 and 1,024-2,000 filled slots (8 and 16; docs/RESULTS.md)."""
         n = max(1, math.ceil(max_seq / cls.ATTN_BLOCK_S))
-        return min(cls.MAX_SPLITS, 1 << (n - 1).bit_length())
+        by_length = min(cls.MAX_SPLITS, 1 << (n - 1).bit_length())
+        return max(1, min(by_length, 1 << max(0, (2048 // heads).bit_length() - 1)))
 
     def matvecs(self) -> list[_MatVec]:
         return [mv for layer in self.layers for mv in (layer[0], *layer[2:])] + [self.head]
@@ -355,10 +455,11 @@ class TritonDecoder:
         for mv in self.matvecs():
             mv.refresh()
 
-    def start(self, token: torch.Tensor, pos: int, seen: torch.Tensor) -> None:
-        self.token.copy_(token.view(1))
+    def start(self, token: torch.Tensor, pos: int, seen: torch.Tensor, left_pad: torch.Tensor | None = None) -> None:
+        self.token.copy_(token.view(self.batch))
         self.pos.fill_(pos)
         self.seen.copy_(seen)
+        self.left_pad.copy_(left_pad if left_pad is not None else torch.zeros_like(self.left_pad))
 
     def _attend(self, attn) -> None:
         cfg, kv = self.model.cfg, attn.kv_cache.kv
@@ -367,23 +468,24 @@ class TritonDecoder:
         qn = attn.q_norm.weight if attn.q_norm is not None else self.x
         kn = attn.k_norm.weight if attn.k_norm is not None else self.x
         D, launch = cfg.head_dim, self.launch
-        _attend_kernel[(cfg.n_head, self.splits)](
-            self.qkv, kv, self.pos, self.y, self.part_m, self.part_l, self.part_acc, qn, kn, cos, sin,
-            kv.stride(0), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D), cfg.norm_eps,
+        _attend_kernel[(cfg.n_head, self.splits, self.batch)](
+            self.qkv, kv, self.pos, self.left_pad, self.y, self.part_m, self.part_l, self.part_acc, qn, kn, cos,
+            sin, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D), cfg.norm_eps,
             Q_DIM=self.q_dim, KV_DIM=self.kv_dim, GROUP=cfg.n_head // cfg.kv_heads, D=D, ROPE=rope,
             QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.ATTN_BLOCK_S, PDL=bool(launch),
             num_warps=4, **launch)
         if self.splits > 1:
-            _combine_kernel[(cfg.n_head,)](self.part_m, self.part_l, self.part_acc, self.y, D=D,
-                                           SPLITS=self.splits, PDL=bool(launch), num_warps=1, **launch)
+            _combine_kernel[(cfg.n_head, self.batch)](self.part_m, self.part_l, self.part_acc, self.y,
+                                                      Q_DIM=self.q_dim, D=D, SPLITS=self.splits, PDL=bool(launch),
+                                                      num_warps=1, **launch)
 
     def run_step(self) -> None:
         """One decode step as kernel launches (what the CUDA graph records)."""
         t = self.model.transformer
         x = t.wte.weight[self.token]
         if self.model.cfg.arch == "gpt2":
-            x = x + t.wpe.weight[self.pos]
-        self.x.copy_(x.view(-1))
+            x = x + t.wpe.weight[self.pos - self.left_pad]
+        self.x.copy_(x)
         for qkv, attn, proj, up, down in self.layers:
             qkv()
             self._attend(attn)
@@ -391,10 +493,9 @@ class TritonDecoder:
             up()
             down()
         self.head()
-        vocab = self.model.cfg.vocab_size
-        nxt = self.sample(self.logits[:vocab].view(1, vocab), self.seen)
-        self.seen.scatter_(1, nxt.view(1, 1), True)
-        self.token.copy_(nxt.view(1))
+        nxt = self.sample(self.logits[:, : self.model.cfg.vocab_size], self.seen)
+        self.seen.scatter_(1, nxt.view(self.batch, 1), True)
+        self.token.copy_(nxt)
         self.pos += 1
 
     def tune(self) -> dict:
