@@ -111,43 +111,49 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
 @triton.jit
 def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, M, N, K, eps,
                    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                   PDL: tl.constexpr):
     """_matvec_kernel for a few rows at once (batched decoding): out[m, n] for the rows m of x (M, K) in
     program_id(1)'s block and the BLOCK_N columns n of program_id(0), with the same norm fold, bias,
-    activation and in-place residual. The products run on tensor cores; x stays fp32 (tf32) after the
-    norm's gain is applied, since the fold subtracts mean * W@g afterwards."""
+    activation and in-place residual. The products run on tensor cores in the weights' dtype, with the
+    normalised x split into a high and a low part (two products): the fold subtracts mean * W@g after the
+    product, so x * g must keep more than 8 bits. fp32 weights (tests) multiply in full fp32. The loop is
+    software-pipelined over STAGES tiles, so PDL here only lets the next kernel launch early."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_ok, row_ok = cols < N, rows < M
     k = tl.arange(0, BLOCK_K)
-    ok = col_ok[:, None] & (k < K)[None, :]
-    w = tl.load(w_ptr + cols[:, None] * K + k[None, :], mask=ok, other=0.0)
-    w_up = w
-    if ACT == 2:
-        w_up = tl.load(w_ptr + (cols[:, None] + N) * K + k[None, :], mask=ok, other=0.0)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         kk = k0 + k
+        w_ok = col_ok[:, None] & (kk < K)[None, :]
+        w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=w_ok, other=0.0)
         x = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :],
                     other=0.0).to(tl.float32)
         if NORM != 0:
             s1 += tl.sum(x, axis=1)
             s2 += tl.sum(x * x, axis=1)
             x = x * tl.load(g_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-        acc = tl.dot(x, tl.trans(w.to(tl.float32)), acc)
+        if w_ptr.dtype.element_ty == tl.float32:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            x_hi = x.to(w_ptr.dtype.element_ty)
+            x_lo = (x - x_hi.to(tl.float32)).to(w_ptr.dtype.element_ty)
+            acc = tl.dot(x_hi, tl.trans(w), acc)
+            acc = tl.dot(x_lo, tl.trans(w), acc)
         if ACT == 2:
-            acc_up = tl.dot(x, tl.trans(w_up.to(tl.float32)), acc_up)
-        nxt = kk + BLOCK_K  # the next tile, loaded while this one is multiplied (none after the last)
-        ok = col_ok[:, None] & (nxt < K)[None, :]
-        w = tl.load(w_ptr + cols[:, None] * K + nxt[None, :], mask=ok, other=0.0)
-        if ACT == 2:
-            w_up = tl.load(w_ptr + (cols[:, None] + N) * K + nxt[None, :], mask=ok, other=0.0)
+            w_up = tl.load(w_ptr + (cols[:, None] + N) * K + kk[None, :], mask=w_ok, other=0.0)
+            if w_ptr.dtype.element_ty == tl.float32:
+                acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(x_hi, tl.trans(w_up), acc_up)
+                acc_up = tl.dot(x_lo, tl.trans(w_up), acc_up)
     y, y_up = acc, acc_up
     if NORM == 1:  # LayerNorm, per row: rstd * (W@(g*x) - mean * W@g) + W@b
         mean = s1 / K
@@ -292,10 +298,10 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, Q_DIM: tl.con
 MATVEC_CONFIGS = [(2, 1024, 4), (1, 1024, 4), (4, 1024, 4), (4, 512, 4), (8, 512, 4), (16, 256, 4),
                   (8, 256, 4), (2, 512, 4), (2, 1024, 2), (4, 1024, 8), (16, 512, 8), (32, 256, 8),
                   (1, 2048, 4), (2, 2048, 8), (1, 4096, 4), (2, 4096, 8)]
-# the same for the batched kernel (BLOCK_M follows the batch): tensor-core tiles of at least 16
-MATMUL_CONFIGS = [(32, 128, 4), (16, 128, 4), (16, 256, 4), (32, 256, 4), (64, 128, 4), (32, 64, 4),
-                  (64, 64, 4), (16, 512, 4), (64, 256, 8), (128, 64, 4)]
-_TUNED: dict[tuple, tuple[int, int, int]] = {}  # (GPU name, signature, PDL) -> fastest config, this process
+# (BLOCK_N, BLOCK_K, num_warps, stages) for the batched kernel (BLOCK_M follows the batch): tensor-core tiles
+MATMUL_CONFIGS = [(32, 128, 4, 4), (16, 128, 4, 4), (16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 4),
+                  (64, 64, 4, 6), (32, 64, 4, 6), (128, 64, 4, 4), (64, 256, 8, 3), (128, 128, 8, 3)]
+_TUNED: dict[tuple, tuple[int, ...]] = {}  # (GPU name, signature, PDL) -> fastest config, this process
 
 
 def unsupported_reason(model: GPT) -> str | None:
@@ -343,7 +349,7 @@ class _MatVec:
         if self.w.is_cuda:  # until `TritonDecoder.tune` has timed the candidates
             self.config = self.candidates()[0]
         else:  # the interpreter (tests): few, large programs
-            self.config = (64, min(1024 if self.M == 1 else 256, triton.next_power_of_2(self.K)), 4)
+            self.config = (64, min(1024, triton.next_power_of_2(self.K)), 4) if self.M == 1 else (32, 64, 4, 2)
 
     def refresh(self) -> None:
         """Per-row folds of the norm's weight and bias into W, from the weights as they are now (recomputed
@@ -361,7 +367,7 @@ class _MatVec:
             if self.norm.bias is not None:
                 self.wb[i: i + 8192] = wi @ self.norm.bias.float()
 
-    def candidates(self) -> list[tuple[int, int, int]]:
+    def candidates(self) -> list[tuple[int, ...]]:
         if self.M == 1:
             return [c for c in MATVEC_CONFIGS if c[1] <= max(self.K, 256)]
         return [c for c in MATMUL_CONFIGS if c[1] <= max(self.K, 64)]
@@ -369,8 +375,8 @@ class _MatVec:
     def signature(self) -> tuple:
         return (self.M, self.N, self.K, self.kind, self.act, self.bias is not None, self.res is not None)
 
-    def __call__(self, config: tuple[int, int, int] | None = None) -> None:
-        block_n, block_k, warps = config or self.config
+    def __call__(self, config: tuple[int, ...] | None = None) -> None:
+        block_n, block_k, warps, *stages = config or self.config
         g = self.norm.weight if self.norm is not None else self.w
         args = (self.x, self.w, self.out, self.bias if self.bias is not None else self.w,
                 self.res if self.res is not None else self.out, g, self.wg, self.wb)
@@ -380,7 +386,8 @@ class _MatVec:
             _matvec_kernel[(triton.cdiv(self.N, block_n),)](*args, self.N, self.K, self.eps, **flags)
         else:
             grid = (triton.cdiv(self.N, block_n), triton.cdiv(self.M, self.block_m))
-            _matmul_kernel[grid](*args, self.M, self.N, self.K, self.eps, BLOCK_M=self.block_m, **flags)
+            _matmul_kernel[grid](*args, self.M, self.N, self.K, self.eps, BLOCK_M=self.block_m, STAGES=stages[0],
+                                 **flags)
 
 
 class TritonDecoder:
