@@ -115,10 +115,12 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
                    PDL: tl.constexpr):
     """_matvec_kernel for a few rows at once (batched decoding): out[m, n] for the rows m of x (M, K) in
     program_id(1)'s block and the BLOCK_N columns n of program_id(0), with the same norm fold, bias,
-    activation and in-place residual. The products run on tensor cores in the weights' dtype, with the
-    normalised x split into a high and a low part (two products): the fold subtracts mean * W@g after the
-    product, so x * g must keep more than 8 bits. fp32 weights (tests) multiply in full fp32. The loop is
-    software-pipelined over STAGES tiles, so PDL here only lets the next kernel launch early."""
+    activation and in-place residual. Computed transposed, W (BLOCK_N, K) @ x^T (K, BLOCK_M), so the weight
+    rows fill the tensor cores' large M side and the few rows of x their small N side. The products run in
+    the weights' dtype with the normalised x split into a high and a low part (two products): the fold
+    subtracts mean * W@g after the product, so x * g must keep more than 8 bits. fp32 weights (tests)
+    multiply in full fp32. The loop is software-pipelined over STAGES tiles, so PDL here only lets the next
+    kernel launch early."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -126,61 +128,62 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_ok, row_ok = cols < N, rows < M
     k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         kk = k0 + k
         w_ok = col_ok[:, None] & (kk < K)[None, :]
         w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=w_ok, other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :],
-                    other=0.0).to(tl.float32)
+        xt = tl.load(x_ptr + rows[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk < K)[:, None],
+                     other=0.0).to(tl.float32)  # x^T (BLOCK_K, BLOCK_M)
         if NORM != 0:
-            s1 += tl.sum(x, axis=1)
-            s2 += tl.sum(x * x, axis=1)
-            x = x * tl.load(g_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
+            s1 += tl.sum(xt, axis=0)
+            s2 += tl.sum(xt * xt, axis=0)
+            xt = xt * tl.load(g_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)[:, None]
         if w_ptr.dtype.element_ty == tl.float32:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            acc = tl.dot(w, xt, acc, input_precision="ieee")
         else:
-            x_hi = x.to(w_ptr.dtype.element_ty)
-            x_lo = (x - x_hi.to(tl.float32)).to(w_ptr.dtype.element_ty)
-            acc = tl.dot(x_hi, tl.trans(w), acc)
-            acc = tl.dot(x_lo, tl.trans(w), acc)
+            x_hi = xt.to(w_ptr.dtype.element_ty)
+            x_lo = (xt - x_hi.to(tl.float32)).to(w_ptr.dtype.element_ty)
+            acc = tl.dot(w, x_hi, acc)
+            acc = tl.dot(w, x_lo, acc)
         if ACT == 2:
             w_up = tl.load(w_ptr + (cols[:, None] + N) * K + kk[None, :], mask=w_ok, other=0.0)
             if w_ptr.dtype.element_ty == tl.float32:
-                acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision="ieee")
+                acc_up = tl.dot(w_up, xt, acc_up, input_precision="ieee")
             else:
-                acc_up = tl.dot(x_hi, tl.trans(w_up), acc_up)
-                acc_up = tl.dot(x_lo, tl.trans(w_up), acc_up)
+                acc_up = tl.dot(w_up, x_hi, acc_up)
+                acc_up = tl.dot(w_up, x_lo, acc_up)
     y, y_up = acc, acc_up
-    if NORM == 1:  # LayerNorm, per row: rstd * (W@(g*x) - mean * W@g) + W@b
+    if NORM == 1:  # LayerNorm, per row of x: rstd * (W@(g*x) - mean * W@g) + W@b
         mean = s1 / K
         rstd = 1.0 / tl.sqrt(s2 / K - mean * mean + eps)
         wg = tl.load(wg_ptr + cols, mask=col_ok, other=0.0)
         wb = tl.load(wb_ptr + cols, mask=col_ok, other=0.0)
-        y = rstd[:, None] * (y - mean[:, None] * wg[None, :]) + wb[None, :]
+        y = rstd[None, :] * (y - wg[:, None] * mean[None, :]) + wb[:, None]
         if ACT == 2:
             wg = tl.load(wg_ptr + N + cols, mask=col_ok, other=0.0)
             wb = tl.load(wb_ptr + N + cols, mask=col_ok, other=0.0)
-            y_up = rstd[:, None] * (y_up - mean[:, None] * wg[None, :]) + wb[None, :]
+            y_up = rstd[None, :] * (y_up - wg[:, None] * mean[None, :]) + wb[:, None]
     if NORM == 2:  # RMSNorm: rstd * W@(g*x)
         rstd = 1.0 / tl.sqrt(s2 / K + eps)
-        y = rstd[:, None] * y
-        y_up = rstd[:, None] * y_up
+        y = rstd[None, :] * y
+        y_up = rstd[None, :] * y_up
     if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
         if ACT == 2:
-            y_up += tl.load(bias_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            y_up += tl.load(bias_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
     if ACT == 1:
         y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
     if ACT == 2:
         y = y * tl.sigmoid(y) * y_up
-    out_ok = row_ok[:, None] & col_ok[None, :]
+    out_ok = col_ok[:, None] & row_ok[None, :]
+    at = rows[None, :] * N + cols[:, None]
     if HAS_RES:
-        y += tl.load(res_ptr + rows[:, None] * N + cols[None, :], mask=out_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=out_ok)
+        y += tl.load(res_ptr + at, mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -299,8 +302,8 @@ MATVEC_CONFIGS = [(2, 1024, 4), (1, 1024, 4), (4, 1024, 4), (4, 512, 4), (8, 512
                   (8, 256, 4), (2, 512, 4), (2, 1024, 2), (4, 1024, 8), (16, 512, 8), (32, 256, 8),
                   (1, 2048, 4), (2, 2048, 8), (1, 4096, 4), (2, 4096, 8)]
 # (BLOCK_N, BLOCK_K, num_warps, stages) for the batched kernel (BLOCK_M follows the batch): tensor-core tiles
-MATMUL_CONFIGS = [(32, 128, 4, 4), (16, 128, 4, 4), (16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 4),
-                  (64, 64, 4, 6), (32, 64, 4, 6), (128, 64, 4, 4), (64, 256, 8, 3), (128, 128, 8, 3)]
+MATMUL_CONFIGS = [(64, 128, 4, 4), (64, 64, 4, 6), (64, 256, 4, 3), (128, 64, 4, 4), (128, 128, 4, 3),
+                  (32, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 3), (128, 128, 8, 3), (64, 512, 4, 2)]
 _TUNED: dict[tuple, tuple[int, ...]] = {}  # (GPU name, signature, PDL) -> fastest config, this process
 
 
