@@ -42,15 +42,18 @@ ACT_NONE, ACT_GELU, ACT_SWIGLU = 0, 1, 2
 
 
 @triton.jit
-def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, N, K, eps,
-                   NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, part_m_ptr, part_l_ptr,
+                   part_acc_ptr, N, K, eps, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                   HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                   SPLITS: tl.constexpr = 0, D: tl.constexpr = 1):
     """out[n] = act(W[n] . norm(x) + bias[n]) (+ res[n]) for the BLOCK_N rows n of this program.
     SwiGLU reads rows n (gate) and n + N (up) of W: silu(gate) * up. `out` may be `res` (in place): each
     program reads and writes only its own rows. With PDL (programmatic dependent launch) the program lets the
     next kernel launch at once and loads its first weight tile before waiting for the previous kernel: weights
     never change during a step, so their loads overlap the previous kernel's tail; every read of activations
-    and every store comes after the wait."""
+    and every store comes after the wait. With SPLITS > 0, x is the attention output still in SPLITS partial
+    softmaxes per head of D dims (_attend_kernel's parts): each program merges them itself, as
+    _combine_kernel would, which saves that kernel's launch and wait (the parts are a few KB, read from L2)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
@@ -68,7 +71,15 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
     s2 = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         col_ok = k0 + cols < K
-        x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if SPLITS > 0:  # x[c] = sum_j acc[h, j, d] e^(m[h, j] - max_j m) / sum_j l[h, j] e^(...), c = h * D + d
+            part = (k0 + cols)[:, None] // D * SPLITS + tl.arange(0, SPLITS)[None, :]
+            m = tl.load(part_m_ptr + part, mask=col_ok[:, None], other=0.0)
+            weight = tl.exp(m - tl.max(m, axis=1)[:, None])
+            l_sum = tl.sum(tl.load(part_l_ptr + part, mask=col_ok[:, None], other=1.0) * weight, axis=1)
+            a = tl.load(part_acc_ptr + part * D + ((k0 + cols) % D)[:, None], mask=col_ok[:, None], other=0.0)
+            x = (tl.sum(a * weight, axis=1) / l_sum).to(x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
         if NORM != 0:
             s1 += x
             s2 += x * x
@@ -297,10 +308,10 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, Q_DIM: tl.con
 # ------------------------------------------------------------------------------------------------ host side
 
 # (BLOCK_N, BLOCK_K, num_warps) tried per matrix shape on the GPU (those with BLOCK_K <= K); the first that
-# fits is used until tuned
-MATVEC_CONFIGS = [(2, 1024, 4), (1, 1024, 4), (4, 1024, 4), (4, 512, 4), (8, 512, 4), (16, 256, 4),
-                  (8, 256, 4), (2, 512, 4), (2, 1024, 2), (4, 1024, 8), (16, 512, 8), (32, 256, 8),
-                  (1, 2048, 4), (2, 2048, 8), (1, 4096, 4), (2, 4096, 8)]
+# fits is used until tuned. The four fastest of each seed-300m shape out of 16 candidates on an H200
+# (docs/results/session5/decode_b1_kernels_h200_f2d82fe.json): fewer compilations in the first call.
+MATVEC_CONFIGS = [(4, 512, 4), (4, 1024, 4), (8, 512, 4), (16, 512, 8), (2, 1024, 2), (2, 1024, 4),
+                  (2, 2048, 8), (2, 4096, 8), (16, 256, 4), (8, 256, 4)]
 # (BLOCK_N, BLOCK_K, num_warps, stages) for the batched kernel (BLOCK_M follows the batch): tensor-core tiles
 MATMUL_CONFIGS = [(64, 128, 4, 4), (64, 64, 4, 6), (64, 256, 4, 3), (128, 64, 4, 4), (128, 128, 4, 3),
                   (32, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 3), (128, 128, 8, 3), (64, 512, 4, 2)]
@@ -321,6 +332,7 @@ def unsupported_reason(model: GPT) -> str | None:
     return None
 
 
+MERGE_IN_PROJECTION = True  # batch 1: the output projection merges attention's splits (False: a combine kernel)
 USE_PDL = True  # programmatic dependent launch where the GPU has it (False: plain launches, for A/B runs)
 
 
@@ -340,6 +352,7 @@ class _MatVec:
         self.launch = launch  # _pdl_launch's options, shared by the decoder's kernels
         self.w, self.x, self.out = linear.weight, x, out
         self.bias, self.res, self.norm, self.act = linear.bias, residual, norm, act
+        self.parts: tuple | None = None  # (part_m, part_l, part_acc, splits, head_dim): x from attention's parts
         self.N = self.w.shape[0] // (2 if act == ACT_SWIGLU else 1)
         self.K = self.w.shape[1]
         self.M = x.shape[0]
@@ -376,7 +389,8 @@ class _MatVec:
         return [c for c in MATMUL_CONFIGS if c[1] <= max(self.K, 64)]
 
     def signature(self) -> tuple:
-        return (self.M, self.N, self.K, self.kind, self.act, self.bias is not None, self.res is not None)
+        return (self.M, self.N, self.K, self.kind, self.act, self.bias is not None, self.res is not None,
+                self.parts[3] if self.parts else 0)
 
     def __call__(self, config: tuple[int, ...] | None = None) -> None:
         block_n, block_k, warps, *stages = config or self.config
@@ -386,7 +400,9 @@ class _MatVec:
         flags = dict(NORM=self.kind, HAS_BIAS=self.bias is not None, ACT=self.act, HAS_RES=self.res is not None,
                      BLOCK_N=block_n, BLOCK_K=block_k, PDL=bool(self.launch), num_warps=warps, **self.launch)
         if self.M == 1:
-            _matvec_kernel[(triton.cdiv(self.N, block_n),)](*args, self.N, self.K, self.eps, **flags)
+            part_m, part_l, part_acc, splits, head_dim = self.parts or (self.wg, self.wg, self.wg, 0, 1)
+            _matvec_kernel[(triton.cdiv(self.N, block_n),)](*args, part_m, part_l, part_acc, self.N, self.K,
+                                                            self.eps, SPLITS=splits, D=head_dim, **flags)
         else:
             grid = (triton.cdiv(self.N, block_n), triton.cdiv(self.M, self.block_m))
             _matmul_kernel[grid](*args, self.M, self.N, self.K, self.eps, BLOCK_M=self.block_m, STAGES=stages[0],
@@ -438,11 +454,11 @@ class TritonDecoder:
                 _MatVec(m.c_proj, self.h, self.x, launch, residual=self.x),
             ))
         self.head = _MatVec(model.lm_head, self.x, self.logits, launch, norm=model.transformer.ln_f)
-        self.splits = attn_splits or self.default_splits(max_seq, B * cfg.n_head)
         n = B * cfg.n_head * self.MAX_SPLITS  # room for any split count (profile_kernels.py tries several)
         self.part_m = torch.zeros(n, dtype=torch.float32, device=dev)
         self.part_l = torch.zeros(n, dtype=torch.float32, device=dev)
         self.part_acc = torch.zeros(n, cfg.head_dim, dtype=torch.float32, device=dev)
+        self.splits = attn_splits or self.default_splits(max_seq, B * cfg.n_head)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.tuned = False
         self.tune_report: dict = {}
@@ -450,12 +466,26 @@ class TritonDecoder:
     @classmethod
     def default_splits(cls, max_seq: int, heads: int = 16) -> int:
         """Programs per head in attention: enough that each reads one block of the cache up to 1,024 slots,
-        at most 16 (a power of two), and not more than make ~2,048 programs over all `heads` (rows x query
-        heads) of a batch. Splits with no slot below the position return at once. At batch 1 on an H200 this
-        picked the fastest count for 272 and 1,024-2,000 filled slots (8 and 16; docs/RESULTS.md)."""
+        at most 16 (a power of two), and not more than make ~512 programs over all `heads` (rows x query
+        heads) of a batch. Splits with no slot below the position return at once. On an H200 this picked the
+        fastest count at batch 1 for 272 and 1,024-2,000 filled slots (8 and 16), and at batch 32 (1; 4 splits
+        were 9-37% slower; docs/RESULTS.md)."""
         n = max(1, math.ceil(max_seq / cls.ATTN_BLOCK_S))
         by_length = min(cls.MAX_SPLITS, 1 << (n - 1).bit_length())
-        return max(1, min(by_length, 1 << max(0, (2048 // heads).bit_length() - 1)))
+        return max(1, min(by_length, 1 << max(0, (512 // heads).bit_length() - 1)))
+
+    @property
+    def splits(self) -> int:
+        return self._splits
+
+    @splits.setter
+    def splits(self, n: int) -> None:
+        """Attention's split count; at batch 1 the output projection merges the splits itself (no combine
+        kernel), so it is told where the parts are."""
+        self._splits = n
+        merge = self.batch == 1 and n > 1 and MERGE_IN_PROJECTION
+        for layer in self.layers:
+            layer[2].parts = (self.part_m, self.part_l, self.part_acc, n, self.model.cfg.head_dim) if merge else None
 
     def matvecs(self) -> list[_MatVec]:
         return [mv for layer in self.layers for mv in (layer[0], *layer[2:])] + [self.head]
@@ -484,7 +514,7 @@ class TritonDecoder:
             Q_DIM=self.q_dim, KV_DIM=self.kv_dim, GROUP=cfg.n_head // cfg.kv_heads, D=D, ROPE=rope,
             QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.ATTN_BLOCK_S, PDL=bool(launch),
             num_warps=4, **launch)
-        if self.splits > 1:
+        if self.splits > 1 and self.layers[0][2].parts is None:  # else the output projection merges
             _combine_kernel[(cfg.n_head, self.batch)](self.part_m, self.part_l, self.part_acc, self.y,
                                                       Q_DIM=self.q_dim, D=D, SPLITS=self.splits, PDL=bool(launch),
                                                       num_warps=1, **launch)
