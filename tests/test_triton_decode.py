@@ -100,7 +100,7 @@ def test_batched_step_with_left_padding_equals_the_model(preset, splits, monkeyp
     model.setup_caches(3, 32)
     with torch.no_grad():
         model(ids[:, :T], input_pos=torch.arange(T, device=DEVICE), left_pad=left_pad)
-        dec = TritonDecoder(model, sample=lambda logits, seen: logits.argmax(-1), attn_splits=splits)
+        dec = TritonDecoder(model, sample=None, attn_splits=splits, greedy=True)  # argmax in a kernel
         dec.refresh()
         dec.start(ids[:, T], T, torch.zeros_like(dec.seen), left_pad)
         dec.run_step()
@@ -113,6 +113,7 @@ def test_batched_step_with_left_padding_equals_the_model(preset, splits, monkeyp
     for a, b in zip(kv_ours, kv_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert dec.token.tolist() == ref.argmax(-1).tolist() and dec.pos.item() == T + 1
+    assert dec.seen.sum().item() == 3 and dec.seen[torch.arange(3), dec.token].all()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
@@ -211,3 +212,21 @@ def test_kernels_without_triton_say_how_to_get_it(monkeypatch):
     with pytest.raises(ValueError, match="pip install triton"):
         generate(model, [prompt(3, 1)], 4, kernels=True)
     assert generate(model, [prompt(3, 1)], 4, kernels=None) == generate(model, [prompt(3, 1)], 4, kernels=False)
+
+
+def test_greedy_kernel_picks_the_first_of_equal_maxima_as_torch_argmax():
+    """Equal top logits in two blocks of the kernel's loop, and twice inside one block: the first index wins,
+    as torch.argmax picks; the token is marked seen and the position advances once for all rows."""
+    from antimatter.model.triton_decode import _greedy_kernel
+
+    V = 10_000
+    logits = torch.randn(3, V + 6, device=DEVICE)  # rows padded past the vocabulary, as the head writes them
+    logits[0, [5000, 9000]] = 7.0  # blocks 1 and 2 of 4,096
+    logits[1, [100, 200]] = 7.0  # one block
+    logits[2, V + 2] = 99.0  # padding past the vocabulary is never picked
+    token = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    seen = torch.zeros(3, V, dtype=torch.bool, device=DEVICE)
+    pos = torch.tensor([41], device=DEVICE)
+    _greedy_kernel[(3,)](logits, token, seen.view(torch.uint8), pos, V, logits.stride(0), BLOCK=4096, PDL=False)
+    assert token.tolist() == logits[:, :V].argmax(-1).tolist() and token.tolist()[:2] == [5000, 100]
+    assert seen.sum().item() == 3 and seen[torch.arange(3, device=DEVICE), token].all() and pos.item() == 42

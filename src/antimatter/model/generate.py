@@ -99,10 +99,10 @@ KERNELS_MAX_BATCH = 64  # ... up to this many rows (one tile of rows in its matm
 
 
 def _triton_decoder(model: GPT, kernels: bool | None, compile: bool | str, batch: int,
-                    sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], key: tuple):
+                    sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], key: tuple, greedy: bool):
     """The Triton decoder for this call, or None for the torch path. `kernels=True` insists (and says why it
     cannot), None decides: compiled, on a GPU, at most KERNELS_MAX_BATCH rows, Triton importable, the model
-    supported."""
+    supported. `greedy`: `sample` is a plain argmax, which the decoder then does in a kernel."""
     on_gpu = model.lm_head.weight.is_cuda  # the interpreter (CPU) runs them only when asked: kernels=True
     auto = compile and DECODE_KERNELS and on_gpu and batch <= KERNELS_MAX_BATCH
     if kernels is False or (kernels is None and not auto):
@@ -120,7 +120,7 @@ def _triton_decoder(model: GPT, kernels: bool | None, compile: bool | str, batch
         return None
     cached = model.__dict__.get("_antimatter_triton_decoder")
     if cached is None or cached[0] != key:  # new cache buffers or sampling settings: a new graph
-        cached = (key, triton_decode.TritonDecoder(model, sample))
+        cached = (key, triton_decode.TritonDecoder(model, sample, greedy=greedy))
         model.__dict__["_antimatter_triton_decoder"] = cached
     cached[1].refresh()
     return cached[1]
@@ -188,7 +188,9 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     kv_buf = model.transformer.h[0].attn.kv_cache.kv
     decoder = None  # a single new token comes from the prefill alone
     if max_new_tokens > 1:
-        decoder = _triton_decoder(model, kernels, compile, B, sample, (kv_buf.data_ptr(), kv_buf.shape, *args))
+        greedy = temperature <= 0.0 and repetition_penalty == 1.0
+        decoder = _triton_decoder(model, kernels, compile, B, sample, (kv_buf.data_ptr(), kv_buf.shape, *args),
+                                  greedy)
     slots: dict[int, torch.Tensor] = {}
     try:
         prompt_slots = _slots(T, device, slots)  # the prompt's cache slots, and the length attention reads

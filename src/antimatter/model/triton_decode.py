@@ -305,6 +305,49 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, Q_DIM: tl.con
     tl.store(out, (tl.sum(acc * weight[:, None], axis=0) / l_sum).to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _embed_kernel(token_ptr, pos_ptr, pad_ptr, wte_ptr, wpe_ptr, x_ptr, D: tl.constexpr, BLOCK: tl.constexpr,
+                  POS_EMB: tl.constexpr, PDL: tl.constexpr):
+    """The step's input for row program_id(0): x = wte[token] (+ wpe[pos - pad], GPT-2), one kernel where
+    the indexing, subtraction and sum in torch were four."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    b = tl.program_id(0)
+    d = tl.arange(0, BLOCK)
+    ok = d < D
+    x = tl.load(wte_ptr + tl.load(token_ptr + b) * D + d, mask=ok, other=0.0)
+    if POS_EMB:
+        p = tl.load(pos_ptr) - tl.load(pad_ptr + b)
+        x = x.to(tl.float32) + tl.load(wpe_ptr + p * D + d, mask=ok, other=0.0).to(tl.float32)
+    tl.store(x_ptr + b * D + d, x.to(x_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _greedy_kernel(logits_ptr, token_ptr, seen_ptr, pos_ptr, V, logits_stride, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr):
+    """Greedy sampling's tail for row program_id(0): the next token is the first index of the row's largest
+    logit (as torch.argmax picks), written to `token` and marked in `seen`; program 0 advances `pos`. One
+    kernel where argmax, scatter, copy and the increment in torch were five."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    b = tl.program_id(0)
+    best = tl.full([], float("-inf"), tl.float32)
+    best_i = tl.zeros([], tl.int32)
+    for v0 in range(0, V, BLOCK):
+        v = v0 + tl.arange(0, BLOCK)
+        x = tl.load(logits_ptr + b * logits_stride + v, mask=v < V, other=float("-inf"))
+        m = tl.max(x, axis=0)
+        take = m > best  # strictly: an equal maximum in a later block does not replace an earlier one
+        best_i = tl.where(take, v0 + tl.argmax(x, axis=0), best_i)
+        best = tl.where(take, m, best)
+    tl.store(token_ptr + b, best_i.to(tl.int64))
+    tl.store(seen_ptr + b * V + best_i, tl.full([], 1, tl.uint8))
+    if b == 0:
+        tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+
+
 # ------------------------------------------------------------------------------------------------ host side
 
 # (BLOCK_N, BLOCK_K, num_warps) tried per matrix shape on the GPU (those with BLOCK_K <= K); the first that
@@ -421,12 +464,13 @@ class TritonDecoder:
     MAX_SPLITS = 16
 
     def __init__(self, model: GPT, sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 attn_splits: int | None = None):
+                 attn_splits: int | None = None, greedy: bool = False):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"Triton decode: {reason}")
         cfg = model.cfg
         self.model, self.sample = model, sample
+        self.greedy = greedy  # `sample` is a plain argmax: _greedy_kernel does it (and the bookkeeping)
         w = model.lm_head.weight
         dev, dt = w.device, w.dtype
         self.q_dim, self.kv_dim = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
@@ -521,11 +565,12 @@ class TritonDecoder:
 
     def run_step(self) -> None:
         """One decode step as kernel launches (what the CUDA graph records)."""
-        t = self.model.transformer
-        x = t.wte.weight[self.token]
-        if self.model.cfg.arch == "gpt2":
-            x = x + t.wpe.weight[self.pos - self.left_pad]
-        self.x.copy_(x)
+        t, cfg, launch = self.model.transformer, self.model.cfg, self.launch
+        gpt2 = cfg.arch == "gpt2"
+        _embed_kernel[(self.batch,)](self.token, self.pos, self.left_pad, t.wte.weight,
+                                     t.wpe.weight if gpt2 else self.x, self.x, D=cfg.d_model,
+                                     BLOCK=triton.next_power_of_2(cfg.d_model), POS_EMB=gpt2, PDL=bool(launch),
+                                     num_warps=4, **launch)
         for qkv, attn, proj, up, down in self.layers:
             qkv()
             self._attend(attn)
@@ -533,7 +578,12 @@ class TritonDecoder:
             up()
             down()
         self.head()
-        nxt = self.sample(self.logits[:, : self.model.cfg.vocab_size], self.seen)
+        if self.greedy:
+            _greedy_kernel[(self.batch,)](self.logits, self.token, self.seen.view(torch.uint8), self.pos,
+                                          cfg.vocab_size, self.logits.stride(0), BLOCK=4096, PDL=bool(launch),
+                                          num_warps=8, **launch)
+            return
+        nxt = self.sample(self.logits[:, : cfg.vocab_size], self.seen)
         self.seen.scatter_(1, nxt.view(self.batch, 1), True)
         self.token.copy_(nxt)
         self.pos += 1
