@@ -601,12 +601,17 @@ class TritonDecoder:
         for sig, mvs in groups.items():
             key = (gpu, sig, bool(self.launch))
             if key not in _TUNED:
-                times = {}
+                times, failed = {}, {}
                 for c in mvs[0].candidates():
-                    times[c] = graph_time_us(lambda c=c, mvs=mvs: [mv(c) for mv in mvs]) / len(mvs)
+                    try:
+                        times[c] = graph_time_us(lambda c=c, mvs=mvs: [mv(c) for mv in mvs]) / len(mvs)
+                    except triton.runtime.errors.OutOfResources as e:  # e.g. shared memory: try the next shape
+                        failed[str(c)] = str(e)[:200]
+                if not times:
+                    raise RuntimeError(f"Triton decode: no block shape fits this GPU for {sig}: {failed}")
                 _TUNED[key] = min(times, key=times.get)
                 report[str(sig)] = {"signature": sig, "instances": len(mvs), "best": _TUNED[key],
-                                    "us": {str(c): t for c, t in times.items()}}
+                                    "us": {str(c): t for c, t in times.items()}, "failed": failed}
             for mv in mvs:
                 mv.config = _TUNED[key]
         self.tuned = True
