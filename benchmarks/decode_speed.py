@@ -120,7 +120,10 @@ def main() -> None:
                     help="variants of AntiMatter's compiled decode step, MODE[+kernels][+gemv][+cdt]: MODE a "
                          "torch.compile mode (reduce-overhead, max-autotune); +kernels: decode steps as "
                          "AntiMatter's Triton kernels in one CUDA graph (model/triton_decode.py; without it, the "
-                         "torch.compile path); +nopdl: those kernels without programmatic dependent launch; +gemv: single-row matmuls as inductor reductions "
+                         "torch.compile path); +nopdl: those kernels without programmatic dependent launch; +nosplitk: "
+                         "their batched matmuls without split-K block shapes; +nomerge: at batch 1, attention's "
+                         "splits merged by a combine kernel, not in the output projection; +gemv: single-row "
+                         "matmuls as inductor reductions "
                          "(batch 1 only; without it, cuBLAS); +cdt: inductor coordinate-descent tuning of the "
                          "generated kernels (gpt-fast's setting); +int8: weight-only int8 blocks (torchao); +nofold: with "
                          "+gemv, LayerNorm as its own kernel instead of folded into the next reduction")
@@ -178,6 +181,9 @@ def main() -> None:
             gemv, kernels = "gemv" in extras, "kernels" in extras
             gen.DECODE_TUNING = "cdt" in extras
             triton_decode.USE_PDL = "nopdl" not in extras
+            triton_decode.SPLIT_K = "nosplitk" not in extras
+            triton_decode.MERGE_IN_PROJECTION = "nomerge" not in extras
+            triton_decode._TUNED.clear()  # each variant tunes its own candidates
             Linear.fold_norm = "nofold" not in extras
             if "int8" in extras and int8_model is None:
                 int8_model = int8_copy(model)
@@ -205,6 +211,7 @@ def main() -> None:
             except Exception as e:  # report a variant that fails, keep measuring the others
                 print(f"batch {B}: compiled ({variant}) failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         gen.DECODE_TUNING, Linear.fold_norm = False, True  # the defaults again (the TTFT rows below)
+        triton_decode.USE_PDL = triton_decode.SPLIT_K = triton_decode.MERGE_IN_PROJECTION = True
         if hf is not None:
             ids = prompts.cuda()
             attn = torch.ones_like(ids)

@@ -84,11 +84,13 @@ def test_generate_with_kernels_equals_the_torch_path(preset):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
-@pytest.mark.parametrize("splits", [1, 4])
-def test_batched_step_with_left_padding_equals_the_model(preset, splits, monkeypatch):
+@pytest.mark.parametrize("splits,split_k", [(1, 1), (4, 1), (1, 3)])
+def test_batched_step_with_left_padding_equals_the_model(preset, splits, split_k, monkeypatch):
     """Three prompts of 12, 9 and 5 tokens, left-padded as `generate` lays them out: one kernel step gives
     each row the logits and the cache slot of the model's own cached step (which masks the padding and
-    shifts each row's positions). Attention blocks of 4 slots, so some blocks are all padding."""
+    shifts each row's positions). Attention blocks of 4 slots, so some blocks are all padding. With split-K
+    the matmuls cut K (32 and 128) into 3 pieces of whole 16-wide tiles: uneven pieces, an empty one for
+    K = 32, and every arrival count back at zero after the step."""
     monkeypatch.setattr(TritonDecoder, "ATTN_BLOCK_S", 4)
     model = make_model(preset)
     lengths, T = [12, 9, 5], 12
@@ -101,6 +103,8 @@ def test_batched_step_with_left_padding_equals_the_model(preset, splits, monkeyp
     with torch.no_grad():
         model(ids[:, :T], input_pos=torch.arange(T, device=DEVICE), left_pad=left_pad)
         dec = TritonDecoder(model, sample=None, attn_splits=splits, greedy=True)  # argmax in a kernel
+        for mv in dec.matvecs():
+            mv.config = (16, 16, 4, 2, split_k)
         dec.refresh()
         dec.start(ids[:, T], T, torch.zeros_like(dec.seen), left_pad)
         dec.run_step()
@@ -114,6 +118,7 @@ def test_batched_step_with_left_padding_equals_the_model(preset, splits, monkeyp
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert dec.token.tolist() == ref.argmax(-1).tolist() and dec.pos.item() == T + 1
     assert dec.seen.sum().item() == 3 and dec.seen[torch.arange(3), dec.token].all()
+    assert dec.scratch.count.numel() == (0 if split_k == 1 else 32) and not dec.scratch.count.any()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])

@@ -120,54 +120,10 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
 
 
 @triton.jit
-def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, M, N, K, eps,
-                   NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                   PDL: tl.constexpr):
-    """_matvec_kernel for a few rows at once (batched decoding): out[m, n] for the rows m of x (M, K) in
-    program_id(1)'s block and the BLOCK_N columns n of program_id(0), with the same norm fold, bias,
-    activation and in-place residual. Computed transposed, W (BLOCK_N, K) @ x^T (K, BLOCK_M), so the weight
-    rows fill the tensor cores' large M side and the few rows of x their small N side. The products run in
-    the weights' dtype with the normalised x split into a high and a low part (two products): the fold
-    subtracts mean * W@g after the product, so x * g must keep more than 8 bits. fp32 weights (tests)
-    multiply in full fp32. The loop is software-pipelined over STAGES tiles, so PDL here only lets the next
-    kernel launch early."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col_ok, row_ok = cols < N, rows < M
-    k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T
-    acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        kk = k0 + k
-        w_ok = col_ok[:, None] & (kk < K)[None, :]
-        w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=w_ok, other=0.0)
-        xt = tl.load(x_ptr + rows[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk < K)[:, None],
-                     other=0.0).to(tl.float32)  # x^T (BLOCK_K, BLOCK_M)
-        if NORM != 0:
-            s1 += tl.sum(xt, axis=0)
-            s2 += tl.sum(xt * xt, axis=0)
-            xt = xt * tl.load(g_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)[:, None]
-        if w_ptr.dtype.element_ty == tl.float32:
-            acc = tl.dot(w, xt, acc, input_precision="ieee")
-        else:
-            x_hi = xt.to(w_ptr.dtype.element_ty)
-            x_lo = (xt - x_hi.to(tl.float32)).to(w_ptr.dtype.element_ty)
-            acc = tl.dot(w, x_hi, acc)
-            acc = tl.dot(w, x_lo, acc)
-        if ACT == 2:
-            w_up = tl.load(w_ptr + (cols[:, None] + N) * K + kk[None, :], mask=w_ok, other=0.0)
-            if w_ptr.dtype.element_ty == tl.float32:
-                acc_up = tl.dot(w_up, xt, acc_up, input_precision="ieee")
-            else:
-                acc_up = tl.dot(w_up, x_hi, acc_up)
-                acc_up = tl.dot(w_up, x_lo, acc_up)
-    y, y_up = acc, acc_up
+def _matmul_epilogue(y, y_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, bias_ptr, res_ptr, wg_ptr, wb_ptr, N, K,
+                     eps, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr):
+    """_matmul_kernel's end, on out^T (BLOCK_N, BLOCK_M) summed over all of K: the norm fold with the row
+    statistics s1 = sum x, s2 = sum x^2, bias, activation, residual, store."""
     if NORM == 1:  # LayerNorm, per row of x: rstd * (W@(g*x) - mean * W@g) + W@b
         mean = s1 / K
         rstd = 1.0 / tl.sqrt(s2 / K - mean * mean + eps)
@@ -195,6 +151,109 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
     if HAS_RES:
         y += tl.load(res_ptr + at, mask=out_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, part_ptr, count_ptr, M, N, K,
+                   K_SPLIT, eps, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                   HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   STAGES: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr = 1):
+    """_matvec_kernel for a few rows at once (batched decoding): out[m, n] for the rows m of x (M, K) in
+    program_id(1)'s block and the BLOCK_N columns n of program_id(0), with the same norm fold, bias,
+    activation and in-place residual. Computed transposed, W (BLOCK_N, K) @ x^T (K, BLOCK_M), so the weight
+    rows fill the tensor cores' large M side and the few rows of x their small N side. The products run in
+    the weights' dtype with the normalised x split into a high and a low part (two products): the fold
+    subtracts mean * W@g after the product, so x * g must keep more than 8 bits. fp32 weights (tests)
+    multiply in full fp32. The loop is software-pipelined over STAGES tiles; with PDL the next kernel launches
+    early, and under split-K the first weight tile is loaded before waiting for the previous kernel.
+
+    Split-K: a decode matrix has few column blocks (QKV: 48 of 64 columns, fewer programs than an H100 has
+    SMs), so with SPLIT_K > 1 program_id(2) takes only K_SPLIT of the K dimension. It writes its fp32 partial
+    product and partial row statistics to `part` and counts itself in `count`; the last program of a block
+    to arrive adds the SPLIT_K partials in split order (the same sum whichever arrives last), finishes the
+    block and sets the count back to zero for the next step."""
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_ok, row_ok = cols < N, rows < M
+    k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    if SPLIT_K > 1:  # short loops: the first weight tile loads before the wait (weights never change in a step)
+        w_ok = col_ok[:, None] & (k_lo + k < k_hi)[None, :]
+        w_next = tl.load(w_ptr + cols[:, None] * K + (k_lo + k)[None, :], mask=w_ok, other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+        kk = k0 + k
+        w_ok = col_ok[:, None] & (kk < k_hi)[None, :]
+        if SPLIT_K > 1:
+            w = w_next
+            nxt = kk + BLOCK_K
+            w_next = tl.load(w_ptr + cols[:, None] * K + nxt[None, :], mask=col_ok[:, None] & (nxt < k_hi)[None, :],
+                             other=0.0)
+        else:
+            w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=w_ok, other=0.0)
+        xt = tl.load(x_ptr + rows[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk < k_hi)[:, None],
+                     other=0.0).to(tl.float32)  # x^T (BLOCK_K, BLOCK_M)
+        if NORM != 0:
+            s1 += tl.sum(xt, axis=0)
+            s2 += tl.sum(xt * xt, axis=0)
+            xt = xt * tl.load(g_ptr + kk, mask=kk < k_hi, other=0.0).to(tl.float32)[:, None]
+        if w_ptr.dtype.element_ty == tl.float32:
+            acc = tl.dot(w, xt, acc, input_precision="ieee")
+        else:
+            x_hi = xt.to(w_ptr.dtype.element_ty)
+            x_lo = (xt - x_hi.to(tl.float32)).to(w_ptr.dtype.element_ty)
+            acc = tl.dot(w, x_hi, acc)
+            acc = tl.dot(w, x_lo, acc)
+        if ACT == 2:
+            w_up = tl.load(w_ptr + (cols[:, None] + N) * K + kk[None, :], mask=w_ok, other=0.0)
+            if w_ptr.dtype.element_ty == tl.float32:
+                acc_up = tl.dot(w_up, xt, acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(w_up, x_hi, acc_up)
+                acc_up = tl.dot(w_up, x_lo, acc_up)
+    if SPLIT_K == 1:
+        _matmul_epilogue(acc, acc_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, bias_ptr, res_ptr, wg_ptr, wb_ptr,
+                         N, K, eps, NORM, HAS_BIAS, ACT, HAS_RES)
+    else:
+        # one record per (split, block): acc, acc_up, s1, s2
+        tile = pid_m * tl.num_programs(0) + pid_n
+        tiles = tl.num_programs(0) * tl.num_programs(1)
+        RECORD = 2 * BLOCK_N * BLOCK_M + 2 * BLOCK_M
+        at = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        m = tl.arange(0, BLOCK_M)
+        mine = part_ptr + (pid_k * tiles + tile) * RECORD
+        tl.store(mine + at, acc)
+        if ACT == 2:
+            tl.store(mine + BLOCK_N * BLOCK_M + at, acc_up)
+        if NORM != 0:
+            tl.store(mine + 2 * BLOCK_N * BLOCK_M + m, s1)
+            tl.store(mine + 2 * BLOCK_N * BLOCK_M + BLOCK_M + m, s2)
+        tl.debug_barrier()  # every thread's partial stored before the count says so (release below)
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for j in tl.static_range(SPLIT_K):  # ".cg": from L2, where the other programs' stores are
+                rec = part_ptr + (j * tiles + tile) * RECORD
+                acc += tl.load(rec + at, cache_modifier=".cg")
+                if ACT == 2:
+                    acc_up += tl.load(rec + BLOCK_N * BLOCK_M + at, cache_modifier=".cg")
+                if NORM != 0:
+                    s1 += tl.load(rec + 2 * BLOCK_N * BLOCK_M + m, cache_modifier=".cg")
+                    s2 += tl.load(rec + 2 * BLOCK_N * BLOCK_M + BLOCK_M + m, cache_modifier=".cg")
+            _matmul_epilogue(acc, acc_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, bias_ptr, res_ptr, wg_ptr,
+                             wb_ptr, N, K, eps, NORM, HAS_BIAS, ACT, HAS_RES)
+            tl.atomic_xchg(count_ptr + tile, 0)
 
 
 @triton.jit
@@ -355,9 +414,14 @@ def _greedy_kernel(logits_ptr, token_ptr, seen_ptr, pos_ptr, V, logits_stride, B
 # (docs/results/session5/decode_b1_kernels_h200_f2d82fe.json): fewer compilations in the first call.
 MATVEC_CONFIGS = [(4, 512, 4), (4, 1024, 4), (8, 512, 4), (16, 512, 8), (2, 1024, 2), (2, 1024, 4),
                   (2, 2048, 8), (2, 4096, 8), (16, 256, 4), (8, 256, 4)]
-# (BLOCK_N, BLOCK_K, num_warps, stages) for the batched kernel (BLOCK_M follows the batch): tensor-core tiles
-MATMUL_CONFIGS = [(64, 128, 4, 4), (64, 64, 4, 6), (64, 256, 4, 3), (128, 64, 4, 4), (128, 128, 4, 3),
-                  (32, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 3), (128, 128, 8, 3), (64, 512, 4, 2)]
+# (BLOCK_N, BLOCK_K, num_warps, stages, split-K) for the batched kernel (BLOCK_M follows the batch):
+# tensor-core tiles. Without split-K: the four fastest of ten at batch 32 on an H200
+# (docs/results/session6/h200_59dcda8_decode.json); split-K ones are tried for matrices of few column blocks.
+MATMUL_CONFIGS = [(64, 256, 4, 3, 1), (16, 256, 4, 3, 1), (128, 128, 8, 3, 1), (64, 128, 4, 4, 1),
+                  (64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (64, 128, 4, 3, 4), (32, 256, 4, 3, 4),
+                  (16, 256, 4, 3, 4), (32, 256, 4, 3, 8), (16, 256, 4, 3, 8)]
+SPLIT_K = True  # try split-K block shapes (False: only whole-K ones, for A/B runs)
+SPLIT_K_MAX_BLOCKS = 256  # split K only for matrices of fewer column blocks than this (not the output head)
 _TUNED: dict[tuple, tuple[int, ...]] = {}  # (GPU name, signature, PDL) -> fastest config, this process
 
 
@@ -386,13 +450,31 @@ def _pdl_launch(device: torch.device) -> dict:
     return {}
 
 
+class _SplitScratch:
+    """The fp32 partial sums and per-block arrival counts of split-K matmuls. One per decoder: its kernels run
+    one after another, and each leaves every count at zero when it ends."""
+
+    def __init__(self, device: torch.device):
+        self.part = torch.zeros(0, dtype=torch.float32, device=device)
+        self.count = torch.zeros(0, dtype=torch.int32, device=device)
+
+    def reserve(self, floats: int, blocks: int) -> None:
+        """Grow to hold this much (before a CUDA graph records the kernels that use it: never during)."""
+        if self.part.numel() < floats:
+            self.part = torch.zeros(floats, dtype=torch.float32, device=self.part.device)
+        if self.count.numel() < blocks:
+            self.count = torch.zeros(blocks, dtype=torch.int32, device=self.count.device)
+
+
 class _MatVec:
     """One fused matrix-vector product: a norm folded in front (optional), bias, activation, residual; for
     each of the M rows of x (M, K) -> out (M, N), one row by _matvec_kernel, several by _matmul_kernel."""
 
     def __init__(self, linear: Linear, x: torch.Tensor, out: torch.Tensor, launch: dict,
-                 norm: torch.nn.Module | None = None, act: int = ACT_NONE, residual: torch.Tensor | None = None):
+                 norm: torch.nn.Module | None = None, act: int = ACT_NONE, residual: torch.Tensor | None = None,
+                 scratch: _SplitScratch | None = None):
         self.launch = launch  # _pdl_launch's options, shared by the decoder's kernels
+        self.scratch = scratch or _SplitScratch(x.device)
         self.w, self.x, self.out = linear.weight, x, out
         self.bias, self.res, self.norm, self.act = linear.bias, residual, norm, act
         self.parts: tuple | None = None  # (part_m, part_l, part_acc, splits, head_dim): x from attention's parts
@@ -408,7 +490,7 @@ class _MatVec:
         if self.w.is_cuda:  # until `TritonDecoder.tune` has timed the candidates
             self.config = self.candidates()[0]
         else:  # the interpreter (tests): few, large programs
-            self.config = (64, min(1024, triton.next_power_of_2(self.K)), 4) if self.M == 1 else (32, 64, 4, 2)
+            self.config = (64, min(1024, triton.next_power_of_2(self.K)), 4) if self.M == 1 else (32, 64, 4, 2, 1)
 
     def refresh(self) -> None:
         """Per-row folds of the norm's weight and bias into W, from the weights as they are now (recomputed
@@ -429,7 +511,15 @@ class _MatVec:
     def candidates(self) -> list[tuple[int, ...]]:
         if self.M == 1:
             return [c for c in MATVEC_CONFIGS if c[1] <= max(self.K, 256)]
-        return [c for c in MATMUL_CONFIGS if c[1] <= max(self.K, 64)]
+        return [c for c in MATMUL_CONFIGS if c[1] <= max(self.K, 64) and (c[4] == 1 or (
+            SPLIT_K and c[4] * c[1] <= self.K and triton.cdiv(self.N, c[0]) < SPLIT_K_MAX_BLOCKS))]
+
+    def split_layout(self, config: tuple[int, ...]) -> tuple[int, int, int]:
+        """(K per split, floats of partials, column x row blocks) of a batched config."""
+        block_n, block_k, *_, split = config
+        k_split = triton.cdiv(triton.cdiv(self.K, split), block_k) * block_k
+        blocks = triton.cdiv(self.N, block_n) * triton.cdiv(self.M, self.block_m)
+        return k_split, split * blocks * (2 * block_n * self.block_m + 2 * self.block_m), blocks
 
     def signature(self) -> tuple:
         return (self.M, self.N, self.K, self.kind, self.act, self.bias is not None, self.res is not None,
@@ -447,9 +537,13 @@ class _MatVec:
             _matvec_kernel[(triton.cdiv(self.N, block_n),)](*args, part_m, part_l, part_acc, self.N, self.K,
                                                             self.eps, SPLITS=splits, D=head_dim, **flags)
         else:
-            grid = (triton.cdiv(self.N, block_n), triton.cdiv(self.M, self.block_m))
-            _matmul_kernel[grid](*args, self.M, self.N, self.K, self.eps, BLOCK_M=self.block_m, STAGES=stages[0],
-                                 **flags)
+            stages, split = stages
+            k_split, floats, blocks = self.split_layout(config or self.config)
+            if split > 1:
+                self.scratch.reserve(floats, blocks)
+            grid = (triton.cdiv(self.N, block_n), triton.cdiv(self.M, self.block_m), split)
+            _matmul_kernel[grid](*args, self.scratch.part, self.scratch.count, self.M, self.N, self.K, k_split,
+                                 self.eps, BLOCK_M=self.block_m, STAGES=stages, SPLIT_K=split, **flags)
 
 
 class TritonDecoder:
@@ -488,16 +582,17 @@ class TritonDecoder:
         act = ACT_SWIGLU if cfg.arch == "llama" else ACT_GELU
         self.launch = launch = _pdl_launch(dev)
         self.layers = []
+        self.scratch = sc = _SplitScratch(dev)
         for block in model.transformer.h:
             a, m = block.attn, block.mlp
             self.layers.append((
-                _MatVec(a.c_attn, self.x, self.qkv, launch, norm=block.ln_1),
+                _MatVec(a.c_attn, self.x, self.qkv, launch, norm=block.ln_1, scratch=sc),
                 a,
-                _MatVec(a.c_proj, self.y, self.x, launch, residual=self.x),
-                _MatVec(m.c_fc, self.x, self.h, launch, norm=block.ln_2, act=act),
-                _MatVec(m.c_proj, self.h, self.x, launch, residual=self.x),
+                _MatVec(a.c_proj, self.y, self.x, launch, residual=self.x, scratch=sc),
+                _MatVec(m.c_fc, self.x, self.h, launch, norm=block.ln_2, act=act, scratch=sc),
+                _MatVec(m.c_proj, self.h, self.x, launch, residual=self.x, scratch=sc),
             ))
-        self.head = _MatVec(model.lm_head, self.x, self.logits, launch, norm=model.transformer.ln_f)
+        self.head = _MatVec(model.lm_head, self.x, self.logits, launch, norm=model.transformer.ln_f, scratch=sc)
         n = B * cfg.n_head * self.MAX_SPLITS  # room for any split count (profile_kernels.py tries several)
         self.part_m = torch.zeros(n, dtype=torch.float32, device=dev)
         self.part_l = torch.zeros(n, dtype=torch.float32, device=dev)
