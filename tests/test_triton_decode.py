@@ -235,3 +235,18 @@ def test_greedy_kernel_picks_the_first_of_equal_maxima_as_torch_argmax():
     _greedy_kernel[(3,)](logits, token, seen.view(torch.uint8), pos, V, logits.stride(0), BLOCK=4096, PDL=False)
     assert token.tolist() == logits[:, :V].argmax(-1).tolist() and token.tolist()[:2] == [5000, 100]
     assert seen.sum().item() == 3 and seen[torch.arange(3, device=DEVICE), token].all() and pos.item() == 42
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_matrix_has_a_block_shape_to_tune(preset, batch):
+    """The tuner picks among `candidates()`, and on a GPU the first one is the default: a model narrower
+    than every listed BLOCK_K (tiny's K = 32) still gets a shape that fits it (it had none: IndexError)."""
+    model = make_model(preset)
+    model.setup_caches(batch, 32)
+    dec = TritonDecoder(model, sample=None, greedy=True)
+    for mv in dec.matvecs():
+        shapes = mv.candidates()
+        assert shapes, f"no block shape for M={mv.M} N={mv.N} K={mv.K}"
+        assert all(c[1] <= max(mv.K, 64 if batch > 1 else 256) for c in shapes)
+    model.clear_caches()

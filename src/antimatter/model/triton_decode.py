@@ -418,8 +418,9 @@ MATVEC_CONFIGS = [(4, 512, 4), (4, 1024, 4), (8, 512, 4), (16, 512, 8), (2, 1024
 # tensor-core tiles. Without split-K: the four fastest of ten at batch 32 on an H200
 # (docs/results/session6/h200_59dcda8_decode.json); split-K ones are tried for matrices of few column blocks.
 MATMUL_CONFIGS = [(64, 256, 4, 3, 1), (16, 256, 4, 3, 1), (128, 128, 8, 3, 1), (64, 128, 4, 4, 1),
-                  (64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (64, 128, 4, 3, 4), (32, 256, 4, 3, 4),
-                  (16, 256, 4, 3, 4), (32, 256, 4, 3, 8), (16, 256, 4, 3, 8)]
+                  (64, 256, 4, 3, 4), (64, 128, 4, 3, 4), (16, 256, 4, 3, 4), (32, 256, 4, 3, 8),
+                  (64, 128, 4, 3, 8), (16, 128, 4, 3, 8), (16, 256, 4, 3, 16), (64, 256, 4, 3, 16)]
+MATMUL_SMALL = (16, 64, 4, 2, 1)  # for matrices narrower than every candidate's BLOCK_K (tiny test models)
 SPLIT_K = True  # try split-K block shapes (False: only whole-K ones, for A/B runs)
 SPLIT_K_MAX_BLOCKS = 256  # split K only for matrices of fewer column blocks than this (not the output head)
 _TUNED: dict[tuple, tuple[int, ...]] = {}  # (GPU name, signature, PDL) -> fastest config, this process
@@ -439,7 +440,9 @@ def unsupported_reason(model: GPT) -> str | None:
     return None
 
 
-MERGE_IN_PROJECTION = True  # batch 1: the output projection merges attention's splits (False: a combine kernel)
+MERGE_IN_PROJECTION = False  # batch 1: the output projection merges attention's splits (False: a combine
+# kernel). Off: on an H200 the merge made that projection 2.0 -> 5.9 us and decoding 10% slower (1,653 against
+# 1,826 tokens/s in one process, docs/RESULTS.md)
 USE_PDL = True  # programmatic dependent launch where the GPU has it (False: plain launches, for A/B runs)
 
 
@@ -511,8 +514,9 @@ class _MatVec:
     def candidates(self) -> list[tuple[int, ...]]:
         if self.M == 1:
             return [c for c in MATVEC_CONFIGS if c[1] <= max(self.K, 256)]
-        return [c for c in MATMUL_CONFIGS if c[1] <= max(self.K, 64) and (c[4] == 1 or (
+        fits = [c for c in MATMUL_CONFIGS if c[1] <= self.K and (c[4] == 1 or (
             SPLIT_K and c[4] * c[1] <= self.K and triton.cdiv(self.N, c[0]) < SPLIT_K_MAX_BLOCKS))]
+        return fits or [MATMUL_SMALL]
 
     def split_layout(self, config: tuple[int, ...]) -> tuple[int, int, int]:
         """(K per split, floats of partials, column x row blocks) of a batched config."""
