@@ -73,12 +73,17 @@ def bench(impl: str, preset: str, micro_batch: int, steps: int, warmup: int, los
     label = attn  # the kernel that the trainer's train.attention=auto picks here, for the table
     if attn == "auto" and impl == "antimatter":
         label = "cudnn" if prefers_cudnn_attention() else "sdpa-default"
+    mode, *extras = (compile_mode or "default").split("+")
+    # +cdt: inductor's coordinate-descent tuning of the generated kernels (gpt-fast's setting)
+    tuning = torch._inductor.config.patch(coordinate_descent_tuning="cdt" in extras)
     try:
-        with attention_backend(attn):
-            r = _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, compile_mode, label, fp8, seq)
+        with attention_backend(attn), tuning:
+            r = _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, None if mode == "default" else mode,
+                       label, fp8, seq)
     finally:
         gpt_module.CE_PADDING = "mask"
     r["ce_pad"] = ce_pad if impl == "antimatter" else None
+    r["compile"] = compile_mode
     return r
 
 
@@ -149,7 +154,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile-mode", nargs="+", default=["default"],
-                    help="torch.compile modes to try: default | max-autotune-no-cudagraphs | none")
+                    help="torch.compile modes to try: default | max-autotune-no-cudagraphs | none, each optionally "
+                         "+cdt (inductor's coordinate-descent tuning of its generated kernels)")
     ap.add_argument("--attn", nargs="+", default=["auto"], help="AntiMatter attention backends to try: auto (the trainer's default) flash cudnn")
     ap.add_argument("--fp8", nargs="+", type=int, default=[0], help="AntiMatter fp8 settings to try (0 1)")
     ap.add_argument("--ce-pad", nargs="+", default=["mask"], choices=["mask", "slice"],
@@ -184,7 +190,7 @@ def main() -> None:
                 dump(args.json, measured, datasheet, results)  # after every row: a run cut short keeps them
     print(f"\n{args.config}, seq {SEQ[args.config]}, bf16 autocast, compiled, fused AdamW, median of "
           f"{args.steps} steps, {device}")
-    print(f"{'impl':<13}{'mb':>4}{'chunk':>7}{'attn':>7}{'fp8':>5}{'mode':>10}{'ce pad':>7}{'tokens/s':>11}"
+    print(f"{'impl':<13}{'mb':>4}{'chunk':>7}{'attn':>7}{'fp8':>5}{'mode':>14}{'ce pad':>7}{'tokens/s':>11}"
           f"{'MFU(meas)':>11}{'MFU(sheet)':>11}{'peak GiB':>10}")
     for r in results:
         if r["oom"]:
@@ -192,7 +198,7 @@ def main() -> None:
                   f"{'out of memory':>11}")
             continue
         print(f"{r['impl']:<13}{r['micro_batch']:>4}{r['loss_chunk']:>7}{r['attn']:>7}{r['fp8']:>5}"
-              f"{str(r['compile'] or 'default')[:10]:>10}{str(r.get('ce_pad') or '-'):>7}{r['tokens_per_s']:>11,.0f}"
+              f"{str(r['compile'] or 'default')[:14]:>14}{str(r.get('ce_pad') or '-'):>7}{r['tokens_per_s']:>11,.0f}"
               f"{r['mfu_measured_peak']:>11.1%}{r['mfu_datasheet']:>11.1%}{r['peak_mem_gib']:>10.1f}")
     ok = [r for r in results if not r["oom"]]
     hf = [r for r in ok if r["impl"] == "transformers"]
