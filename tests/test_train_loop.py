@@ -247,3 +247,21 @@ def test_stop_step_then_resume_equals_straight(tmp_path):
     assert losses(a) == losses(b)
     wa, wb = _weights(a / "checkpoints" / "step_000008"), _weights(b / "checkpoints" / "step_000008")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_compile_tuning_turns_on_inductors_kernel_tuning_for_that_run_only(tmp_path):
+    import torch._inductor.config as inductor_config
+
+    run = make_tokens(tmp_path / "run")
+    train(tiny_config(run, compile=True, compile_backend="eager", compile_tuning=True, max_steps=1,
+                      ckpt_interval=0), run)
+    assert inductor_config.coordinate_descent_tuning is True
+    run2 = make_tokens(tmp_path / "run2")
+    train(tiny_config(run2, compile=True, compile_backend="eager", max_steps=1, ckpt_interval=0), run2)
+    assert inductor_config.coordinate_descent_tuning is False
+
+
+def test_compile_tuning_without_compile_says_what_to_set(tmp_path):
+    run = make_tokens(tmp_path / "run")
+    with pytest.raises(UserError, match=r"train.compile_tuning=true .* set train.compile=true as well"):
+        train(tiny_config(run, compile_tuning=True, max_steps=1), run)

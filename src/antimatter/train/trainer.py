@@ -238,6 +238,14 @@ class Trainer:
 
             set_model_state_dict(self.model, weights if d.is_main else {},
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        if t.compile_tuning and not t.compile:
+            raise UserError("train.compile_tuning=true tunes the kernels of the compiled model: set "
+                            "train.compile=true as well, or leave compile_tuning off")
+        if t.compile:
+            import torch._inductor.config as inductor_config
+
+            # set either way: a process that trains twice (tests, notebooks) does not keep the last run's tuning
+            inductor_config.coordinate_descent_tuning = t.compile_tuning
         self.step_model = torch.compile(self.wrapped, backend=t.compile_backend) if t.compile else self.wrapped
         self.optimizer = build_optimizer(self.model, t, self.device.type)  # after sharding: FSDP2 params are DTensors
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
