@@ -83,7 +83,7 @@ def bench(impl: str, preset: str, micro_batch: int, steps: int, warmup: int, los
     finally:
         gpt_module.CE_PADDING = "mask"
     r["ce_pad"] = ce_pad if impl == "antimatter" else None
-    r["compile"] = compile_mode
+    r["compile"] = compile_mode or "default"
     return r
 
 
