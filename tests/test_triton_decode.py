@@ -13,6 +13,7 @@ from antimatter.model.generate import generate
 from antimatter.model.gpt import GPT
 
 pytest.importorskip("triton")
+from antimatter.model import triton_decode  # noqa: E402
 from antimatter.model.triton_decode import TritonDecoder, unsupported_reason  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,12 +37,14 @@ def prompt(n: int, seed: int) -> list[int]:
 
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
-@pytest.mark.parametrize("splits", [1, 4])
-def test_one_step_equals_the_model_forward(preset, splits, monkeypatch):
+@pytest.mark.parametrize("splits,merge", [(1, False), (4, False), (4, True)])
+def test_one_step_equals_the_model_forward(preset, splits, merge, monkeypatch):
     """One kernel step after a 12-token prefill: logits equal a plain forward over all 13 tokens, and cache
     slot 12 holds the key and value the model's own cached forward writes there. Attention blocks of 4 slots,
-    so the 12 cached slots span several blocks per split (and some splits get none)."""
+    so the 12 cached slots span several blocks per split (and some splits get none). Split attention merged
+    by the combine kernel (the default) and inside the output projection (`MERGE_IN_PROJECTION`)."""
     monkeypatch.setattr(TritonDecoder, "ATTN_BLOCK_S", 4)
+    monkeypatch.setattr(triton_decode, "MERGE_IN_PROJECTION", merge)
     model = make_model(preset)
     ids = torch.tensor([prompt(13, seed=1)], device=DEVICE)
     model.setup_caches(1, 32)

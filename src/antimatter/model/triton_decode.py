@@ -623,8 +623,8 @@ class TritonDecoder:
 
     @splits.setter
     def splits(self, n: int) -> None:
-        """Attention's split count; at batch 1 the output projection merges the splits itself (no combine
-        kernel), so it is told where the parts are."""
+        """Attention's split count; at batch 1 with MERGE_IN_PROJECTION the output projection merges the
+        splits itself (no combine kernel), so it is told where the parts are."""
         self._splits = n
         merge = self.batch == 1 and n > 1 and MERGE_IN_PROJECTION
         for layer in self.layers:
