@@ -280,17 +280,19 @@ def _head_vector(ptr, pos, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, ROPE: 
 
 
 @triton.jit
-def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, pad_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qn_ptr,
-                   kn_ptr, cos_ptr, sin_ptr, kv_stride, batch_stride, head_stride, slot_stride, scale, eps,
+def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, pad_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, count_ptr,
+                   qn_ptr, kn_ptr, cos_ptr, sin_ptr, kv_stride, batch_stride, head_stride, slot_stride, scale, eps,
                    Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                    ROPE: tl.constexpr, QK_NORM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                   PDL: tl.constexpr):
+                   COMBINE: tl.constexpr, PDL: tl.constexpr):
     """Attention of the new token of row program_id(2) for query head program_id(0), over the cache slots of
     split program_id(1) (every SPLITS-th block of BLOCK_S slots below `pos`) plus, in split 0, the new token
     itself. Rows are left-padded: the row's first `pad` slots are masked out and its positions count from
     there. The first query head of each key/value group writes the new key and value into cache slot `pos`;
     no program reads that slot in this step, so there is no race. Slots below `pos` were written by earlier
-    steps, so with PDL the first block is loaded before waiting for the QKV kernel."""
+    steps, so with PDL the first block is loaded before waiting for the QKV kernel. With COMBINE, the last
+    split of a head to finish merges the splits' partial softmaxes (as _combine_kernel does, same order) and
+    resets the head's arrival count: no combine kernel."""
     h = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -338,10 +340,29 @@ def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, pad_ptr, out_ptr, part_m_ptr, part_
     if SPLITS == 1:
         tl.store(out + d, (acc / l_i).to(out_ptr.dtype.element_ty))
     else:
-        part = (b * tl.num_programs(0) + h) * SPLITS + split
+        head = b * tl.num_programs(0) + h
+        part = head * SPLITS + split
         tl.store(part_m_ptr + part, m_i)
         tl.store(part_l_ptr + part, l_i)
         tl.store(part_acc_ptr + part * D + d, acc)
+        if COMBINE:
+            tl.debug_barrier()  # every thread's part stored before the count says so (release below)
+            if tl.atomic_add(count_ptr + head, 1, sem="acq_rel") == SPLITS - 1:
+                _merge_splits(part_m_ptr, part_l_ptr, part_acc_ptr, head * SPLITS, out, D, SPLITS)
+                tl.atomic_xchg(count_ptr + head, 0)
+
+
+@triton.jit
+def _merge_splits(part_m_ptr, part_l_ptr, part_acc_ptr, first, out, D: tl.constexpr, SPLITS: tl.constexpr):
+    """out = the softmax-weighted sum of SPLITS partial results from index `first`, as _combine_kernel
+    computes it; ".cg" loads: from L2, where the other programs' stores are."""
+    j = first + tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    m = tl.load(part_m_ptr + j, cache_modifier=".cg")
+    weight = tl.exp(m - tl.max(m, axis=0))
+    l_sum = tl.sum(tl.load(part_l_ptr + j, cache_modifier=".cg") * weight, axis=0)
+    acc = tl.load(part_acc_ptr + j[:, None] * D + d[None, :], cache_modifier=".cg")
+    tl.store(out + d, (tl.sum(acc * weight[:, None], axis=0) / l_sum).to(out.dtype.element_ty))
 
 
 @triton.jit
@@ -443,6 +464,8 @@ def unsupported_reason(model: GPT) -> str | None:
 MERGE_IN_PROJECTION = False  # batch 1: the output projection merges attention's splits (False: a combine
 # kernel). Off: on an H200 the merge made that projection 2.0 -> 5.9 us and decoding 10% slower (1,653 against
 # 1,826 tokens/s in one process, docs/RESULTS.md)
+COMBINE_IN_ATTENTION = False  # split attention: the last split of each head merges the parts (False: a
+# combine kernel after attention). Off until timed on a GPU against the combine kernel (decode_speed.py +attncombine)
 USE_PDL = True  # programmatic dependent launch where the GPU has it (False: plain launches, for A/B runs)
 
 
@@ -598,6 +621,7 @@ class TritonDecoder:
             ))
         self.head = _MatVec(model.lm_head, self.x, self.logits, launch, norm=model.transformer.ln_f, scratch=sc)
         n = B * cfg.n_head * self.MAX_SPLITS  # room for any split count (profile_kernels.py tries several)
+        self.attn_count = torch.zeros(B * cfg.n_head, dtype=torch.int32, device=dev)  # splits done, per head
         self.part_m = torch.zeros(n, dtype=torch.float32, device=dev)
         self.part_l = torch.zeros(n, dtype=torch.float32, device=dev)
         self.part_acc = torch.zeros(n, cfg.head_dim, dtype=torch.float32, device=dev)
@@ -651,13 +675,15 @@ class TritonDecoder:
         qn = attn.q_norm.weight if attn.q_norm is not None else self.x
         kn = attn.k_norm.weight if attn.k_norm is not None else self.x
         D, launch = cfg.head_dim, self.launch
+        merge = self.splits > 1 and self.layers[0][2].parts is None  # else the output projection merges
+        in_kernel = merge and COMBINE_IN_ATTENTION
         _attend_kernel[(cfg.n_head, self.splits, self.batch)](
-            self.qkv, kv, self.pos, self.left_pad, self.y, self.part_m, self.part_l, self.part_acc, qn, kn, cos,
-            sin, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D), cfg.norm_eps,
-            Q_DIM=self.q_dim, KV_DIM=self.kv_dim, GROUP=cfg.n_head // cfg.kv_heads, D=D, ROPE=rope,
-            QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.ATTN_BLOCK_S, PDL=bool(launch),
-            num_warps=4, **launch)
-        if self.splits > 1 and self.layers[0][2].parts is None:  # else the output projection merges
+            self.qkv, kv, self.pos, self.left_pad, self.y, self.part_m, self.part_l, self.part_acc, self.attn_count,
+            qn, kn, cos, sin, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D),
+            cfg.norm_eps, Q_DIM=self.q_dim, KV_DIM=self.kv_dim, GROUP=cfg.n_head // cfg.kv_heads, D=D, ROPE=rope,
+            QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.ATTN_BLOCK_S, COMBINE=in_kernel,
+            PDL=bool(launch), num_warps=4, **launch)
+        if merge and not in_kernel:
             _combine_kernel[(cfg.n_head, self.batch)](self.part_m, self.part_l, self.part_acc, self.y,
                                                       Q_DIM=self.q_dim, D=D, SPLITS=self.splits, PDL=bool(launch),
                                                       num_warps=1, **launch)
