@@ -67,13 +67,13 @@ def loss_fn(impl: str, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def bench(impl: str, preset: str, micro_batch: int, steps: int, warmup: int, loss_chunk: int,
-          compile_mode: str | None, attn: str = "auto", fp8: bool = False, ce_pad: str = "mask") -> dict:
+          compile_mode: str, attn: str = "auto", fp8: bool = False, ce_pad: str = "mask") -> dict:
     seq = SEQ[preset]
     gpt_module.CE_PADDING = ce_pad
     label = attn  # the kernel that the trainer's train.attention=auto picks here, for the table
     if attn == "auto" and impl == "antimatter":
         label = "cudnn" if prefers_cudnn_attention() else "sdpa-default"
-    mode, *extras = (compile_mode or "default").split("+")
+    mode, *extras = compile_mode.split("+")
     # +cdt: inductor's coordinate-descent tuning of the generated kernels (gpt-fast's setting)
     tuning = torch._inductor.config.patch(coordinate_descent_tuning="cdt" in extras)
     try:
@@ -83,7 +83,7 @@ def bench(impl: str, preset: str, micro_batch: int, steps: int, warmup: int, los
     finally:
         gpt_module.CE_PADDING = "mask"
     r["ce_pad"] = ce_pad if impl == "antimatter" else None
-    r["compile"] = compile_mode or "default"
+    r["compile"] = compile_mode
     return r
 
 
@@ -169,7 +169,7 @@ def main() -> None:
     # every variant compiles from scratch: a cached graph from another variant (e.g. another attention
     # kernel) must not be reused, and the warm-up time reported is the real one
     torch._inductor.config.fx_graph_cache = False
-    modes = [None if m == "default" else m for m in args.compile_mode]
+    modes = args.compile_mode
     device = torch.cuda.get_device_name()
     measured = measured_matmul_tflops()
     datasheet = (peak_flops(device, "bf16") or float("nan")) / 1e12
@@ -198,7 +198,7 @@ def main() -> None:
                   f"{'out of memory':>11}")
             continue
         print(f"{r['impl']:<13}{r['micro_batch']:>4}{r['loss_chunk']:>7}{r['attn']:>7}{r['fp8']:>5}"
-              f"{str(r['compile'] or 'default')[:14]:>14}{str(r.get('ce_pad') or '-'):>7}{r['tokens_per_s']:>11,.0f}"
+              f"{r['compile'][:14]:>14}{str(r.get('ce_pad') or '-'):>7}{r['tokens_per_s']:>11,.0f}"
               f"{r['mfu_measured_peak']:>11.1%}{r['mfu_datasheet']:>11.1%}{r['peak_mem_gib']:>10.1f}")
     ok = [r for r in results if not r["oom"]]
     hf = [r for r in ok if r["impl"] == "transformers"]

@@ -280,6 +280,19 @@ def _head_vector(ptr, pos, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, ROPE: 
 
 
 @triton.jit
+def _merge_splits(part_m_ptr, part_l_ptr, part_acc_ptr, first, out, D: tl.constexpr, SPLITS: tl.constexpr):
+    """out = the softmax-weighted sum of SPLITS partial results from index `first` (a split with no slots has
+    m = -inf and weighs nothing); ".cg" loads: from L2, where other programs' stores are."""
+    j = first + tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    m = tl.load(part_m_ptr + j, cache_modifier=".cg")
+    weight = tl.exp(m - tl.max(m, axis=0))
+    l_sum = tl.sum(tl.load(part_l_ptr + j, cache_modifier=".cg") * weight, axis=0)
+    acc = tl.load(part_acc_ptr + j[:, None] * D + d[None, :], cache_modifier=".cg")
+    tl.store(out + d, (tl.sum(acc * weight[:, None], axis=0) / l_sum).to(out.dtype.element_ty))
+
+
+@triton.jit
 def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, pad_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, count_ptr,
                    qn_ptr, kn_ptr, cos_ptr, sin_ptr, kv_stride, batch_stride, head_stride, slot_stride, scale, eps,
                    Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
@@ -291,7 +304,7 @@ def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, pad_ptr, out_ptr, part_m_ptr, part_
     there. The first query head of each key/value group writes the new key and value into cache slot `pos`;
     no program reads that slot in this step, so there is no race. Slots below `pos` were written by earlier
     steps, so with PDL the first block is loaded before waiting for the QKV kernel. With COMBINE, the last
-    split of a head to finish merges the splits' partial softmaxes (as _combine_kernel does, same order) and
+    split of a head to finish merges the splits' partial softmaxes (_merge_splits, as _combine_kernel) and
     resets the head's arrival count: no combine kernel."""
     h = tl.program_id(0)
     split = tl.program_id(1)
@@ -353,36 +366,16 @@ def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, pad_ptr, out_ptr, part_m_ptr, part_
 
 
 @triton.jit
-def _merge_splits(part_m_ptr, part_l_ptr, part_acc_ptr, first, out, D: tl.constexpr, SPLITS: tl.constexpr):
-    """out = the softmax-weighted sum of SPLITS partial results from index `first`, as _combine_kernel
-    computes it; ".cg" loads: from L2, where the other programs' stores are."""
-    j = first + tl.arange(0, SPLITS)
-    d = tl.arange(0, D)
-    m = tl.load(part_m_ptr + j, cache_modifier=".cg")
-    weight = tl.exp(m - tl.max(m, axis=0))
-    l_sum = tl.sum(tl.load(part_l_ptr + j, cache_modifier=".cg") * weight, axis=0)
-    acc = tl.load(part_acc_ptr + j[:, None] * D + d[None, :], cache_modifier=".cg")
-    tl.store(out + d, (tl.sum(acc * weight[:, None], axis=0) / l_sum).to(out.dtype.element_ty))
-
-
-@triton.jit
 def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, Q_DIM: tl.constexpr, D: tl.constexpr,
                     SPLITS: tl.constexpr, PDL: tl.constexpr):
-    """Merge the SPLITS partial softmaxes of query head program_id(0) of row program_id(1) (a split with no
-    slots has m = -inf and weighs nothing)."""
+    """Merge the SPLITS partial softmaxes of query head program_id(0) of row program_id(1)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
     h = tl.program_id(0)
     b = tl.program_id(1)
-    j = (b * tl.num_programs(0) + h) * SPLITS + tl.arange(0, SPLITS)
-    d = tl.arange(0, D)
-    m = tl.load(part_m_ptr + j)
-    weight = tl.exp(m - tl.max(m, axis=0))
-    l_sum = tl.sum(tl.load(part_l_ptr + j) * weight, axis=0)
-    acc = tl.load(part_acc_ptr + j[:, None] * D + d[None, :])
-    out = out_ptr + b * Q_DIM + h * D + d
-    tl.store(out, (tl.sum(acc * weight[:, None], axis=0) / l_sum).to(out_ptr.dtype.element_ty))
+    _merge_splits(part_m_ptr, part_l_ptr, part_acc_ptr, (b * tl.num_programs(0) + h) * SPLITS,
+                  out_ptr + b * Q_DIM + h * D, D, SPLITS)
 
 
 @triton.jit
@@ -462,8 +455,8 @@ def unsupported_reason(model: GPT) -> str | None:
 
 
 MERGE_IN_PROJECTION = False  # batch 1: the output projection merges attention's splits (False: a combine
-# kernel). Off: on an H200 the merge made that projection 2.0 -> 5.9 us and decoding 10% slower (1,653 against
-# 1,826 tokens/s in one process, docs/RESULTS.md)
+# kernel). Off: on an H200 the merge made that projection 2.2 -> 5.9 us and decoding 10% slower (1,628 against
+# 1,810 tokens/s in one process, docs/RESULTS.md)
 COMBINE_IN_ATTENTION = False  # split attention: the last split of each head merges the parts (False: a
 # combine kernel after attention). Off until timed on a GPU against the combine kernel (decode_speed.py +attncombine)
 USE_PDL = True  # programmatic dependent launch where the GPU has it (False: plain launches, for A/B runs)
