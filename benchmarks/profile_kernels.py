@@ -268,15 +268,20 @@ def bench_triton_decode(preset: str, batch: int = 1) -> dict:
               + ", ".join(f"{c} {t:.2f}" for c, t in r["us"].items()), flush=True)
     attns = [b.attn for b in model.transformer.h]
     out["attention"] = []
-    for fill in (272, 1024, 2000):
-        for splits in (1, 2, 4, 8, 16):  # every layer's attention (+ combine) back to back in one CUDA graph
-            for merge in ("combine kernel", "in attention") if splits > 1 else ("combine kernel",):
-                triton_decode.COMBINE_IN_ATTENTION = merge == "in attention"
-                dec.splits = splits
-                dec.pos.fill_(fill)
-                us = graph_time_us(lambda: [dec._attend(a) for a in attns]) / len(attns)
-                out["attention"].append({"fill": fill, "splits": splits, "merge": merge, "us_per_layer": us})
-                print(f"attention fill {fill} splits {splits} ({merge}): {us:.2f} us per layer", flush=True)
+    for block_s in (64, 128, 256):  # cache slots a program reads per iteration (TritonDecoder.ATTN_BLOCK_S)
+        dec.ATTN_BLOCK_S = block_s
+        for fill in (272, 1024, 2000):
+            for splits in (1, 2, 4, 8, 16):  # every layer's attention (+ combine) back to back in one CUDA graph
+                for merge in ("combine kernel", "in attention") if splits > 1 else ("combine kernel",):
+                    triton_decode.COMBINE_IN_ATTENTION = merge == "in attention"
+                    dec.splits = splits
+                    dec.pos.fill_(fill)
+                    us = graph_time_us(lambda: [dec._attend(a) for a in attns]) / len(attns)
+                    out["attention"].append({"block_s": block_s, "fill": fill, "splits": splits, "merge": merge,
+                                             "us_per_layer": us})
+                    print(f"attention block {block_s} fill {fill} splits {splits} ({merge}): {us:.2f} us per layer",
+                          flush=True)
+    del dec.ATTN_BLOCK_S  # back to the class default
     triton_decode.COMBINE_IN_ATTENTION = False
     dec.splits = TritonDecoder.default_splits(cfg.block_size, batch * cfg.n_head)
     dec.start(torch.ones(batch, dtype=torch.long, device="cuda"), 272, torch.zeros_like(dec.seen))
@@ -333,8 +338,10 @@ def main() -> None:
     if "gemv" in args.part:
         res["gemv"] = bench_gemv()
     if "triton" in args.part:
-        res["triton"] = [bench_triton_decode(args.config, b) for b in args.batches]
-        dump()
+        res["triton"] = []
+        for b in args.batches:
+            res["triton"].append(bench_triton_decode(args.config, b))
+            dump()
     if "decode" in args.part:
         res["decode"] = []
         for path in args.decode_path:

@@ -675,7 +675,7 @@ class TritonDecoder:
             qn, kn, cos, sin, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D),
             cfg.norm_eps, Q_DIM=self.q_dim, KV_DIM=self.kv_dim, GROUP=cfg.n_head // cfg.kv_heads, D=D, ROPE=rope,
             QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.ATTN_BLOCK_S, COMBINE=in_kernel,
-            PDL=bool(launch), num_warps=4, **launch)
+            PDL=bool(launch), num_warps=4 if self.ATTN_BLOCK_S <= 128 else 8, **launch)
         if merge and not in_kernel:
             _combine_kernel[(cfg.n_head, self.batch)](self.part_m, self.part_l, self.part_acc, self.y,
                                                       Q_DIM=self.q_dim, D=D, SPLITS=self.splits, PDL=bool(launch),
