@@ -121,9 +121,7 @@ def main() -> None:
                          "torch.compile mode (reduce-overhead, max-autotune); +kernels: decode steps as "
                          "AntiMatter's Triton kernels in one CUDA graph (model/triton_decode.py; without it, the "
                          "torch.compile path); +nopdl: those kernels without programmatic dependent launch; +nosplitk: "
-                         "their batched matmuls without split-K block shapes; +merge: at batch 1, attention's "
-                         "splits merged in the output projection, not by a combine kernel; +attncombine: merged by the last split "
-                         "of each head to finish, not by a combine kernel; +gemv: single-row "
+                         "their batched matmuls without split-K block shapes; +gemv: single-row "
                          "matmuls as inductor reductions "
                          "(batch 1 only; without it, cuBLAS); +cdt: inductor coordinate-descent tuning of the "
                          "generated kernels (gpt-fast's setting); +int8: weight-only int8 blocks (torchao); +nofold: with "
@@ -183,8 +181,6 @@ def main() -> None:
             gen.DECODE_TUNING = "cdt" in extras
             triton_decode.USE_PDL = "nopdl" not in extras
             triton_decode.SPLIT_K = "nosplitk" not in extras
-            triton_decode.MERGE_IN_PROJECTION = "merge" in extras
-            triton_decode.COMBINE_IN_ATTENTION = "attncombine" in extras
             triton_decode._TUNED.clear()  # each variant tunes its own candidates
             Linear.fold_norm = "nofold" not in extras
             if "int8" in extras and int8_model is None:
@@ -214,7 +210,6 @@ def main() -> None:
                 print(f"batch {B}: compiled ({variant}) failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         gen.DECODE_TUNING, Linear.fold_norm = False, True  # the defaults again (the TTFT rows below)
         triton_decode.USE_PDL = triton_decode.SPLIT_K = True
-        triton_decode.MERGE_IN_PROJECTION = triton_decode.COMBINE_IN_ATTENTION = False
         if hf is not None:
             ids = prompts.cuda()
             attn = torch.ones_like(ids)

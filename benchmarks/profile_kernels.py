@@ -247,7 +247,6 @@ def bench_triton_decode(preset: str, batch: int = 1) -> dict:
     layers' instances back to back (no host launch time; weights stream from memory as in a real step): each
     matrix shape's block-shape candidates (us and GB/s), attention by split count at several cache fills, and
     the whole step."""
-    from antimatter.model import triton_decode
     from antimatter.model.triton_decode import TritonDecoder, graph_time_us
 
     cfg = preset_model(preset)
@@ -272,17 +271,12 @@ def bench_triton_decode(preset: str, batch: int = 1) -> dict:
         dec.ATTN_BLOCK_S = block_s
         for fill in (272, 1024, 2000):
             for splits in (1, 2, 4, 8, 16):  # every layer's attention (+ combine) back to back in one CUDA graph
-                for merge in ("combine kernel", "in attention") if splits > 1 else ("combine kernel",):
-                    triton_decode.COMBINE_IN_ATTENTION = merge == "in attention"
-                    dec.splits = splits
-                    dec.pos.fill_(fill)
-                    us = graph_time_us(lambda: [dec._attend(a) for a in attns]) / len(attns)
-                    out["attention"].append({"block_s": block_s, "fill": fill, "splits": splits, "merge": merge,
-                                             "us_per_layer": us})
-                    print(f"attention block {block_s} fill {fill} splits {splits} ({merge}): {us:.2f} us per layer",
-                          flush=True)
+                dec.splits = splits
+                dec.pos.fill_(fill)
+                us = graph_time_us(lambda: [dec._attend(a) for a in attns]) / len(attns)
+                out["attention"].append({"block_s": block_s, "fill": fill, "splits": splits, "us_per_layer": us})
+                print(f"attention block {block_s} fill {fill} splits {splits}: {us:.2f} us per layer", flush=True)
     del dec.ATTN_BLOCK_S  # back to the class default
-    triton_decode.COMBINE_IN_ATTENTION = False
     dec.splits = TritonDecoder.default_splits(cfg.block_size, batch * cfg.n_head)
     dec.start(torch.ones(batch, dtype=torch.long, device="cuda"), 272, torch.zeros_like(dec.seen))
     dec.capture()

@@ -13,7 +13,6 @@ from antimatter.model.generate import generate
 from antimatter.model.gpt import GPT
 
 pytest.importorskip("triton")
-from antimatter.model import triton_decode  # noqa: E402
 from antimatter.model.triton_decode import TritonDecoder, unsupported_reason  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,17 +36,13 @@ def prompt(n: int, seed: int) -> list[int]:
 
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
-@pytest.mark.parametrize("splits,merge", [(1, "combine kernel"), (4, "combine kernel"), (4, "projection"),
-                                          (4, "attention")])
-def test_one_step_equals_the_model_forward(preset, splits, merge, monkeypatch):
+@pytest.mark.parametrize("splits", [1, 4])
+def test_one_step_equals_the_model_forward(preset, splits, monkeypatch):
     """One kernel step after a 12-token prefill: logits equal a plain forward over all 13 tokens, and cache
     slot 12 holds the key and value the model's own cached forward writes there. Attention blocks of 4 slots,
-    so the 12 cached slots span several blocks per split (and some splits get none). Split attention merged
-    by the combine kernel (the default), inside the output projection (`MERGE_IN_PROJECTION`) or by the last
-    split of each head to finish (`COMBINE_IN_ATTENTION`, whose arrival counts end back at zero)."""
+    so the 12 cached slots span several blocks per split (and some splits get none); the combine kernel
+    merges the splits."""
     monkeypatch.setattr(TritonDecoder, "ATTN_BLOCK_S", 4)
-    monkeypatch.setattr(triton_decode, "MERGE_IN_PROJECTION", merge == "projection")
-    monkeypatch.setattr(triton_decode, "COMBINE_IN_ATTENTION", merge == "attention")
     model = make_model(preset)
     ids = torch.tensor([prompt(13, seed=1)], device=DEVICE)
     model.setup_caches(1, 32)
@@ -68,7 +63,6 @@ def test_one_step_equals_the_model_forward(preset, splits, merge, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert dec.token.item() == ref.argmax().item() and dec.pos.item() == 13
     assert dec.seen[0, dec.token.item()]
-    assert not dec.attn_count.any()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
@@ -91,17 +85,14 @@ def test_generate_with_kernels_equals_the_torch_path(preset):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
-@pytest.mark.parametrize("splits,split_k,combine_in_attention", [(1, 1, False), (4, 1, False), (4, 1, True),
-                                                                 (1, 3, False)])
-def test_batched_step_with_left_padding_equals_the_model(preset, splits, split_k, combine_in_attention,
-                                                         monkeypatch):
+@pytest.mark.parametrize("splits,split_k", [(1, 1), (4, 1), (1, 3)])
+def test_batched_step_with_left_padding_equals_the_model(preset, splits, split_k, monkeypatch):
     """Three prompts of 12, 9 and 5 tokens, left-padded as `generate` lays them out: one kernel step gives
     each row the logits and the cache slot of the model's own cached step (which masks the padding and
     shifts each row's positions). Attention blocks of 4 slots, so some blocks are all padding. With split-K
     the matmuls cut K (32 and 128) into 3 pieces of whole 16-wide tiles: uneven pieces, an empty one for
     K = 32, and every arrival count back at zero after the step."""
     monkeypatch.setattr(TritonDecoder, "ATTN_BLOCK_S", 4)
-    monkeypatch.setattr(triton_decode, "COMBINE_IN_ATTENTION", combine_in_attention)
     model = make_model(preset)
     lengths, T = [12, 9, 5], 12
     ids = torch.zeros(3, T + 1, dtype=torch.long)
@@ -129,7 +120,6 @@ def test_batched_step_with_left_padding_equals_the_model(preset, splits, split_k
     assert dec.token.tolist() == ref.argmax(-1).tolist() and dec.pos.item() == T + 1
     assert dec.seen.sum().item() == 3 and dec.seen[torch.arange(3), dec.token].all()
     assert dec.scratch.count.numel() == (0 if split_k == 1 else 32) and not dec.scratch.count.any()
-    assert not dec.attn_count.any()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])

@@ -42,18 +42,15 @@ ACT_NONE, ACT_GELU, ACT_SWIGLU = 0, 1, 2
 
 
 @triton.jit
-def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, part_m_ptr, part_l_ptr,
-                   part_acc_ptr, N, K, eps, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                   HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                   SPLITS: tl.constexpr = 0, D: tl.constexpr = 1):
+def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, N, K, eps, NORM: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out[n] = act(W[n] . norm(x) + bias[n]) (+ res[n]) for the BLOCK_N rows n of this program.
     SwiGLU reads rows n (gate) and n + N (up) of W: silu(gate) * up. `out` may be `res` (in place): each
     program reads and writes only its own rows. With PDL (programmatic dependent launch) the program lets the
     next kernel launch at once and loads its first weight tile before waiting for the previous kernel: weights
     never change during a step, so their loads overlap the previous kernel's tail; every read of activations
-    and every store comes after the wait. With SPLITS > 0, x is the attention output still in SPLITS partial
-    softmaxes per head of D dims (_attend_kernel's parts): each program merges them itself, as
-    _combine_kernel would, which saves that kernel's launch and wait (the parts are a few KB, read from L2)."""
+    and every store comes after the wait."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
@@ -71,15 +68,7 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
     s2 = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         col_ok = k0 + cols < K
-        if SPLITS > 0:  # x[c] = sum_j acc[h, j, d] e^(m[h, j] - max_j m) / sum_j l[h, j] e^(...), c = h * D + d
-            part = (k0 + cols)[:, None] // D * SPLITS + tl.arange(0, SPLITS)[None, :]
-            m = tl.load(part_m_ptr + part, mask=col_ok[:, None], other=0.0)
-            weight = tl.exp(m - tl.max(m, axis=1)[:, None])
-            l_sum = tl.sum(tl.load(part_l_ptr + part, mask=col_ok[:, None], other=1.0) * weight, axis=1)
-            a = tl.load(part_acc_ptr + part * D + ((k0 + cols) % D)[:, None], mask=col_ok[:, None], other=0.0)
-            x = (tl.sum(a * weight, axis=1) / l_sum).to(x_ptr.dtype.element_ty).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
         if NORM != 0:
             s1 += x
             s2 += x * x
@@ -163,7 +152,8 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
     activation and in-place residual. Computed transposed, W (BLOCK_N, K) @ x^T (K, BLOCK_M), so the weight
     rows fill the tensor cores' large M side and the few rows of x their small N side. The products run in
     the weights' dtype with the normalised x split into a high and a low part (two products): the fold
-    subtracts mean * W@g after the product, so x * g must keep more than 8 bits. fp32 weights (tests)
+    subtracts mean * W@g after the product, so x * g must keep more than 8 bits. An x that is not normalised
+    is already in the weights' dtype (its low part is zero): one product. fp32 weights (tests)
     multiply in full fp32. The loop is software-pipelined over STAGES tiles; with PDL the next kernel launches
     early, and under split-K the first weight tile is loaded before waiting for the previous kernel.
 
@@ -211,14 +201,16 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
             x_hi = xt.to(w_ptr.dtype.element_ty)
             x_lo = (xt - x_hi.to(tl.float32)).to(w_ptr.dtype.element_ty)
             acc = tl.dot(w, x_hi, acc)
-            acc = tl.dot(w, x_lo, acc)
+            if NORM != 0 or x_ptr.dtype.element_ty != w_ptr.dtype.element_ty:  # else x_lo is 0
+                acc = tl.dot(w, x_lo, acc)
         if ACT == 2:
             w_up = tl.load(w_ptr + (cols[:, None] + N) * K + kk[None, :], mask=w_ok, other=0.0)
             if w_ptr.dtype.element_ty == tl.float32:
                 acc_up = tl.dot(w_up, xt, acc_up, input_precision="ieee")
             else:
                 acc_up = tl.dot(w_up, x_hi, acc_up)
-                acc_up = tl.dot(w_up, x_lo, acc_up)
+                if NORM != 0 or x_ptr.dtype.element_ty != w_ptr.dtype.element_ty:
+                    acc_up = tl.dot(w_up, x_lo, acc_up)
     if SPLIT_K == 1:
         _matmul_epilogue(acc, acc_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, bias_ptr, res_ptr, wg_ptr, wb_ptr,
                          N, K, eps, NORM, HAS_BIAS, ACT, HAS_RES)
@@ -280,32 +272,18 @@ def _head_vector(ptr, pos, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, ROPE: 
 
 
 @triton.jit
-def _merge_splits(part_m_ptr, part_l_ptr, part_acc_ptr, first, out, D: tl.constexpr, SPLITS: tl.constexpr):
-    """out = the softmax-weighted sum of SPLITS partial results from index `first` (a split with no slots has
-    m = -inf and weighs nothing); ".cg" loads: from L2, where other programs' stores are."""
-    j = first + tl.arange(0, SPLITS)
-    d = tl.arange(0, D)
-    m = tl.load(part_m_ptr + j, cache_modifier=".cg")
-    weight = tl.exp(m - tl.max(m, axis=0))
-    l_sum = tl.sum(tl.load(part_l_ptr + j, cache_modifier=".cg") * weight, axis=0)
-    acc = tl.load(part_acc_ptr + j[:, None] * D + d[None, :], cache_modifier=".cg")
-    tl.store(out + d, (tl.sum(acc * weight[:, None], axis=0) / l_sum).to(out.dtype.element_ty))
-
-
-@triton.jit
-def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, pad_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, count_ptr,
-                   qn_ptr, kn_ptr, cos_ptr, sin_ptr, kv_stride, batch_stride, head_stride, slot_stride, scale, eps,
+def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, pad_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qn_ptr, kn_ptr,
+                   cos_ptr, sin_ptr, kv_stride, batch_stride, head_stride, slot_stride, scale, eps,
                    Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                    ROPE: tl.constexpr, QK_NORM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                   COMBINE: tl.constexpr, PDL: tl.constexpr):
+                   PDL: tl.constexpr):
     """Attention of the new token of row program_id(2) for query head program_id(0), over the cache slots of
     split program_id(1) (every SPLITS-th block of BLOCK_S slots below `pos`) plus, in split 0, the new token
     itself. Rows are left-padded: the row's first `pad` slots are masked out and its positions count from
     there. The first query head of each key/value group writes the new key and value into cache slot `pos`;
     no program reads that slot in this step, so there is no race. Slots below `pos` were written by earlier
-    steps, so with PDL the first block is loaded before waiting for the QKV kernel. With COMBINE, the last
-    split of a head to finish merges the splits' partial softmaxes (_merge_splits, as _combine_kernel) and
-    resets the head's arrival count: no combine kernel."""
+    steps, so with PDL the first block is loaded before waiting for the QKV kernel. With SPLITS > 1 each
+    split writes its partial softmax (max, sum, weighted values) and _combine_kernel merges them."""
     h = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -353,29 +331,30 @@ def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, pad_ptr, out_ptr, part_m_ptr, part_
     if SPLITS == 1:
         tl.store(out + d, (acc / l_i).to(out_ptr.dtype.element_ty))
     else:
-        head = b * tl.num_programs(0) + h
-        part = head * SPLITS + split
+        part = (b * tl.num_programs(0) + h) * SPLITS + split
         tl.store(part_m_ptr + part, m_i)
         tl.store(part_l_ptr + part, l_i)
         tl.store(part_acc_ptr + part * D + d, acc)
-        if COMBINE:
-            tl.debug_barrier()  # every thread's part stored before the count says so (release below)
-            if tl.atomic_add(count_ptr + head, 1, sem="acq_rel") == SPLITS - 1:
-                _merge_splits(part_m_ptr, part_l_ptr, part_acc_ptr, head * SPLITS, out, D, SPLITS)
-                tl.atomic_xchg(count_ptr + head, 0)
 
 
 @triton.jit
 def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, Q_DIM: tl.constexpr, D: tl.constexpr,
                     SPLITS: tl.constexpr, PDL: tl.constexpr):
-    """Merge the SPLITS partial softmaxes of query head program_id(0) of row program_id(1)."""
+    """Merge the SPLITS partial softmaxes of query head program_id(0) of row program_id(1): the weighted sum
+    of the splits' values, each split weighed by e^(its max - the max of all); a split with no slots has
+    max -inf and weighs nothing."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
     h = tl.program_id(0)
     b = tl.program_id(1)
-    _merge_splits(part_m_ptr, part_l_ptr, part_acc_ptr, (b * tl.num_programs(0) + h) * SPLITS,
-                  out_ptr + b * Q_DIM + h * D, D, SPLITS)
+    j = (b * tl.num_programs(0) + h) * SPLITS + tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    m = tl.load(part_m_ptr + j)
+    weight = tl.exp(m - tl.max(m, axis=0))
+    l_sum = tl.sum(tl.load(part_l_ptr + j) * weight, axis=0)
+    acc = tl.load(part_acc_ptr + j[:, None] * D + d[None, :])
+    tl.store(out_ptr + b * Q_DIM + h * D + d, (tl.sum(acc * weight[:, None], axis=0) / l_sum).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -430,10 +409,14 @@ MATVEC_CONFIGS = [(4, 512, 4), (4, 1024, 4), (8, 512, 4), (16, 512, 8), (2, 1024
                   (2, 2048, 8), (2, 4096, 8), (16, 256, 4), (8, 256, 4)]
 # (BLOCK_N, BLOCK_K, num_warps, stages, split-K) for the batched kernel (BLOCK_M follows the batch):
 # tensor-core tiles. Without split-K: the four fastest of ten at batch 32 on an H200
-# (docs/results/session6/h200_59dcda8_decode.json); split-K ones are tried for matrices of few column blocks.
+# (docs/results/session6/h200_59dcda8_decode.json); split-K ones are tried for matrices of few column blocks,
+# also with one stage: a split of one or two tiles gains nothing from a pipeline, and a smaller
+# shared-memory footprint lets the next kernel's programs start beside this one's (programmatic launch).
 MATMUL_CONFIGS = [(64, 256, 4, 3, 1), (16, 256, 4, 3, 1), (128, 128, 8, 3, 1), (64, 128, 4, 4, 1),
-                  (64, 256, 4, 3, 4), (64, 128, 4, 3, 4), (16, 256, 4, 3, 4), (32, 256, 4, 3, 8),
-                  (64, 128, 4, 3, 8), (16, 128, 4, 3, 8), (16, 256, 4, 3, 16), (64, 256, 4, 3, 16)]
+                  (128, 128, 8, 4, 1), (64, 256, 4, 3, 4), (64, 128, 4, 3, 4), (16, 256, 4, 3, 4),
+                  (32, 256, 4, 3, 8), (64, 128, 4, 3, 8), (16, 128, 4, 3, 8), (16, 256, 4, 3, 16),
+                  (64, 256, 4, 3, 16), (64, 256, 4, 1, 4), (64, 128, 4, 1, 4), (16, 256, 4, 1, 4),
+                  (16, 128, 4, 1, 8), (32, 128, 4, 1, 8), (64, 256, 4, 1, 16)]
 MATMUL_SMALL = (16, 64, 4, 2, 1)  # for matrices narrower than every candidate's BLOCK_K (tiny test models)
 SPLIT_K = True  # try split-K block shapes (False: only whole-K ones, for A/B runs)
 SPLIT_K_MAX_BLOCKS = 256  # split K only for matrices of fewer column blocks than this (not the output head)
@@ -454,11 +437,6 @@ def unsupported_reason(model: GPT) -> str | None:
     return None
 
 
-MERGE_IN_PROJECTION = False  # batch 1: the output projection merges attention's splits (False: a combine
-# kernel). Off: on an H200 the merge made that projection 2.2 -> 5.9 us and decoding 10% slower (1,628 against
-# 1,810 tokens/s in one process, docs/RESULTS.md)
-COMBINE_IN_ATTENTION = False  # split attention: the last split of each head merges the parts (False: a
-# combine kernel after attention). Off until timed on a GPU against the combine kernel (decode_speed.py +attncombine)
 USE_PDL = True  # programmatic dependent launch where the GPU has it (False: plain launches, for A/B runs)
 
 
@@ -496,7 +474,6 @@ class _MatVec:
         self.scratch = scratch or _SplitScratch(x.device)
         self.w, self.x, self.out = linear.weight, x, out
         self.bias, self.res, self.norm, self.act = linear.bias, residual, norm, act
-        self.parts: tuple | None = None  # (part_m, part_l, part_acc, splits, head_dim): x from attention's parts
         self.N = self.w.shape[0] // (2 if act == ACT_SWIGLU else 1)
         self.K = self.w.shape[1]
         self.M = x.shape[0]
@@ -542,8 +519,7 @@ class _MatVec:
         return k_split, split * blocks * (2 * block_n * self.block_m + 2 * self.block_m), blocks
 
     def signature(self) -> tuple:
-        return (self.M, self.N, self.K, self.kind, self.act, self.bias is not None, self.res is not None,
-                self.parts[3] if self.parts else 0)
+        return self.M, self.N, self.K, self.kind, self.act, self.bias is not None, self.res is not None
 
     def __call__(self, config: tuple[int, ...] | None = None) -> None:
         block_n, block_k, warps, *stages = config or self.config
@@ -553,9 +529,7 @@ class _MatVec:
         flags = dict(NORM=self.kind, HAS_BIAS=self.bias is not None, ACT=self.act, HAS_RES=self.res is not None,
                      BLOCK_N=block_n, BLOCK_K=block_k, PDL=bool(self.launch), num_warps=warps, **self.launch)
         if self.M == 1:
-            part_m, part_l, part_acc, splits, head_dim = self.parts or (self.wg, self.wg, self.wg, 0, 1)
-            _matvec_kernel[(triton.cdiv(self.N, block_n),)](*args, part_m, part_l, part_acc, self.N, self.K,
-                                                            self.eps, SPLITS=splits, D=head_dim, **flags)
+            _matvec_kernel[(triton.cdiv(self.N, block_n),)](*args, self.N, self.K, self.eps, **flags)
         else:
             stages, split = stages
             k_split, floats, blocks = self.split_layout(config or self.config)
@@ -614,7 +588,6 @@ class TritonDecoder:
             ))
         self.head = _MatVec(model.lm_head, self.x, self.logits, launch, norm=model.transformer.ln_f, scratch=sc)
         n = B * cfg.n_head * self.MAX_SPLITS  # room for any split count (profile_kernels.py tries several)
-        self.attn_count = torch.zeros(B * cfg.n_head, dtype=torch.int32, device=dev)  # splits done, per head
         self.part_m = torch.zeros(n, dtype=torch.float32, device=dev)
         self.part_l = torch.zeros(n, dtype=torch.float32, device=dev)
         self.part_acc = torch.zeros(n, cfg.head_dim, dtype=torch.float32, device=dev)
@@ -633,19 +606,6 @@ class TritonDecoder:
         n = max(1, math.ceil(max_seq / cls.ATTN_BLOCK_S))
         by_length = min(cls.MAX_SPLITS, 1 << (n - 1).bit_length())
         return max(1, min(by_length, 1 << max(0, (512 // heads).bit_length() - 1)))
-
-    @property
-    def splits(self) -> int:
-        return self._splits
-
-    @splits.setter
-    def splits(self, n: int) -> None:
-        """Attention's split count; at batch 1 with MERGE_IN_PROJECTION the output projection merges the
-        splits itself (no combine kernel), so it is told where the parts are."""
-        self._splits = n
-        merge = self.batch == 1 and n > 1 and MERGE_IN_PROJECTION
-        for layer in self.layers:
-            layer[2].parts = (self.part_m, self.part_l, self.part_acc, n, self.model.cfg.head_dim) if merge else None
 
     def matvecs(self) -> list[_MatVec]:
         return [mv for layer in self.layers for mv in (layer[0], *layer[2:])] + [self.head]
@@ -668,15 +628,12 @@ class TritonDecoder:
         qn = attn.q_norm.weight if attn.q_norm is not None else self.x
         kn = attn.k_norm.weight if attn.k_norm is not None else self.x
         D, launch = cfg.head_dim, self.launch
-        merge = self.splits > 1 and self.layers[0][2].parts is None  # else the output projection merges
-        in_kernel = merge and COMBINE_IN_ATTENTION
         _attend_kernel[(cfg.n_head, self.splits, self.batch)](
-            self.qkv, kv, self.pos, self.left_pad, self.y, self.part_m, self.part_l, self.part_acc, self.attn_count,
-            qn, kn, cos, sin, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D),
+            self.qkv, kv, self.pos, self.left_pad, self.y, self.part_m, self.part_l, self.part_acc, qn, kn, cos, sin, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D),
             cfg.norm_eps, Q_DIM=self.q_dim, KV_DIM=self.kv_dim, GROUP=cfg.n_head // cfg.kv_heads, D=D, ROPE=rope,
-            QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.ATTN_BLOCK_S, COMBINE=in_kernel,
-            PDL=bool(launch), num_warps=4 if self.ATTN_BLOCK_S <= 128 else 8, **launch)
-        if merge and not in_kernel:
+            QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.ATTN_BLOCK_S, PDL=bool(launch),
+            num_warps=4 if self.ATTN_BLOCK_S <= 128 else 8, **launch)
+        if self.splits > 1:
             _combine_kernel[(cfg.n_head, self.batch)](self.part_m, self.part_l, self.part_acc, self.y,
                                                       Q_DIM=self.q_dim, D=D, SPLITS=self.splits, PDL=bool(launch),
                                                       num_warps=1, **launch)
