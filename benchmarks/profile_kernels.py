@@ -267,8 +267,8 @@ def bench_triton_decode(preset: str, batch: int = 1) -> dict:
               + ", ".join(f"{c} {t:.2f}" for c, t in r["us"].items()), flush=True)
     attns = [b.attn for b in model.transformer.h]
     out["attention"] = []
-    for block_s in (64, 128, 256):  # cache slots a program reads per iteration (TritonDecoder.ATTN_BLOCK_S)
-        dec.ATTN_BLOCK_S = block_s
+    for block_s in (64, 128, 256):  # cache slots a program reads per iteration
+        dec.attn_block, dec.attn_warps = block_s, 4 if block_s <= 128 else 8
         for fill in (272, 1024, 2000):
             for splits in (1, 2, 4, 8, 16):  # every layer's attention (+ combine) back to back in one CUDA graph
                 dec.splits = splits
@@ -276,8 +276,7 @@ def bench_triton_decode(preset: str, batch: int = 1) -> dict:
                 us = graph_time_us(lambda: [dec._attend(a) for a in attns]) / len(attns)
                 out["attention"].append({"block_s": block_s, "fill": fill, "splits": splits, "us_per_layer": us})
                 print(f"attention block {block_s} fill {fill} splits {splits}: {us:.2f} us per layer", flush=True)
-    del dec.ATTN_BLOCK_S  # back to the class default
-    dec.splits = TritonDecoder.default_splits(cfg.block_size, batch * cfg.n_head)
+    dec.tune_attention(torch.cuda.get_device_name())  # the whole step below with the tuned choice
     dec.start(torch.ones(batch, dtype=torch.long, device="cuda"), 272, torch.zeros_like(dec.seen))
     dec.capture()
     runs = []
@@ -292,7 +291,8 @@ def bench_triton_decode(preset: str, batch: int = 1) -> dict:
         runs.append(start.elapsed_time(end) * 1000 / 200)
     us = statistics.median(runs)
     out["step_us"] = us
-    print(f"whole step at batch {batch} (graph replays, cache fill 272-472, {dec.splits} attention splits): "
+    print(f"whole step at batch {batch} (graph replays, cache fill 272-472, attention: {dec.splits} splits of "
+          f"{dec.attn_block}-slot blocks, {dec.attn_warps} warps): "
           f"{us:.1f} us = {batch * 1e6 / us:,.0f} tokens/s", flush=True)
     return out
 

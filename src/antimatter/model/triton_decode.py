@@ -437,6 +437,7 @@ def unsupported_reason(model: GPT) -> str | None:
     return None
 
 
+TUNE_ATTENTION = True  # time attention's launch shapes too (False: ATTN_BLOCK_S, 4 warps; for A/B runs)
 USE_PDL = True  # programmatic dependent launch where the GPU has it (False: plain launches, for A/B runs)
 
 
@@ -546,10 +547,14 @@ class TritonDecoder:
     `start(token, pos, seen, left_pad)` loads the state; each `step()` feeds each row's token at cache slot
     `pos` (rows are left-padded by `left_pad` slots, as `generate` lays out a batch), writes the next tokens
     into `token`, and advances `pos`. On a GPU the step is captured once as a CUDA graph (after one tuning
-    pass over the matrix block shapes) and replayed."""
+    pass over the matrix block shapes and attention's launch shape) and replayed."""
 
-    ATTN_BLOCK_S = 64
+    ATTN_BLOCK_S = 64  # cache slots an attention program reads per iteration, until tuned
     MAX_SPLITS = 16
+    # (cache slots per iteration, warps) tried for attention on a GPU, each with default_splits' split count.
+    # A program holds its block of keys and values in registers: at batch 32 (512 programs) the register
+    # footprint decides how many programs fit on the GPU at once, at batch 1 (16 heads) the splits do.
+    ATTN_CANDIDATES = [(64, 4), (64, 8), (32, 4), (32, 2), (128, 4), (128, 8)]
 
     def __init__(self, model: GPT, sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  attn_splits: int | None = None, greedy: bool = False):
@@ -591,19 +596,22 @@ class TritonDecoder:
         self.part_m = torch.zeros(n, dtype=torch.float32, device=dev)
         self.part_l = torch.zeros(n, dtype=torch.float32, device=dev)
         self.part_acc = torch.zeros(n, cfg.head_dim, dtype=torch.float32, device=dev)
+        self.max_seq = max_seq
+        self.attn_block, self.attn_warps = self.ATTN_BLOCK_S, 4
+        self.fixed_splits = attn_splits is not None  # the caller's count: tune() leaves attention alone
         self.splits = attn_splits or self.default_splits(max_seq, B * cfg.n_head)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.tuned = False
         self.tune_report: dict = {}
 
     @classmethod
-    def default_splits(cls, max_seq: int, heads: int = 16) -> int:
+    def default_splits(cls, max_seq: int, heads: int = 16, block: int | None = None) -> int:
         """Programs per head in attention: enough that each reads one block of the cache up to 1,024 slots,
         at most 16 (a power of two), and not more than make ~512 programs over all `heads` (rows x query
         heads) of a batch. Splits with no slot below the position return at once. On an H200 this picked the
         fastest count at batch 1 for 272 and 1,024-2,000 filled slots (8 and 16), and at batch 32 (1; 4 splits
         were 9-37% slower; docs/RESULTS.md)."""
-        n = max(1, math.ceil(max_seq / cls.ATTN_BLOCK_S))
+        n = max(1, math.ceil(max_seq / (block or cls.ATTN_BLOCK_S)))
         by_length = min(cls.MAX_SPLITS, 1 << (n - 1).bit_length())
         return max(1, min(by_length, 1 << max(0, (512 // heads).bit_length() - 1)))
 
@@ -631,8 +639,8 @@ class TritonDecoder:
         _attend_kernel[(cfg.n_head, self.splits, self.batch)](
             self.qkv, kv, self.pos, self.left_pad, self.y, self.part_m, self.part_l, self.part_acc, qn, kn, cos, sin, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D),
             cfg.norm_eps, Q_DIM=self.q_dim, KV_DIM=self.kv_dim, GROUP=cfg.n_head // cfg.kv_heads, D=D, ROPE=rope,
-            QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.ATTN_BLOCK_S, PDL=bool(launch),
-            num_warps=4 if self.ATTN_BLOCK_S <= 128 else 8, **launch)
+            QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.attn_block, PDL=bool(launch),
+            num_warps=self.attn_warps, **launch)
         if self.splits > 1:
             _combine_kernel[(cfg.n_head, self.batch)](self.part_m, self.part_l, self.part_acc, self.y,
                                                       Q_DIM=self.q_dim, D=D, SPLITS=self.splits, PDL=bool(launch),
@@ -689,8 +697,36 @@ class TritonDecoder:
                                     "us": {str(c): t for c, t in times.items()}, "failed": failed}
             for mv in mvs:
                 mv.config = _TUNED[key]
+        if TUNE_ATTENTION and not self.fixed_splits:
+            report.update(self.tune_attention(gpu))
         self.tuned = True
         self.tune_report = report
+        return report
+
+    def tune_attention(self, gpu: str) -> dict:
+        """Pick attention's (slots per iteration, warps, splits) from ATTN_CANDIDATES, timed as `tune` times
+        the matrices (every layer back to back as a CUDA graph) at a cache filled halfway from the position
+        to the cache's end, a guess at the mean fill of the tokens to come. That writes each layer's cache
+        slot at the guessed fill, which a later step writes again before any step reads it."""
+        heads = self.batch * self.model.cfg.n_head
+        pos = self.pos.clone()
+        fill = min(self.max_seq - 1, (int(pos.item()) + self.max_seq) // 2)
+        key = (gpu, "attention", heads, self.max_seq, fill, self.model.cfg.head_dim, bool(self.launch))
+        attns = [block[1] for block in self.layers]
+        if key not in _TUNED:
+            times = {}
+            self.pos.fill_(fill)
+            for block, warps in self.ATTN_CANDIDATES:
+                c = (block, warps, self.default_splits(self.max_seq, heads, block))
+                self.attn_block, self.attn_warps, self.splits = c
+                times[c] = graph_time_us(lambda: [self._attend(a) for a in attns]) / len(attns)
+            self.pos.copy_(pos)
+            _TUNED[key] = min(times, key=times.get)
+            report = {"attention": {"signature": key[1:], "fill": fill, "best": _TUNED[key],
+                                    "us": {str(c): t for c, t in times.items()}}}
+        else:
+            report = {}
+        self.attn_block, self.attn_warps, self.splits = _TUNED[key]
         return report
 
     def step(self) -> None:
