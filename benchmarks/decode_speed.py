@@ -121,8 +121,8 @@ def main() -> None:
                          "torch.compile mode (reduce-overhead, max-autotune); +kernels: decode steps as "
                          "AntiMatter's Triton kernels in one CUDA graph (model/triton_decode.py; without it, the "
                          "torch.compile path); +nopdl: those kernels without programmatic dependent launch; +nosplitk: "
-                         "their batched matmuls without split-K block shapes; +noattntune: their attention with "
-                         "64 slots per iteration and 4 warps, untuned; +gemv: single-row "
+                         "their batched matmuls without split-K block shapes; +attntune: their attention's "
+                         "launch shape (slots per iteration, warps, splits) tuned too; +gemv: single-row "
                          "matmuls as inductor reductions "
                          "(batch 1 only; without it, cuBLAS); +cdt: inductor coordinate-descent tuning of the "
                          "generated kernels (gpt-fast's setting); +int8: weight-only int8 blocks (torchao); +nofold: with "
@@ -182,7 +182,7 @@ def main() -> None:
             gen.DECODE_TUNING = "cdt" in extras
             triton_decode.USE_PDL = "nopdl" not in extras
             triton_decode.SPLIT_K = "nosplitk" not in extras
-            triton_decode.TUNE_ATTENTION = "noattntune" not in extras
+            triton_decode.TUNE_ATTENTION = "attntune" in extras
             triton_decode._TUNED.clear()  # each variant tunes its own candidates
             Linear.fold_norm = "nofold" not in extras
             if "int8" in extras and int8_model is None:
@@ -211,7 +211,8 @@ def main() -> None:
             except Exception as e:  # report a variant that fails, keep measuring the others
                 print(f"batch {B}: compiled ({variant}) failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         gen.DECODE_TUNING, Linear.fold_norm = False, True  # the defaults again (the TTFT rows below)
-        triton_decode.USE_PDL = triton_decode.SPLIT_K = triton_decode.TUNE_ATTENTION = True
+        triton_decode.USE_PDL = triton_decode.SPLIT_K = True
+        triton_decode.TUNE_ATTENTION = False
         if hf is not None:
             ids = prompts.cuda()
             attn = torch.ones_like(ids)

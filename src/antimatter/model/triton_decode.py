@@ -437,7 +437,8 @@ def unsupported_reason(model: GPT) -> str | None:
     return None
 
 
-TUNE_ATTENTION = True  # time attention's launch shapes too (False: ATTN_BLOCK_S, 4 warps; for A/B runs)
+TUNE_ATTENTION = False  # time attention's launch shapes too (False: ATTN_BLOCK_S, 4 warps, default_splits).
+# Off until a GPU run shows it pays (decode_speed.py +attntune); the sweep in docs/RESULTS.md suggests it may
 USE_PDL = True  # programmatic dependent launch where the GPU has it (False: plain launches, for A/B runs)
 
 
