@@ -251,3 +251,16 @@ def test_every_matrix_has_a_block_shape_to_tune(preset, batch):
         assert shapes, f"no block shape for M={mv.M} N={mv.N} K={mv.K}"
         assert all(c[1] <= max(mv.K, 64 if batch > 1 else 256) for c in shapes)
     model.clear_caches()
+
+
+def test_attention_splits_follow_the_block_size():
+    """One split per block of the cache (at most 16), fewer where the batch's heads already make ~512
+    programs: the split count each of `ATTN_CANDIDATES` is timed with."""
+    assert TritonDecoder.default_splits(512, 16) == 8  # 64-slot blocks
+    assert TritonDecoder.default_splits(512, 16, block=32) == 16
+    assert TritonDecoder.default_splits(512, 16, block=128) == 4
+    assert TritonDecoder.default_splits(2048, 16, block=32) == TritonDecoder.MAX_SPLITS
+    assert TritonDecoder.default_splits(2048, 32 * 16) == 1  # batch 32
+    assert TritonDecoder.default_splits(100, 16, block=128) == 1
+    for block, warps in TritonDecoder.ATTN_CANDIDATES:
+        assert block & (block - 1) == 0 and warps in (1, 2, 4, 8, 16)
