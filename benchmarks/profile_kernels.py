@@ -22,6 +22,7 @@ from antimatter.config import preset_model
 from antimatter.model import generate as gen
 from antimatter.model.generate import generate
 from antimatter.model.gpt import GPT
+from antimatter.provenance import provenance
 
 
 def kernel_table(prof, steps: int, top: int = 25) -> list[dict]:
@@ -318,7 +319,7 @@ def main() -> None:
     gen.DECODE_TUNING = args.cd_tuning
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._inductor.config.fx_graph_cache = False
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    res: dict = {"provenance": provenance("cuda"), "device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
     def dump():  # also after every decode profile, so a run cut at its time limit keeps what it measured
         if args.json:
