@@ -104,6 +104,9 @@ def hf_model(cfg, ours: GPT, device: str = "cuda", dtype: torch.dtype = torch.bf
     return model.to(device=device, dtype=dtype).eval()
 
 
+VARIANT_OPTIONS = {"kernels", "nopdl", "nosplitk", "attntune", "gemv", "cdt", "int8", "nofold"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="seed-300m")
@@ -129,6 +132,12 @@ def main() -> None:
                          "+gemv, LayerNorm as its own kernel instead of folded into the next reduction")
     ap.add_argument("--json")
     args = ap.parse_args()
+    for variant in args.compile_modes:  # an unknown option would otherwise run as the plain variant, unnoticed
+        unknown = sorted(set(variant.split("+")[1:]) - VARIANT_OPTIONS)
+        if unknown:
+            ap.error(f"--compile-modes {variant}: unknown option(s) {', '.join(unknown)}; known: "
+                     f"{', '.join(sorted(VARIANT_OPTIONS))} (older results name options since removed: run those "
+                     f"at the commit they name)")
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     torch.manual_seed(0)
