@@ -4,6 +4,7 @@ side-by-side benchmark (those are train_throughput.py and decode_speed.py).
 
     python benchmarks/profile_kernels.py --part attn decode-attn gemv decode train --json out.json
     python benchmarks/profile_kernels.py --part triton decode --batches 1 --decode-path compiled kernels
+    python benchmarks/profile_kernels.py --part attn-tune --batches 32 1   # what the attention tuner times
 """
 
 from __future__ import annotations
@@ -298,6 +299,25 @@ def bench_triton_decode(preset: str, batch: int = 1) -> dict:
     return out
 
 
+def bench_attention_tuning(preset: str, batch: int, prompt: int = 16, new_tokens: int = 256) -> dict:
+    """What `TritonDecoder.tune_attention` measures, alone: each of ATTN_CANDIDATES at the fill it tunes for
+    in `generate`'s cache for this prompt and length (the matrices keep their untuned first block shape)."""
+    from antimatter.model.triton_decode import TritonDecoder
+
+    cfg = preset_model(preset)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    max_seq = min(cfg.block_size, -(-(prompt + new_tokens) // 256) * 256)  # as generate sizes its cache
+    model.setup_caches(batch, max_seq)
+    dec = TritonDecoder(model, sample=lambda logits, seen: logits.argmax(-1))
+    dec.refresh()
+    dec.pos.fill_(prompt)
+    report = dec.tune_attention(torch.cuda.get_device_name())["attention"]
+    print(f"attention tuning, batch {batch}, cache {max_seq}, fill {report['fill']}: best {report['best']}; "
+          + ", ".join(f"{c} {t:.2f} us" for c, t in report["us"].items()), flush=True)
+    return {"batch": batch, "max_seq": max_seq, **report}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", nargs="+", default=["attn", "decode", "train"])
@@ -332,6 +352,11 @@ def main() -> None:
         res["decode_attention"] = bench_decode_attention()
     if "gemv" in args.part:
         res["gemv"] = bench_gemv()
+    if "attn-tune" in args.part:
+        res["attention_tuning"] = []
+        for b in args.batches:
+            res["attention_tuning"].append(bench_attention_tuning(args.config, b))
+            dump()
     if "triton" in args.part:
         res["triton"] = []
         for b in args.batches:
