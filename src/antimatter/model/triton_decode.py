@@ -354,7 +354,8 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, Q_DIM: tl.con
     weight = tl.exp(m - tl.max(m, axis=0))
     l_sum = tl.sum(tl.load(part_l_ptr + j) * weight, axis=0)
     acc = tl.load(part_acc_ptr + j[:, None] * D + d[None, :])
-    tl.store(out_ptr + b * Q_DIM + h * D + d, (tl.sum(acc * weight[:, None], axis=0) / l_sum).to(out_ptr.dtype.element_ty))
+    y = tl.sum(acc * weight[:, None], axis=0) / l_sum
+    tl.store(out_ptr + b * Q_DIM + h * D + d, y.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -638,7 +639,8 @@ class TritonDecoder:
         kn = attn.k_norm.weight if attn.k_norm is not None else self.x
         D, launch = cfg.head_dim, self.launch
         _attend_kernel[(cfg.n_head, self.splits, self.batch)](
-            self.qkv, kv, self.pos, self.left_pad, self.y, self.part_m, self.part_l, self.part_acc, qn, kn, cos, sin, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D),
+            self.qkv, kv, self.pos, self.left_pad, self.y, self.part_m, self.part_l, self.part_acc, qn, kn, cos, sin,
+            kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D),
             cfg.norm_eps, Q_DIM=self.q_dim, KV_DIM=self.kv_dim, GROUP=cfg.n_head // cfg.kv_heads, D=D, ROPE=rope,
             QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.attn_block, PDL=bool(launch),
             num_warps=self.attn_warps, **launch)
