@@ -278,8 +278,8 @@ def bench_triton_decode(preset: str, batch: int = 1) -> dict:
                 us = graph_time_us(lambda: [dec._attend(a) for a in attns]) / len(attns)
                 out["attention"].append({"block_s": block_s, "fill": fill, "splits": splits, "us_per_layer": us})
                 print(f"attention block {block_s} fill {fill} splits {splits}: {us:.2f} us per layer", flush=True)
-    dec.tune_attention(torch.cuda.get_device_name())  # the whole step below with the tuned choice
     dec.start(torch.ones(batch, dtype=torch.long, device="cuda"), 272, torch.zeros_like(dec.seen))
+    dec.tune_attention(torch.cuda.get_device_name())  # for the step below, from the position it starts at
     dec.capture()
     runs = []
     for _ in range(5):  # 200 replays from cache fill 272 (the graph advances the position itself)
@@ -307,7 +307,7 @@ def bench_attention_tuning(preset: str, batch: int, prompt: int = 16, new_tokens
     cfg = preset_model(preset)
     torch.manual_seed(0)
     model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
-    max_seq = min(cfg.block_size, -(-(prompt + new_tokens) // 256) * 256)  # as generate sizes its cache
+    max_seq = gen.compiled_cache_slots(prompt + new_tokens, cfg.block_size)
     model.setup_caches(batch, max_seq)
     dec = TritonDecoder(model, sample=lambda logits, seen: logits.argmax(-1))
     dec.refresh()

@@ -59,6 +59,12 @@ def kv_blocks(filled: int, max_seq: int) -> int:
     return min(max_seq, -(-filled // KV_BLOCK) * KV_BLOCK)
 
 
+def compiled_cache_slots(needed: int, ctx: int) -> int:
+    """The KV cache size of compiled decoding: `needed` slots rounded up to a multiple of 256 (at most the
+    context), so few distinct sizes occur and each decode graph is captured once and replayed."""
+    return min(ctx, -(-needed // 256) * 256)
+
+
 def _step(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor, left_pad: torch.Tensor,
           seen: torch.Tensor, kv_slots: torch.Tensor, temperature: float, top_k: int, top_p: float,
           penalty: float):
@@ -170,9 +176,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     if seed is not None:
         torch.manual_seed(seed)
 
-    max_seq = T + max_new_tokens
-    if compile:  # few distinct cache sizes, so each decode graph is captured once and replayed
-        max_seq = min(ctx, -(-max_seq // 256) * 256)
+    max_seq = compiled_cache_slots(T + max_new_tokens, ctx) if compile else T + max_new_tokens
     cache = model.transformer.h[0].attn.kv_cache
     if cache is None or cache.k.shape[0] != B or cache.k.shape[2] != max_seq:
         model.setup_caches(B, max_seq)
