@@ -42,15 +42,37 @@ ACT_NONE, ACT_GELU, ACT_SWIGLU = 0, 1, 2
 
 
 @triton.jit
+def _row_constants(rows, row_ok, bias_ptr, wg_ptr, wb_ptr, N, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   ACT: tl.constexpr):
+    """The per-output-row constants of a product's epilogue, in fp32: W@g and W@b of a folded LayerNorm
+    (zeros without one), the bias (zeros without one), each also for SwiGLU's up rows n + N (zeros without
+    SwiGLU). The products load them before waiting for the previous kernel: they depend only on the weights."""
+    zero = tl.zeros(rows.shape, dtype=tl.float32)
+    wg, wb, wg_up, wb_up, bias, bias_up = zero, zero, zero, zero, zero, zero
+    if NORM == 1:
+        wg = tl.load(wg_ptr + rows, mask=row_ok, other=0.0)
+        wb = tl.load(wb_ptr + rows, mask=row_ok, other=0.0)
+        if ACT == 2:
+            wg_up = tl.load(wg_ptr + N + rows, mask=row_ok, other=0.0)
+            wb_up = tl.load(wb_ptr + N + rows, mask=row_ok, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if ACT == 2:
+            bias_up = tl.load(bias_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)
+    return wg, wb, wg_up, wb_up, bias, bias_up
+
+
+@triton.jit
 def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, N, K, eps, NORM: tl.constexpr,
                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out[n] = act(W[n] . norm(x) + bias[n]) (+ res[n]) for the BLOCK_N rows n of this program.
     SwiGLU reads rows n (gate) and n + N (up) of W: silu(gate) * up. `out` may be `res` (in place): each
     program reads and writes only its own rows. With PDL (programmatic dependent launch) the program lets the
-    next kernel launch at once and loads its first weight tile before waiting for the previous kernel: weights
-    never change during a step, so their loads overlap the previous kernel's tail; every read of activations
-    and every store comes after the wait."""
+    next kernel launch at once and loads what never changes during a step before waiting for the previous
+    kernel: its first weight tile, the norm's gain and the epilogue's per-row bias and folds, so their memory
+    latency overlaps the previous kernel's tail instead of adding to this one's; every read of activations
+    and every store comes after the wait (the residual right after it, not after the loop)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
@@ -59,9 +81,15 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
     w_up = w
     if ACT == 2:
         w_up = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=ok, other=0.0)
+    g = tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)  # the norm's gain (unused without one)
+    wg, wb, wg_up, wb_up, bias, bias_up = _row_constants(rows, row_ok, bias_ptr, wg_ptr, wb_ptr, N, NORM, HAS_BIAS,
+                                                         ACT)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
+    res = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_RES:
+        res = tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     s1 = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -72,7 +100,7 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
         if NORM != 0:
             s1 += x
             s2 += x * x
-            x = x * tl.load(g_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x = x * g
         acc += w.to(tl.float32) * x[None, :]
         if ACT == 2:
             acc_up += w_up.to(tl.float32) * x[None, :]
@@ -81,56 +109,46 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
         w = tl.load(w_ptr + rows[:, None] * K + nxt[None, :], mask=ok, other=0.0)
         if ACT == 2:
             w_up = tl.load(w_ptr + (rows[:, None] + N) * K + nxt[None, :], mask=ok, other=0.0)
+        if NORM != 0:
+            g = tl.load(g_ptr + nxt, mask=nxt < K, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1)
     y_up = tl.sum(acc_up, axis=1)
     if NORM == 1:  # LayerNorm: rstd * (W@(g*x) - mean * W@g) + W@b
         mean = tl.sum(s1, axis=0) / K
         rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K - mean * mean + eps)
-        y = rstd * (y - mean * tl.load(wg_ptr + rows, mask=row_ok, other=0.0)) + tl.load(wb_ptr + rows, mask=row_ok,
-                                                                                        other=0.0)
-        if ACT == 2:
-            y_up = rstd * (y_up - mean * tl.load(wg_ptr + N + rows, mask=row_ok, other=0.0)) + tl.load(
-                wb_ptr + N + rows, mask=row_ok, other=0.0)
+        y = rstd * (y - mean * wg) + wb
+        y_up = rstd * (y_up - mean * wg_up) + wb_up
     if NORM == 2:  # RMSNorm: rstd * W@(g*x)
         rstd = 1.0 / tl.sqrt(tl.sum(s2, axis=0) / K + eps)
         y = rstd * y
         y_up = rstd * y_up
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        if ACT == 2:
-            y_up += tl.load(bias_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)
+    y += bias
+    y_up += bias_up
     if ACT == 1:  # GELU, tanh approximation: 0.5 * (1 + tanh(z)) = sigmoid(2z)
         y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
     if ACT == 2:
         y = y * tl.sigmoid(y) * y_up
-    if HAS_RES:
-        y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    y += res
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
-def _matmul_epilogue(y, y_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, bias_ptr, res_ptr, wg_ptr, wb_ptr, N, K,
-                     eps, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr):
+def _matmul_epilogue(y, y_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, res_ptr, wg, wb, wg_up, wb_up, bias,
+                     bias_up, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr):
     """_matmul_kernel's end, on out^T (BLOCK_N, BLOCK_M) summed over all of K: the norm fold with the row
-    statistics s1 = sum x, s2 = sum x^2, bias, activation, residual, store."""
+    statistics s1 = sum x, s2 = sum x^2 and the column constants of `_row_constants`, bias, activation,
+    residual, store."""
     if NORM == 1:  # LayerNorm, per row of x: rstd * (W@(g*x) - mean * W@g) + W@b
         mean = s1 / K
         rstd = 1.0 / tl.sqrt(s2 / K - mean * mean + eps)
-        wg = tl.load(wg_ptr + cols, mask=col_ok, other=0.0)
-        wb = tl.load(wb_ptr + cols, mask=col_ok, other=0.0)
         y = rstd[None, :] * (y - wg[:, None] * mean[None, :]) + wb[:, None]
-        if ACT == 2:
-            wg = tl.load(wg_ptr + N + cols, mask=col_ok, other=0.0)
-            wb = tl.load(wb_ptr + N + cols, mask=col_ok, other=0.0)
-            y_up = rstd[None, :] * (y_up - wg[:, None] * mean[None, :]) + wb[:, None]
+        y_up = rstd[None, :] * (y_up - wg_up[:, None] * mean[None, :]) + wb_up[:, None]
     if NORM == 2:  # RMSNorm: rstd * W@(g*x)
         rstd = 1.0 / tl.sqrt(s2 / K + eps)
         y = rstd[None, :] * y
         y_up = rstd[None, :] * y_up
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
-        if ACT == 2:
-            y_up += tl.load(bias_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+    y += bias[:, None]
+    y_up += bias_up[:, None]
     if ACT == 1:
         y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
     if ACT == 2:
@@ -155,7 +173,8 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
     subtracts mean * W@g after the product, so x * g must keep more than 8 bits. An x that is not normalised
     is already in the weights' dtype (its low part is zero): one product. fp32 weights (tests)
     multiply in full fp32. The loop is software-pipelined over STAGES tiles; with PDL the next kernel launches
-    early, and under split-K the first weight tile is loaded before waiting for the previous kernel.
+    early, the epilogue's per-column constants are loaded before waiting for the previous kernel, and under
+    split-K the first weight tile too.
 
     Split-K: a decode matrix has few column blocks (QKV: 48 of 64 columns, fewer programs than an H100 has
     SMs), so with SPLIT_K > 1 program_id(2) takes only K_SPLIT of the K dimension. It writes its fp32 partial
@@ -172,6 +191,8 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
     if SPLIT_K > 1:  # short loops: the first weight tile loads before the wait (weights never change in a step)
         w_ok = col_ok[:, None] & (k_lo + k < k_hi)[None, :]
         w_next = tl.load(w_ptr + cols[:, None] * K + (k_lo + k)[None, :], mask=w_ok, other=0.0)
+    wg, wb, wg_up, wb_up, bias, bias_up = _row_constants(cols, col_ok, bias_ptr, wg_ptr, wb_ptr, N, NORM, HAS_BIAS,
+                                                         ACT)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -212,8 +233,8 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
                 if NORM != 0 or x_ptr.dtype.element_ty != w_ptr.dtype.element_ty:
                     acc_up = tl.dot(w_up, x_lo, acc_up)
     if SPLIT_K == 1:
-        _matmul_epilogue(acc, acc_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, bias_ptr, res_ptr, wg_ptr, wb_ptr,
-                         N, K, eps, NORM, HAS_BIAS, ACT, HAS_RES)
+        _matmul_epilogue(acc, acc_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, res_ptr, wg, wb, wg_up, wb_up,
+                         bias, bias_up, N, K, eps, NORM, ACT, HAS_RES)
     else:
         # one record per (split, block): acc, acc_up, s1, s2
         tile = pid_m * tl.num_programs(0) + pid_n
@@ -243,8 +264,8 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
                 if NORM != 0:
                     s1 += tl.load(rec + 2 * BLOCK_N * BLOCK_M + m, cache_modifier=".cg")
                     s2 += tl.load(rec + 2 * BLOCK_N * BLOCK_M + BLOCK_M + m, cache_modifier=".cg")
-            _matmul_epilogue(acc, acc_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, bias_ptr, res_ptr, wg_ptr,
-                             wb_ptr, N, K, eps, NORM, HAS_BIAS, ACT, HAS_RES)
+            _matmul_epilogue(acc, acc_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, res_ptr, wg, wb, wg_up,
+                             wb_up, bias, bias_up, N, K, eps, NORM, ACT, HAS_RES)
             tl.atomic_xchg(count_ptr + tile, 0)
 
 
