@@ -161,6 +161,37 @@ def _matmul_epilogue(y, y_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, res_p
 
 
 @triton.jit
+def _matmul_tile(acc, acc_up, s1, s2, w, x_ptr, w_ptr, g_ptr, rows, cols, row_ok, col_ok, kk, k_hi, N, K,
+                 NORM: tl.constexpr, ACT: tl.constexpr):
+    """One BLOCK_K slice kk of _matmul_kernel's product: acc += W[cols, kk] @ norm-scaled x[rows, kk]^T (and
+    SwiGLU's up rows into acc_up), the row statistics of x summed into s1, s2."""
+    xt = tl.load(x_ptr + rows[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk < k_hi)[:, None],
+                 other=0.0).to(tl.float32)  # x^T (BLOCK_K, BLOCK_M)
+    if NORM != 0:
+        s1 += tl.sum(xt, axis=0)
+        s2 += tl.sum(xt * xt, axis=0)
+        xt = xt * tl.load(g_ptr + kk, mask=kk < k_hi, other=0.0).to(tl.float32)[:, None]
+    if w_ptr.dtype.element_ty == tl.float32:
+        acc = tl.dot(w, xt, acc, input_precision="ieee")
+    else:
+        x_hi = xt.to(w_ptr.dtype.element_ty)
+        x_lo = (xt - x_hi.to(tl.float32)).to(w_ptr.dtype.element_ty)
+        acc = tl.dot(w, x_hi, acc)
+        if NORM != 0 or x_ptr.dtype.element_ty != w_ptr.dtype.element_ty:  # else x_lo is 0
+            acc = tl.dot(w, x_lo, acc)
+    if ACT == 2:
+        w_up = tl.load(w_ptr + (cols[:, None] + N) * K + kk[None, :], mask=col_ok[:, None] & (kk < k_hi)[None, :],
+                       other=0.0)
+        if w_ptr.dtype.element_ty == tl.float32:
+            acc_up = tl.dot(w_up, xt, acc_up, input_precision="ieee")
+        else:
+            acc_up = tl.dot(w_up, x_hi, acc_up)
+            if NORM != 0 or x_ptr.dtype.element_ty != w_ptr.dtype.element_ty:
+                acc_up = tl.dot(w_up, x_lo, acc_up)
+    return acc, acc_up, s1, s2
+
+
+@triton.jit
 def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, part_ptr, count_ptr, M, N, K,
                    K_SPLIT, eps, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                    HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -189,8 +220,8 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     if SPLIT_K > 1:  # short loops: the first weight tile loads before the wait (weights never change in a step)
-        w_ok = col_ok[:, None] & (k_lo + k < k_hi)[None, :]
-        w_next = tl.load(w_ptr + cols[:, None] * K + (k_lo + k)[None, :], mask=w_ok, other=0.0)
+        w_first = tl.load(w_ptr + cols[:, None] * K + (k_lo + k)[None, :],
+                          mask=col_ok[:, None] & (k_lo + k < k_hi)[None, :], other=0.0)
     wg, wb, wg_up, wb_up, bias, bias_up = _row_constants(cols, col_ok, bias_ptr, wg_ptr, wb_ptr, N, NORM, HAS_BIAS,
                                                          ACT)
     if PDL:
@@ -200,38 +231,16 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
     acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+    start = k_lo
+    if SPLIT_K > 1:  # the first tile outside the loop: no register copy of a next tile held across the loop
+        acc, acc_up, s1, s2 = _matmul_tile(acc, acc_up, s1, s2, w_first, x_ptr, w_ptr, g_ptr, rows, cols, row_ok,
+                                           col_ok, k_lo + k, k_hi, N, K, NORM, ACT)
+        start = k_lo + BLOCK_K
+    for k0 in tl.range(start, k_hi, BLOCK_K, num_stages=STAGES):
         kk = k0 + k
-        w_ok = col_ok[:, None] & (kk < k_hi)[None, :]
-        if SPLIT_K > 1:
-            w = w_next
-            nxt = kk + BLOCK_K
-            w_next = tl.load(w_ptr + cols[:, None] * K + nxt[None, :], mask=col_ok[:, None] & (nxt < k_hi)[None, :],
-                             other=0.0)
-        else:
-            w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=w_ok, other=0.0)
-        xt = tl.load(x_ptr + rows[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk < k_hi)[:, None],
-                     other=0.0).to(tl.float32)  # x^T (BLOCK_K, BLOCK_M)
-        if NORM != 0:
-            s1 += tl.sum(xt, axis=0)
-            s2 += tl.sum(xt * xt, axis=0)
-            xt = xt * tl.load(g_ptr + kk, mask=kk < k_hi, other=0.0).to(tl.float32)[:, None]
-        if w_ptr.dtype.element_ty == tl.float32:
-            acc = tl.dot(w, xt, acc, input_precision="ieee")
-        else:
-            x_hi = xt.to(w_ptr.dtype.element_ty)
-            x_lo = (xt - x_hi.to(tl.float32)).to(w_ptr.dtype.element_ty)
-            acc = tl.dot(w, x_hi, acc)
-            if NORM != 0 or x_ptr.dtype.element_ty != w_ptr.dtype.element_ty:  # else x_lo is 0
-                acc = tl.dot(w, x_lo, acc)
-        if ACT == 2:
-            w_up = tl.load(w_ptr + (cols[:, None] + N) * K + kk[None, :], mask=w_ok, other=0.0)
-            if w_ptr.dtype.element_ty == tl.float32:
-                acc_up = tl.dot(w_up, xt, acc_up, input_precision="ieee")
-            else:
-                acc_up = tl.dot(w_up, x_hi, acc_up)
-                if NORM != 0 or x_ptr.dtype.element_ty != w_ptr.dtype.element_ty:
-                    acc_up = tl.dot(w_up, x_lo, acc_up)
+        w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
+        acc, acc_up, s1, s2 = _matmul_tile(acc, acc_up, s1, s2, w, x_ptr, w_ptr, g_ptr, rows, cols, row_ok, col_ok,
+                                           kk, k_hi, N, K, NORM, ACT)
     if SPLIT_K == 1:
         _matmul_epilogue(acc, acc_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, res_ptr, wg, wb, wg_up, wb_up,
                          bias, bias_up, N, K, eps, NORM, ACT, HAS_RES)
