@@ -104,7 +104,13 @@ def hf_model(cfg, ours: GPT, device: str = "cuda", dtype: torch.dtype = torch.bf
     return model.to(device=device, dtype=dtype).eval()
 
 
-VARIANT_OPTIONS = {"kernels", "nopdl", "nosplitk", "attntune", "gemv", "cdt", "int8", "nofold"}
+VARIANT_OPTIONS = {"kernels", "nopdl", "nosplitk", "attntune", "noattntune", "steptune", "nosteptune", "gemv", "cdt",
+                   "int8", "nofold"}
+
+
+def toggle(extras: list[str], name: str, default: bool) -> bool:
+    """A switch of the Triton decoder for one variant: +NAME turns it on, +noNAME off, else its default."""
+    return (default or name in extras) and f"no{name}" not in extras
 
 
 def main() -> None:
@@ -124,14 +130,18 @@ def main() -> None:
                          "torch.compile mode (reduce-overhead, max-autotune); +kernels: decode steps as "
                          "AntiMatter's Triton kernels in one CUDA graph (model/triton_decode.py; without it, the "
                          "torch.compile path); +nopdl: those kernels without programmatic dependent launch; +nosplitk: "
-                         "their batched matmuls without split-K block shapes; +attntune: their attention's "
-                         "launch shape (slots per iteration, warps, splits) tuned too; +gemv: single-row "
+                         "their batched matmuls without split-K block shapes; +attntune/+noattntune: their attention's "
+                         "launch shape (slots per iteration, warps, splits) tuned too, or not (default: "
+                         f"{'on' if triton_decode.TUNE_ATTENTION else 'off'}); +steptune/+nosteptune: each "
+                         "matrix's block shape re-picked among its fastest alone by timing whole steps, or not "
+                         f"(default: {'on' if triton_decode.TUNE_IN_STEP else 'off'}); +gemv: single-row "
                          "matmuls as inductor reductions "
                          "(batch 1 only; without it, cuBLAS); +cdt: inductor coordinate-descent tuning of the "
                          "generated kernels (gpt-fast's setting); +int8: weight-only int8 blocks (torchao); +nofold: with "
                          "+gemv, LayerNorm as its own kernel instead of folded into the next reduction")
     ap.add_argument("--json")
     args = ap.parse_args()
+    tune_attention, tune_in_step = triton_decode.TUNE_ATTENTION, triton_decode.TUNE_IN_STEP  # the defaults
     for variant in args.compile_modes:  # an unknown option would otherwise run as the plain variant, unnoticed
         unknown = sorted(set(variant.split("+")[1:]) - VARIANT_OPTIONS)
         if unknown:
@@ -191,8 +201,9 @@ def main() -> None:
             gen.DECODE_TUNING = "cdt" in extras
             triton_decode.USE_PDL = "nopdl" not in extras
             triton_decode.SPLIT_K = "nosplitk" not in extras
-            triton_decode.TUNE_ATTENTION = "attntune" in extras
-            triton_decode._TUNED.clear()  # each variant tunes its own candidates
+            triton_decode.TUNE_ATTENTION = toggle(extras, "attntune", tune_attention)
+            triton_decode.TUNE_IN_STEP = toggle(extras, "steptune", tune_in_step)
+            triton_decode.forget_tuning()  # each variant tunes its own candidates
             Linear.fold_norm = "nofold" not in extras
             if "int8" in extras and int8_model is None:
                 int8_model = int8_copy(model)
@@ -221,7 +232,7 @@ def main() -> None:
                 print(f"batch {B}: compiled ({variant}) failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         gen.DECODE_TUNING, Linear.fold_norm = False, True  # the defaults again (the TTFT rows below)
         triton_decode.USE_PDL = triton_decode.SPLIT_K = True
-        triton_decode.TUNE_ATTENTION = False
+        triton_decode.TUNE_ATTENTION, triton_decode.TUNE_IN_STEP = tune_attention, tune_in_step
         if hf is not None:
             ids = prompts.cuda()
             attn = torch.ones_like(ids)

@@ -161,6 +161,25 @@ def test_bf16_step_is_as_accurate_as_the_models_own(batch):
     assert (ours - ref).abs().max() <= 2 * (own - ref).abs().max() + 1e-3
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="tuning times CUDA graphs; the interpreter runs steps untimed")
+def test_tuning_in_whole_steps_changes_no_token(monkeypatch):
+    """The in-step pass replays whole steps (each writes the cache slot at the position and advances it):
+    generation afterwards gives the torch path's tokens, at batch 1 and for a batch of three, and the pass
+    timed more than one block shape of some matrix."""
+    import antimatter.model.triton_decode as td
+
+    monkeypatch.setattr(td, "TUNE_IN_STEP", True)
+    td.forget_tuning()
+    model = make_model("tiny")
+    reports = []
+    for prompts in ([prompt(7, seed=2)], [prompt(7, seed=2), prompt(3, seed=3), prompt(5, seed=4)]):
+        assert generate(model, prompts, 6, kernels=True) == generate(model, prompts, 6, kernels=False)
+        reports.append(model.__dict__["_antimatter_triton_decoder"][1].tune_report)
+    batch_1 = reports[0]  # K = 32: two single-row block shapes fit each matrix (the batched ones, one)
+    assert any(k.startswith("step ") and len(v["us"]) == 2 for k, v in batch_1.items()), batch_1
+    td.forget_tuning()
+
+
 def test_unsupported_models_say_why():
     odd = make_model("tiny", d_model=48, n_head=2)  # head_dim 24
     assert "power of two" in unsupported_reason(odd)

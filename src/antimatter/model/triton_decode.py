@@ -451,7 +451,14 @@ MATMUL_CONFIGS = [(64, 256, 4, 3, 1), (16, 256, 4, 3, 1), (128, 128, 8, 3, 1), (
 MATMUL_SMALL = (16, 64, 4, 2, 1)  # for matrices narrower than every candidate's BLOCK_K (tiny test models)
 SPLIT_K = True  # try split-K block shapes (False: only whole-K ones, for A/B runs)
 SPLIT_K_MAX_BLOCKS = 256  # split K only for matrices of fewer column blocks than this (not the output head)
-_TUNED: dict[tuple, tuple[int, ...]] = {}  # (GPU name, signature, PDL) -> fastest config, this process
+_TUNED: dict[tuple, tuple | dict] = {}  # (GPU name, signature, PDL) -> fastest config, this process
+_RANKED: dict[tuple, list[tuple[int, ...]]] = {}  # the same keys -> every config that ran, fastest first
+
+
+def forget_tuning() -> None:
+    """Drop this process's tuning results: the next decoder times its candidates again (A/B runs)."""
+    _TUNED.clear()
+    _RANKED.clear()
 
 
 def unsupported_reason(model: GPT) -> str | None:
@@ -468,8 +475,10 @@ def unsupported_reason(model: GPT) -> str | None:
     return None
 
 
-TUNE_ATTENTION = False  # time attention's launch shapes too (False: ATTN_BLOCK_S, 4 warps, default_splits).
-# Off until a GPU run shows it pays (decode_speed.py +attntune); the sweep in docs/RESULTS.md suggests it may
+TUNE_ATTENTION = True  # time attention's launch shapes too (False: ATTN_BLOCK_S, 4 warps, default_splits).
+# +1.8% at batch 1 on an H200 (the tuner picked 32 slots, 2 warps, 16 splits), batch 32 keeps the default shape
+TUNE_IN_STEP = False  # re-pick each matrix's block shape among its fastest alone by timing whole steps
+STEP_TUNE_TOP = 4  # how many of a matrix shape's fastest-alone block shapes the in-step pass times
 USE_PDL = True  # programmatic dependent launch where the GPU has it (False: plain launches, for A/B runs)
 
 
@@ -725,13 +734,16 @@ class TritonDecoder:
                         failed[str(c)] = str(e)[:200]
                 if not times:
                     raise RuntimeError(f"Triton decode: no block shape fits this GPU for {sig}: {failed}")
-                _TUNED[key] = min(times, key=times.get)
+                _RANKED[key] = sorted(times, key=times.get)
+                _TUNED[key] = _RANKED[key][0]
                 report[str(sig)] = {"signature": sig, "instances": len(mvs), "best": _TUNED[key],
                                     "us": {str(c): t for c, t in times.items()}, "failed": failed}
             for mv in mvs:
                 mv.config = _TUNED[key]
         if TUNE_ATTENTION and not self.fixed_splits:
             report.update(self.tune_attention(gpu))
+        if TUNE_IN_STEP:
+            report.update(self.tune_in_step(gpu, groups))
         self.tuned = True
         self.tune_report = report
         return report
@@ -761,6 +773,64 @@ class TritonDecoder:
             report = {}
         self.attn_block, self.attn_warps, self.splits = _TUNED[key]
         return report
+
+    def tune_in_step(self, gpu: str, groups: dict[tuple, list[_MatVec]]) -> dict:
+        """Re-pick each matrix shape's block shape among its STEP_TUNE_TOP fastest alone, by timing the whole
+        step with each (one shape at a time, the others as chosen so far). Alone, a kernel follows copies of
+        itself; in a step it follows attention or another matrix, and with programmatic launch how much of its
+        weight stream overlaps that kernel depends on its block shape (how much it loads before its wait)."""
+        key = (gpu, "step", tuple(groups), self.attn_block, self.attn_warps, self.splits, bool(self.launch))
+        if key in _TUNED:
+            for sig, mvs in groups.items():
+                for mv in mvs:
+                    mv.config = _TUNED[key][sig]
+            return {}
+        report = {}
+        for sig, mvs in groups.items():
+            ranked = _RANKED.get((gpu, sig, bool(self.launch)), [mvs[0].config])[:STEP_TUNE_TOP]
+            if len(ranked) < 2:
+                continue
+            times = {}
+            for c in ranked:
+                for mv in mvs:
+                    mv.config = c
+                times[c] = self._step_time_us()
+            best = min(times, key=times.get)
+            for mv in mvs:
+                mv.config = best
+            report[f"step {sig}"] = {"signature": sig, "best": best, "us": {str(c): t for c, t in times.items()}}
+        _TUNED[key] = {sig: mvs[0].config for sig, mvs in groups.items()}
+        return report
+
+    def _step_time_us(self, replays: int = 25) -> float:
+        """Median device time of one whole step captured as a CUDA graph, every replay from the same state
+        (position, token, seen tokens and random-number state restored afterwards). Each replay writes the
+        cache slot at the position, which the real step writes again before reading it."""
+        state = (self.token.clone(), self.pos.clone(), self.seen.clone())
+        rng = torch.cuda.get_rng_state(self.x.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.run_step()  # compiles this block shape's kernels outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.run_step()
+        times = []
+        for _ in range(replays):
+            self.token.copy_(state[0])
+            self.pos.copy_(state[1])
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1000)
+        self.token.copy_(state[0])
+        self.pos.copy_(state[1])
+        self.seen.copy_(state[2])
+        torch.cuda.set_rng_state(rng, self.x.device)
+        return statistics.median(times)
 
     def step(self) -> None:
         if self.token.device.type != "cuda":
