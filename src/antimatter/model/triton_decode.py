@@ -477,7 +477,8 @@ def unsupported_reason(model: GPT) -> str | None:
 
 TUNE_ATTENTION = True  # time attention's launch shapes too (False: ATTN_BLOCK_S, 4 warps, default_splits).
 # +1.8% at batch 1 on an H200 (the tuner picked 32 slots, 2 warps, 16 splits), batch 32 keeps the default shape
-TUNE_IN_STEP = False  # re-pick each matrix's block shape among its fastest alone by timing whole steps
+TUNE_IN_STEP = True  # re-pick each matrix's block shape among its fastest alone by timing whole steps. On an
+# H200 at batch 32 it fixed a close call that timing alone got wrong (+3.9%); at batch 1 it kept the same speed
 STEP_TUNE_TOP = 4  # how many of a matrix shape's fastest-alone block shapes the in-step pass times
 USE_PDL = True  # programmatic dependent launch where the GPU has it (False: plain launches, for A/B runs)
 
