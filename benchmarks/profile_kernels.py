@@ -258,7 +258,11 @@ def bench_triton_decode(preset: str, batch: int = 1) -> dict:
     dec = TritonDecoder(model, sample=lambda logits, seen: logits.argmax(-1))
     dec.refresh()
     out: dict = {"batch": batch, "matvec": []}
-    for sig, r in dec.tune().items():
+    report = dec.tune()
+    out["in_step"] = {k: r for k, r in report.items() if r["kind"] == "step"}
+    for sig, r in report.items():
+        if r["kind"] != "matrix":  # attention is timed below; the in-step picks are printed after the matrices
+            continue
         _, n, k, _, act, *_ = r["signature"]  # (M, N, K, norm, act, bias, residual)
         nbytes = n * k * 2 * (2 if act == 2 else 1)
         best_us = r["us"][str(r["best"])]
@@ -267,6 +271,9 @@ def bench_triton_decode(preset: str, batch: int = 1) -> dict:
         out["matvec"].append(row)
         print(f"matvec {sig}: best {r['best']} {best_us:.2f} us = {row['gb_s']:,.0f} GB/s; "
               + ", ".join(f"{c} {t:.2f}" for c, t in r["us"].items()), flush=True)
+    for sig, r in out["in_step"].items():
+        print(f"{sig} (whole steps): best {r['best']}; " + ", ".join(f"{c} {t:.1f}" for c, t in r["us"].items()),
+              flush=True)
     attns = [b.attn for b in model.transformer.h]
     out["attention"] = []
     for block_s in (64, 128, 256):  # cache slots a program reads per iteration

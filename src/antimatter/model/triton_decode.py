@@ -715,7 +715,8 @@ class TritonDecoder:
         self.pos += 1
 
     def tune(self) -> dict:
-        """Pick each matrix shape's fastest block shape. Each candidate runs every layer's instance of that
+        """Pick each matrix shape's fastest block shape (report entries of kind "matrix"), then attention's
+        launch shape ("attention") and the in-step picks ("step"), as switched on. Each candidate runs every layer's instance of that
         shape back to back, captured as a CUDA graph and timed by its replays: the weights stream from memory
         as in a real step (24 layers' worth do not fit in L2), with no host launch time in the figure. Writes
         only into the decoder's own buffers, whose contents the next step recomputes."""
@@ -737,7 +738,7 @@ class TritonDecoder:
                     raise RuntimeError(f"Triton decode: no block shape fits this GPU for {sig}: {failed}")
                 _RANKED[key] = sorted(times, key=times.get)
                 _TUNED[key] = _RANKED[key][0]
-                report[str(sig)] = {"signature": sig, "instances": len(mvs), "best": _TUNED[key],
+                report[str(sig)] = {"kind": "matrix", "signature": sig, "instances": len(mvs), "best": _TUNED[key],
                                     "us": {str(c): t for c, t in times.items()}, "failed": failed}
             for mv in mvs:
                 mv.config = _TUNED[key]
@@ -768,7 +769,7 @@ class TritonDecoder:
                 times[c] = graph_time_us(lambda: [self._attend(a) for a in attns]) / len(attns)
             self.pos.copy_(pos)
             _TUNED[key] = min(times, key=times.get)
-            report = {"attention": {"signature": key[1:], "fill": fill, "best": _TUNED[key],
+            report = {"attention": {"kind": "attention", "signature": key[1:], "fill": fill, "best": _TUNED[key],
                                     "us": {str(c): t for c, t in times.items()}}}
         else:
             report = {}
@@ -799,7 +800,8 @@ class TritonDecoder:
             best = min(times, key=times.get)
             for mv in mvs:
                 mv.config = best
-            report[f"step {sig}"] = {"signature": sig, "best": best, "us": {str(c): t for c, t in times.items()}}
+            report[f"step {sig}"] = {"kind": "step", "signature": sig, "best": best,
+                                     "us": {str(c): t for c, t in times.items()}}
         _TUNED[key] = {sig: mvs[0].config for sig, mvs in groups.items()}
         return report
 
