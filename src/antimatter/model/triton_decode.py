@@ -24,10 +24,11 @@ which is how the tests check them against the model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import triton
@@ -716,10 +717,11 @@ class TritonDecoder:
 
     def tune(self) -> dict:
         """Pick each matrix shape's fastest block shape (report entries of kind "matrix"), then attention's
-        launch shape ("attention") and the in-step picks ("step"), as switched on. Each candidate runs every layer's instance of that
-        shape back to back, captured as a CUDA graph and timed by its replays: the weights stream from memory
-        as in a real step (24 layers' worth do not fit in L2), with no host launch time in the figure. Writes
-        only into the decoder's own buffers, whose contents the next step recomputes."""
+        launch shape ("attention") and the in-step picks ("step"), as switched on. Each candidate runs every
+        layer's instance of that shape back to back, captured as a CUDA graph and timed by its replays: the
+        weights stream from memory as in a real step (24 layers' worth do not fit in L2), with no host launch
+        time in the figure. Writes only into the decoder's own buffers, whose contents the next step
+        recomputes."""
         gpu = torch.cuda.get_device_name(self.x.device)
         groups: dict[tuple, list[_MatVec]] = {}
         for mv in self.matvecs():
@@ -789,7 +791,7 @@ class TritonDecoder:
             return {}
         report = {}
         for sig, mvs in groups.items():
-            ranked = _RANKED.get((gpu, sig, bool(self.launch)), [mvs[0].config])[:STEP_TUNE_TOP]
+            ranked = _RANKED[(gpu, sig, bool(self.launch))][:STEP_TUNE_TOP]
             if len(ranked) < 2:
                 continue
             times = {}
@@ -806,34 +808,23 @@ class TritonDecoder:
         return report
 
     def _step_time_us(self, replays: int = 25) -> float:
-        """Median device time of one whole step captured as a CUDA graph, every replay from the same state
-        (position, token, seen tokens and random-number state restored afterwards). Each replay writes the
-        cache slot at the position, which the real step writes again before reading it."""
+        """Median device time of one whole step as a CUDA graph, every replay from the same token and position.
+        Each replay writes the cache slot at the position, which the real step writes again before reading it."""
+        with self._state_kept() as (token, pos, _):
+            return graph_time_us(self.run_step, replays, rewind=lambda: (self.token.copy_(token), self.pos.copy_(pos)))
+
+    @contextlib.contextmanager
+    def _state_kept(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Steps run inside (warm-up, timing) leave the token, position, seen tokens and random-number state as
+        they were: the first real step samples as it would have without them."""
         state = (self.token.clone(), self.pos.clone(), self.seen.clone())
         rng = torch.cuda.get_rng_state(self.x.device)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.run_step()  # compiles this block shape's kernels outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.run_step()
-        times = []
-        for _ in range(replays):
-            self.token.copy_(state[0])
-            self.pos.copy_(state[1])
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1000)
-        self.token.copy_(state[0])
-        self.pos.copy_(state[1])
-        self.seen.copy_(state[2])
-        torch.cuda.set_rng_state(rng, self.x.device)
-        return statistics.median(times)
+        try:
+            yield state
+        finally:
+            for buf, saved in zip((self.token, self.pos, self.seen), state):
+                buf.copy_(saved)
+            torch.cuda.set_rng_state(rng, self.x.device)
 
     def step(self) -> None:
         if self.token.device.type != "cuda":
@@ -846,34 +837,33 @@ class TritonDecoder:
     def capture(self) -> None:
         """Tune, warm up (compiles the kernels), then record the step as a CUDA graph. The warm-up step runs on
         the real cache: it writes slot `pos` with what the real step writes there, and the state is restored."""
-        state = (self.token.clone(), self.pos.clone(), self.seen.clone())
-        rng = torch.cuda.get_rng_state(self.x.device)  # restored below: the first call samples as later ones do
-        if not self.tuned:
-            self.tune()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.run_step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.token.copy_(state[0])
-        self.pos.copy_(state[1])
-        self.seen.copy_(state[2])
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.run_step()
-        torch.cuda.set_rng_state(rng, self.x.device)
+        with self._state_kept():
+            if not self.tuned:
+                self.tune()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.run_step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records without running: the state is the warm-up's until restored
+                self.run_step()
 
 
-def graph_time_us(fn: Callable[[], object], replays: int = 5) -> float:
-    """Median device time of `fn` captured once as a CUDA graph (after one eager call that compiles)."""
+def graph_time_us(fn: Callable[[], object], replays: int = 5, rewind: Callable[[], object] | None = None) -> float:
+    """Median device time of `fn` captured once as a CUDA graph (after one eager call that compiles). `rewind`,
+    if given, runs before each replay, untimed: for an `fn` that advances the state it reads."""
+    rewind = rewind or (lambda: None)
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    rewind()
     graph.replay()
     times = []
     for _ in range(replays):
+        rewind()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
