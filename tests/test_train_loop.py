@@ -45,17 +45,19 @@ def test_trains_and_writes_everything(tmp_path):
 
 
 def test_schedules():
-    t = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110, schedule="cosine")
+    """Steps are 0-based: the last one (max_steps - 1) runs at the floor, for every decaying schedule."""
+    t = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=111, schedule="cosine")
     assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
     assert lr_at(10, t) == pytest.approx(1.0) and lr_at(60, t) == pytest.approx(0.55)
     assert lr_at(110, t) == pytest.approx(0.1) and lr_at(500, t) == pytest.approx(0.1)
+    assert lr_at(109, t) > 0.1
     t.schedule = "linear"
     assert lr_at(60, t) == pytest.approx(0.55) and lr_at(110, t) == pytest.approx(0.1)
     t.schedule = "constant"
     assert lr_at(100, t) == 1.0
-    t.schedule, t.decay_fraction = "wsd", 0.5
-    assert lr_at(50, t) == 1.0 and lr_at(55, t) == 1.0 and lr_at(110, t) == pytest.approx(0.1)
-    assert lr_at(83, t) == pytest.approx(1.0 - 0.9 * 28 / 55)
+    t.schedule, t.decay_fraction, t.max_steps = "wsd", 0.5, 110
+    assert lr_at(50, t) == 1.0 and lr_at(54, t) == 1.0 and lr_at(109, t) == pytest.approx(0.1)
+    assert lr_at(55, t) == pytest.approx(1.0 - 0.9 / 55) and lr_at(83, t) == pytest.approx(1.0 - 0.9 * 29 / 55)
 
 
 def test_weight_decay_only_on_matrices(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +51,12 @@ class ModelConfig:
     qk_norm: bool = False
     pad_vocab_multiple: int = 64  # embedding rows padded internally for fast matmuls; never exported
     init_std: float = 0.02
+    # the block's parts one by one (auto = what `arch` implies), so each change can be measured on its own
+    norm: str = "auto"  # auto | layernorm | rmsnorm
+    position: str = "auto"  # auto | learned | rope
+    activation: str = "auto"  # auto | gelu | swiglu | relu2 (ReLU squared, modded-nanogpt's MLP)
+    zero_init_proj: bool = False  # residual projections start at zero: each block starts as the identity
+    logit_softcap: float = 0.0  # >0: logits = c * tanh(logits / c) (Gemma 2, modded-nanogpt); 0 = off
 
     @property
     def head_dim(self) -> int:
@@ -60,10 +67,29 @@ class ModelConfig:
         return self.n_kv_head or self.n_head
 
     @property
+    def norm_type(self) -> str:
+        return ("rmsnorm" if self.arch == "llama" else "layernorm") if self.norm == "auto" else self.norm
+
+    @property
+    def position_type(self) -> str:
+        return ("rope" if self.arch == "llama" else "learned") if self.position == "auto" else self.position
+
+    @property
+    def activation_type(self) -> str:
+        return ("swiglu" if self.arch == "llama" else "gelu") if self.activation == "auto" else self.activation
+
+    @property
+    def is_family_standard(self) -> bool:
+        """True when the blocks are exactly GPT-2's or Llama's (what export and the decode kernels know)."""
+        family = ModelConfig(arch=self.arch)
+        return (self.norm_type, self.position_type, self.activation_type) == (
+            family.norm_type, family.position_type, family.activation_type) and not self.logit_softcap
+
+    @property
     def ffn_dim(self) -> int:
         if self.d_ff:
             return self.d_ff
-        if self.arch == "llama":
+        if self.activation_type == "swiglu":  # two input matrices: 8/3 d keeps the parameters of 4 d
             return 64 * ((int(8 * self.d_model / 3) + 63) // 64)
         return 4 * self.d_model
 
@@ -204,6 +230,9 @@ class TokenizeConfig:
 # --------------------------------------------------------------------------------------------- train
 
 
+NORMS = ("auto", "layernorm", "rmsnorm")
+POSITIONS = ("auto", "learned", "rope")
+ACTIVATIONS = ("auto", "gelu", "swiglu", "relu2")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # train.attention: SDPA kernel preference
 
 
@@ -222,8 +251,16 @@ class TrainConfig:
     micro_batch_size: int = 8
     global_batch_tokens: int = 0  # 0 = micro_batch * seq_len * world (no accumulation)
     max_steps: int = 1000
-    optimizer: str = "adamw"
-    lr: float = 6e-4
+    # >0: train for this many minutes (compile and evaluation not counted): the step count is fixed from the
+    # first steps' measured time so that the schedule's decay ends when the time does (max_steps is ignored)
+    max_minutes: float = 0.0
+    budget_evals: int = 20  # with max_minutes: measure val loss this many times, evenly over the budget
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for everything else)
+    lr: float = 6e-4  # AdamW's learning rate (with muon: the embeddings, head, norms and biases)
+    embed_lr: float = 0.0  # AdamW's rate for the input embeddings of an untied model (0 = lr)
+    muon_lr: float = 0.02  # Muon's learning rate (scaled by sqrt(max(1, rows/cols)) per matrix)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     schedule: str = "cosine"  # cosine | linear | constant | wsd
@@ -531,7 +568,12 @@ def validate(cfg: RunConfig) -> None:
             f"change one of them (e.g. n_head={_divisor_near(m.d_model, m.n_head)})")
     if m.n_head % m.kv_heads:
         raise ConfigError(f"model.n_head ({m.n_head}) must be divisible by model.n_kv_head ({m.kv_heads})")
-    if m.arch == "llama" and m.head_dim % 2:
+    for name, allowed in (("norm", NORMS), ("position", POSITIONS), ("activation", ACTIVATIONS)):
+        if getattr(m, name) not in allowed:
+            raise ConfigError(f"model.{name} must be one of {', '.join(allowed)}, got '{getattr(m, name)}'")
+    if m.logit_softcap < 0 or not math.isfinite(m.logit_softcap):
+        raise ConfigError(f"model.logit_softcap must be >= 0 (0 = off), got {m.logit_softcap}")
+    if m.position_type == "rope" and m.head_dim % 2:
         raise ConfigError(f"RoPE needs an even head dimension, got d_model/n_head = {m.head_dim}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
@@ -546,6 +588,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.parallel must be ddp or fsdp, got '{t.parallel}'")
     if t.attention not in ATTENTION_BACKENDS:
         raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_BACKENDS)}, got '{t.attention}'")
+    if t.optimizer not in ("adamw", "muon"):
+        raise ConfigError(f"train.optimizer must be adamw or muon, got '{t.optimizer}'")
+    for name in ("lr", "embed_lr", "muon_lr", "muon_momentum", "muon_weight_decay", "weight_decay", "max_minutes",
+                 "min_lr_ratio", "grad_clip"):
+        if not math.isfinite(getattr(t, name)) or getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be a finite number >= 0, got {getattr(t, name)}")
+    if t.max_minutes > 0 and t.budget_evals < 0:
+        raise ConfigError(f"train.budget_evals must be >= 0, got {t.budget_evals}")
     if t.schedule not in ("cosine", "linear", "constant", "wsd"):
         raise ConfigError(f"train.schedule must be cosine, linear, constant or wsd, got '{t.schedule}'")
     if t.micro_batch_size <= 0 or t.max_steps < 0 or t.lr <= 0:

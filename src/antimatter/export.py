@@ -48,6 +48,13 @@ EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "R
 def hf_architecture(cfg: ModelConfig) -> str:
     """The transformers class that computes exactly what our model computes, or a UserError saying why
     none does."""
+    if not cfg.is_family_standard:
+        raise UserError(
+            f"cannot export a model whose blocks mix families (arch={cfg.arch}, norm={cfg.norm_type}, position="
+            f"{cfg.position_type}, activation={cfg.activation_type}, logit_softcap={cfg.logit_softcap:g}): "
+            f"transformers' GPT-2, Llama and Qwen3 classes compute other functions; export a model trained with "
+            f"the norm, position and activation its arch implies (model.norm/position/activation=auto) and no "
+            f"logit soft-capping")
     if cfg.arch == "gpt2":
         if cfg.kv_heads != cfg.n_head:
             raise UserError(f"cannot export a gpt2-style model with grouped-query attention (n_kv_head="

@@ -4,6 +4,8 @@ One config builds two families:
   * GPT-2 style (`arch: gpt2`): learned positions, pre-LayerNorm, GELU MLP, biases, tied embeddings.
   * Llama style (`arch: llama`): RoPE, pre-RMSNorm, SwiGLU MLP, no biases, grouped-query attention,
     optional QK-norm.
+Each part can also be set on its own (`norm`, `position`, `activation`: ReLU squared too; zero-initialised
+residual projections; logit soft-capping), which is how the training recipes measure what each one buys.
 
 Parameter names follow Hugging Face GPT-2 (`transformer.wte`, `transformer.h.N.attn.c_attn`, ...), so
 export to transformers is a name map (plus a transpose of its Conv1D weights) and a logits-parity test.
@@ -106,7 +108,7 @@ def _folded_norm_gemv(x: torch.Tensor, w: torch.Tensor, norm: nn.Module) -> torc
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    if cfg.arch == "llama":
+    if cfg.norm_type == "rmsnorm":
         return RMSNorm(dim, cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
@@ -156,7 +158,7 @@ class CausalSelfAttention(nn.Module):
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         self.c_attn = Linear(cfg.d_model, qkv_dim, bias=cfg.bias)
         self.c_proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.use_rope = cfg.arch == "llama"
+        self.use_rope = cfg.position_type == "rope"
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
@@ -190,11 +192,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP (gpt2) or SwiGLU (llama: c_fc holds gate and up projections side by side)."""
+    """GELU (gpt2), SwiGLU (llama: c_fc holds gate and up projections side by side) or ReLU squared."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.arch == "llama"
+        self.activation = cfg.activation_type
+        self.swiglu = self.activation == "swiglu"
         hidden = cfg.ffn_dim
         self.c_fc = Linear(cfg.d_model, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
         self.c_proj = Linear(hidden, cfg.d_model, bias=cfg.bias)
@@ -206,6 +209,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.activation == "relu2":
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
         return self.dropout(self.c_proj(h))
@@ -235,12 +240,12 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
             ln_f=make_norm(cfg, cfg.d_model),
         ))
-        if cfg.arch == "gpt2":
+        if cfg.position_type == "learned":
             self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.d_model)
         self.lm_head = Linear(cfg.d_model, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        if cfg.arch == "llama":
+        if cfg.position_type == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -255,8 +260,11 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 1:  # norms and biases
                 nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
-            elif name.endswith("c_proj.weight"):  # residual projections: scaled as in GPT-2
-                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+            elif name.endswith("c_proj.weight"):  # residual projections: scaled as in GPT-2, or zero
+                if self.cfg.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
@@ -330,7 +338,7 @@ class GPT(nn.Module):
             mask = None
         x = self.transformer.wte(idx)
         rope = None
-        if self.cfg.arch == "gpt2":
+        if self.cfg.position_type == "learned":
             x = x + self.transformer.wpe(pos)
         else:
             rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
@@ -341,32 +349,41 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, input_pos, mask, kv_len)
         if targets is None:
-            return norm_linear(self.transformer.ln_f, self.lm_head, x)[..., : self.cfg.vocab_size]
+            return softcap(norm_linear(self.transformer.ln_f, self.lm_head, x)[..., : self.cfg.vocab_size],
+                           self.cfg.logit_softcap)
         return self.loss(self.transformer.ln_f(x), targets)
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the final hidden states. In chunks when `loss_chunk_tokens` is set, each
         chunk recomputed in backward, so the full (tokens x vocab) logits never sit in memory at once."""
         x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-        V = self.cfg.vocab_size
+        V, cap = self.cfg.vocab_size, self.cfg.logit_softcap
         chunk = self.loss_chunk_tokens
         if chunk <= 0 or x.shape[0] <= chunk:
-            return _ce_sum(x, self.lm_head.weight, targets, V) / (targets != -1).sum().clamp(min=1)
+            return _ce_sum(x, self.lm_head.weight, targets, V, cap) / (targets != -1).sum().clamp(min=1)
         total = x.new_zeros((), dtype=torch.float32)
         for xs, ts in zip(x.split(chunk), targets.split(chunk)):
-            total = total + checkpoint(_ce_sum, xs, self.lm_head.weight, ts, V, use_reentrant=False)
+            total = total + checkpoint(_ce_sum, xs, self.lm_head.weight, ts, V, cap, use_reentrant=False)
         return total / (targets != -1).sum().clamp(min=1)
 
 
 CE_PADDING = "mask"  # how the loss leaves out the vocabulary's padding columns: "mask" or "slice"
 
 
-def _ce_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): bounds the logits smoothly (cap 0 = unchanged)."""
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+def _ce_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+            cap: float = 0.0) -> torch.Tensor:
     """Summed cross-entropy over the real vocabulary. The padding columns of the logits are set to -inf (zero
     probability, zero gradient) rather than sliced off: rows of the padded width (a multiple of 64) keep the
     fused softmax kernels on aligned, vectorised loads, where a slice to 50,257 columns does not
     (CE_PADDING = "slice" is the old way, for the benchmark's A/B)."""
     logits = F.linear(x, weight)
+    if cap > 0:
+        logits = softcap(logits.float(), cap)
     if logits.shape[-1] > vocab_size:
         if CE_PADDING == "slice":
             logits = logits[:, :vocab_size]

@@ -15,17 +15,17 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """total, embedding (token + position tables, and an untied output head), non_embedding."""
     d, L, hd = cfg.d_model, cfg.n_layer, cfg.head_dim
     b = 1 if cfg.bias else 0
-    norm = (2 if cfg.arch == "gpt2" and cfg.bias else 1) * d  # LayerNorm weight (+bias) or RMSNorm weight
+    norm = (2 if cfg.norm_type == "layernorm" and cfg.bias else 1) * d  # LayerNorm weight (+bias) or RMSNorm weight
     qkv_out = (cfg.n_head + 2 * cfg.kv_heads) * hd
     attn = d * qkv_out + b * qkv_out + d * d + b * d
     if cfg.qk_norm:
         attn += 2 * hd
     ffn = cfg.ffn_dim
-    up = 2 * ffn if cfg.arch == "llama" else ffn
+    up = 2 * ffn if cfg.activation_type == "swiglu" else ffn
     mlp = d * up + b * up + ffn * d + b * d
     per_layer = attn + mlp + 2 * norm
     wte = cfg.vocab_size * d
-    wpe = cfg.block_size * d if cfg.arch == "gpt2" else 0
+    wpe = cfg.block_size * d if cfg.position_type == "learned" else 0
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     non_embedding = L * per_layer + norm
     embedding = wte + wpe + head

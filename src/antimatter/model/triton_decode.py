@@ -468,6 +468,8 @@ def unsupported_reason(model: GPT) -> str | None:
     device = model.lm_head.weight.device
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return "the Triton decode kernels need a CUDA GPU (or TRITON_INTERPRET=1)"
+    if not cfg.is_family_standard:
+        return "the kernels know GPT-2 and Llama blocks only (this model sets norm/position/activation/softcap)"
     if cfg.head_dim & (cfg.head_dim - 1):
         return f"head_dim {cfg.head_dim} is not a power of two"
     for m in model.modules():

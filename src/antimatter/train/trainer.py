@@ -48,9 +48,11 @@ from antimatter.train.distributed import (
     shutdown,
     wrap_model,
 )
-from antimatter.train.optim import build_optimizer, lr_at, set_lr
+from antimatter.train.optim import build_optimizers, lr_factor, set_lr
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+UNDECIDED = 2**62  # the step count of a time-budgeted run before its first steps are timed
+CALIBRATION_STEPS = 10  # steps timed (after the first, which compiles) to fix a time-budgeted run's step count
 
 
 def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -115,6 +117,44 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class _TrainClock:
+    """Training time: wall time after the first (compiling) step of this process, minus evaluation and
+    checkpoint pauses, plus what earlier processes of the run trained. Read it after a sync (log steps, pauses,
+    the budget decision): the host runs ahead of the GPU in between."""
+
+    def __init__(self, device: torch.device, prior: float):
+        self.device, self.prior, self.paused = device, prior, 0.0
+        self.t0: float | None = None
+        self._pause_t: float | None = None
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        self.sync()
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        if self.t0 is None:
+            return self.prior
+        end = self._pause_t if self._pause_t is not None else time.perf_counter()
+        return self.prior + end - self.t0 - self.paused
+
+    def pause(self) -> None:
+        self.sync()
+        self._pause_t = time.perf_counter()
+
+    def resume(self) -> float:
+        """End a pause; returns its length."""
+        self.sync()
+        dt = time.perf_counter() - self._pause_t
+        self._pause_t = None
+        if self.t0 is not None:
+            self.paused += dt
+        return dt
 
 
 class _Signals:
@@ -247,7 +287,9 @@ class Trainer:
             # set either way: a process that trains twice (tests, notebooks) does not keep the last run's tuning
             inductor_config.coordinate_descent_tuning = t.compile_tuning
         self.step_model = torch.compile(self.wrapped, backend=t.compile_backend) if t.compile else self.wrapped
-        self.optimizer = build_optimizer(self.model, t, self.device.type)  # after sharding: FSDP2 params are DTensors
+        # after sharding: FSDP2 params are DTensors. [AdamW] or [Muon, AdamW]; AdamW is last and fused
+        self.optimizers = build_optimizers(self.model, t, self.device.type)
+        self.muon_grads = [p for opt in self.optimizers[:-1] for g in opt.param_groups for p in g["params"]]
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
         from antimatter.tokens import TokenWindows
 
@@ -256,6 +298,11 @@ class Trainer:
         # defaults for a fresh run
         self.step, self.tokens_seen, self.best_val, self.last_val = 0, 0, math.inf, None
         self.nonfinite_total = 0
+        # the step count: the config's, or (time budget) chosen after the first steps and kept across resumes
+        self.budget: dict[str, Any] | None = None
+        self.max_steps = t.max_steps if t.max_minutes <= 0 else UNDECIDED
+        self.compile_seconds = 0.0
+        self.train_seconds = 0.0  # training time so far (compile, evaluation and checkpoints not counted)
         if self.resume_from is not None:
             optim_sd = state.pop("optimizer") if d.is_main else {}
             self._restore(broadcast_object(state, d), optim_sd)
@@ -267,7 +314,7 @@ class Trainer:
 
         d = self.d
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.enabled)
-        set_optimizer_state_dict(self.model, self.optimizer, optim_sd, options=opts)
+        set_optimizer_state_dict(self.model, self.optimizers, optim_sd, options=opts)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
@@ -275,6 +322,13 @@ class Trainer:
         self.best_val = float(state.get("best_val_loss", math.inf))
         self.last_val = state.get("val_loss")
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        if self.t.max_minutes > 0 and state.get("budget"):
+            self.budget = dict(state["budget"])
+            self.max_steps = int(self.budget["max_steps"])
+            if abs(self.budget["minutes"] - self.t.max_minutes) > 1e-9:
+                self.log(f"note: train.max_minutes is {self.t.max_minutes:g} but this run fixed its schedule for "
+                         f"{self.budget['minutes']:g} minutes ({self.max_steps:,} steps): keeping that schedule")
         rngs = state["rng"]
         set_rng_state(rngs[d.rank] if d.rank < len(rngs) else rngs[0], self.device)
         saved_world, saved_global = int(state.get("world_size", 1)), int(state.get("global_batch_tokens", 0))
@@ -303,7 +357,8 @@ class Trainer:
         self.log(f"train: {n_params:,} parameters, {self.dtype} on {self.device} x{d.world_size} "
                  f"({t.parallel if d.enabled else 'single process'}); global batch {self.global_tokens:,} "
                  f"tokens = micro-batch {t.micro_batch_size} x seq_len {self.seq_len} x {self.accum} "
-                 f"accumulation x {d.world_size} processes; steps {self.step}->{t.max_steps}")
+                 f"accumulation x {d.world_size} processes; steps {self.step}->"
+                 f"{self.max_steps if self.max_steps != UNDECIDED else f'(fit to {t.max_minutes:g} minutes)'}")
         self.tb = None
         if d.is_main and t.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -333,12 +388,14 @@ class Trainer:
         stopped = "max_steps"
         last_ckpt: Path | None = self.resume_from
         metrics: dict[str, Any] = {}
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not d.is_main, file=sys.stderr,
-                   unit="step", dynamic_ncols=True, desc="train")
+        clock = _TrainClock(dev, self.train_seconds)
+        bar = tqdm(total=self.max_steps if self.max_steps != UNDECIDED else None, initial=self.step,
+                   disable=not d.is_main, file=sys.stderr, unit="step", dynamic_ncols=True, desc="train")
         self.wrapped.train()
-        while self.step < t.max_steps and not (0 < t.stop_step <= self.step):
-            lr = lr_at(self.step, t)
-            set_lr(self.optimizer, lr)
+        while self.step < self.max_steps and not (0 < t.stop_step <= self.step):
+            lr_f = lr_factor(self.step, t, self.max_steps)
+            set_lr(self.optimizers, lr_f)
+            lr = t.lr * lr_f
             batches = [self.loader.next_batch(t.micro_batch_size) for _ in range(self.accum)]
             data_state = self.loader.state_dict()
             if dev.type == "cuda":  # pinned host memory -> asynchronous copies that overlap compute
@@ -353,7 +410,8 @@ class Trainer:
                     scaled = loss / self.accum
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
+                for opt in self.optimizers:
+                    self.scaler.unscale_(opt)
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
                 norm = norm.full_tensor()
@@ -361,20 +419,9 @@ class Trainer:
             if d.enabled:  # the mean over ranks, on the device (no sync): every rank decides alike
                 all_reduce_sum(step_loss, d).div_(d.world_size)
             finite = torch.isfinite(norm) & torch.isfinite(step_loss)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)  # skips the step itself when gradients overflowed
-                self.scaler.update()
-                bad = ~torch.isfinite(step_loss)  # an overflow of the scaled fp16 grads is routine, not bad
-            elif self.optimizer.defaults.get("fused"):
-                self.optimizer.found_inf = (~finite).float()  # fused AdamW skips the update on the device
-                self.optimizer.step()
-                del self.optimizer.found_inf
-                bad = ~finite
-            else:  # not fused: the skip needs the flag on the host
-                if bool(finite):
-                    self.optimizer.step()
-                bad = ~finite
-            self.optimizer.zero_grad(set_to_none=True)
+            self._optimizer_step(finite)
+            # an overflow of the scaled fp16 grads is routine (the scaler skips the step), not bad
+            bad = ~torch.isfinite(step_loss) if self.scaler is not None else ~finite
             acc[0] += torch.where(finite, step_loss, 0.0)
             acc[1] += torch.where(finite, norm.float(), 0.0)
             acc[2] += finite.float()
@@ -383,8 +430,15 @@ class Trainer:
             self.step += 1
             self.tokens_seen += self.global_tokens
             bar.update(1)
+            if self.step == start_step + 1:  # the first step compiles: training time starts after it
+                clock.start()
+                self.compile_seconds = time.perf_counter() - t_start
+            if self.max_steps == UNDECIDED and self.step >= start_step + 1 + CALIBRATION_STEPS:
+                self._fix_budget(clock, self.step - start_step - 1)
+                bar.total = self.max_steps
+                bar.refresh()
 
-            last = self.step >= t.max_steps
+            last = self.step >= self.max_steps
             elapsed = time.perf_counter() - t_start
             at_stop_step = 0 < t.stop_step <= self.step and not last
             want_stop = at_stop_step or stop.any(
@@ -398,7 +452,7 @@ class Trainer:
                 tps = steps_done * self.global_tokens / max(now - last_log_t, 1e-9)
                 mfu = (tps * self.flops_per_token / (self.peak * d.world_size)) if self.peak else None
                 self.nonfinite_total += int(new_v)
-                metrics = {"step": self.step, "tokens": self.tokens_seen,
+                metrics = {"step": self.step, "tokens": self.tokens_seen, "train_s": round(clock.now(), 3),
                            "loss": loss_v / good_v if good_v else None,
                            "lr": lr, "grad_norm": norm_v / good_v if good_v else None,
                            "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4) if mfu is not None else None,
@@ -425,16 +479,22 @@ class Trainer:
                         f"a non-finite loss or gradient (all skipped); last good checkpoint: {where}. Lower "
                         f"train.lr, raise train.warmup_steps or use train.dtype=bf16/fp32, then resume")
             is_ckpt = (t.ckpt_interval > 0 and self.step % t.ckpt_interval == 0) or last or want_stop
-            t_pause = time.perf_counter()
-            if (t.eval_interval > 0 and self.step % t.eval_interval == 0) or is_ckpt:
-                self.last_val = self.evaluate()
-                self._write_metrics({"step": self.step, "tokens": self.tokens_seen, "val_loss": self.last_val})
-            if is_ckpt:
-                last_ckpt = self.save(data_state)
-            last_log_t += time.perf_counter() - t_pause  # tokens/s counts training time only
+            eval_every = self._eval_every()
+            is_eval = (eval_every > 0 and self.step % eval_every == 0) or is_ckpt
+            if is_eval or is_ckpt:
+                clock.pause()  # evaluation and checkpoints are not training time
+                self.train_seconds = clock.now()
+                if is_eval:
+                    self.last_val = self.evaluate()
+                    self._write_metrics({"step": self.step, "tokens": self.tokens_seen,
+                                         "train_s": round(self.train_seconds, 3), "val_loss": self.last_val})
+                if is_ckpt:
+                    last_ckpt = self.save(data_state)
+                last_log_t += clock.resume()  # tokens/s counts training time only
             if want_stop:
                 break
         bar.close()
+        self.train_seconds = clock.now()
         seconds = time.perf_counter() - t_start
         trained = (self.step - start_step) * self.global_tokens
         if steady[1] > 0:  # steady state: the log intervals after the first
@@ -443,6 +503,7 @@ class Trainer:
             tps = trained / seconds if seconds > 0 and trained else None
         summary = {
             "steps": self.step, "start_step": start_step, "tokens_seen": self.tokens_seen,
+            "params": self.model.num_params(),
             "last_loss": metrics.get("loss"), "last_val_loss": self.last_val,
             "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
             "tokens_per_s": round(tps, 1) if tps else None,
@@ -450,6 +511,8 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_total, "checkpoint": str(last_ckpt) if last_ckpt else None,
             "best_checkpoint": (str(self.ckpt_root / b) if (b := ckpt_io.read_pointer(self.ckpt_root, "best"))
                                 else None),
+            "train_seconds": round(self.train_seconds, 2), "compile_seconds": round(self.compile_seconds, 2),
+            "eval_checkpoint_seconds": round(clock.paused, 2), "budget": self.budget,
             "world_size": d.world_size, "micro_batch_size": t.micro_batch_size, "accum_steps": self.accum,
             "global_batch_tokens": self.global_tokens, "dtype": self.dtype, "device": str(self.device),
         }
@@ -460,6 +523,54 @@ class Trainer:
         self.log(f"train done: step {self.step}, val loss {vl}, {summary['tokens_per_s'] or 0:,.0f} tokens/s, "
                  f"{seconds:.1f}s, checkpoint {last_ckpt}")
         return summary
+
+    def _fix_budget(self, clock: _TrainClock, timed_steps: int) -> None:
+        """Time-budgeted run: from the steps timed so far, fix the step count so the schedule's decay ends
+        when train.max_minutes of training time does. Rank 0 decides; every rank gets the same number."""
+        clock.sync()
+        used = clock.now()
+        per_step = max(used - clock.prior, 1e-9) / max(timed_steps, 1)
+        budget_s = self.t.max_minutes * 60.0
+        steps = self.step + max(0, int((budget_s - used) / per_step))
+        steps = int(broadcast_object(steps, self.d))
+        self.max_steps = steps
+        self.budget = {"minutes": self.t.max_minutes, "max_steps": steps, "seconds_per_step": per_step,
+                       "timed_steps": timed_steps}
+        self.log(f"time budget {self.t.max_minutes:g} min: {per_step * 1000:.1f} ms a step over {timed_steps} "
+                 f"timed steps -> {steps:,} steps ({steps * self.global_tokens:,} tokens), the schedule "
+                 f"({self.t.schedule}) ends at step {steps:,}; compile/first step took {self.compile_seconds:.1f}s")
+
+    def _eval_every(self) -> int:
+        """Steps between val-loss measurements: train.eval_interval, or with a time budget budget_evals
+        times over the run (none before the step count is fixed)."""
+        if self.t.max_minutes <= 0:
+            return self.t.eval_interval
+        if self.max_steps == UNDECIDED or self.t.budget_evals <= 0:
+            return 0
+        return max(1, self.max_steps // self.t.budget_evals)
+
+    def _optimizer_step(self, finite: torch.Tensor) -> None:
+        """Step every optimizer, skipping a step whose loss or gradient is not finite without a host sync
+        where possible: fused AdamW takes the flag on the device; Muon's matrices get zero gradients instead
+        (their momentum still decays by one step); the unfused fallback reads the flag on the host."""
+        adamw = self.optimizers[-1]
+        if self.muon_grads and self.scaler is None:
+            for p in self.muon_grads:
+                if p.grad is not None:
+                    p.grad.copy_(torch.where(finite, p.grad, 0.0))
+        for opt in self.optimizers[:-1]:
+            self.scaler.step(opt) if self.scaler is not None else opt.step()
+        if self.scaler is not None:
+            self.scaler.step(adamw)  # skips the step itself when gradients overflowed
+            self.scaler.update()
+        elif adamw.defaults.get("fused"):
+            adamw.found_inf = (~finite).float()  # fused AdamW skips the update on the device
+            adamw.step()
+            del adamw.found_inf
+        elif bool(finite):  # not fused: the skip needs the flag on the host
+            adamw.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
 
     # ----------------------------------------------------------------------------- evaluation
     def _eval_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -516,7 +627,7 @@ class Trainer:
         d = self.d
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(self.model, options=opts)
-        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        optim_sd = get_optimizer_state_dict(self.model, self.optimizers, options=opts)
         rngs = gather_objects(rng_state(self.device), d)
         path = None
         if d.is_main:
@@ -528,7 +639,8 @@ class Trainer:
                      "rng": rngs, "world_size": d.world_size, "accum": self.accum,
                      "micro_batch_size": self.t.micro_batch_size, "global_batch_tokens": self.global_tokens,
                      "val_loss": self.last_val, "best_val_loss": self.best_val,
-                     "nonfinite_total": self.nonfinite_total}
+                     "nonfinite_total": self.nonfinite_total, "train_seconds": self.train_seconds,
+                     "budget": self.budget}
             t0 = time.perf_counter()
             path = ckpt_io.save_checkpoint(self.ckpt_root, self.step, model_sd, state, self.cfg, best=best,
                                            keep_last=self.t.keep_last)
