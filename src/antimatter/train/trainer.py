@@ -119,6 +119,23 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _step_unless_nonfinite(opt: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """opt.step(), undone on the device when `finite` is False: no host sync. For optimizers without a
+    `found_inf` input (Muon): the parameters and their state tensors are copied before and selected after."""
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    before = [(p, p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)})
+              for p in params]
+    for p in params:  # a NaN gradient must not reach the state it would poison
+        p.grad.copy_(torch.where(finite, p.grad, 0.0))
+    opt.step()
+    with torch.no_grad():
+        for p, old, old_state in before:
+            p.copy_(torch.where(finite, p, old))
+            for k, v in opt.state[p].items():
+                if torch.is_tensor(v) and v.dtype.is_floating_point:
+                    v.copy_(torch.where(finite, v, old_state[k] if k in old_state else torch.zeros_like(v)))
+
+
 class _TrainClock:
     """Training time: wall time after the first (compiling) step of this process, minus evaluation and
     checkpoint pauses, plus what earlier processes of the run trained. Read it after a sync (log steps, pauses,
@@ -289,7 +306,6 @@ class Trainer:
         self.step_model = torch.compile(self.wrapped, backend=t.compile_backend) if t.compile else self.wrapped
         # after sharding: FSDP2 params are DTensors. [AdamW] or [Muon, AdamW]; AdamW is last and fused
         self.optimizers = build_optimizers(self.model, t, self.device.type)
-        self.muon_grads = [p for opt in self.optimizers[:-1] for g in opt.param_groups for p in g["params"]]
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
         from antimatter.tokens import TokenWindows
 
@@ -314,7 +330,18 @@ class Trainer:
 
         d = self.d
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.enabled)
+        saved_opt = state.get("optimizer_name", "adamw")
+        if saved_opt != self.t.optimizer:
+            raise UserError(f"{self.resume_from} was trained with train.optimizer={saved_opt}, not "
+                            f"{self.t.optimizer}: resume with train.optimizer={saved_opt}, or start a new run from "
+                            f"its weights with train.init_from={self.resume_from} train.resume=none")
+        # the checkpoint's state (moments, momentum buffers, step counts) with this config's hyperparameters:
+        # a resume at a lower train.lr (the advice after a divergence) must step at the new rate
+        fresh = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers]
         set_optimizer_state_dict(self.model, self.optimizers, optim_sd, options=opts)
+        for opt, groups in zip(self.optimizers, fresh):
+            for g, hyper in zip(opt.param_groups, groups):
+                g.update(hyper)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
@@ -547,19 +574,19 @@ class Trainer:
             return self.t.eval_interval
         if self.max_steps == UNDECIDED or self.t.budget_evals <= 0:
             return 0
-        return max(1, self.max_steps // self.t.budget_evals)
+        return max(1, math.ceil(self.max_steps / self.t.budget_evals))
 
     def _optimizer_step(self, finite: torch.Tensor) -> None:
         """Step every optimizer, skipping a step whose loss or gradient is not finite without a host sync
-        where possible: fused AdamW takes the flag on the device; Muon's matrices get zero gradients instead
-        (their momentum still decays by one step); the unfused fallback reads the flag on the host."""
+        where possible: fused AdamW takes the flag on the device; Muon steps on zeroed gradients and then puts
+        back its matrices and momentum buffers as they were (a copy of each, selected on the device); the
+        unfused fallback reads the flag on the host."""
         adamw = self.optimizers[-1]
-        if self.muon_grads and self.scaler is None:
-            for p in self.muon_grads:
-                if p.grad is not None:
-                    p.grad.copy_(torch.where(finite, p.grad, 0.0))
         for opt in self.optimizers[:-1]:
-            self.scaler.step(opt) if self.scaler is not None else opt.step()
+            if self.scaler is not None:
+                self.scaler.step(opt)  # skips the step itself when gradients overflowed
+            else:
+                _step_unless_nonfinite(opt, finite)
         if self.scaler is not None:
             self.scaler.step(adamw)  # skips the step itself when gradients overflowed
             self.scaler.update()
@@ -640,6 +667,7 @@ class Trainer:
                      "micro_batch_size": self.t.micro_batch_size, "global_batch_tokens": self.global_tokens,
                      "val_loss": self.last_val, "best_val_loss": self.best_val,
                      "nonfinite_total": self.nonfinite_total, "train_seconds": self.train_seconds,
+                     "optimizer_name": self.t.optimizer,
                      "budget": self.budget}
             t0 = time.perf_counter()
             path = ckpt_io.save_checkpoint(self.ckpt_root, self.step, model_sd, state, self.cfg, best=best,
