@@ -267,3 +267,19 @@ def test_compile_tuning_without_compile_says_what_to_set(tmp_path):
     run = make_tokens(tmp_path / "run")
     with pytest.raises(UserError, match=r"train.compile_tuning=true .* set train.compile=true as well"):
         train(tiny_config(run, compile_tuning=True, max_steps=1), run)
+
+
+def test_val_rows_carry_bits_per_byte(tmp_path):
+    """With the val split's bytes per token in tokens/meta.json, each val row also states the loss in bits
+    per byte (the tokenizer-independent figure), and nothing else changes."""
+    run = make_tokens(tmp_path / "run")
+    meta_path = run / "tokens" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["splits"] = {"val": {"bytes_per_token": 2.5}}
+    meta_path.write_text(json.dumps(meta))
+    train(tiny_config(run, max_steps=4, eval_interval=2, ckpt_interval=0), run)
+    rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in vals] == [2, 4]
+    for r in vals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / 2.5)

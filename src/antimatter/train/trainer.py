@@ -51,6 +51,7 @@ from antimatter.train.distributed import (
 from antimatter.train.optim import build_optimizers, lr_factor, set_lr
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TB_NAMES = {"val_loss": "val/loss", "val_bpb": "val/bits_per_byte"}  # TensorBoard tags; the rest: train/KEY
 UNDECIDED = 2**62  # the step count of a time-budgeted run before its first steps are timed
 CALIBRATION_STEPS = 10  # steps timed (after the first, which compiles) to fix a time-budgeted run's step count
 
@@ -379,6 +380,7 @@ class Trainer:
         if d.is_main:
             self._trim_metrics()
         self.eval_batches = self._eval_batches()
+        self.val_bytes_per_token = self._val_bytes_per_token()
         self.flops_per_token, self.peak = self._flops()
         n_params = self.model.num_params()
         self.log(f"train: {n_params:,} parameters, {self.dtype} on {self.device} x{d.world_size} "
@@ -513,8 +515,11 @@ class Trainer:
                 self.train_seconds = clock.now()
                 if is_eval:
                     self.last_val = self.evaluate()
-                    self._write_metrics({"step": self.step, "tokens": self.tokens_seen,
-                                         "train_s": round(self.train_seconds, 3), "val_loss": self.last_val})
+                    row = {"step": self.step, "tokens": self.tokens_seen, "train_s": round(self.train_seconds, 3),
+                           "val_loss": self.last_val}
+                    if self.last_val is not None and self.val_bytes_per_token:
+                        row["val_bpb"] = self.last_val / math.log(2) / self.val_bytes_per_token
+                    self._write_metrics(row)
                 if is_ckpt:
                     last_ckpt = self.save(data_state)
                 last_log_t += clock.resume()  # tokens/s counts training time only
@@ -600,6 +605,15 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
 
     # ----------------------------------------------------------------------------- evaluation
+    def _val_bytes_per_token(self) -> float | None:
+        """Text bytes per token of the val split (tokens/meta.json), to state val loss in bits per byte: a
+        figure that does not depend on the tokenizer."""
+        try:
+            meta = json.loads((self.tokens_dir / "meta.json").read_text(encoding="utf-8"))
+            return float(meta["splits"]["val"]["bytes_per_token"]) or None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def _eval_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         from antimatter.tokens import eval_windows
 
@@ -696,7 +710,7 @@ class Trainer:
         if self.tb is not None:
             for k, v in m.items():
                 if k not in ("step",) and isinstance(v, int | float):
-                    self.tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, m["step"])
+                    self.tb.add_scalar(TB_NAMES.get(k, f"train/{k}"), v, m["step"])
 
     def _trim_metrics(self) -> None:
         """On resume, drop log lines of steps after the checkpoint (they will be logged again)."""
