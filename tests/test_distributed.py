@@ -10,7 +10,15 @@ import socket
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import cli_train, losses, make_tokens, one_thread, tiny_config, write_config
+from train_helpers import (
+    cli_train,
+    losses,
+    make_tokens,
+    one_thread,
+    single_process_run,
+    tiny_config,
+    write_config,
+)
 
 from antimatter.train import checkpoint as ck
 from antimatter.train.trainer import train
@@ -24,15 +32,7 @@ SETTINGS = dict(max_steps=STEPS, global_batch_tokens=256, ckpt_interval=10, eval
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    run = make_tokens(tmp_path_factory.mktemp("single") / "run")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        summary = train(tiny_config(run, **SETTINGS), run)
-    finally:
-        torch.set_num_threads(n)
-    assert summary["accum_steps"] == 2
-    return run
+    return single_process_run(tmp_path_factory.mktemp("single") / "run", **SETTINGS)
 
 
 @pytest.fixture(scope="module")

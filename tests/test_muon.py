@@ -9,7 +9,15 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import cli_train, losses, make_tokens, one_thread, tiny_config, write_config
+from train_helpers import (
+    cli_train,
+    losses,
+    make_tokens,
+    one_thread,
+    single_process_run,
+    tiny_config,
+    write_config,
+)
 
 from antimatter.config import TrainConfig, preset_model
 from antimatter.errors import UserError
@@ -260,15 +268,7 @@ SETTINGS = dict(optimizer="muon", max_steps=STEPS, global_batch_tokens=256, ckpt
 
 @pytest.fixture(scope="module")
 def muon_reference(tmp_path_factory):
-    run = make_tokens(tmp_path_factory.mktemp("muon_single") / "run")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        summary = train(tiny_config(run, **SETTINGS), run)
-    finally:
-        torch.set_num_threads(n)
-    assert summary["accum_steps"] == 2
-    return run
+    return single_process_run(tmp_path_factory.mktemp("muon_single") / "run", **SETTINGS)
 
 
 def _compare(run, reference):

@@ -23,7 +23,7 @@ from train_helpers import make_tokens, one_thread, tiny_config
 
 from antimatter.train import checkpoint as ck
 from antimatter.train.distributed import Dist
-from antimatter.train.trainer import CALIBRATION_STEPS, Trainer, train
+from antimatter.train.trainer import CALIBRATION_SKIP, CALIBRATION_STEPS, Trainer, train
 
 assert one_thread  # the autouse fixture, imported so pytest uses it here
 
@@ -43,8 +43,10 @@ def _check_decision(run, s, minutes: float, budget_evals: int) -> None:
     assert b is not None and b["minutes"] == minutes and b["timed_steps"] == CALIBRATION_STEPS
     assert s["steps"] == b["max_steps"] and s["stopped"] == "max_steps"
     budget_s, per_step = minutes * 60, b["seconds_per_step"]
-    fix_step = 1 + CALIBRATION_STEPS  # the first (compile) step, then the timed ones
-    used = per_step * CALIBRATION_STEPS
+    fix_step = 1 + CALIBRATION_SKIP + CALIBRATION_STEPS  # the compile step, warm-up steps, the timed ones
+    assert b["fixed_at_step"] == fix_step
+    used = b["train_seconds_at_fix"]
+    assert used > 0
     assert abs(b["max_steps"] - (fix_step + math.floor((budget_s - used) / per_step))) <= 1  # float rounding
     # the schedule ends at its floor on the last step, not before
     train_rows = [r for r in _rows(run) if "loss" in r]
@@ -81,7 +83,7 @@ def test_budget_run_ends_when_the_budget_does(tmp_path):
         assert wall >= s["seconds"] >= s["train_seconds"]
         b = s["budget"]
         cal = b["seconds_per_step"]
-        pace = (s["train_seconds"] - cal * CALIBRATION_STEPS) / (b["max_steps"] - 1 - CALIBRATION_STEPS)
+        pace = (s["train_seconds"] - b["train_seconds_at_fix"]) / (b["max_steps"] - b["fixed_at_step"])
         tolerance = 2 * max(cal, pace) + 0.15 * budget_s
         tries.append(f"train {s['train_seconds']:.2f}s of {budget_s:.2f}s in {b['max_steps']} steps, "
                      f"calibrated {cal * 1e3:.1f} ms/step, then {pace * 1e3:.1f} ms/step")
@@ -129,10 +131,12 @@ def test_resume_before_the_budget_was_fixed_calibrates_then(tmp_path):
     s2 = train(_resume_cfg(run, max_minutes=0.03), run)
     b = s2["budget"]
     assert s2["start_step"] == 5 and b["timed_steps"] == CALIBRATION_STEPS
-    fix_step = 5 + 1 + CALIBRATION_STEPS
-    # used = the first process's training time + this one's timed steps
+    fix_step = 5 + 1 + CALIBRATION_SKIP + CALIBRATION_STEPS
+    assert b["fixed_at_step"] == fix_step
+    # used = the first process's training time + this one's steps after its first
     prior = ck.load_train_state(run / "checkpoints" / "step_000005")["train_seconds"]
-    used = prior + b["seconds_per_step"] * CALIBRATION_STEPS
+    used = b["train_seconds_at_fix"]
+    assert used > prior
     assert abs(b["max_steps"] - (fix_step + math.floor((0.03 * 60 - used) / b["seconds_per_step"]))) <= 1
     assert s2["steps"] == b["max_steps"]
 

@@ -101,3 +101,19 @@ def losses(run_dir: Path) -> dict[int, float]:
         if "loss" in m:
             out[m["step"]] = m["loss"]
     return out
+
+
+def single_process_run(run_dir: Path, **settings) -> Path:
+    """The one-process reference the distributed tests compare with: a run at global batch 256 tokens, so
+    one process accumulates 2 micro-batches where two processes take one each."""
+    from antimatter.train.trainer import train
+
+    run = make_tokens(run_dir)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train(tiny_config(run, **settings), run)
+    finally:
+        torch.set_num_threads(n)
+    assert summary["accum_steps"] == 2
+    return run

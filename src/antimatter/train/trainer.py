@@ -24,6 +24,7 @@ import math
 import random
 import resource
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,9 @@ from antimatter.train.optim import build_optimizers, lr_factor, set_lr
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TB_NAMES = {"val_loss": "val/loss", "val_bpb": "val/bits_per_byte"}  # TensorBoard tags; the rest: train/KEY
 UNDECIDED = 2**62  # the step count of a time-budgeted run before its first steps are timed
-CALIBRATION_STEPS = 10  # steps timed (after the first, which compiles) to fix a time-budgeted run's step count
+# A budgeted run times CALIBRATION_STEPS steps one by one, after the compiling step and CALIBRATION_SKIP more
+# (the first steps run slower: allocator and cache warm-up); their median fixes the step count
+CALIBRATION_SKIP, CALIBRATION_STEPS = 5, 10
 
 
 def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -418,6 +421,7 @@ class Trainer:
         last_ckpt: Path | None = self.resume_from
         metrics: dict[str, Any] = {}
         clock = _TrainClock(dev, self.train_seconds)
+        step_ends: list[float] = []  # a budgeted run's timed steps, until its step count is fixed
         bar = tqdm(total=self.max_steps if self.max_steps != UNDECIDED else None, initial=self.step,
                    disable=not d.is_main, file=sys.stderr, unit="step", dynamic_ncols=True, desc="train")
         self.wrapped.train()
@@ -462,10 +466,15 @@ class Trainer:
             if self.step == start_step + 1:  # the first step compiles: training time starts after it
                 clock.start()
                 self.compile_seconds = time.perf_counter() - t_start
-            if self.max_steps == UNDECIDED and self.step >= start_step + 1 + CALIBRATION_STEPS:
-                self._fix_budget(clock, self.step - start_step - 1)
-                bar.total = self.max_steps
-                bar.refresh()
+                step_ends = [time.perf_counter()]
+            elif self.max_steps == UNDECIDED:  # each timed step alone (a sync each), until the count is fixed
+                clock.sync()
+                step_ends.append(time.perf_counter())
+                if len(step_ends) > CALIBRATION_SKIP + CALIBRATION_STEPS:
+                    timed = step_ends[CALIBRATION_SKIP:]
+                    self._fix_budget(clock, [b - a for a, b in zip(timed, timed[1:])])
+                    bar.total = self.max_steps
+                    bar.refresh()
 
             last = self.step >= self.max_steps
             elapsed = time.perf_counter() - t_start
@@ -556,18 +565,19 @@ class Trainer:
                  f"{seconds:.1f}s, checkpoint {last_ckpt}")
         return summary
 
-    def _fix_budget(self, clock: _TrainClock, timed_steps: int) -> None:
-        """Time-budgeted run: from the steps timed so far, fix the step count so the schedule's decay ends
-        when train.max_minutes of training time does. Rank 0 decides; every rank gets the same number."""
-        clock.sync()
+    def _fix_budget(self, clock: _TrainClock, step_seconds: list[float]) -> None:
+        """Time-budgeted run: from the median of the steps timed so far (a load spike or a slow first step
+        moves a mean, not a median), fix the step count so the schedule's decay ends when train.max_minutes
+        of training time does. Rank 0 decides; every rank gets the same number."""
         used = clock.now()
-        per_step = max(used - clock.prior, 1e-9) / max(timed_steps, 1)
+        per_step = max(statistics.median(step_seconds), 1e-9)
+        timed_steps = len(step_seconds)
         budget_s = self.t.max_minutes * 60.0
         steps = self.step + max(0, int((budget_s - used) / per_step))
         steps = int(broadcast_object(steps, self.d))
         self.max_steps = steps
         self.budget = {"minutes": self.t.max_minutes, "max_steps": steps, "seconds_per_step": per_step,
-                       "timed_steps": timed_steps}
+                       "timed_steps": timed_steps, "fixed_at_step": self.step, "train_seconds_at_fix": used}
         self.log(f"time budget {self.t.max_minutes:g} min: {per_step * 1000:.1f} ms a step over {timed_steps} "
                  f"timed steps -> {steps:,} steps ({steps * self.global_tokens:,} tokens), the schedule "
                  f"({self.t.schedule}) ends at step {steps:,}; compile/first step took {self.compile_seconds:.1f}s")
