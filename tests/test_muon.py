@@ -249,7 +249,7 @@ def test_a_skipped_nonfinite_step_leaves_muons_matrices_alone(tmp_path):
     full-size step)."""
     run = make_tokens(tmp_path / "run")
     cfg = tiny_config(run, optimizer="muon", lr=1e30, warmup_steps=0, max_steps=50, max_nonfinite=3,
-                      ckpt_interval=1, eval_interval=0, keep_last=5)
+                      ckpt_interval=1, eval_interval=0, eval_steps=0, keep_last=5)
     with pytest.raises(UserError, match=r"3 optimizer steps in a row up to step \d+ had a non-finite"):
         train(cfg, run)
     *_, prev, last = ck.list_checkpoints(run / "checkpoints")

@@ -106,7 +106,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     last good checkpoint."""
     run = make_tokens(tmp_path / "run")
     cfg = tiny_config(run, lr=1e30, warmup_steps=0, max_steps=50, max_nonfinite=3, ckpt_interval=1,
-                      eval_interval=0)
+                      eval_interval=0, eval_steps=0)  # no val loss: its NaN would stop the run at step 1 (below)
     with pytest.raises(UserError, match=r"3 optimizer steps in a row up to step \d+ had a non-finite .*"
                                         r"last good checkpoint: .*step_0000\d\d"):
         train(cfg, run)
@@ -283,3 +283,39 @@ def test_val_rows_carry_bits_per_byte(tmp_path):
     assert [r["step"] for r in vals] == [2, 4]
     for r in vals:
         assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / 2.5)
+
+
+def test_a_nonfinite_model_is_never_a_checkpoint(tmp_path):
+    """After one step at an absurd rate the val loss is NaN: that model is not written (no checkpoint, no
+    `latest`), the run stops with a one-line error that says no good checkpoint exists, and a later run at a
+    sane rate starts afresh instead of resuming from the broken weights."""
+    run = make_tokens(tmp_path / "run")
+    cfg = tiny_config(run, lr=1e30, warmup_steps=0, max_steps=50, ckpt_interval=1, eval_interval=0)
+    with pytest.raises(UserError, match=r"training diverged at step 1: the val loss is nan, so no checkpoint "
+                                        r"was written; last good checkpoint: none\. Lower train.lr"):
+        train(cfg, run)
+    assert ck.find_resume(run / "checkpoints") is None
+    s = train(tiny_config(run, max_steps=2, ckpt_interval=2, eval_interval=0), run)
+    assert s["start_step"] == 0 and s["last_val_loss"] is not None and math.isfinite(s["last_val_loss"])
+
+
+def test_nonfinite_numbers_in_the_config_are_refused():
+    from antimatter.config import ConfigError, load_config
+
+    for item, key in (("train.lr=inf", "train.lr"), ("train.weight_decay=.nan", "train.weight_decay"),
+                      ("model.init_std=-inf", "model.init_std"), ("data.val_fraction=nan", "data.val_fraction")):
+        with pytest.raises(ConfigError, match=f"{key}: expected a finite number"):
+            load_config(None, [item])
+
+
+def test_resume_drops_a_cut_last_metrics_line(tmp_path):
+    """A kill or a full disk during an append leaves half a line in logs/metrics.jsonl: resuming drops it
+    (the step is logged again) instead of crashing on it."""
+    run = make_tokens(tmp_path / "run")
+    train(tiny_config(run, max_steps=4, ckpt_interval=4, eval_interval=0, log_interval=1), run)
+    with open(run / "logs" / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 5, "tokens": 64')
+    s = train(tiny_config(run, max_steps=6, ckpt_interval=2, eval_interval=0, log_interval=1), run)
+    assert s["start_step"] == 4 and s["steps"] == 6
+    rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -188,7 +188,13 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may also come after options that follow positional paths
+    # (`prepare a.txt --out o data.val_fraction=0.5`), which argparse alone leaves unparsed
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "args") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.args = [*args.args, *extra]
     if not args.command:
         parser.print_help()
         return 2

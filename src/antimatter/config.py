@@ -424,13 +424,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = None
         if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isfinite(number):  # no setting means anything at nan or inf
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        if number is not None:
+            return number
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
@@ -551,6 +556,9 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need more than one field; each failure says what to change."""
+    if not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\\0") or cfg.name != cfg.name.strip():
+        raise ConfigError(f"run name {cfg.name[:80]!r} must be one plain folder name (no '/', '..' or "
+                          f"surrounding spaces): the run lives in runs_dir/NAME, so use e.g. --name my-run")
     m = cfg.model
     if m.arch not in ("gpt2", "llama"):
         raise ConfigError(f"model.arch must be 'gpt2' or 'llama', got '{m.arch}'")

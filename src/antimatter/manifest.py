@@ -13,6 +13,29 @@ from antimatter.files import atomic_write_text
 from antimatter.provenance import provenance, sha256_file
 
 MANIFEST = "manifest.json"
+STAGE_MARK = ".antimatter-stage"  # written first into a stage's folder: the stage may clear this folder again
+
+
+def claim(out_dir: str | Path, stage: str) -> None:
+    """Mark `out_dir` as written by `stage` before anything else goes in (a killed stage's half-written folder
+    is still recognised as its own)."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / STAGE_MARK).write_text(stage + "\n", encoding="utf-8")
+
+
+def owned_by(out_dir: str | Path, stage: str) -> bool:
+    """True when `out_dir` is empty or was written by `stage` (its mark or its manifest say so): the only
+    folders a stage may clear. Anything else may hold the user's files."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return True
+    try:
+        if (out_dir / STAGE_MARK).read_text(encoding="utf-8").strip() == stage:
+            return True
+    except OSError:
+        pass
+    m = read_manifest(out_dir)
+    return bool(m) and m.get("stage") == stage
 
 
 def hash_paths(paths: list[str | Path], root: str | Path | None = None) -> dict[str, str]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from antimatter.config import RunConfig, config_to_dict, load_config, save_config
 from antimatter.errors import UserError
-from antimatter.manifest import hash_paths, is_current, write_manifest
+from antimatter.manifest import claim, hash_paths, is_current, owned_by, write_manifest
 
 STAGE_ORDER = ("prepare", "tokenizer", "tokenize", "train", "eval")
 
@@ -54,6 +54,20 @@ def _stage_io(stage: str, cfg: RunConfig) -> tuple[Path, dict[str, str], dict[st
     raise ValueError(stage)
 
 
+def _refuse_overlap(out_dir: Path, cfg: RunConfig) -> None:
+    """The output folder may not be, contain or sit inside an input: prepare clears its output folder."""
+    out = out_dir.resolve()
+    for src in cfg.data.sources:
+        if src.path == "default" or src.format == "default":
+            continue
+        for p in [Path(src.path)] if Path(src.path).exists() else map(Path, glob.glob(src.path, recursive=True)):
+            p = p.resolve()
+            if p == out or p.is_relative_to(out) or out.is_relative_to(p):
+                raise UserError(f"--out {out_dir} overlaps the input {src.path}: write the prepared data to a "
+                                f"folder outside the inputs (e.g. --out {out_dir.name}-prepared); nothing was "
+                                f"deleted")
+
+
 def _require(path: Path, what: str, command: str) -> None:
     if not path.exists():
         raise UserError(f"{what} not found at {path}: run `antimatter {command}` first (or `antimatter pipeline`)")
@@ -87,8 +101,11 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False) -> dict[str, Any]
         _log(f"[{stage}] up to date ({out}); use --force to redo")
         return {"skipped": True}
     if out.exists():
-        shutil.rmtree(out)  # a stale or half-written stage folder: start clean
-    out.mkdir(parents=True)
+        if not owned_by(out, stage):
+            raise UserError(f"{out} holds files that `antimatter {stage}` did not write: move them away or use "
+                            f"another run name (--name); nothing was deleted")
+        shutil.rmtree(out)  # a stale or half-written folder of this stage: start clean
+    claim(out, stage)
     started = time.time()
     _log(f"[{stage}] -> {out}")
     if stage == "prepare":
@@ -143,7 +160,11 @@ def cmd_prepare(cfg: RunConfig, paths: list[str], out: str | None, workers: int 
     from antimatter.data.prepare import run_prepare
 
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _refuse_overlap(out_dir, cfg)
+    if not owned_by(out_dir, "prepare"):
+        raise UserError(f"--out {out_dir} already holds files that `antimatter prepare` did not write: give an "
+                        f"empty or new folder (prepare clears its own earlier output there); nothing was deleted")
+    claim(out_dir, "prepare")
     started = time.time()
     inputs = _source_fingerprints(cfg)
     counts = run_prepare(cfg, out_dir)

@@ -680,6 +680,19 @@ class Trainer:
         model_sd = get_model_state_dict(self.model, options=opts)
         optim_sd = get_optimizer_state_dict(self.model, self.optimizers, options=opts)
         rngs = gather_objects(rng_state(self.device), d)
+        bad = None
+        if d.is_main:  # non-finite weights (or val loss) are never a checkpoint, never `latest` or `best`
+            nonfinite = [k for k, v in model_sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if nonfinite:
+                bad = f"{len(nonfinite)} weight tensors (e.g. {nonfinite[0]}) are not finite"
+            elif self.last_val is not None and not math.isfinite(self.last_val):
+                bad = f"the val loss is {self.last_val}"
+        bad = broadcast_object(bad, d)
+        if bad:
+            last = ckpt_io.read_pointer(self.ckpt_root, "latest")
+            raise UserError(f"training diverged at step {self.step}: {bad}, so no checkpoint was written; last "
+                            f"good checkpoint: {self.ckpt_root / last if last else 'none'}. Lower train.lr (or "
+                            f"raise train.warmup_steps), then resume")
         path = None
         if d.is_main:
             best = self.last_val is not None and self.last_val < self.best_val
@@ -727,7 +740,13 @@ class Trainer:
         path = self.log_dir / "metrics.jsonl"
         if not path.is_file():
             return
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        keep = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut by a kill or a full disk: dropped, the step is logged again
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= self.step:
+                keep.append(line)
         path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
