@@ -105,3 +105,21 @@ def test_overrides_after_an_option_that_follows_paths(tmp_path):
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["config"]["val_fraction"] == 0.5
     r = cli("prepare", str(corpus), "--out", str(tmp_path / "p"), "--bogus", cwd=tmp_path)
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
+
+
+def test_a_truncated_zst_input_is_an_error_and_every_frame_is_read(tmp_path):
+    """python-zstandard's stream reader ends cleanly at a cut, so half a file read as a shorter corpus; and it
+    stopped after the first frame of a multi-frame file. Both now read right: a cut is a one-line error."""
+    import io
+
+    from antimatter.files import open_zstd
+
+    data = b"".join(f'{{"text": "line {i} of a file with several frames"}}\n'.encode() for i in range(20_000))
+    frames = zstandard.ZstdCompressor().compress(data[:300_000]) + zstandard.ZstdCompressor().compress(data[300_000:])
+    assert open_zstd(io.BytesIO(frames), "f.zst").read() == data
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    whole = (corpus / "part-1.jsonl.zst").read_bytes()
+    (corpus / "part-1.jsonl.zst").write_bytes(whole[: len(whole) * 6 // 10])
+    r = cli("prepare", str(corpus), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert_user_error(r, "prepare", "part-1.jsonl.zst is truncated")

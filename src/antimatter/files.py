@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from antimatter.errors import UserError
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -13,3 +19,50 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst stream, frame after frame, that raises at the end when the last frame
+    did not end: python-zstandard's stream reader returns a clean EOF at a cut, so a truncated file would
+    read as a shorter complete one."""
+
+    def __init__(self, raw: BinaryIO, name: str):
+        self.raw, self.name = raw, name
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._in_frame = False  # bytes of the current frame were fed and it has not ended
+        self._buf, self._pos = b"", 0  # decompressed bytes not yet handed out: self._buf[self._pos:]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._pos >= len(self._buf):
+            self._buf, self._pos = b"", 0
+            chunk = self.raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise UserError(f"{self.name} is truncated (its last zstd frame does not end): the file was "
+                                    f"cut while being written or copied; write or copy it again")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._buf += self._obj.decompress(chunk)
+                chunk = b""
+                if self._obj.eof:  # a frame ended: the rest belongs to the next one
+                    chunk, self._in_frame = self._obj.unused_data, False
+                    self._obj = self._dctx.decompressobj()
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = memoryview(self._buf)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+        super().close()
+
+
+def open_zstd(raw: BinaryIO, name: str | Path) -> io.BufferedReader:
+    """A buffered reader of the .zst stream `raw` that refuses a truncated file (closing it closes `raw`)."""
+    return io.BufferedReader(_ZstdFrames(raw, str(name)), 1 << 20)

@@ -18,7 +18,6 @@ Files written to the tokenizer folder: `tokenizer.json` (loads in `tokenizers.To
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import shutil
@@ -28,11 +27,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import zstandard
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from antimatter.errors import UserError
+from antimatter.files import open_zstd
 
 EOT = "<|endoftext|>"
 EOT_ID = 0  # special tokens come first in the vocab; EOT is always the first of them
@@ -153,8 +152,7 @@ def iter_records(path: Path) -> Iterator[tuple[dict[str, Any], int]]:
     path = Path(path)
     replaced = 0
     with open(path, "rb") as raw:
-        lines = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20) \
-            if path.suffix == ".zst" else raw
+        lines = open_zstd(raw, path) if path.suffix == ".zst" else raw
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -188,7 +186,7 @@ def count_input_bytes(files: list[Path]) -> int:
             if path.suffix != ".zst":
                 total += path.stat().st_size
                 continue
-            reader = zstandard.ZstdDecompressor().stream_reader(raw)
+            reader = open_zstd(raw, path)
             while chunk := reader.read(1 << 22):
                 total += len(chunk)
     return total

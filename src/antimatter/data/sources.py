@@ -22,6 +22,7 @@ from pathlib import Path
 from antimatter.config import SourceConfig
 from antimatter.data import default_corpus
 from antimatter.errors import UserError
+from antimatter.files import open_zstd
 
 CODE_EXTS = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".js", ".mjs", ".ts", ".tsx",
              ".java", ".go", ".rs", ".sh", ".bash", ".zsh", ".pl", ".pm", ".rb", ".lua", ".cs", ".swift", ".kt",
@@ -235,9 +236,7 @@ def _open_binary(path: Path, progress: ReadProgress) -> io.BufferedIOBase:
     if name.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
     if name.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        return open_zstd(raw, path)
     return raw
 
 
