@@ -319,3 +319,24 @@ def test_resume_drops_a_cut_last_metrics_line(tmp_path):
     assert s["start_step"] == 4 and s["steps"] == 6
     rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_second_train_on_the_same_run_is_refused_until_the_first_dies(tmp_path):
+    """Two `antimatter train` on one run folder would interleave checkpoints and metrics: the second gets one
+    line naming the first's pid; after a kill -9 of the first (no clean-up ran), the lock is free again."""
+    run = make_tokens(tmp_path / "run")
+    cfg = tiny_config(run, max_steps=100_000, ckpt_interval=50, eval_interval=0, log_interval=50)
+    first = cli_train(write_config(run, cfg), popen=True)
+    try:
+        deadline = time.time() + 120
+        lock = run / "train.lock"
+        while not (lock.is_file() and "pid" in lock.read_text()) and time.time() < deadline:
+            assert first.poll() is None, first.stdout.read()
+            time.sleep(0.2)
+        with pytest.raises(UserError, match=rf"run .* is in use by pid {first.pid} on .*: wait for it"):
+            train(tiny_config(run, max_steps=2), run)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    s = train(tiny_config(run, max_steps=2, ckpt_interval=2, eval_interval=0, resume="none"), run)
+    assert s["steps"] == 2

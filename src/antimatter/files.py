@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -66,3 +70,31 @@ class _ZstdFrames(io.RawIOBase):
 def open_zstd(raw: BinaryIO, name: str | Path) -> io.BufferedReader:
     """A buffered reader of the .zst stream `raw` that refuses a truncated file (closing it closes `raw`)."""
     return io.BufferedReader(_ZstdFrames(raw, str(name)), 1 << 20)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `path` for the block, or raise a UserError naming the process that holds it.
+    flock locks end with their process, so a killed holder (kill -9) leaves no stale lock behind; they hold
+    between processes of one machine (and across machines on file systems that support flock)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: no lock
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            raise UserError(f"{what} is in use by {holder}: wait for it to end or stop it (or use another run "
+                            f"name); the lock is {path}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                  .encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from antimatter.config import RunConfig, save_config
 from antimatter.errors import UserError
+from antimatter.files import exclusive_lock
 from antimatter.model.accel import attention_backend, enable_fp8_training
 from antimatter.model.gpt import GPT
 from antimatter.train import checkpoint as ckpt_io
@@ -375,6 +376,20 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
+        """Train, holding the run folder's lock: a second `antimatter train` on the same run is refused (it
+        would interleave checkpoints and metrics), whichever rank learns it."""
+        with contextlib.ExitStack() as stack:
+            refused = None
+            if self.d.is_main:
+                try:
+                    stack.enter_context(exclusive_lock(self.run_dir / "train.lock", f"run {self.run_dir}"))
+                except UserError as e:
+                    refused = str(e)
+            if refused := broadcast_object(refused, self.d):
+                raise UserError(refused)
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         cfg, t, d = self.cfg, self.t, self.d
         if d.is_main:
             self.log_dir.mkdir(parents=True, exist_ok=True)
