@@ -13,8 +13,8 @@ import pytest
 from antimatter.cli import STAGES
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
+def cli(*args: str, cwd: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "120", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "antimatter.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
 

@@ -123,3 +123,54 @@ def test_a_truncated_zst_input_is_an_error_and_every_frame_is_read(tmp_path):
     (corpus / "part-1.jsonl.zst").write_bytes(whole[: len(whole) * 6 // 10])
     r = cli("prepare", str(corpus), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert_user_error(r, "prepare", "part-1.jsonl.zst is truncated")
+
+
+def test_a_fifo_in_an_input_folder_is_skipped_not_read(tmp_path):
+    """Reading a FIFO blocks forever: prepare skips entries that are not regular files, and says so."""
+    import os
+
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    os.mkfifo(corpus / "pipe.txt")
+    (corpus / "dangling.txt").symlink_to(tmp_path / "nowhere")
+    r = cli("prepare", str(corpus), "--out", str(tmp_path / "out"), "data.val_fraction=0.2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "skipped 2 entries" in r.stderr and "not regular files" in r.stderr
+
+
+def test_config_bombs_and_bad_sizes_are_refused_in_one_short_line(tmp_path):
+    """A 369-byte YAML alias bomb expanded to a gigabyte (and a 351 MB error line); shard_tokens=0 made empty
+    shards until the disk filled."""
+    bomb = tmp_path / "bomb.yaml"
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i, name in enumerate("bcdefghi"):
+        prev = "abcdefghi"[i]
+        lines.append(f"{name}: &{name} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]")
+    lines.append("train: {lr: *i}")
+    bomb.write_text("\n".join(lines) + "\n")
+    r = cli("info", "--config", str(bomb), cwd=tmp_path)
+    line = assert_user_error(r, "info", "YAML aliases", "not allowed")
+    assert len(line) < 300
+    r = cli("tokenize", "tokenize.shard_tokens=0", cwd=tmp_path)
+    assert_user_error(r, "tokenize", "tokenize.shard_tokens", "must be positive")
+    r = cli("train", f"train.lr={'9' * 5000}x", cwd=tmp_path)
+    line = assert_user_error(r, "train", "train.lr: expected a number")
+    assert len(line) < 300
+
+
+def test_io_errors_end_in_one_line_not_a_traceback(tmp_path):
+    """An OSError (here a name too long for the file system, from an argument read as a path) is one line
+    naming the problem, exit 1; ANTIMATTER_DEBUG=1 shows the traceback."""
+    r = cli("info", f"{'9' * 5000}", cwd=tmp_path)  # quoted short
+    line = assert_user_error(r, "info", "unexpected argument")
+    assert len(line) < 300
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    (tmp_path / "a-file").write_text("x")
+    r = cli("prepare", str(corpus), "--out", str(tmp_path / "a-file" / "out"), cwd=tmp_path)
+    assert "Traceback" not in r.stderr and r.returncode == 1, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("antimatter prepare: error: Not a directory") and "a-file" in lines[-1]
+    r = cli("prepare", str(corpus), "--out", str(tmp_path / "a-file" / "out"), cwd=tmp_path,
+            env_extra={"ANTIMATTER_DEBUG": "1"})
+    assert "Traceback" in r.stderr and "NotADirectoryError" in r.stderr

@@ -100,8 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def split_paths_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
-    overrides = [a for a in items if "=" in a and not Path(a).exists()]
+    """KEY=VALUE items are overrides unless a file of that name exists (a path may contain '=')."""
+    overrides = [a for a in items if "=" in a and not _exists(a)]
     return [a for a in items if a not in overrides], overrides
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except OSError:  # e.g. a name longer than the file system allows: not an existing file
+        return False
 
 
 def load_run_config(args: argparse.Namespace, overrides: list[str]):
@@ -122,7 +130,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
     paths, overrides = split_paths_and_overrides(args.args)
     if paths and args.command != "prepare":
-        raise UserError(f"unexpected argument '{paths[0]}': overrides look like section.key=value")
+        shown = paths[0] if len(paths[0]) <= 60 else paths[0][:57] + "..."
+        raise UserError(f"unexpected argument '{shown}': overrides look like section.key=value")
     if args.command == "quickstart":
         extra = [f"name={args.name}"] if args.name else []
         extra += [f"runs_dir={args.runs_dir}"] if args.runs_dir else []
@@ -209,6 +218,22 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # the file system or a file's bytes: one line
+        if os.environ.get("ANTIMATTER_DEBUG") == "1":
+            raise
+        print(f"antimatter {args.command}: error: {_describe_io_error(e)} "
+              f"(ANTIMATTER_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _describe_io_error(e: BaseException) -> str:
+    """What failed and on which file, without the traceback: disk full, permission, a cut compressed file."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f": {str(e.filename)[:200]}" if e.filename else ""
+        hint = {28: " (free some space, or write elsewhere)", 13: " (check the folder's permissions)",
+                30: " (write to another folder)", 36: " (a path, or an argument read as one, is too long)"}
+        return f"{e.strerror}{where}{hint.get(e.errno, '')}"
+    return f"{type(e).__name__}: {str(e)[:200]}"
 
 
 if __name__ == "__main__":

@@ -26,6 +26,28 @@ class ConfigError(UserError, ValueError):
     """A configuration problem the user can fix; the message says how."""
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters: an error line quotes a value, it does not print it whole."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: a config has no use for them, and a few hundred bytes of nested aliases expand
+    to gigabytes (a "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            raise ConfigError(f"YAML aliases (*{self.peek_event().anchor}) are not allowed in a config: write the "
+                              f"value out in full")
+        return super().compose_node(parent, index)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse config YAML: safe types only, no aliases."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 # --------------------------------------------------------------------------------------------- model
 
 
@@ -378,12 +400,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {_short(value)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {_short(value)}")
         return _build(tp, value, key)
     if origin is list:
         (item_tp,) = args or (Any,)
@@ -391,7 +413,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             # one string is one item (prompts contain commas); other lists may be given as "1,2,3"
             value = [value] if item_tp is not int and item_tp is not float else [v for v in value.split(",") if v]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_short(value)}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is Any:
         return value
@@ -402,10 +424,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value.lower() in ("true", "yes", "1", "on")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_short(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -420,10 +442,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                     as_float = 0.5
                 if as_float.is_integer():
                     return int(as_float)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
         number = None
         if isinstance(value, int | float):
             number = float(value)
@@ -433,14 +455,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if number is not None and not math.isfinite(number):  # no setting means anything at nan or inf
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {_short(value)}")
         if number is not None:
             return number
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {_short(value)}")
     if tp is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {_short(value)}")
     return value
 
 
@@ -506,7 +528,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p} (check the path given to --config)")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -535,7 +557,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     if not parts:
         raise ConfigError(f"override '{item}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     node = data
@@ -615,6 +637,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"tokenizer vocab size {cfg.tokenizer_vocab_size} is too small: byte-level BPE needs at least "
             f"{256 + len(cfg.tokenizer.special_tokens)} (256 bytes + special tokens)")
+    if cfg.tokenize.shard_tokens <= 0 or cfg.tokenize.batch_docs <= 0 or cfg.tokenize.batch_bytes <= 0:
+        raise ConfigError(f"tokenize.shard_tokens, batch_docs and batch_bytes must be positive, got "
+                          f"{cfg.tokenize.shard_tokens}, {cfg.tokenize.batch_docs}, {cfg.tokenize.batch_bytes}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be between 0 and 1, got {cfg.data.val_fraction}")
 

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,10 +151,19 @@ def sources_from_paths(paths: list[str]) -> list[SourceConfig]:
 
 
 def _walk(folder: Path) -> list[Path]:
-    files = []
+    """Regular files under `folder` (hidden ones left out). FIFOs, sockets, devices and dangling links are
+    skipped with a note: reading a FIFO would block forever."""
+    files, skipped = [], []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
+        for n in sorted(names):
+            if n.startswith("."):
+                continue
+            f = Path(root) / n
+            (files if f.is_file() else skipped).append(f)
+    if skipped:
+        print(f"prepare: skipped {len(skipped)} entries in {folder} that are not regular files (FIFOs, sockets, "
+              f"devices, dangling links), e.g. {skipped[0]}", file=sys.stderr)
     return files
 
 

@@ -28,7 +28,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from antimatter.config import RunConfig, config_from_dict, config_to_dict
+from antimatter.config import RunConfig, config_from_dict, config_to_dict, yaml_load
 from antimatter.errors import UserError
 from antimatter.provenance import now_iso, sha256_file
 
@@ -263,7 +263,7 @@ def load_train_state(ckpt: str | Path, verify: bool = True) -> dict[str, Any]:
 
 
 def load_config_from_checkpoint(ckpt: str | Path) -> RunConfig:
-    return config_from_dict(yaml.safe_load((Path(ckpt) / CONFIG).read_text(encoding="utf-8")))
+    return config_from_dict(yaml_load((Path(ckpt) / CONFIG).read_text(encoding="utf-8")))
 
 
 def load_model(path: str | Path, which: str = "best", device: str | torch.device = "cpu"):
