@@ -340,3 +340,15 @@ def test_a_second_train_on_the_same_run_is_refused_until_the_first_dies(tmp_path
         first.wait()
     s = train(tiny_config(run, max_steps=2, ckpt_interval=2, eval_interval=0, resume="none"), run)
     assert s["steps"] == 2
+
+
+def test_resuming_a_checkpoint_of_another_shape_is_one_line(tmp_path):
+    """A wider model resumed from a narrower run's checkpoint: one line naming a tensor and both shapes, not
+    load_state_dict's RuntimeError listing every tensor."""
+    run = make_tokens(tmp_path / "run")
+    train(tiny_config(run, max_steps=2, ckpt_interval=2, eval_interval=0), run)
+    cfg = tiny_config(run, max_steps=4)
+    cfg.model.d_model = 64
+    with pytest.raises(UserError, match=r"checkpoint weights do not fit the model config \(\d+ tensors of another "
+                                        r"shape, e.g. transformer\.\S+ \(\d+,( \d+)?\) vs \(\d+,( \d+)?\)\)"):
+        train(cfg, run)

@@ -288,6 +288,12 @@ class Trainer:
             weights = ckpt_io.load_weights(src, cfg.model.tie_embeddings)
             self.log(f"initialised weights from {src}")
         if weights is not None:
+            own = model.state_dict()
+            wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+                     if k in own and v.shape != own[k].shape]
+            if wrong:  # load_state_dict would raise a RuntimeError listing every tensor
+                raise UserError(f"checkpoint weights do not fit the model config ({len(wrong)} tensors of another "
+                                f"shape, e.g. {wrong[0]}): use the same model settings as that run")
             missing, unexpected = model.load_state_dict(weights, strict=False)
             if missing or unexpected:
                 raise UserError(f"checkpoint weights do not fit model config (missing {missing[:3]}, "
