@@ -127,3 +127,14 @@ def test_sigkill_while_writing_checkpoint_resumes_from_previous(tmp_path):
     summary = train(cfg, run)  # resume=auto
     assert summary["start_step"] == 4 and summary["steps"] == 8
     assert ck.read_pointer(root, "latest") == "step_000008" and not (root / ".tmp_step_000008").exists()
+
+
+def test_a_pointer_naming_a_folder_outside_the_run_is_refused(tmp_path):
+    """`checkpoints/latest` may only name a step folder of this run, never a path elsewhere."""
+    from antimatter.errors import UserError
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "latest").write_text("../../elsewhere\n")
+    with pytest.raises(UserError, match=r"latest names '\.\./\.\./elsewhere', not a checkpoint folder of this run"):
+        ck.find_resume(root)

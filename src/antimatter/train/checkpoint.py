@@ -83,10 +83,14 @@ def write_pointer(root: Path, name: str, target: str) -> None:
 
 
 def read_pointer(root: Path, name: str) -> str | None:
+    """The step folder that `root/name` (latest, best) names; it may only name a folder of this run."""
     try:
-        value = (Path(root) / name).read_text(encoding="utf-8").strip()
+        value = (Path(root) / name).read_text(encoding="utf-8", errors="replace").strip()
     except OSError:
         return None
+    if value and not re.fullmatch(r"step_\d{6,}", value):
+        raise UserError(f"{Path(root) / name} names {value[:60]!r}, not a checkpoint folder of this run "
+                        f"(step_NNNNNN): fix it to the step you want, or delete it to use the newest checkpoint")
     return value or None
 
 
