@@ -1,5 +1,5 @@
-"""Interactive generation on the CPU: how fast a trained run answers on this machine (issue 8 asks that the
-quickstart model stays pleasant on 2 cores). Three figures, each the median of several runs:
+"""Interactive generation on the CPU: how fast a trained run answers on this machine (the
+quickstart model should stay pleasant on 2 cores). Three figures, each the median of several runs:
 
   * decode tokens/s at batch 1 and 8, greedy, plain and compiled (`eval.speed.measure_speed`, the figure
     `antimatter eval` reports, with more tokens and repeats than the eval's quick default);

@@ -1,7 +1,7 @@
 """Does fp8 training follow the bf16 loss curve? Train the same model on the same tokens three times with the
 project's own trainer (`antimatter train`): bf16, bf16 with another seed (the run-to-run noise), and fp8
 (torchao float8 matmuls, `train.fp8=true`) with the first seed; plot the three curves and compare the fp8
-gap with the seed gap. Issue 7 asks for fp8 "within run-to-run noise over a short run on real text".
+gap with the seed gap: fp8 is worth having only within run-to-run noise over a short run on real text.
 
     python benchmarks/fp8_loss_curve.py --run runs/corpus --out /tmp/fp8 --steps 300 model.preset=seed-300m
 

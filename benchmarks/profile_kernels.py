@@ -1,5 +1,5 @@
 """Where the GPU time goes: kernel tables of the compiled decode step and the compiled training step, and
-micro-benchmarks of the attention kernels that dominate them. A diagnosis tool for issues 7 and 8, not a
+micro-benchmarks of the attention kernels that dominate them. A diagnosis tool for training and decode speed, not a
 side-by-side benchmark (those are train_throughput.py and decode_speed.py).
 
     python benchmarks/profile_kernels.py --part attn decode-attn gemv decode train --json out.json

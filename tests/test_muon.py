@@ -366,7 +366,7 @@ def test_fsdp2_muon_orthogonalises_the_whole_matrix_not_each_shard(tmp_path):
 
     out = tmp_path / "sharded.pt"
     mp.spawn(_fsdp_muon_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
-    sharded = torch.load(out)
+    sharded = torch.load(out, weights_only=True)
 
     def steps(model_params, split: int) -> list[torch.Tensor]:
         """Muon on each of `split` row blocks of every matrix on its own (split 1: the whole matrix)."""

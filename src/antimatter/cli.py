@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from antimatter.errors import UserError
+from antimatter.errors import UserError, shorten
 
 STAGES = "prepare tokenizer tokenize train eval generate export import pipeline quickstart info".split()
 
@@ -130,8 +130,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
     paths, overrides = split_paths_and_overrides(args.args)
     if paths and args.command != "prepare":
-        shown = paths[0] if len(paths[0]) <= 60 else paths[0][:57] + "..."
-        raise UserError(f"unexpected argument '{shown}': overrides look like section.key=value")
+        raise UserError(f"unexpected argument '{shorten(paths[0])}': overrides look like section.key=value")
     if args.command == "quickstart":
         extra = [f"name={args.name}"] if args.name else []
         extra += [f"runs_dir={args.runs_dir}"] if args.runs_dir else []

@@ -19,17 +19,15 @@ from typing import Any
 
 import yaml
 
-from antimatter.errors import UserError
+from antimatter.errors import UserError, shorten
 
 
 class ConfigError(UserError, ValueError):
     """A configuration problem the user can fix; the message says how."""
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    """repr(value) cut to `limit` characters: an error line quotes a value, it does not print it whole."""
-    r = repr(value)
-    return r if len(r) <= limit else r[: limit - 3] + "..."
+def _short(value: Any) -> str:
+    return shorten(repr(value))
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -446,19 +444,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {_short(value)}")
-        number = None
-        if isinstance(value, int | float):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None and not math.isfinite(number):  # no setting means anything at nan or inf
+        try:
+            number = float(value) if isinstance(value, int | float | str) else None
+        except ValueError:
+            number = None
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
+        if not math.isfinite(number):  # no setting means anything at nan or inf
             raise ConfigError(f"{key}: expected a finite number, got {_short(value)}")
-        if number is not None:
-            return number
-        raise ConfigError(f"{key}: expected a number, got {_short(value)}")
+        return number
     if tp is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
@@ -579,7 +573,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Checks that need more than one field; each failure says what to change."""
     if not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\\0") or cfg.name != cfg.name.strip():
-        raise ConfigError(f"run name {cfg.name[:80]!r} must be one plain folder name (no '/', '..' or "
+        raise ConfigError(f"run name {_short(cfg.name)} must be one plain folder name (no '/', '..' or "
                           f"surrounding spaces): the run lives in runs_dir/NAME, so use e.g. --name my-run")
     m = cfg.model
     if m.arch not in ("gpt2", "llama"):

@@ -34,8 +34,7 @@ def _source_fingerprints(cfg: RunConfig) -> dict[str, str]:
         if src.path == "default" or src.format == "default":
             out["default"] = f"python-{sys.version.split()[0]}:{sys.prefix}:{cfg.data.default_corpus_bytes}"
             continue
-        p = Path(src.path)
-        files = [p] if p.exists() else [Path(f) for f in sorted(glob.glob(src.path, recursive=True))]
+        files = _source_paths(src.path)
         if not files:
             raise UserError(f"data source '{src.path}' does not exist: fix data.sources[].path")
         out.update(hash_paths(files))
@@ -54,13 +53,18 @@ def _stage_io(stage: str, cfg: RunConfig) -> tuple[Path, dict[str, str], dict[st
     raise ValueError(stage)
 
 
+def _source_paths(path: str) -> list[Path]:
+    """The file or folder a source names, or what its glob matches (sorted)."""
+    return [Path(path)] if Path(path).exists() else [Path(f) for f in sorted(glob.glob(path, recursive=True))]
+
+
 def _refuse_overlap(out_dir: Path, cfg: RunConfig) -> None:
     """The output folder may not be, contain or sit inside an input: prepare clears its output folder."""
     out = out_dir.resolve()
     for src in cfg.data.sources:
         if src.path == "default" or src.format == "default":
             continue
-        for p in [Path(src.path)] if Path(src.path).exists() else map(Path, glob.glob(src.path, recursive=True)):
+        for p in _source_paths(src.path):
             p = p.resolve()
             if p == out or p.is_relative_to(out) or out.is_relative_to(p):
                 raise UserError(f"--out {out_dir} overlaps the input {src.path}: write the prepared data to a "

@@ -197,16 +197,15 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.activation = cfg.activation_type
-        self.swiglu = self.activation == "swiglu"
         hidden = cfg.ffn_dim
-        self.c_fc = Linear(cfg.d_model, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
+        self.c_fc = Linear(cfg.d_model, 2 * hidden if self.activation == "swiglu" else hidden, bias=cfg.bias)
         self.c_proj = Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """MLP of norm(x) (applied by `norm_linear`, which may fold it into the up projection)."""
         h = norm_linear(norm, self.c_fc, x)
-        if self.swiglu:
+        if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         elif self.activation == "relu2":

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from antimatter.config import RunConfig, config_from_dict, config_to_dict, yaml_load
-from antimatter.errors import UserError
+from antimatter.errors import UserError, shorten
 from antimatter.provenance import now_iso, sha256_file
 
 WEIGHTS, STATE, CONFIG, MANIFEST = "model.safetensors", "state.pt", "config.yaml", "manifest.json"
@@ -89,7 +89,7 @@ def read_pointer(root: Path, name: str) -> str | None:
     except OSError:
         return None
     if value and not re.fullmatch(r"step_\d{6,}", value):
-        raise UserError(f"{Path(root) / name} names {value[:60]!r}, not a checkpoint folder of this run "
+        raise UserError(f"{Path(root) / name} names {shorten(repr(value))}, not a checkpoint folder of this run "
                         f"(step_NNNNNN): fix it to the step you want, or delete it to use the newest checkpoint")
     return value or None
 

@@ -236,8 +236,12 @@ class Trainer:
         from antimatter.tokens import read_header
 
         meta_path = self.tokens_dir / "meta.json"
+        self.val_bytes_per_token = None  # for val loss in bits per byte (a figure free of the tokenizer)
         if meta_path.is_file():
-            vocab = int(json.loads(meta_path.read_text(encoding="utf-8"))["vocab_size"])
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            vocab = int(meta["vocab_size"])
+            val = meta.get("splits", {}).get("val", {})
+            self.val_bytes_per_token = float(val.get("bytes_per_token") or 0) or None
         else:
             shards = sorted((self.tokens_dir / "train").glob("*.bin"))
             if not shards:
@@ -404,7 +408,6 @@ class Trainer:
         if d.is_main:
             self._trim_metrics()
         self.eval_batches = self._eval_batches()
-        self.val_bytes_per_token = self._val_bytes_per_token()
         self.flops_per_token, self.peak = self._flops()
         n_params = self.model.num_params()
         self.log(f"train: {n_params:,} parameters, {self.dtype} on {self.device} x{d.world_size} "
@@ -487,7 +490,7 @@ class Trainer:
             if self.step == start_step + 1:  # the first step compiles: training time starts after it
                 clock.start()
                 self.compile_seconds = time.perf_counter() - t_start
-                step_ends = [time.perf_counter()]
+                step_ends = [clock.t0]
             elif self.max_steps == UNDECIDED:  # each timed step alone (a sync each), until the count is fixed
                 clock.sync()
                 step_ends.append(time.perf_counter())
@@ -636,15 +639,6 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
 
     # ----------------------------------------------------------------------------- evaluation
-    def _val_bytes_per_token(self) -> float | None:
-        """Text bytes per token of the val split (tokens/meta.json), to state val loss in bits per byte: a
-        figure that does not depend on the tokenizer."""
-        try:
-            meta = json.loads((self.tokens_dir / "meta.json").read_text(encoding="utf-8"))
-            return float(meta["splits"]["val"]["bytes_per_token"]) or None
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
     def _eval_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         from antimatter.tokens import eval_windows
 
