@@ -4,6 +4,7 @@ leave runs_dir and folders holding the user's files are refused with one line, a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import zstandard
@@ -174,3 +175,15 @@ def test_io_errors_end_in_one_line_not_a_traceback(tmp_path):
     r = cli("prepare", str(corpus), "--out", str(tmp_path / "a-file" / "out"), cwd=tmp_path,
             env_extra={"ANTIMATTER_DEBUG": "1"})
     assert "Traceback" in r.stderr and "NotADirectoryError" in r.stderr
+
+
+def test_a_missing_dependency_is_one_line_naming_the_pip_package(tmp_path):
+    """A dependency absent from the Python that runs the command (a GPU image without rouge-score) is one
+    line saying what to install, exit 1, not an ImportError traceback."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['rouge_score'] = None\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = cli("eval", "--run", str(tmp_path / "no-run"), cwd=tmp_path, env_extra=env)
+    assert "Traceback" not in r.stderr and r.returncode == 1, r.stderr
+    line = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
+    assert line.startswith("antimatter eval: error: the Python package 'rouge_score' is missing"), line
+    assert "pip install rouge-score" in line

@@ -251,6 +251,17 @@ def test_stop_step_then_resume_equals_straight(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_training_a_finished_run_again_says_it_is_complete(tmp_path):
+    """A run already at max_steps trains nothing and says so (not '0 tokens/s'), and keeps its checkpoint."""
+    run = make_tokens(tmp_path / "run")
+    train(tiny_config(run, max_steps=4, ckpt_interval=0, eval_interval=0), run)
+    s = train(tiny_config(run, max_steps=4, ckpt_interval=0, eval_interval=0), run)
+    assert s["start_step"] == 4 and s["steps"] == 4 and s["tokens_per_s"] is None
+    last = (run / "logs" / "train.log").read_text().splitlines()[-1]
+    assert "already complete at step 4" in last and "antimatter eval" in last and "0 tokens/s" not in last
+    assert ck.read_pointer(run / "checkpoints", "latest") == "step_000004"
+
+
 def test_compile_tuning_turns_on_inductors_kernel_tuning_for_that_run_only(tmp_path):
     import torch._inductor.config as inductor_config
 

@@ -3,6 +3,7 @@ they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 befo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -215,6 +216,20 @@ def test_weights_changed_in_place_are_seen_after_refresh():
         ref = model(ids)[0, -1].float()
     torch.testing.assert_close(after, ref, rtol=1e-4, atol=1e-4)
     assert (after - before).abs().max() > 0.1
+
+
+def test_weights_made_under_inference_mode_decode_like_the_torch_path():
+    """A model copied under torch.inference_mode (as the speed evaluation makes its bf16 copy) has inference
+    tensors, which keep no version counter: the kernels still decode, and the same tokens as the torch path;
+    weights changed in place inside inference mode are seen too."""
+    with torch.inference_mode():
+        model = copy.deepcopy(make_model("tiny"))
+    p = [prompt(7, seed=2)]
+    assert generate(model, p, 6, kernels=True) == generate(model, p, 6, kernels=False)
+    with torch.inference_mode():
+        for block in model.transformer.h:
+            block.ln_1.weight.mul_(-1.5)
+    assert generate(model, p, 6, kernels=True) == generate(model, p, 6, kernels=False)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU compiled batch-1 decoding takes the kernels by default")

@@ -194,6 +194,10 @@ def dispatch(args: argparse.Namespace) -> int:
     raise UserError(f"unknown command '{cmd}'")
 
 
+# import names of dependencies whose pip name differs
+PIP_NAMES = {"rouge_score": "rouge-score", "yaml": "pyyaml", "sklearn": "scikit-learn"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # KEY=VALUE overrides may also come after options that follow positional paths
@@ -216,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except ModuleNotFoundError as e:  # a dependency missing from this Python (ours missing is a bug: raise)
+        if (e.name or "antimatter").split(".")[0] == "antimatter" or os.environ.get("ANTIMATTER_DEBUG") == "1":
+            raise
+        top = e.name.split(".")[0]
+        print(f"antimatter {args.command}: error: the Python package '{top}' is missing from this environment: "
+              f"pip install {PIP_NAMES.get(top, top)} (or reinstall antimatter, which depends on it)", file=sys.stderr)
         return 1
     except (OSError, EOFError, UnicodeDecodeError) as e:  # the file system or a file's bytes: one line
         if os.environ.get("ANTIMATTER_DEBUG") == "1":

@@ -536,11 +536,13 @@ class _MatVec:
 
     def refresh(self) -> None:
         """Per-row folds of the norm's weight and bias into W, from the weights as they are now (recomputed
-        only when one of them was modified in place since, e.g. by an optimizer step)."""
+        only when one of them was modified in place since, e.g. by an optimizer step). Inference tensors (made
+        under torch.inference_mode) keep no version counter, so for them the folds are recomputed every time."""
         if self.kind != NORM_LAYER:
             return
-        versions = tuple(t._version for t in (self.w, self.norm.weight, self.norm.bias) if t is not None)
-        if versions == getattr(self, "_versions", None):
+        tensors = [t for t in (self.w, self.norm.weight, self.norm.bias) if t is not None]
+        versions = None if any(t.is_inference() for t in tensors) else tuple(t._version for t in tensors)
+        if versions is not None and versions == getattr(self, "_versions", None):
             return
         self._versions = versions
         w = self.w

@@ -585,6 +585,10 @@ class Trainer:
             why = {"signal": sigs.received, "stop_step": "train.stop_step", "time": "train.max_time_s"}[stopped]
             self.log(f"stopped by {why} at step {self.step}: checkpoint {last_ckpt}")
         vl = f"{self.last_val:.4f}" if self.last_val is not None else "n/a"
+        if self.step == start_step and stopped == "max_steps":
+            self.log(f"nothing to train: the run is already complete at step {self.step} (checkpoint {last_ckpt}); "
+                     f"evaluate it with `antimatter eval`, or raise train.max_steps (or train.max_minutes) to go on")
+            return summary
         self.log(f"train done: step {self.step}, val loss {vl}, {summary['tokens_per_s'] or 0:,.0f} tokens/s, "
                  f"{seconds:.1f}s, checkpoint {last_ckpt}")
         return summary
