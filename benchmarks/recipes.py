@@ -12,6 +12,10 @@ the shared corpus's). Plans:
   ablate  each change of the modern recipe alone on top of the tuned baseline
   seeds   the baseline and the modern recipe again with another seed (run-to-run noise)
   muonlr  the modern recipe at two other Muon learning rates
+  leaveout  the modern recipe without each of its optional parts (soft-cap, QK-norm, untied head, zero-init,
+          ReLU² -> SwiGLU): does each still pay inside the recipe?
+  sizes   the modern recipe at three model sizes (8 layers d512, 12 layers d768, 24 layers d1024) for the same
+          budget (train.max_minutes=5 or 15 as an override): which size wins for that many minutes
 Runs already in OUT/results.jsonl are skipped, so a plan cut short (a time limit) continues where it stopped.
 Extra KEY=VALUE arguments override every run's config (e.g. train.max_minutes=3 model.n_layer=12).
 """
@@ -45,6 +49,19 @@ ABLATIONS = {
 }
 
 
+# the modern recipe without one of its optional parts
+LEAVE_OUT = {
+    "-softcap": ["model.logit_softcap=0"],
+    "-qk_norm": ["model.qk_norm=false"],
+    "-untied": ["model.tie_embeddings=true"],
+    "-zero_init": ["model.zero_init_proj=false"],
+    "-relu2+swiglu": ["model.activation=swiglu"],
+}
+
+# model sizes for a budget: (layers, d_model, heads, micro-batch at context 1,024 on an 80 GB card)
+SIZES = {"8L-d512": (8, 512, 8, 32), "12L-d768": (12, 768, 12, 32), "24L-d1024": (24, 1024, 16, 16)}
+
+
 def plan_runs(plan: str, minutes: float, best_lr: str | None) -> list[tuple[str, str, list[str]]]:
     """(name, recipe, overrides) of a plan's runs."""
     base = [f"train.lr={best_lr}"] if best_lr else []
@@ -60,7 +77,13 @@ def plan_runs(plan: str, minutes: float, best_lr: str | None) -> list[tuple[str,
         return [("gpt2-seed2", "gpt2", base + ["train.seed=2024"]), ("modern-seed2", "modern", ["train.seed=2024"])]
     if plan == "muonlr":
         return [(f"modern-muon{lr}", "modern", [f"train.muon_lr={lr}"]) for lr in ("0.01", "0.04")]
-    raise SystemExit(f"unknown plan '{plan}': choose from sweep, modern, ablate, seeds, muonlr")
+    if plan == "leaveout":
+        return [(f"modern{name}", "modern", ov) for name, ov in LEAVE_OUT.items()]
+    if plan == "sizes":
+        return [(f"size-{size}-{minutes:g}min", "modern",
+                 [f"model.n_layer={n}", f"model.d_model={d}", f"model.n_head={h}", f"train.micro_batch_size={mb}"])
+                for size, (n, d, h, mb) in SIZES.items()]
+    raise SystemExit(f"unknown plan '{plan}': choose from sweep, modern, ablate, seeds, muonlr, leaveout, sizes")
 
 
 def read_results(out: Path) -> dict[str, dict]:
@@ -134,13 +157,15 @@ def report(results: dict[str, dict], data: Path, out: Path) -> dict:
     train_tokens = meta["splits"]["train"]["tokens"]
     best_lr, base = best_baseline(results)
     target = base["final_val_loss"] if base else None
+    modern = results.get("modern", {}).get("final_val_loss")  # what the leave-one-outs compare against
     rows = []
     for r in results.values():
         hit = time_to_loss(r["curve"], target) if target is not None else None
-        rows.append({"name": r["name"], "final_val_loss": r["final_val_loss"],
+        rows.append({"name": r["name"], "params": r.get("params"), "final_val_loss": r["final_val_loss"],
                      "bits_per_byte": bits_per_byte(r["final_val_loss"], bpt),
                      "vs_baseline": (r["final_val_loss"] - target) if target is not None and r["final_val_loss"]
                      else None,
+                     "vs_modern": (r["final_val_loss"] - modern) if modern and r["final_val_loss"] else None,
                      "steps": r["steps"], "tokens_seen": r["tokens_seen"],
                      "epochs": r["tokens_seen"] / train_tokens if r.get("tokens_seen") else None,
                      "tokens_per_s": r["tokens_per_s"], "train_seconds": r["train_seconds"],
@@ -150,22 +175,33 @@ def report(results: dict[str, dict], data: Path, out: Path) -> dict:
     table = {"baseline": base["name"] if base else None, "baseline_lr": best_lr, "target_val_loss": target,
              "val_bytes_per_token": bpt, "rows": rows}
     try:
-        plot(results, bpt, out / "recipes_curves.png")
+        plot([r for n, r in results.items() if is_recipe_curve(n)], bpt, out / "recipes_curves.png",
+             "gpt2 (seed recipe) vs modern recipe: val loss for the same GPU minutes")
+        sizes = [r for n, r in results.items() if n.startswith("size-")]
+        if sizes:
+            plot(sizes, bpt, out / "sizes_curves.png", "modern recipe: model size for the same GPU minutes")
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
     return table
 
 
-def plot(results: dict[str, dict], bpt: float, path: Path) -> None:
+def is_recipe_curve(name: str) -> bool:
+    """The recipes and the baseline's sweep; ablations, leave-one-outs, seeds and sizes are tables."""
+    leave_outs = {f"modern{k}" for k in LEAVE_OUT}
+    return name.startswith("gpt2-lr") or (name.startswith("modern") and "seed2" not in name
+                                          and name not in leave_outs)
+
+
+def plot(runs: list[dict], bpt: float, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for r in results.values():
-        if not r["curve"] or "seed2" in r["name"] or r["name"].startswith("gpt2+"):
-            continue  # the recipes and the sweep; ablations are in the table
+    for r in runs:
+        if not r["curve"]:
+            continue
         c = r["curve"]
         for ax, key in zip(axes, ("train_s", "tokens")):
             ax.plot([p[key] for p in c], [p["val_loss"] for p in c], "o-", ms=3, lw=1.2, label=r["name"])
@@ -177,7 +213,7 @@ def plot(results: dict[str, dict], bpt: float, path: Path) -> None:
                                                       lambda b: b * math.log(2) * bpt))
         sec.set_ylabel("val bits per byte")
     axes[0].legend(fontsize=8)
-    fig.suptitle("gpt2 (seed recipe) vs modern recipe: val loss for the same GPU minutes", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
