@@ -150,3 +150,22 @@ def test_bad_config_values(tmp_path):
     cfg.data.filters.disable = ["gopher_stopwords"]
     with pytest.raises(UserError, match="unknown rule.*gopher_stopwords"):
         run_prepare(cfg, tmp_path / "out")
+
+
+@pytest.mark.parametrize("name,payload", [
+    ("cut.jsonl.gz", lambda b: gzip.compress(b)[:-30]),  # truncated gzip
+    ("fake.jsonl.gz", lambda b: b"not gzip at all" * 10),  # not gzip
+    ("gz-named.jsonl.zst", lambda b: gzip.compress(b)),  # gzip under a zstd name
+    ("garbage.jsonl.zst", lambda b: b"\x28\xb5\x2f\xfd" + b"\xff" * 64),  # a zstd magic, then garbage
+])
+def test_broken_compressed_input_is_one_error_naming_the_file(tmp_path, name, payload):
+    """A cut, corrupt or mislabelled .gz/.zst input stops prepare with one error naming the file and the fix,
+    not a decompressor's traceback or a message that leaves the user to guess which file."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "good.txt").write_text(PROSE)
+    (corpus / name).write_bytes(payload("".join(json.dumps({"text": PROSE}) + "\n" for _ in range(50)).encode()))
+    with pytest.raises(UserError) as e:
+        prepare([str(corpus)], tmp_path / "out")
+    msg = str(e.value)
+    assert name in msg and "\n" not in msg and ("copy it again" in msg or "write or copy" in msg), msg

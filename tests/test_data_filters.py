@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from antimatter.config import DedupConfig, FilterConfig, SourceConfig
@@ -130,3 +134,20 @@ def test_hard_wrapped_books_judged_by_paragraph_and_window():
     twice = book + "\n\n" + book  # every n-gram repeated: fails whole, and in the second half's windows
     assert QualityFilter(FilterConfig(disable=windowed.disable)).check(twice, "prose") == "gopher_dup_ngrams"
     assert QualityFilter(windowed).check(book, "prose") is None
+
+
+def test_top_ngram_rule_is_the_same_in_every_process():
+    """Two different bigrams tie for most frequent but cover different numbers of characters: the rule must
+    not depend on which one Python's per-process salted hash() sorts first (prepare gave different document
+    counts from run to run). The tie goes to the n-gram covering more characters."""
+    code = (
+        "from antimatter.data.filters import Doc, top_ngram_char_frac\n"
+        "ids, lens = Doc('aa bbbbbbbbbb aa bbbbbbbbbb cc d cc d x').ngram_views\n"
+        "print(repr(top_ngram_char_frac(ids, lens, 2)))\n"
+    )
+    seen = set()
+    for seed in range(8):
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        seen.add(float(out.stdout))
+    assert seen == {2 * 12 / 31}

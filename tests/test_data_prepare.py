@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +143,21 @@ def test_summary_table_printed(corpus, tmp_path, capsys):
     run_prepare(make_cfg([str(corpus / "books")]), tmp_path / "out")
     printed = capsys.readouterr().out
     assert "documents by source" in printed and "books" in printed and "TOTAL" in printed
+
+
+def test_prepare_gives_the_same_output_in_every_process(tmp_path):
+    """Same input and config, same kept documents, splits and rejects, whatever Python's per-process hash
+    salt (PYTHONHASHSEED) and however the worker pool schedules the files."""
+    corpus = write_sample_corpus(tmp_path / "corpus", n_prose=60)
+
+    def prepared(seed: int) -> dict[str, str]:
+        out = tmp_path / f"out{seed}"
+        env = {**os.environ, "PYTHONHASHSEED": str(seed), "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-m", "antimatter.cli", "prepare", str(corpus), "--out", str(out),
+                        "data.workers=2"], env=env, check=True, capture_output=True, text=True, timeout=300)
+        return {str(p.relative_to(out)): zstandard.ZstdDecompressor().stream_reader(p.open("rb")).read().decode()
+                for p in sorted(out.rglob("*.jsonl.zst"))}
+
+    first = prepared(1)
+    assert first and any(k.startswith("train") for k in first)
+    assert prepared(2) == first

@@ -127,3 +127,44 @@ def test_small_files_grouped_into_units(tmp_path, monkeypatch):
     assert [len(u.paths) for u in units] == [1, 3, 3, 1]  # 3 x 400 bytes fit in 1300
     docs = docs_of(SourceConfig(path=str(tmp_path), name="notes"))
     assert len(docs) == 8
+
+
+def read_all(path, max_doc_bytes: int) -> list:
+    src = SourceConfig(path=str(path))
+    return [d for unit in expand_sources([src], 100_000)
+            for d in read_unit(unit, src, strict=False, max_doc_bytes=max_doc_bytes)]
+
+
+def test_a_huge_jsonl_record_is_dropped_without_being_held(tmp_path):
+    """A record far over max_doc_bytes is skipped while reading (counted, with its line), never loaded whole:
+    peak Python memory stays a small multiple of the limit, not of the record; the lines around it are kept."""
+    import tracemalloc
+
+    f = tmp_path / "big.jsonl"
+    with f.open("w") as fh:
+        fh.write(json.dumps({"text": texts(1)[0]}) + "\n")
+        fh.write('{"text": "' + "x" * 40_000_000 + '"}\n')
+        fh.write(json.dumps({"text": texts(1, 3)[0]}) + "\n")
+    tracemalloc.start()
+    out = read_all(f, max_doc_bytes=100_000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8_000_000, peak
+    kept = [d for d in out if isinstance(d, RawDoc)]
+    dropped = [d for d in out if not isinstance(d, RawDoc)]
+    assert [d.data for d in kept] == [texts(1)[0], texts(1, 3)[0]]
+    assert len(dropped) == 1 and dropped[0].reason == "filter.max_doc_bytes" and dropped[0].where.endswith(":2")
+
+
+def test_utf16_text_with_a_bom_is_read_as_text(tmp_path):
+    """A UTF-16 file with its byte-order mark (as Windows tools write them) is text, not 'binary'."""
+    for name, codec in (("le.txt", "utf-16-le"), ("be.txt", "utf-16-be")):
+        bom = b"\xff\xfe" if codec.endswith("le") else b"\xfe\xff"
+        (tmp_path / name).write_bytes(bom + (texts(1)[0] + " é ü\n").encode(codec))
+    out = read_all(tmp_path, max_doc_bytes=10**6)
+    kept = [d for d in out if isinstance(d, RawDoc)]
+    assert len(kept) == 2 and {d.data for d in kept} == {texts(1)[0] + " é ü\n"}
+    (tmp_path / "le.txt").write_bytes(b"\xff\xfe" + b"\x00\xd8")  # a lone surrogate: not UTF-16
+    (tmp_path / "be.txt").unlink()
+    (bad,) = read_all(tmp_path, max_doc_bytes=10**6)
+    assert bad.reason == "read.bad_encoding" and "utf-16" in bad.message

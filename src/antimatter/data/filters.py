@@ -143,17 +143,20 @@ def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
 
 
 def top_ngram_char_frac(ids: np.ndarray, lens: np.ndarray, n: int) -> float:
-    """Gopher: characters covered by the most frequent n-gram / all word characters."""
+    """Gopher: characters covered by the most frequent n-gram / all word characters. Of n-grams tied for most
+    frequent, the one covering the most characters counts: the answer must not depend on the order of the
+    per-process salted word hashes."""
     if len(ids) < n:
         return 0.0
     h = _ngram_hashes(ids, n)
-    values, counts = np.unique(h, return_counts=True)
-    best = int(np.argmax(counts))
-    if counts[best] <= 1:
+    _, first, counts = np.unique(h, return_index=True, return_counts=True)
+    top = int(counts.max())
+    if top <= 1:
         return 0.0
-    start = int(np.argmax(h == values[best]))
-    ngram_chars = int(lens[start: start + n].sum())
-    return ngram_chars * int(counts[best]) / max(1, int(lens.sum()))
+    csum = np.concatenate(([0], np.cumsum(lens)))
+    starts = first[counts == top]
+    ngram_chars = int((csum[starts + n] - csum[starts]).max())
+    return ngram_chars * top / max(1, int(lens.sum()))
 
 
 def dup_ngram_char_frac(ids: np.ndarray, lens: np.ndarray, n: int) -> float:

@@ -16,13 +16,16 @@ import json
 import os
 import re
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import zstandard
+
 from antimatter.config import SourceConfig
 from antimatter.data import default_corpus
-from antimatter.errors import UserError
+from antimatter.errors import UserError, shorten
 from antimatter.files import open_zstd
 
 CODE_EXTS = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".js", ".mjs", ".ts", ".tsx",
@@ -250,8 +253,37 @@ def _open_binary(path: Path, progress: ReadProgress) -> io.BufferedIOBase:
     return raw
 
 
+# byte-order marks of the UTF-16/32 encodings (UTF-32 first: its little-endian mark starts like UTF-16's)
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+         (b"\xfe\xff", "utf-16"))
+
+
+def _bom_codec(head: bytes) -> str | None:
+    """The UTF-16/32 codec a byte-order mark announces (such text is full of NUL bytes, yet it is text)."""
+    return next((codec for bom, codec in _BOMS if head.startswith(bom)), None)
+
+
 def _looks_binary(head: bytes) -> bool:
-    return b"\x00" in head
+    return b"\x00" in head and _bom_codec(head) is None
+
+
+def _bounded_lines(f: io.BufferedIOBase, limit: int) -> Iterator[tuple[bytes | None, int]]:
+    """(line, length) of each line; a line longer than `limit` bytes comes as (None, length), read past in
+    chunks and never held whole: one huge record costs memory bounded by the limit, not by its size."""
+    while True:
+        line = f.readline(limit + 1) if limit else f.readline()
+        if not line:
+            return
+        if not limit or len(line) <= limit or line.endswith(b"\n"):
+            yield line, len(line)
+            continue
+        n = len(line)
+        while True:
+            rest = f.readline(1 << 20)
+            n += len(rest)
+            if not rest or rest.endswith(b"\n"):
+                break
+        yield None, n
 
 
 def read_unit(unit: Unit, src: SourceConfig, *, strict: bool, max_doc_bytes: int,
@@ -265,18 +297,28 @@ def read_unit(unit: Unit, src: SourceConfig, *, strict: bool, max_doc_bytes: int
         return
     for p in unit.paths or (unit.path,):
         path = Path(p)
-        if unit.format == "jsonl":
-            yield from _read_jsonl(path, unit.name, src.text_field, strict, progress)
-        elif unit.format == "parquet":
-            yield from _read_parquet(path, unit.name, src.text_field, strict)
-        elif unit.format == "hf":
-            yield from _read_arrow(path, unit.name, src.text_field, strict)
-        elif unit.format in ("text", "html"):
-            yield from _read_text_file(path, unit, max_doc_bytes, progress)
-        else:
-            raise UserError(f"source '{unit.name}': unknown format '{unit.format}' for {path}")
+        try:
+            yield from _read_path(path, unit, src, strict, max_doc_bytes, progress)
+        except (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as e:
+            raise UserError(f"{path} cannot be decompressed ({type(e).__name__}: {shorten(str(e), 80)}): it is cut, "
+                            f"corrupt or not what its name says; write or copy it again, or remove it") from None
         progress.fh = None
         progress.done += path.stat().st_size
+
+
+def _read_path(path: Path, unit: Unit, src: SourceConfig, strict: bool, max_doc_bytes: int,
+               progress: ReadProgress) -> Iterator[RawDoc | BadInput]:
+    """The documents of one file (or HF dataset folder) of a unit."""
+    if unit.format == "jsonl":
+        yield from _read_jsonl(path, unit.name, src.text_field, strict, progress, max_doc_bytes)
+    elif unit.format == "parquet":
+        yield from _read_parquet(path, unit.name, src.text_field, strict)
+    elif unit.format == "hf":
+        yield from _read_arrow(path, unit.name, src.text_field, strict)
+    elif unit.format in ("text", "html"):
+        yield from _read_text_file(path, unit, max_doc_bytes, progress)
+    else:
+        raise UserError(f"source '{unit.name}': unknown format '{unit.format}' for {path}")
 
 
 def _read_text_file(path: Path, unit: Unit, max_doc_bytes: int,
@@ -295,6 +337,13 @@ def _read_text_file(path: Path, unit: Unit, max_doc_bytes: int,
     if _looks_binary(data[:8192]):
         yield BadInput("read.binary_file", str(path), "binary file (NUL bytes): not text", len(data))
         return
+    if codec := _bom_codec(data[:4]):
+        try:
+            data = data.decode(codec)
+        except UnicodeDecodeError as e:
+            yield BadInput("read.bad_encoding", str(path), f"{codec} byte-order mark but invalid {codec}: {e.reason}",
+                           len(data))
+            return
     if unit.format == "html":
         text = html_to_text(data.decode("utf-8", errors="replace"))
         yield RawDoc(doc_id, text, "prose", str(path))
@@ -302,20 +351,31 @@ def _read_text_file(path: Path, unit: Unit, max_doc_bytes: int,
     yield RawDoc(doc_id, data, kind_from_name(path.name), str(path))
 
 
-def _read_jsonl(path: Path, name: str, text_field: str, strict: bool,
-                progress: ReadProgress) -> Iterator[RawDoc | BadInput]:
+def _read_jsonl(path: Path, name: str, text_field: str, strict: bool, progress: ReadProgress,
+                max_doc_bytes: int = 0) -> Iterator[RawDoc | BadInput]:
+    # JSON escapes can make a record's line longer than its text: twice the text limit (+64 KiB of other
+    # fields) is read; a longer record cannot hold a document under the limit worth its memory, and is skipped
+    limit = 2 * max_doc_bytes + 65536 if max_doc_bytes else 0
     with _open_binary(path, progress) as f:
         first = True
-        for lineno, line in enumerate(f, 1):
+        for lineno, (line, n) in enumerate(_bounded_lines(f, limit), 1):
+            where = f"{path}:{lineno}"
+            if line is None:
+                yield BadInput("filter.max_doc_bytes", where,
+                               f"a {n}-byte record, over twice data.filters.max_doc_bytes", n)
+                continue
             if first:
                 first = False
+                if codec := _bom_codec(line[:4]):
+                    yield BadInput("read.bad_encoding", str(path), f"JSON Lines in {codec.upper()}: convert the file "
+                                   f"to UTF-8 (iconv -f {codec.upper()} -t UTF-8)", path.stat().st_size)
+                    return
                 if _looks_binary(line[:8192]):
                     yield BadInput("read.binary_file", str(path), "binary file (NUL bytes): not JSON Lines",
                                    path.stat().st_size)
                     return
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             replaced = False
             try:
                 rec = json.loads(line)
