@@ -76,6 +76,25 @@ def is_current(out_dir: str | Path, stage: str, inputs: dict[str, str], config: 
                for rel, size in m.get("outputs", {}).items())
 
 
+def verify_outputs(out_dir: str | Path, stage: str) -> None:
+    """Refuse a stage folder whose files are not the ones its manifest lists (a file cut, grown or gone after
+    the stage wrote it): a consumer would otherwise read a shorter file as a complete one. No manifest (a
+    folder the user made) is not checked."""
+    from antimatter.errors import UserError
+
+    out_dir = Path(out_dir)
+    m = read_manifest(out_dir)
+    if not m or not isinstance(m.get("outputs"), dict):
+        return
+    for rel, size in m["outputs"].items():
+        f = out_dir / rel
+        actual = f.stat().st_size if f.is_file() else None
+        if actual != size:
+            state = "is missing" if actual is None else f"is {actual:,} bytes where its manifest says {size:,}"
+            raise UserError(f"{f} {state}: it was cut or changed after `antimatter {stage}` wrote it; run "
+                            f"`antimatter {stage} --force` to write it again")
+
+
 def write_manifest(out_dir: str | Path, stage: str, inputs: dict[str, str], config: dict[str, Any],
                    counts: dict[str, Any] | None = None, started: float | None = None,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:

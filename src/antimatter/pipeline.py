@@ -17,7 +17,7 @@ from typing import Any
 
 from antimatter.config import RunConfig, config_to_dict, load_config, save_config
 from antimatter.errors import UserError
-from antimatter.manifest import claim, hash_paths, is_current, owned_by, write_manifest
+from antimatter.manifest import claim, hash_paths, is_current, owned_by, verify_outputs, write_manifest
 
 STAGE_ORDER = ("prepare", "tokenizer", "tokenize", "train", "eval")
 
@@ -98,8 +98,11 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False) -> dict[str, Any]
         return run_eval(cfg, run)
     if stage == "tokenizer":
         _require(run / "data" / "train", "prepared data", "prepare")
+        verify_outputs(run / "data", "prepare")
     if stage == "tokenize":
         _require(run / "tokenizer" / "tokenizer.json", "tokenizer", "tokenizer")
+        verify_outputs(run / "data", "prepare")
+        verify_outputs(run / "tokenizer", "tokenizer")
     out, inputs, conf = _stage_io(stage, cfg)
     if not force and is_current(out, stage, inputs, conf):
         _log(f"[{stage}] up to date ({out}); use --force to redo")

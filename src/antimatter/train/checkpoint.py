@@ -15,6 +15,7 @@ and unpickles `state.pt` only with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -121,11 +122,19 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
         shutil.rmtree(tmp)
     tmp.mkdir()
     weights = weights_for_saving(model_state, cfg.model.tie_embeddings)
-    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
-    if os.environ.get(CRASH_ENV) == str(step):  # test hook: die with a half-written checkpoint
-        os.kill(os.getpid(), signal.SIGKILL)
-    torch.save(train_state, tmp / STATE)
-    (tmp / CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    try:
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
+        if os.environ.get(CRASH_ENV) == str(step):  # test hook: die with a half-written checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save(train_state, tmp / STATE)
+        (tmp / CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, said three ways
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the last complete checkpoint stays
+        if isinstance(e, OSError):
+            raise
+        code = re.search(r"os error (\d+)", str(e))
+        raise OSError(int(code.group(1)) if code else errno.EIO,
+                      f"could not write checkpoint {name} ({str(e).splitlines()[0][:120]})", str(root)) from e
     files = {}
     for fname in (WEIGHTS, STATE, CONFIG):
         _fsync_file(tmp / fname)

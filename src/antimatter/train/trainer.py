@@ -415,7 +415,7 @@ class Trainer:
                  f"tokens = micro-batch {t.micro_batch_size} x seq_len {self.seq_len} x {self.accum} "
                  f"accumulation x {d.world_size} processes; steps {self.step}->"
                  f"{self.max_steps if self.max_steps != UNDECIDED else f'(fit to {t.max_minutes:g} minutes)'}")
-        self.tb = None
+        self.tb, self.bar = None, None
         if d.is_main and t.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -424,6 +424,8 @@ class Trainer:
             with _Signals() as sigs, attention_backend(t.attention):
                 return self._loop(sigs)
         finally:
+            if self.bar is not None:  # closed before an error is printed, not after it at exit
+                self.bar.close()
             if self.tb is not None:
                 self.tb.close()
 
@@ -446,8 +448,8 @@ class Trainer:
         metrics: dict[str, Any] = {}
         clock = _TrainClock(dev, self.train_seconds)
         step_ends: list[float] = []  # a budgeted run's timed steps, until its step count is fixed
-        bar = tqdm(total=self.max_steps if self.max_steps != UNDECIDED else None, initial=self.step,
-                   disable=not d.is_main, file=sys.stderr, unit="step", dynamic_ncols=True, desc="train")
+        bar = self.bar = tqdm(total=self.max_steps if self.max_steps != UNDECIDED else None, initial=self.step,
+                              disable=not d.is_main, file=sys.stderr, unit="step", dynamic_ncols=True, desc="train")
         self.wrapped.train()
         while self.step < self.max_steps and not (0 < t.stop_step <= self.step):
             lr_f = lr_factor(self.step, t, self.max_steps)
