@@ -360,7 +360,7 @@ def test_weights_not_matching_checkpoint_config(tiny_run: Path, tmp_path: Path) 
     cfg = load_config(tiny_run / "config.yaml")
     wider = GPT(load_config(None, ["model=tiny", "model.d_model=64"]).model)
     save_checkpoint(run / "checkpoints", 1, wider.state_dict(), {"step": 1}, cfg, best=True)
-    with pytest.raises(UserError, match="does not match"):
+    with pytest.raises(UserError, match="does not describe this checkpoint.s weights"):
         run_eval(eval_cfg(tiny_run), run)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -29,9 +30,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from antimatter.config import ModelConfig, RunConfig, save_config
-from antimatter.errors import UserError
+from antimatter.errors import UserError, shorten
 from antimatter.files import atomic_write_text
 from antimatter.model.gpt import GPT
+from antimatter.model.shapes import (
+    MAX_SIZE,
+    check_model_config,
+    first_missing_layer,
+    fmt_shape,
+    meta_model,
+    quote,
+    safetensors_shapes,
+)
 
 EOT = "<|endoftext|>"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -109,49 +119,131 @@ def _pick(hf: dict[str, Any], *names: str, default: Any = None) -> Any:
     return default
 
 
+FIX_CONFIG = "fix it in config.json or re-export the model"
+MAX_PAD_MULTIPLE = 4096  # embedding rows added past vocab_size that no tensor in the weights sizes
+HF_KEYS = {  # config.json's name for each ModelConfig field, for error lines
+    "GPT2LMHeadModel": dict(n_layer="n_layer", n_head="n_head", d_model="n_embd", d_ff="n_inner",
+                            vocab_size="vocab_size", block_size="n_positions", norm_eps="layer_norm_epsilon",
+                            tie_embeddings="tie_word_embeddings"),
+    "llama": dict(n_layer="num_hidden_layers", n_head="num_attention_heads", n_kv_head="num_key_value_heads",
+                  d_model="hidden_size", d_ff="intermediate_size", vocab_size="vocab_size",
+                  block_size="max_position_embeddings", norm_eps="rms_norm_eps", rope_theta="rope_theta",
+                  tie_embeddings="tie_word_embeddings", bias="attention_bias"),
+}
+
+
+def _bad_value(key: str, value: Any, expected: str) -> UserError:
+    return UserError(f"config.json has {key}={shorten(repr(value))}, expected {expected}: {FIX_CONFIG}")
+
+
+def _hf_size(hf: dict[str, Any], *keys: str, default: int | None = None) -> int:
+    """The first of `keys` that is set, as a whole number from 1 to MAX_SIZE (1e3 counts as 1000); a missing
+    key is `default`, or a UserError when there is none. config.json is untrusted: no size is used unchecked."""
+    key = next((k for k in keys if hf.get(k) is not None), None)
+    if key is None:
+        if default is not None:
+            return default
+        raise UserError(f"config.json has no {keys[0]}, which a {_hf_arch(hf)} config needs: {FIX_CONFIG}")
+    value = hf[key]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+        raise _bad_value(key, hf[key], f"a whole number from 1 to {MAX_SIZE}")
+    return value
+
+
+def _hf_number(hf: dict[str, Any], key: str, default: float) -> float:
+    """A finite number (an epsilon, a RoPE base), or `default` when the key is missing or null."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _bad_value(key, value, "a finite number")
+    return float(value)
+
+
+def _hf_flag(hf: dict[str, Any], key: str, default: bool) -> bool:
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _bad_value(key, value, "true or false")
+    return value
+
+
+def _hf_arch(hf: dict[str, Any]) -> str:
+    """The class name config.json declares (architectures[0], else from model_type); '' when neither."""
+    archs, model_type = hf.get("architectures"), hf.get("model_type") or ""
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise _bad_value("architectures", archs, 'a list of class names such as ["GPT2LMHeadModel"]')
+    if not isinstance(model_type, str):
+        raise _bad_value("model_type", model_type, 'a name such as "gpt2"')
+    return archs[0] if archs else MODEL_TYPES.get(model_type, "")
+
+
+def _antimatter_extra(hf: dict[str, Any]) -> dict[str, Any]:
+    """The fields of our own ModelConfig that ride along under config.json's "antimatter" key and that HF has
+    no place for (preset name, vocab padding, init scale), each checked."""
+    ours = hf.get("antimatter") if isinstance(hf.get("antimatter"), dict) else {}
+    extra = {k: ours[k] for k in ("preset", "pad_vocab_multiple", "init_std") if k in ours}
+    if not isinstance(extra.get("preset"), str | None):
+        raise _bad_value("antimatter.preset", extra["preset"], "a preset name or null")
+    pad = extra.get("pad_vocab_multiple", 1)
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad > MAX_PAD_MULTIPLE:
+        raise _bad_value("antimatter.pad_vocab_multiple", pad, f"a whole number up to {MAX_PAD_MULTIPLE}")
+    if "init_std" in extra:
+        extra["init_std"] = _hf_number(ours, "init_std", 0.02)
+    return extra
+
+
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Our ModelConfig from a HF config.json dict, or a UserError naming what we cannot represent."""
-    archs = hf.get("architectures") or []
-    arch = archs[0] if archs else MODEL_TYPES.get(hf.get("model_type", ""), "")
+    """Our ModelConfig from a HF config.json dict, or a UserError naming what we cannot represent or what is
+    malformed (every size, flag and number is checked: the file may come from anywhere)."""
+    arch = _hf_arch(hf)
     if arch not in SUPPORTED:
-        raise UserError(f"unsupported architecture '{arch or hf.get('model_type', '?')}' in config.json: "
+        name = arch or hf.get("model_type") or "?"
+        raise UserError(f"unsupported architecture '{shorten(str(name))}' in config.json: "
                         f"AntiMatter imports {', '.join(SUPPORTED)}")
     ours = hf.get("antimatter") if isinstance(hf.get("antimatter"), dict) else {}
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    extra = {k: v for k, v in ours.items() if k in ("preset", "pad_vocab_multiple", "init_std") and k in known}
+    extra = _antimatter_extra(hf)
     if arch == "GPT2LMHeadModel":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UserError(f"unsupported GPT-2 activation '{act}': AntiMatter's GPT-2 block uses the tanh GELU "
-                            "(gelu_new)")
+            raise UserError(f"unsupported GPT-2 activation '{shorten(str(act))}': AntiMatter's GPT-2 block uses "
+                            "the tanh GELU (gelu_new)")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
             raise UserError("unsupported GPT-2 attention scaling (scale_attn_by_inverse_layer_idx / "
                             "scale_attn_weights=false): AntiMatter scales by 1/sqrt(head_dim)")
-        d = hf["n_embd"]
-        cfg = ModelConfig(arch="gpt2", n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=d,
-                          d_ff=_pick(hf, "n_inner") or 4 * d, vocab_size=hf["vocab_size"],
-                          block_size=_pick(hf, "n_positions", "n_ctx"), bias=True,
-                          tie_embeddings=hf.get("tie_word_embeddings", True),
-                          norm_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=0.0, **extra)
+        d = _hf_size(hf, "n_embd")
+        cfg = ModelConfig(arch="gpt2", n_layer=_hf_size(hf, "n_layer"), n_head=_hf_size(hf, "n_head"), d_model=d,
+                          d_ff=_hf_size(hf, "n_inner", default=4 * d), vocab_size=_hf_size(hf, "vocab_size"),
+                          block_size=_hf_size(hf, "n_positions", "n_ctx"), bias=True,
+                          tie_embeddings=_hf_flag(hf, "tie_word_embeddings", True),
+                          norm_eps=_hf_number(hf, "layer_norm_epsilon", 1e-5), dropout=0.0, **extra)
         if cfg.d_ff == 4 * d:
             cfg.d_ff = None
+        check_model_config(cfg, "config.json", FIX_CONFIG, HF_KEYS[arch])
         return cfg
     act = hf.get("hidden_act", "silu")
     if act != "silu":
-        raise UserError(f"unsupported activation '{act}': AntiMatter's Llama block is SwiGLU (silu)")
-    scaling = hf.get("rope_scaling")
-    params = hf.get("rope_parameters") or {}
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or params.get("rope_type", "default")
+        raise UserError(f"unsupported activation '{shorten(str(act))}': AntiMatter's Llama block is SwiGLU (silu)")
+    scaling, params = hf.get("rope_scaling"), hf.get("rope_parameters")
+    for key, value in (("rope_scaling", scaling), ("rope_parameters", params)):
+        if not isinstance(value, dict | None):
+            raise _bad_value(key, value, 'an object such as {"rope_type": "default"} or null')
+    scaling, params = scaling or {}, params or {}
+    rope_type = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type", "default")
     if rope_type != "default":
-        raise UserError(f"unsupported RoPE scaling '{rope_type}': AntiMatter implements plain RoPE only")
-    theta = _pick(hf, "rope_theta", default=None) or params.get("rope_theta", 10000.0)
-    d, n_head = hf["hidden_size"], hf["num_attention_heads"]
+        raise UserError(f"unsupported RoPE scaling '{shorten(str(rope_type))}': AntiMatter implements plain "
+                        "RoPE only")
+    theta = _hf_number(hf, "rope_theta", 0.0) or _hf_number(params, "rope_theta", 10000.0)
+    d, n_head = _hf_size(hf, "hidden_size"), _hf_size(hf, "num_attention_heads")
     if hf.get("head_dim") not in (None, d // n_head) or d % n_head:
-        raise UserError(f"unsupported head_dim {hf.get('head_dim')}: AntiMatter needs head_dim = hidden_size / "
-                        f"num_attention_heads = {d}/{n_head}")
-    attn_bias = bool(hf.get("attention_bias", False))
+        raise UserError(f"unsupported head_dim {shorten(repr(hf.get('head_dim')))}: AntiMatter needs head_dim = "
+                        f"hidden_size / num_attention_heads = {d}/{n_head}")
+    attn_bias = _hf_flag(hf, "attention_bias", False)
     if arch == "LlamaForCausalLM":
-        if bool(hf.get("mlp_bias", False)) != attn_bias:
+        if _hf_flag(hf, "mlp_bias", False) != attn_bias:
             raise UserError("unsupported Llama config: attention_bias and mlp_bias differ; AntiMatter has one "
                             "bias switch for all projections")
         qk_norm = False
@@ -163,17 +255,20 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             raise UserError("unsupported Qwen3 config: use_sliding_window=true; AntiMatter attends over the "
                             "full context")
         qk_norm = True
-    kv = hf.get("num_key_value_heads") or n_head
-    ffn = hf["intermediate_size"]
-    cfg = ModelConfig(arch="llama", n_layer=hf["num_hidden_layers"], n_head=n_head,
-                      n_kv_head=None if kv == n_head else kv, d_model=d, d_ff=ffn, vocab_size=hf["vocab_size"],
-                      block_size=hf.get("max_position_embeddings", 2048), bias=attn_bias,
-                      tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                      rope_theta=float(theta), qk_norm=qk_norm, dropout=0.0, **extra)
+    kv = _hf_size(hf, "num_key_value_heads", default=n_head)
+    ffn = _hf_size(hf, "intermediate_size")
+    cfg = ModelConfig(arch="llama", n_layer=_hf_size(hf, "num_hidden_layers"), n_head=n_head,
+                      n_kv_head=None if kv == n_head else kv, d_model=d, d_ff=ffn,
+                      vocab_size=_hf_size(hf, "vocab_size"),
+                      block_size=_hf_size(hf, "max_position_embeddings", default=2048), bias=attn_bias,
+                      tie_embeddings=_hf_flag(hf, "tie_word_embeddings", False),
+                      norm_eps=_hf_number(hf, "rms_norm_eps", 1e-6), rope_theta=theta, qk_norm=qk_norm,
+                      dropout=0.0, **extra)
     if ours.get("n_kv_head") == n_head:
         cfg.n_kv_head = n_head
     if ours.get("d_ff") is None and ModelConfig(arch="llama", d_model=d).ffn_dim == ffn:
         cfg.d_ff = None
+    check_model_config(cfg, "config.json", FIX_CONFIG, HF_KEYS["llama"])
     return cfg
 
 
@@ -184,7 +279,7 @@ def to_hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str
     """Our parameters under HF names (contiguous copies in `dtype`, embedding rows cut to vocab_size)."""
     cfg = model.cfg
     arch = hf_architecture(cfg)
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach() if v.is_meta else v.detach().cpu() for k, v in model.state_dict().items()}
     V, H, hd = cfg.vocab_size, cfg.ffn_dim, cfg.head_dim
     out: dict[str, torch.Tensor] = {}
     if arch == "GPT2LMHeadModel":
@@ -195,7 +290,7 @@ def to_hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str
         def conv1d(dst: str, src: str) -> None:  # HF Conv1D: weight (in, out) = our Linear weight transposed
             w = sd[f"{src}.weight"]
             out[f"{dst}.weight"] = w.t()
-            out[f"{dst}.bias"] = sd.get(f"{src}.bias", torch.zeros(w.shape[0], dtype=w.dtype))
+            out[f"{dst}.bias"] = sd.get(f"{src}.bias", torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
 
         out["transformer.wte.weight"] = sd["transformer.wte.weight"][:V]
         out["transformer.wpe.weight"] = sd["transformer.wpe.weight"]
@@ -234,18 +329,19 @@ def to_hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str
     return {k: v.to(dtype).contiguous().clone() for k, v in out.items()}
 
 
-def _normalise_hf_names(hf_sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+def _hf_name(name: str, ndim: int, arch: str) -> str | None:
     """Accept the name variants found in the wild: GPT-2 files without the `transformer.` prefix, and the
-    causal-mask buffers old GPT-2 files carry (not weights)."""
-    out = {}
-    for k, v in hf_sd.items():
-        if arch == "GPT2LMHeadModel":
-            if k.endswith((".attn.bias", ".attn.masked_bias")) and v.dim() != 1:
-                continue  # old causal-mask buffers
-            if not k.startswith(("transformer.", "lm_head.")):
-                k = "transformer." + k
-        out[k] = v
-    return out
+    causal-mask buffers old GPT-2 files carry (not weights: None)."""
+    if arch == "GPT2LMHeadModel":
+        if name.endswith((".attn.bias", ".attn.masked_bias")) and ndim != 1:
+            return None  # old causal-mask buffers
+        if not name.startswith(("transformer.", "lm_head.")):
+            return "transformer." + name
+    return name
+
+
+def _normalise_hf_names(hf_sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    return {n: v for k, v in hf_sd.items() if (n := _hf_name(k, v.dim(), arch)) is not None}
 
 
 def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
@@ -498,33 +594,74 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{hf_dir} has no config.json: is it a Hugging Face model folder?")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        hf = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON (line {e.lineno}): fix or re-export it") from None
+    except (UnicodeDecodeError, RecursionError):  # other bytes than UTF-8 text; nesting deeper than Python's stack
+        raise UserError(f"{path} is not valid JSON: fix or re-export it") from None
+    if not isinstance(hf, dict):
+        kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(hf), "number")
+        raise UserError(f"{path} holds a JSON {kind}, not a JSON object of settings: fix or re-export it")
+    return hf
 
 
-def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, a sharded safetensors index, or (legacy) pytorch_model.bin read weights-only."""
-    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
-    files: list[Path]
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [hf_dir / n for n in shard_names]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise UserError(f"{hf_dir} is missing weight shard {missing[0]} listed in {index.name}")
-    elif (hf_dir / "pytorch_model.bin").is_file():
+def _index_shards(hf_dir: Path, index: Path) -> list[Path]:
+    """The shard files model.safetensors.index.json names. Each must be a file inside `hf_dir`: a name that is
+    absolute, climbs with `..` or resolves (through symlinks) outside the folder is refused, so a downloaded
+    index cannot make import read any other file."""
+    fix = "fix the index or download the model again"
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{index} is not valid JSON: {fix}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index} has no weight_map object of tensor name -> shard file name: {fix}")
+    root = hf_dir.resolve()
+    files = []
+    for name in sorted(set(weight_map.values())):
+        path = Path(name)
         try:
-            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError for unsafe content, RuntimeError/EOFError for damage
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"cannot read {hf_dir / 'pytorch_model.bin'} with weights_only=True ({first}): "
-                            "convert it to safetensors") from None
-    else:
-        raise UserError(f"{hf_dir} has no weights (model.safetensors, model.safetensors.index.json or "
-                        "pytorch_model.bin)")
+            inside = (bool(name) and not path.is_absolute() and ".." not in path.parts
+                      and (hf_dir / path).resolve().is_relative_to(root))
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+            inside = False
+        if not inside:
+            raise UserError(f"{index.name} names weight file {shorten(repr(name))}, outside {hf_dir}: shards must be "
+                            f"files inside the model folder; {fix}")
+        files.append(hf_dir / path)
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{hf_dir} is missing weight shard {missing[0].relative_to(hf_dir)} listed in {index.name}")
+    return files
+
+
+def hf_weight_files(hf_dir: Path) -> list[Path]:
+    """model.safetensors, the shards of a model.safetensors.index.json, or (legacy) pytorch_model.bin."""
+    single, index, legacy = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json", \
+        hf_dir / "pytorch_model.bin"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        return _index_shards(hf_dir, index)
+    if legacy.is_file():
+        return [legacy]
+    raise UserError(f"{hf_dir} has no weights (model.safetensors, model.safetensors.index.json or "
+                    "pytorch_model.bin)")
+
+
+def _read_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for unsafe content, RuntimeError/EOFError for damage
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot read {path} with weights_only=True ({first}): convert it to safetensors") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise UserError(f"{path} holds no state dict (tensor name -> tensor): convert the model to safetensors")
+    return sd
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -536,20 +673,69 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, a sharded safetensors index, or (legacy) pytorch_model.bin read weights-only."""
+    files = hf_weight_files(hf_dir)
+    return _read_bin(files[0]) if files[0].suffix == ".bin" else _read_safetensors(files)
+
+
+def check_hf_shapes(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, arch: str) -> None:
+    """config.json's model against the tensor shapes the weight files declare, before anything is allocated:
+    the tensors a model of this config exports to (export's own name map, run on a meta-device model) must
+    all be there with exactly these shapes, and nothing else. A config.json claiming a larger model than its
+    weights (n_embd: 1000000) is one error line, not a terabyte allocation."""
+    fix = "the folder's weights do not match its config.json; fix config.json or use the weights it belongs to"
+    found = {n: tuple(s) for k, s in shapes.items() if (n := _hf_name(k, len(s), arch)) is not None}
+    V = cfg.vocab_size
+    emb = "transformer.wte.weight" if arch == "GPT2LMHeadModel" else "model.embed_tokens.weight"
+    heads = [(emb, "the embedding")] + ([] if cfg.tie_embeddings else [("lm_head.weight", "lm_head")])
+    for name, what in heads:
+        if len(found.get(name, ())) == 2 and found[name][0] != V:
+            raise UserError(f"vocab mismatch: config.json says vocab_size={V} but {what} has {found[name][0]} "
+                            "rows: fix vocab_size in config.json")
+    missing_layer = first_missing_layer(found, cfg.n_layer)
+    if missing_layer is not None:  # before the meta model, which still costs Python objects per layer
+        key, prefix = (("n_layer", "transformer.h") if arch == "GPT2LMHeadModel"
+                       else ("num_hidden_layers", "model.layers"))
+        raise UserError(f"config.json says {key}={cfg.n_layer} but the weights have no layer {missing_layer} "
+                        f"(no '{prefix}.{missing_layer}.*' tensors): {fix}")
+    expected = {k: tuple(v.shape) for k, v in to_hf_state_dict(meta_model(cfg, "config.json", fix)).items()}
+    if cfg.tie_embeddings and "lm_head.weight" in found:  # a tied head saved anyway: a copy of the embedding
+        expected["lm_head.weight"] = expected[emb]
+    for name, shape in expected.items():
+        if name not in found:
+            raise UserError(f"weights are missing '{name}' (expected by a {arch} config): the folder's weights "
+                            "do not match its config.json")
+        if found[name] != shape:
+            raise UserError(f"tensor '{name}' is {fmt_shape(found[name])} in the weights but config.json implies "
+                            f"{fmt_shape(shape)}: {fix}")
+    unused = sorted(set(found) - set(expected))
+    if unused:
+        raise UserError(f"{len(unused)} tensors in the weights are not part of a {arch} model of this config "
+                        f"(e.g. {quote(unused[0])}): the folder's weights do not match its config.json")
+
+
 def load_hf_model(hf_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
     """Our GPT (fp32, eval mode) from a local Hugging Face folder written by `export_model` or by transformers
-    (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM)."""
+    (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM). The folder is untrusted: config.json is checked
+    against the shapes in the weight files' headers before any tensor is read or the model is built."""
     hf_dir = Path(hf_dir)
     hf = read_hf_config(hf_dir)
     cfg = model_config_from_hf(hf)
-    arch = (hf.get("architectures") or [MODEL_TYPES.get(hf.get("model_type", ""), "")])[0]
+    arch = _hf_arch(hf)
     tok = hf_dir / "tokenizer.json"
     if tok.is_file():
         n_tok = _tokenizer_size(tok)
         if n_tok > cfg.vocab_size:
             raise UserError(f"vocab mismatch: {tok} has {n_tok} tokens but config.json says vocab_size="
                             f"{cfg.vocab_size}: the tokenizer does not belong to this model")
-    hf_sd = read_hf_weights(hf_dir)
+    files = hf_weight_files(hf_dir)
+    hf_sd = _read_bin(files[0]) if files[0].suffix == ".bin" else None  # pickled: no header to read first
+    shapes = ({k: tuple(v.shape) for k, v in hf_sd.items()} if hf_sd is not None
+              else {k: s for f in files for k, s in safetensors_shapes(f).items()})
+    check_hf_shapes(shapes, cfg, arch)
+    if hf_sd is None:
+        hf_sd = _read_safetensors(files)
     ours = hf.get("antimatter") if isinstance(hf.get("antimatter"), dict) else {}
     if arch == "GPT2LMHeadModel" and ours.get("bias") is False:
         # exported from a bias-free model: HF GPT-2 needed zero biases; drop them again if still zero

@@ -114,7 +114,11 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_len, head_dim/2) for rotary position embeddings."""
+    """cos/sin tables of shape (max_len, head_dim/2) for rotary position embeddings. Under
+    `torch.device("meta")` (a model built for its shapes only, model/shapes.py) they are empty: meta tensors
+    have no values, and computing them would import torch's Python meta kernels (over a second)."""
+    if torch.get_default_device().type == "meta":
+        return torch.empty(max_len, head_dim // 2), torch.empty(max_len, head_dim // 2)
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()

@@ -29,8 +29,16 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from antimatter.config import RunConfig, config_from_dict, config_to_dict, yaml_load
+from antimatter.config import ModelConfig, RunConfig, config_from_dict, config_to_dict, yaml_load
 from antimatter.errors import UserError, shorten
+from antimatter.model.shapes import (
+    check_model_config,
+    first_missing_layer,
+    fmt_shape,
+    meta_model,
+    quote,
+    safetensors_shapes,
+)
 from antimatter.provenance import now_iso, sha256_file
 
 WEIGHTS, STATE, CONFIG, MANIFEST = "model.safetensors", "state.pt", "config.yaml", "manifest.json"
@@ -199,8 +207,17 @@ def verify_checkpoint(ckpt: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
         files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise CheckpointError(f"checkpoint manifest {mpath} is unreadable: use another checkpoint") from None
+    if not isinstance(files, dict) or not all(
+            isinstance(info, dict) and type(info.get("bytes")) is int and isinstance(info.get("sha256"), str)
+            for info in files.values()):
+        raise CheckpointError(f"checkpoint manifest {mpath} is unreadable (files must map each name to its bytes "
+                              f"and sha256): use another checkpoint")
+    for fname in files:
+        if fname in ("", ".", "..") or Path(fname).name != fname:
+            raise CheckpointError(f"checkpoint manifest {mpath} lists {quote(fname)}, not a file of this "
+                                  f"checkpoint folder: use another checkpoint")
     for fname, info in files.items():
         f = ckpt / fname
         if not f.is_file():
@@ -276,16 +293,74 @@ def load_train_state(ckpt: str | Path, verify: bool = True) -> dict[str, Any]:
 
 
 def load_config_from_checkpoint(ckpt: str | Path) -> RunConfig:
-    return config_from_dict(yaml_load((Path(ckpt) / CONFIG).read_text(encoding="utf-8")))
+    """The run config a checkpoint was saved with. The folder may come from elsewhere, so anything unreadable
+    and any model section that cannot be built is one CheckpointError naming the file."""
+    path = Path(ckpt) / CONFIG
+    fix = "fix it or use another checkpoint"
+    try:
+        data = yaml_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"checkpoint config {path} cannot be read ({e.strerror or type(e).__name__}): "
+                              "use another checkpoint") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"checkpoint config {path} is not UTF-8 text: {fix}") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise CheckpointError(f"checkpoint config {path} is not valid YAML{where}: {fix}") from None
+    except UserError as e:  # e.g. YAML aliases
+        raise CheckpointError(f"checkpoint config {path} is refused ({e}): {fix}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint config {path} holds {type(data).__name__}, not a mapping of sections "
+                              f"(model:, train:, ...): {fix}")
+    try:
+        cfg = config_from_dict(data)
+    except UserError as e:
+        raise CheckpointError(f"checkpoint config {path} is invalid ({e}): {fix}") from None
+    except (TypeError, ValueError, AttributeError, RecursionError):  # e.g. `model: 5` or non-string keys
+        raise CheckpointError(f"checkpoint config {path} is malformed (each section must be a mapping of "
+                              f"settings): {fix}") from None
+    check_model_config(cfg.model, f"checkpoint config {path}", fix, error=CheckpointError)
+    return cfg
+
+
+def check_weight_shapes(ckpt: Path, cfg: ModelConfig) -> None:
+    """The tensors config.yaml implies against those model.safetensors declares (its header only): a config
+    that claims a larger model than the file holds is refused before GPT(cfg) would allocate it."""
+    weights, config = ckpt / WEIGHTS, ckpt / CONFIG
+    fix = f"{CONFIG} does not describe this checkpoint's weights; use another checkpoint"
+    found = safetensors_shapes(weights, "use another checkpoint", error=CheckpointError)
+    missing = first_missing_layer(found, cfg.n_layer)
+    if missing is not None:  # before the meta model, which still costs Python objects per layer
+        raise CheckpointError(f"{config} says model.n_layer={cfg.n_layer} but {WEIGHTS} has no layer {missing} "
+                              f"(no 'transformer.h.{missing}.*' tensors): {fix}")
+    expected = {k: tuple(v.shape) for k, v in meta_model(cfg, str(config), fix, CheckpointError).state_dict().items()}
+    if cfg.tie_embeddings:  # stored once, as the embedding (a copy saved anyway must match it)
+        head = expected.pop("lm_head.weight")
+        if "lm_head.weight" in found:
+            expected["lm_head.weight"] = head
+    for name, shape in expected.items():
+        if name not in found:
+            raise CheckpointError(f"{weights} has no tensor '{name}', which {CONFIG} implies with shape "
+                                  f"{fmt_shape(shape)}: {fix}")
+        if found[name] != shape:
+            raise CheckpointError(f"tensor '{name}' is {fmt_shape(found[name])} in {weights} but {CONFIG} implies "
+                                  f"{fmt_shape(shape)}: {fix}")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise CheckpointError(f"{weights} holds {len(extra)} tensors that {CONFIG} does not describe (e.g. "
+                              f"{quote(extra[0])}): {fix}")
 
 
 def load_model(path: str | Path, which: str = "best", device: str | torch.device = "cpu"):
-    """(model in eval mode, the run's config, the checkpoint folder) from a run, checkpoints or step folder."""
+    """(model in eval mode, the run's config, the checkpoint folder) from a run, checkpoints or step folder.
+    The config is checked against the weights' header before the model is built."""
     from antimatter.model.gpt import GPT
 
     ckpt = resolve_checkpoint(path, which)
     verify_checkpoint(ckpt)
     cfg = load_config_from_checkpoint(ckpt)
+    check_weight_shapes(ckpt, cfg.model)
     sd = load_weights(ckpt, cfg.model.tie_embeddings, verify=False)
     model = GPT(cfg.model)
     missing, unexpected = model.load_state_dict(sd, strict=False)
