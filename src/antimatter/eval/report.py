@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from antimatter.config import RunConfig, config_to_dict
-from antimatter.errors import UserError
+from antimatter.errors import UserError, shorten
 from antimatter.eval.continuation import evaluate_continuations
 from antimatter.eval.perplexity import (
     autocast_for,
@@ -73,8 +73,10 @@ def check_settings(ev) -> None:
 
 
 def load_for_eval(run_dir: Path, which: str, device: torch.device):
-    """(model, the checkpoint's config, checkpoint folder, tokenizer), checking that they belong together."""
+    """(model, the checkpoint's config, checkpoint folder, tokenizer), checking that they belong together:
+    the tokenizer must be the one that made the run's tokens and the one the checkpoint was trained with."""
     from antimatter.tokenizer import load_tokenizer
+    from antimatter.tokens import check_tokenizer
     from antimatter.train.checkpoint import load_model
 
     if not run_dir.is_dir():
@@ -99,14 +101,38 @@ def load_for_eval(run_dir: Path, which: str, device: torch.device):
     if tok.vocab_size > run_cfg.model.vocab_size:
         raise UserError(f"the tokenizer of {run_dir} has {tok.vocab_size} tokens but checkpoint {ckpt} was built "
                         f"for {run_cfg.model.vocab_size}: evaluate it with the run (and tokenizer) it came from")
+    if tok.path:  # byte counts and samples come from this tokenizer: it must be the one that made the tokens
+        check_tokenizer(run_dir / "tokens", tok.path)
+    trained_with = checkpoint_tokenizer(ckpt)
+    if trained_with and tok.path and trained_with != (actual := sha256_file(tok.path)):
+        raise UserError(f"checkpoint {ckpt} was trained with another tokenizer (sha256 {trained_with[:12]}) "
+                        f"than {tok.path} (sha256 {actual[:12]}): evaluate it with the run (and tokenizer) "
+                        f"it came from")
     return model, run_cfg, ckpt, tok
+
+
+def checkpoint_tokenizer(ckpt: Path) -> str | None:
+    """The sha256 of the tokenizer a checkpoint was trained with, or None where it records none (older
+    checkpoints, imports). From the manifest where it is there, else from state.pt (training writes it
+    there), memory-mapped so that the optimizer state in it is not read."""
+    try:
+        recorded = json.loads((ckpt / "manifest.json").read_text("utf-8")).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded or not (ckpt / "state.pt").is_file():
+        return recorded or None
+    try:
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # load_model verified its sha256; a file torch cannot map records nothing usable here
+        return None
+    return state.get("tokenizer_sha256") if isinstance(state, dict) else None
 
 
 def unigram_counts(train_dir: Path, vocab_size: int, chunk: int = 1 << 24) -> tuple[np.ndarray, int]:
     """Token frequencies of the whole train split (streamed from the memory-mapped shards)."""
     from antimatter.tokens import TokenShards
 
-    shards = TokenShards(train_dir)
+    shards = TokenShards(train_dir, vocab_size)
     counts = np.zeros(vocab_size, dtype=np.int64)
     with tqdm(total=shards.num_tokens, desc="unigram counts", unit="tok", unit_scale=True, leave=False) as bar:
         for arr in shards.arrays:
@@ -167,7 +193,7 @@ def run_eval(cfg: RunConfig, run_dir: Path, checkpoint: str | None = None,
 
     # ------------------------------------------------------------------ val perplexity and bits per byte
     val_dir = run_dir / "tokens" / "val"
-    shards = TokenShards(val_dir)
+    shards = TokenShards(val_dir, model.cfg.vocab_size)
     n = shards.num_tokens if ev.max_eval_tokens <= 0 else min(shards.num_tokens, ev.max_eval_tokens + 1)
     if n < 2:
         raise UserError(f"{val_dir} holds {shards.num_tokens} tokens, too few to evaluate: add data or raise "
@@ -342,6 +368,49 @@ def _dig(d: dict, keys: tuple[str, ...]):
     return d
 
 
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _malformed(result: Any) -> str | None:
+    """The first entry of a loaded result that the table cannot show (None: all fine). A file edited by hand
+    or written by another tool is named in one line, not a traceback or a silently empty cell."""
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    def shown(keys: tuple, v: Any) -> str:
+        return f"{'.'.join(map(str, keys))} is {shorten(repr(v))}"
+
+    if not isinstance(result, dict):
+        return f"a JSON {_JSON_TYPES.get(type(result), 'null')}, not an object"
+    for _, keys, fmt in COMPARE_ROWS:
+        node: Any = result
+        for i, k in enumerate(keys):
+            if node is None:  # a section or metric this evaluation did not measure: shown as "-"
+                break
+            if not isinstance(node, dict):
+                return shown(keys[:i], node)
+            node = node.get(k)
+        if node is not None and fmt != "{}" and not number(node):
+            return shown(keys, node)
+    by_source = _dig(result, ("val", "by_source"))
+    if not isinstance(by_source, dict | None):
+        return shown(("val", "by_source"), by_source)
+    for src, entry in (by_source or {}).items():
+        if not isinstance(entry, dict) or not (entry.get("bits_per_byte") is None or number(entry["bits_per_byte"])):
+            return shown(("val", "by_source", src), entry)
+    files = result.get("files", [])
+    if not isinstance(files, list):
+        return shown(("files",), files)
+    for i, f in enumerate(files):
+        if not isinstance(f, dict):
+            return shown((f"files[{i}]",), f)
+        if not isinstance(f.get("path"), str):
+            return shown((f"files[{i}]", "path"), f.get("path"))
+        if not number(f.get("bits_per_byte")):
+            return shown((f"files[{i}]", "bits_per_byte"), f.get("bits_per_byte"))
+    return None
+
+
 def compare_runs(run_dirs: list[Path]) -> str:
     """A plain-text table with one column per run's final_evaluation.json (files scored with --data get a
     bits-per-byte row each). Bits per byte compares fairly across tokenizers; perplexity does not."""
@@ -353,9 +422,13 @@ def compare_runs(run_dirs: list[Path]) -> str:
         if not path.is_file():
             raise UserError(f"no final_evaluation.json for {r}: run `antimatter eval --run {r}` first")
         try:
-            evals.append((r.name if r.is_dir() else r.parent.parent.parent.name, json.loads(path.read_text("utf-8"))))
-        except json.JSONDecodeError:
+            result = json.loads(path.read_text("utf-8"))
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's limit
             raise UserError(f"{path} is not valid JSON: re-run `antimatter eval --run {r}`") from None
+        problem = _malformed(result)
+        if problem:
+            raise UserError(f"{path} is not an evaluation result ({problem}): re-run `antimatter eval --run {r}`")
+        evals.append((r.name if r.is_dir() else r.parent.parent.parent.name, result))
     rows = [["metric", *[name for name, _ in evals]]]
     for label, keys, fmt in COMPARE_ROWS:
         vals = [_dig(e, keys) for _, e in evals]

@@ -227,6 +227,7 @@ class Trainer:
                             "train.compile=true as well, or leave compile_tuning off")
         self.tokens_dir = run_dir / "tokens"
         self._check_vocab()
+        self._check_tokenizer()
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
             torch.backends.cudnn.allow_tf32 = True
@@ -252,6 +253,19 @@ class Trainer:
                             f"model.vocab_size is {self.cfg.model.vocab_size:,}: set model.vocab_size={vocab} "
                             f"(or more)")
         self.data_vocab = vocab
+
+    def _check_tokenizer(self) -> None:
+        """The run's tokenizer must be the one that made the tokens: the checkpoints are evaluated, exported
+        and sampled with it. Its sha256 goes into every checkpoint (None where neither records one)."""
+        from antimatter.provenance import sha256_file
+        from antimatter.tokens import check_tokenizer, recorded_tokenizer
+
+        tok_file = self.run_dir / "tokenizer" / "tokenizer.json"
+        actual = sha256_file(tok_file) if tok_file.is_file() else None
+        if actual:
+            check_tokenizer(self.tokens_dir, tok_file, actual)
+        # rank 0's: every rank then takes the same decision on resume
+        self.tokenizer_sha256 = broadcast_object(actual or recorded_tokenizer(self.tokens_dir), self.d)
 
     def log(self, msg: str) -> None:
         """Rank 0: to stderr (above the progress bar) and to logs/train.log."""
@@ -325,7 +339,7 @@ class Trainer:
         from antimatter.tokens import TokenWindows
 
         self.loader = TokenWindows(self.tokens_dir / "train", self.seq_len, seed=t.seed, rank=d.rank,
-                                   world_size=d.world_size)
+                                   world_size=d.world_size, vocab_size=cfg.model.vocab_size)
         # defaults for a fresh run
         self.step, self.tokens_seen, self.best_val, self.last_val = 0, 0, math.inf, None
         self.nonfinite_total = 0
@@ -345,6 +359,12 @@ class Trainer:
 
         d = self.d
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.enabled)
+        saved_tok = state.get("tokenizer_sha256")
+        if saved_tok and self.tokenizer_sha256 and saved_tok != self.tokenizer_sha256:
+            raise UserError(f"the training tokens changed since this state was saved: {self.resume_from} was "
+                            f"trained on tokens of another tokenizer (sha256 {saved_tok[:12]}) than those in "
+                            f"{self.tokens_dir} (made by {self.tokenizer_sha256[:12]}): resume with the "
+                            f"tokens and tokenizer it was trained on, or start a new run (train.resume=none)")
         saved_opt = state.get("optimizer_name", "adamw")
         if saved_opt != self.t.optimizer:
             raise UserError(f"{self.resume_from} was trained with train.optimizer={saved_opt}, not "
@@ -646,7 +666,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- evaluation
     def _eval_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        from antimatter.tokens import eval_windows
+        from antimatter.tokens import ShardError, eval_windows
 
         val_dir = self.tokens_dir / "val"
         if not sorted(val_dir.glob("*.bin")) or self.t.eval_steps == 0:
@@ -654,7 +674,10 @@ class Trainer:
             return []
         cap = max(0, self.t.eval_steps) * self.t.micro_batch_size * self.seq_len
         try:
-            return list(eval_windows(val_dir, self.seq_len, self.t.micro_batch_size, max_tokens=cap))
+            return list(eval_windows(val_dir, self.seq_len, self.t.micro_batch_size, max_tokens=cap,
+                                     vocab_size=self.cfg.model.vocab_size))
+        except ShardError:
+            raise  # a damaged shard is refused, not skipped: the user would not see val loss go missing
         except UserError as e:
             self.log(f"validation skipped: {e}")
             return []
@@ -725,7 +748,7 @@ class Trainer:
                      "micro_batch_size": self.t.micro_batch_size, "global_batch_tokens": self.global_tokens,
                      "val_loss": self.last_val, "best_val_loss": self.best_val,
                      "nonfinite_total": self.nonfinite_total, "train_seconds": self.train_seconds,
-                     "optimizer_name": self.t.optimizer,
+                     "optimizer_name": self.t.optimizer, "tokenizer_sha256": self.tokenizer_sha256,
                      "budget": self.budget}
             t0 = time.perf_counter()
             path = ckpt_io.save_checkpoint(self.ckpt_root, self.step, model_sd, state, self.cfg, best=best,
