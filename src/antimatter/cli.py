@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zlib
 from pathlib import Path
+
+from zstandard import ZstdError
 
 from antimatter.errors import UserError, shorten
 
@@ -174,10 +177,12 @@ def dispatch(args: argparse.Namespace) -> int:
         run_eval(cfg, run_dir, checkpoint=args.checkpoint, data_files=args.data)
         return 0
     if cmd == "generate":
+        from antimatter.config import SampleConfig, check_value
         from antimatter.repl import run_generate
 
         for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
-            if getattr(args, key) is not None:
+            if getattr(args, key) is not None:  # the option is checked as its config key is, named as typed
+                check_value(SampleConfig, key, getattr(args, key), "--" + key.replace("_", "-"))
                 setattr(cfg.generate, key, getattr(args, key))
         return run_generate(cfg, run_dir, prompt=args.prompt, checkpoint=args.checkpoint or "best",
                             device=args.device, compile=args.compile, int8=args.int8)
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"antimatter {args.command}: error: the Python package '{top}' is missing from this environment: "
               f"pip install {PIP_NAMES.get(top, top)} (or reinstall antimatter, which depends on it)", file=sys.stderr)
         return 1
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # the file system or a file's bytes: one line
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error, ZstdError) as e:  # the file system or a file's bytes
         if os.environ.get("ANTIMATTER_DEBUG") == "1":
             raise
         print(f"antimatter {args.command}: error: {_describe_io_error(e)} "

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,15 +32,29 @@ def _short(value: Any) -> str:
     return shorten(repr(value))
 
 
+MAX_YAML_DEPTH = 32  # a config nests four levels (data: sources: - path:); deeper is a mistake or an attack
+
+
+class YAMLTooDeep(ConfigError):
+    """YAML nested deeper than MAX_YAML_DEPTH: refused while composing, before Python's recursion limit."""
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """YAML without aliases: a config has no use for them, and a few hundred bytes of nested aliases expand
-    to gigabytes (a "billion laughs")."""
+    to gigabytes (a "billion laughs"). Nesting is bounded too: the composer recurses once per level."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.events.AliasEvent):
             raise ConfigError(f"YAML aliases (*{self.peek_event().anchor}) are not allowed in a config: write the "
                               f"value out in full")
-        return super().compose_node(parent, index)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise YAMLTooDeep(f"YAML nested deeper than {MAX_YAML_DEPTH} levels: a config needs a few, "
+                                  f"flatten it")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def yaml_load(text: str) -> Any:
@@ -174,8 +190,8 @@ class FilterConfig:
     enabled: bool = True
     disable: list[str] = field(default_factory=list)
     min_words: int = 5
-    max_words: int = 10_000_000
-    max_doc_bytes: int = 20_000_000
+    max_words: int = 10_000_000  # 0 = no limit (as for every size cap here)
+    max_doc_bytes: int = 20_000_000  # 0 = no limit
     # ratios over a handful of words or lines are noise: shorter documents (quotes, entries, sonnets) are
     # judged by the length, word-length, alphabetic and lorem-ipsum rules only
     short_doc_words: int = 50
@@ -204,7 +220,7 @@ class FilterConfig:
     max_short_lines: float = 0.67
     max_newline_word_ratio: float = 0.3
     # code (StarCoder / Codex style)
-    code_max_line_len: int = 1000
+    code_max_line_len: int = 1000  # 0 = no limit
     code_max_mean_line_len: float = 100.0
     code_min_alnum_frac: float = 0.25
     code_max_dup_line_frac: float = 0.7
@@ -375,6 +391,146 @@ class RunConfig:
         return self.tokenizer.vocab_size or self.model.vocab_size
 
 
+# ------------------------------------------------------------------------------------------- ranges
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The valid values of a numeric setting (bounds inclusive unless open); `note` says what a special value
+    means, e.g. "0 = off"."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    note: str = ""
+
+    def contains(self, v: float) -> bool:
+        above = self.low is None or v > self.low or (v == self.low and not self.open_low)
+        below = self.high is None or v < self.high or (v == self.high and not self.open_high)
+        return above and below
+
+    def describe(self, integer: bool) -> str:
+        if self.high is not None:
+            text = (f"in {'(' if self.open_low else '['}{_num(self.low or 0)}, {_num(self.high)}"
+                    f"{')' if self.open_high else ']'}")
+        elif (self.low == 0 and self.open_low) or (integer and self.low == 1):
+            text = "positive"
+        else:
+            text = f"{'>' if self.open_low else '>='} {_num(self.low or 0)}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+NONNEG, POSITIVE, FRACTION = Bound(0), Bound(0, open_low=True), Bound(0, 1)
+COUNT = Bound(1)  # a positive integer
+SEED = Bound(0, 2**63 - 1)  # what torch, numpy and xxhash all take (eval derives seed + i)
+BELOW_ONE = Bound(0, 1, open_high=True)
+OFF, NO_LIMIT = Bound(0, note="0 = off"), Bound(0, note="0 = no limit")
+
+# The valid range of every int and float setting, by section. `validate` checks each one (type, finiteness,
+# range) before any work, and tests/test_bad_values.py checks that no numeric setting is missing here.
+BOUNDS: dict[type, dict[str, Bound]] = {
+    ModelConfig: dict(
+        n_layer=COUNT, n_head=COUNT, n_kv_head=Bound(1, note="null = n_head"), d_model=COUNT,
+        d_ff=Bound(1, note="null = the default"), vocab_size=COUNT, block_size=COUNT, dropout=BELOW_ONE,
+        norm_eps=POSITIVE, rope_theta=POSITIVE, init_std=NONNEG, logit_softcap=OFF,
+        pad_vocab_multiple=Bound(0, 2**16, note="0 or 1 = no padding")),
+    SourceConfig: dict(max_bytes=Bound(0, note="0 = no cap")),
+    DedupConfig: dict(num_perm=Bound(2), threshold=Bound(0, 1, open_low=True), shingle=COUNT),
+    FilterConfig: dict(
+        min_words=NONNEG, max_words=NO_LIMIT, max_doc_bytes=NO_LIMIT, short_doc_words=NONNEG,
+        dup_min_chars=NONNEG, repetition_window_words=Bound(0, note="0 = the whole document"),
+        min_mean_word_len=NONNEG, max_mean_word_len=NONNEG, max_symbol_word_ratio=NONNEG,
+        max_bullet_lines=FRACTION, max_ellipsis_lines=FRACTION, min_alpha_words=FRACTION,
+        min_stop_words=NONNEG, max_dup_line_frac=FRACTION, max_dup_para_frac=FRACTION,
+        max_dup_line_chars=FRACTION, max_dup_para_chars=FRACTION, max_top_ngram_chars=FRACTION,
+        max_dup_ngram_chars=FRACTION, min_terminal_punct_lines=FRACTION, max_short_lines=FRACTION,
+        max_newline_word_ratio=NONNEG, code_max_line_len=NO_LIMIT, code_max_mean_line_len=NONNEG,
+        code_min_alnum_frac=FRACTION, code_max_dup_line_frac=FRACTION, ref_min_alpha_words=FRACTION,
+        ref_max_mean_word_len=NONNEG, ref_max_dup_line_frac=FRACTION),
+    DataConfig: dict(
+        default_corpus_bytes=COUNT, val_fraction=Bound(0, 1, open_low=True, open_high=True), seed=SEED,
+        workers=Bound(0, note="0 = all cores"), shard_docs=COUNT),
+    TokenizerConfig: dict(vocab_size=Bound(0, note="0 = model.vocab_size"), min_frequency=NONNEG,
+                          train_bytes=Bound(0, note="0 = all")),
+    TokenizeConfig: dict(shard_tokens=COUNT, workers=Bound(0, note="0 = all cores"), batch_docs=COUNT,
+                         batch_bytes=COUNT),
+    TrainConfig: dict(
+        seq_len=Bound(0, note="0 = model.block_size"), micro_batch_size=COUNT,
+        global_batch_tokens=Bound(0, note="0 = no accumulation"), max_steps=NONNEG, max_minutes=OFF,
+        budget_evals=NONNEG, lr=POSITIVE, embed_lr=Bound(0, note="0 = lr"), muon_lr=NONNEG,
+        muon_momentum=BELOW_ONE, muon_weight_decay=NONNEG, min_lr_ratio=FRACTION, warmup_steps=NONNEG,
+        decay_fraction=FRACTION, weight_decay=NONNEG, beta1=BELOW_ONE, beta2=BELOW_ONE, grad_clip=OFF,
+        eval_interval=OFF, eval_steps=NONNEG, log_interval=NONNEG,
+        ckpt_interval=Bound(0, note="0 = at the end only"), keep_last=Bound(0, note="0 = keep all"), seed=SEED,
+        max_nonfinite=NONNEG, max_time_s=NO_LIMIT, stop_step=OFF, loss_chunk_tokens=OFF),
+    SampleConfig: dict(
+        max_new_tokens=NONNEG, temperature=Bound(0, note="0 = greedy"), top_k=OFF, top_p=FRACTION,
+        repetition_penalty=Bound(0, open_low=True, note="1 = off"), seed=SEED),
+    EvalConfig: dict(
+        max_eval_tokens=Bound(0, note="0 = all"), stride=Bound(0, note="0 = default"), batch_size=COUNT,
+        continuation_docs=Bound(0, note="0 = default"), prefix_tokens=COUNT, continuation_tokens=COUNT,
+        seed=SEED, continuation_temperature=Bound(0, note="0 = greedy"), speed_batch=COUNT,
+        speed_prompt_tokens=Bound(0, note="0 = default"), speed_new_tokens=COUNT),
+}
+
+
+_hints = functools.cache(typing.get_type_hints)
+
+
+def check_value(cls: type, name: str, value: Any, key: str) -> None:
+    """Refuse a value of setting `cls.name` that is of the wrong type, not finite or out of its range (a
+    ConfigError naming `key`: the dotted key, or the option or command it came from)."""
+    bound = BOUNDS[cls][name]
+    tp = _hints(cls)[name]
+    if value is None and type(None) in typing.get_args(tp):
+        return
+    integer = int in (tp, *typing.get_args(tp))
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        raise ConfigError(f"{key} must be {'an integer' if integer else 'a number'}, got {_short(value)}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {_short(value)}")
+    if not bound.contains(value):
+        raise ConfigError(f"{key} must be {bound.describe(integer)}, got {_short(value)}")
+
+
+def check_ranges(section: Any, prefix: str = "") -> None:
+    """`check_value` for every numeric setting of a section and the sections (and lists of them) inside it."""
+    bounds = BOUNDS.get(type(section), {})
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+        elif isinstance(value, list) and any(dataclasses.is_dataclass(v) for v in value):
+            for i, v in enumerate(value):
+                check_ranges(v, f"{key}[{i}].")
+        elif f.name in bounds and isinstance(value, list):
+            for i, v in enumerate(value):
+                check_value(type(section), f.name, v, f"{key}[{i}]")
+        elif f.name in bounds:
+            check_value(type(section), f.name, value, key)
+
+
+DEVICE_HINT = "use auto, cpu, cuda, cuda:N or mps"
+
+
+def check_device(value: str, key: str) -> None:
+    """Refuse a device string torch cannot parse (torch's own error is a traceback); the usual ones are
+    recognised without importing torch."""
+    if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        return
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{key} {_short(value)} is not a device: {DEVICE_HINT}") from None
+
+
 # ------------------------------------------------------------------------------------ build and check
 
 
@@ -523,6 +679,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file not found: {p} (check the path given to --config)")
         try:
             loaded = yaml_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                              f"{e.start}): save it as UTF-8") from None
+        except YAMLTooDeep as e:
+            raise ConfigError(f"config file {p}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -552,6 +713,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override '{item}' has an empty key")
     try:
         value = yaml_load(raw) if raw.strip() else ""
+    except YAMLTooDeep as e:
+        raise ConfigError(f"override {'.'.join(parts)}: {e}") from None
     except yaml.YAMLError:
         value = raw
     node = data
@@ -587,9 +750,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.train.seq_len < 0:
         raise ConfigError(f"train.seq_len must be >= 0 (0 = model.block_size), got {cfg.train.seq_len}")
     if m.d_model % m.n_head:
+        near = _divisor_near(m.d_model, m.n_head)
         raise ConfigError(
             f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head}): "
-            f"change one of them (e.g. n_head={_divisor_near(m.d_model, m.n_head)})")
+            f"change one of them" + (f" (e.g. n_head={near})" if near else ""))
     if m.n_head % m.kv_heads:
         raise ConfigError(f"model.n_head ({m.n_head}) must be divisible by model.n_kv_head ({m.kv_heads})")
     for name, allowed in (("norm", NORMS), ("position", POSITIONS), ("activation", ACTIVATIONS)):
@@ -636,11 +800,18 @@ def validate(cfg: RunConfig) -> None:
                           f"{cfg.tokenize.shard_tokens}, {cfg.tokenize.batch_docs}, {cfg.tokenize.batch_bytes}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be between 0 and 1, got {cfg.data.val_fraction}")
+    check_ranges(cfg)
+    check_device(t.device, "train.device")
+    check_device(cfg.eval.device, "eval.device")
 
 
-def _divisor_near(n: int, k: int) -> int:
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return min(divisors, key=lambda d: abs(d - k))
+def _divisor_near(n: int, k: int) -> int | None:
+    """The divisor of n closest to k (the smaller on a tie), in sqrt(n) steps; None where n is too large for
+    that to be quick (a suggestion is not worth a hang)."""
+    if n > 10**12:
+        return None
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return min([*small, *(n // d for d in small)], key=lambda d: (abs(d - k), d))
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

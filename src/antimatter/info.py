@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.console import Console
 from rich.table import Table
 
@@ -14,6 +16,10 @@ ASSUMED_MFU = 0.5  # for time estimates only; docs/RESULTS.md has the MFU measur
 
 def print_info(cfg: RunConfig, gpu: str | None = None, micro_batch: int | None = None,
                tokens: float | None = None) -> dict:
+    if micro_batch is not None and micro_batch <= 0:  # a negative batch prints negative memory
+        raise UserError(f"--micro-batch must be positive, got {micro_batch}: it is the sequences per step")
+    if tokens is not None and not 0 < tokens < math.inf:
+        raise UserError(f"--tokens must be a positive number, got {tokens:g}: the tokens to train on (e.g. 1e9)")
     spec = None
     if gpu:
         spec = gpu_spec(gpu)

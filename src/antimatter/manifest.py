@@ -58,13 +58,16 @@ def hash_paths(paths: list[str | Path], root: str | Path | None = None) -> dict[
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
+    """The manifest, or None where there is none a stage could have written (unreadable, not JSON, nested
+    past the parser's recursion limit, or not a JSON object): such a folder is neither current nor owned."""
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or bytes that are not UTF-8
         return None
+    return m if isinstance(m, dict) else None
 
 
 def is_current(out_dir: str | Path, stage: str, inputs: dict[str, str], config: dict[str, Any]) -> bool:
@@ -72,8 +75,11 @@ def is_current(out_dir: str | Path, stage: str, inputs: dict[str, str], config: 
     m = read_manifest(out_dir)
     if not m or m.get("stage") != stage or m.get("inputs") != inputs or m.get("config") != config:
         return False
-    return all((Path(out_dir) / rel).is_file() and os.path.getsize(Path(out_dir) / rel) == size
-               for rel, size in m.get("outputs", {}).items())
+    outputs = m.get("outputs", {})
+    if not isinstance(outputs, dict):  # an edited manifest: what it lists cannot be checked, so redo the stage
+        return False
+    return all(isinstance(rel, str) and isinstance(size, int) and (Path(out_dir) / rel).is_file()
+               and os.path.getsize(Path(out_dir) / rel) == size for rel, size in outputs.items())
 
 
 def verify_outputs(out_dir: str | Path, stage: str) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from antimatter.config import RunConfig, SampleConfig
-from antimatter.errors import UserError
+from antimatter.config import ConfigError, RunConfig, SampleConfig, check_device, check_value
+from antimatter.errors import UserError, shorten
 from antimatter.train.distributed import pick_device
 
 HELP = """commands: /temp X  /top_k N  /top_p X  /max N  /rep X  /seed N  /settings  /help  /quit
@@ -80,9 +80,16 @@ def _apply_command(line: str, s: SampleConfig) -> bool:
     if name in fields and len(args) == 1:
         attr, typ = fields[name]
         try:
-            setattr(s, attr, typ(args[0]))
+            value = typ(args[0])
         except ValueError:
-            print(f"/{name} needs a {typ.__name__}, got '{args[0]}'")
+            print(f"/{name} needs a {typ.__name__}, got '{shorten(args[0])}'")
+            return True
+        try:  # a bad value keeps the old one and the session: the mistake is one line
+            check_value(SampleConfig, attr, value, f"/{name}")
+        except ConfigError as e:
+            print(e)
+            return True
+        setattr(s, attr, value)
     elif name == "settings":
         print(s)
     else:
@@ -99,6 +106,8 @@ def run_generate(cfg: RunConfig, run_dir: Path, prompt: str | None = None, check
         from antimatter.model.quantize import int8_weight_only, require_torchao
 
         require_torchao()  # before the checkpoint loads
+    if device is not None:
+        check_device(device, "--device")
     dev = pick_device(device or cfg.train.device, setting="--device" if device else "train.device")
     model, tokenizer, ckpt = load_for_generation(Path(run_dir), checkpoint, dev)
     if int8:

@@ -230,9 +230,10 @@ def _rules(cfg: FilterConfig) -> dict[str, Callable[[Doc], bool]]:
         return sum(map(bool, map(_HAS_ALPHA, d.words))) / max(1, len(d.words))
 
     return {
-        "max_doc_bytes": lambda d: len(d.text.encode("utf-8", "replace")) > cfg.max_doc_bytes,
+        # size caps: 0 = no limit (as data.sources[].max_bytes), never "remove every document"
+        "max_doc_bytes": lambda d: 0 < cfg.max_doc_bytes < len(d.text.encode("utf-8", "replace")),
         "min_words": lambda d: len(d.words) < cfg.min_words,
-        "max_words": lambda d: len(d.words) > cfg.max_words,
+        "max_words": lambda d: 0 < cfg.max_words < len(d.words),
         "gopher_mean_word_len": lambda d: not cfg.min_mean_word_len <= mean_word_len(d) <= cfg.max_mean_word_len,
         "gopher_symbol_ratio": lambda d: (d.text.count("#") + d.text.count("...") + d.text.count("…"))
         / max(1, len(d.words)) > cfg.max_symbol_word_ratio,
@@ -252,7 +253,7 @@ def _rules(cfg: FilterConfig) -> dict[str, Callable[[Doc], bool]]:
         "fineweb_terminal_punct": lambda d: terminal_punct_frac(d) < cfg.min_terminal_punct_lines,
         "fineweb_short_lines": lambda d: frac(d.lines, lambda ln: len(ln.strip()) < 30) > cfg.max_short_lines,
         "fineweb_newline_ratio": lambda d: d.text.count("\n") / max(1, len(d.words)) > cfg.max_newline_word_ratio,
-        "code_max_line_len": lambda d: max((len(ln) for ln in d.lines), default=0) > cfg.code_max_line_len,
+        "code_max_line_len": lambda d: 0 < cfg.code_max_line_len < max((len(ln) for ln in d.lines), default=0),
         "code_mean_line_len": lambda d: sum(map(len, d.lines)) / max(1, len(d.lines)) > cfg.code_max_mean_line_len,
         "code_alnum_frac": lambda d: sum(1 for c in d.text if c.isalnum()) / max(1, len(d.text))
         < cfg.code_min_alnum_frac,

@@ -16,6 +16,7 @@ the step runs instead as AntiMatter's own Triton kernels, five a layer, replayed
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -48,6 +49,22 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
     probs = logits.softmax(dim=-1)
     race = torch.empty_like(probs).exponential_(1.0)
     return (probs / race).argmax(dim=-1)
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+                   seed: int | None) -> None:
+    """Refuse sampling settings that would give nonsense without a word: nan logits pick token 0 (often the
+    end of text: no tokens at all), a zero penalty divides by zero, a negative top-k fails inside topk."""
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if not 0.0 < repetition_penalty < math.inf:
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
 
 
 KV_BLOCK = 128  # decode attention reads the cache in whole blocks of this many slots
@@ -155,6 +172,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     False: never)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     ctx = model.cfg.block_size
