@@ -151,3 +151,19 @@ def test_a_full_disk_during_prepare_is_one_line_and_the_input_is_untouched(tmp_p
     one_error_line(r, "prepare")
     assert {p: p.read_bytes() for p in sorted(corpus.rglob("*")) if p.is_file()} == before
     assert not (tmp_path / "out" / "manifest.json").exists()  # a half-written stage never looks finished
+
+
+def test_flipped_bytes_in_prepared_data_are_one_line(prepared_run, tmp_path):
+    """Same size, other bytes (a bad disk block): the manifest's sizes agree, the zstd decoder does not, and
+    that is one line naming the fault, not the decoder's traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    shard = sorted((run / "data" / "train").glob("*.jsonl.zst"))[0]
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2: len(blob) // 2 + 64] = bytes(64)
+    shard.write_bytes(bytes(blob))
+    r = subprocess.run([sys.executable, "-m", "antimatter.cli", "tokenizer", "--name", "run", "--runs-dir",
+                        str(tmp_path), "tokenizer.vocab_size=300"], cwd=tmp_path, env=cli_env(),
+                       capture_output=True, text=True, timeout=120)
+    line = one_error_line(r, "tokenizer")
+    assert "Zstd" in line or "corrupt" in line, line
