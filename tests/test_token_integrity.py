@@ -151,6 +151,8 @@ def test_checkpoint_records_its_tokenizer_and_a_matching_run_still_works(base: d
     run = clone(base, tmp_path / "run")
     state = torch.load(run / "checkpoints" / "step_000004" / "state.pt", weights_only=True)
     assert state["tokenizer_sha256"] == sha256_file(run / "tokenizer" / "tokenizer.json")
+    manifest = json.loads((run / "checkpoints" / "step_000004" / "manifest.json").read_text())
+    assert manifest["tokenizer_sha256"] == state["tokenizer_sha256"]  # readable without loading the state
     res = run_eval(eval_cfg(run), run)
     assert res["val"]["tokens"] > 0 and np.isfinite(res["val"]["bits_per_byte"])
     assert train(tiny_config(run, max_steps=6, ckpt_interval=4, eval_interval=4, micro_batch_size=2),

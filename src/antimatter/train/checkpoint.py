@@ -148,7 +148,8 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
         _fsync_file(tmp / fname)
         files[fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": sha256_file(tmp / fname)}
     manifest = {"step": step, "created": now_iso(), "files": files,
-                "tokens_seen": train_state.get("tokens_seen"), "val_loss": train_state.get("val_loss")}
+                "tokens_seen": train_state.get("tokens_seen"), "val_loss": train_state.get("val_loss"),
+                "tokenizer_sha256": train_state.get("tokenizer_sha256")}
     with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
         f.flush()
