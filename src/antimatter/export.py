@@ -36,6 +36,7 @@ from antimatter.model.gpt import GPT
 from antimatter.model.shapes import (
     MAX_SIZE,
     check_model_config,
+    first_difference,
     first_missing_layer,
     fmt_shape,
     meta_model,
@@ -702,17 +703,18 @@ def check_hf_shapes(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, arch: 
     expected = {k: tuple(v.shape) for k, v in to_hf_state_dict(meta_model(cfg, "config.json", fix)).items()}
     if cfg.tie_embeddings and "lm_head.weight" in found:  # a tied head saved anyway: a copy of the embedding
         expected["lm_head.weight"] = expected[emb]
-    for name, shape in expected.items():
-        if name not in found:
-            raise UserError(f"weights are missing '{name}' (expected by a {arch} config): the folder's weights "
-                            "do not match its config.json")
-        if found[name] != shape:
-            raise UserError(f"tensor '{name}' is {fmt_shape(found[name])} in the weights but config.json implies "
-                            f"{fmt_shape(shape)}: {fix}")
-    unused = sorted(set(found) - set(expected))
-    if unused:
-        raise UserError(f"{len(unused)} tensors in the weights are not part of a {arch} model of this config "
-                        f"(e.g. {quote(unused[0])}): the folder's weights do not match its config.json")
+    diff = first_difference(expected, found)
+    if diff is None:
+        return
+    kind, name, count = diff
+    if kind == "missing":
+        raise UserError(f"weights are missing '{name}' (expected by a {arch} config): the folder's weights "
+                        "do not match its config.json")
+    if kind == "shape":
+        raise UserError(f"tensor '{name}' is {fmt_shape(found[name])} in the weights but config.json implies "
+                        f"{fmt_shape(expected[name])}: {fix}")
+    raise UserError(f"{count} tensors in the weights are not part of a {arch} model of this config "
+                    f"(e.g. {quote(name)}): the folder's weights do not match its config.json")
 
 
 def load_hf_model(hf_dir: str | Path, device: str | torch.device = "cpu") -> GPT:

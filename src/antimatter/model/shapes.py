@@ -135,3 +135,17 @@ def meta_model(cfg: ModelConfig, source: str, fix: str, error: type[UserError] =
     except (RuntimeError, ValueError, OverflowError) as e:  # e.g. a storage size beyond int64
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise error(f"{source} describes a model that cannot be built ({shorten(first, 120)}): {fix}") from None
+
+
+def first_difference(expected: dict[str, tuple[int, ...]],
+                     found: dict[str, tuple[int, ...]]) -> tuple[str, str, int] | None:
+    """The first way the weights differ from what the config implies, as (kind, tensor name, count):
+    'missing' (a tensor the config implies is absent), 'shape' (present with another shape) or 'extra'
+    (tensors the config does not describe; the first name and how many). None: they agree."""
+    for name, shape in expected.items():
+        if name not in found:
+            return "missing", name, 1
+        if found[name] != shape:
+            return "shape", name, 1
+    extra = sorted(set(found) - set(expected))
+    return ("extra", extra[0], len(extra)) if extra else None

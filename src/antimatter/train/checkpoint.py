@@ -33,6 +33,7 @@ from antimatter.config import ModelConfig, RunConfig, config_from_dict, config_t
 from antimatter.errors import UserError, shorten
 from antimatter.model.shapes import (
     check_model_config,
+    first_difference,
     first_missing_layer,
     fmt_shape,
     meta_model,
@@ -340,17 +341,18 @@ def check_weight_shapes(ckpt: Path, cfg: ModelConfig) -> None:
         head = expected.pop("lm_head.weight")
         if "lm_head.weight" in found:
             expected["lm_head.weight"] = head
-    for name, shape in expected.items():
-        if name not in found:
-            raise CheckpointError(f"{weights} has no tensor '{name}', which {CONFIG} implies with shape "
-                                  f"{fmt_shape(shape)}: {fix}")
-        if found[name] != shape:
-            raise CheckpointError(f"tensor '{name}' is {fmt_shape(found[name])} in {weights} but {CONFIG} implies "
-                                  f"{fmt_shape(shape)}: {fix}")
-    extra = sorted(set(found) - set(expected))
-    if extra:
-        raise CheckpointError(f"{weights} holds {len(extra)} tensors that {CONFIG} does not describe (e.g. "
-                              f"{quote(extra[0])}): {fix}")
+    diff = first_difference(expected, found)
+    if diff is None:
+        return
+    kind, name, count = diff
+    if kind == "missing":
+        raise CheckpointError(f"{weights} has no tensor '{name}', which {CONFIG} implies with shape "
+                              f"{fmt_shape(expected[name])}: {fix}")
+    if kind == "shape":
+        raise CheckpointError(f"tensor '{name}' is {fmt_shape(found[name])} in {weights} but {CONFIG} implies "
+                              f"{fmt_shape(expected[name])}: {fix}")
+    raise CheckpointError(f"{weights} holds {count} tensors that {CONFIG} does not describe (e.g. {quote(name)}): "
+                          f"{fix}")
 
 
 def load_model(path: str | Path, which: str = "best", device: str | torch.device = "cpu"):
