@@ -111,7 +111,7 @@ def test_keep_last_plus_best(tmp_path):
 
 
 def test_sigkill_while_writing_checkpoint_resumes_from_previous(tmp_path):
-    """Proof 3: the process is SIGKILLed halfway through writing step 8's checkpoint (after the weights,
+    """The process is SIGKILLed halfway through writing step 8's checkpoint (after the weights,
     before the state); latest still names step 4, which verifies, and --resume auto finishes the run."""
     run = make_tokens(tmp_path / "run")
     cfg = tiny_config(run, max_steps=8, ckpt_interval=4)

@@ -1,6 +1,6 @@
 """Several processes (gloo on the CPU) give the optimisation of one process with the same global batch.
 
-Proofs 1, 6 and 7 of issue 4. Tolerance: 1e-5 on the loss at every one of 20 steps and on the final weights
+Tolerance: 1e-5 on the loss at every one of 20 steps and on the final weights
 (measured: 0 on this machine: with a power-of-two world size the gradient averages are exact in fp32)."""
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _free_port() -> int:
 
 
 def test_two_torchrun_nodes_match_one(tmp_path, reference):
-    """Proof 6: `torchrun --nnodes 2 --node-rank 0|1` with a c10d rendezvous on localhost."""
+    """Two nodes: `torchrun --nnodes 2 --node-rank 0|1` with a c10d rendezvous on localhost."""
     run = make_tokens(tmp_path / "run")
     path = write_config(run, tiny_config(run, **SETTINGS))
     port = _free_port()
@@ -93,7 +93,7 @@ def test_two_torchrun_nodes_match_one(tmp_path, reference):
 
 
 def test_resume_on_fewer_processes_keeps_the_optimisation(tmp_path, ddp_run, reference):
-    """Proof 7: a 2-process checkpoint resumed on 1 process keeps the global batch and the windows of each
+    """A 2-process checkpoint resumed on 1 process keeps the global batch and the windows of each
     step (the loader's position is global); accumulation goes 1 -> 2 and the run continues the reference
     curve within the tolerance. The log says what changed."""
     ddp, _ = ddp_run
@@ -161,7 +161,7 @@ def test_sigterm_under_torchrun_all_ranks_stop_at_the_same_step(tmp_path):
 
 
 def test_fsdp2_resumes_a_single_process_checkpoint(tmp_path, reference):
-    """The other direction of proof 7, through FSDP2's restore path: rank 0 reads the full checkpoint and
+    """The other direction (one process to two), through FSDP2's restore path: rank 0 reads the full checkpoint and
     the weights and optimiser state are sharded/broadcast to both ranks; the curve continues."""
     run = make_tokens(tmp_path / "run")
     mid = reference / "checkpoints" / "step_000010"

@@ -118,7 +118,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
 
 
 def test_no_host_sync_per_step(tmp_path, monkeypatch):
-    """Issue 7's structure guard: reading a tensor on the host (.item(), .tolist(), bool(), float()) happens
+    """A structure guard: reading a tensor on the host (.item(), .tolist(), bool(), float()) happens
     a fixed number of times per log/eval/checkpoint, never once per optimizer step."""
     run = make_tokens(tmp_path / "run")
     counts = {"n": 0}
@@ -174,7 +174,7 @@ def _weights(path):
 
 
 def test_sigkill_and_resume_is_exact(tmp_path):
-    """Proof 2: N steps straight vs killed with SIGKILL after N/2 and resumed with --resume auto: the same
+    """N steps straight vs killed with SIGKILL after N/2 and resumed with --resume auto: the same
     loss at every step and bitwise identical final weights."""
     n = 12
     straight = make_tokens(tmp_path / "straight")
@@ -203,7 +203,7 @@ def test_sigkill_and_resume_is_exact(tmp_path):
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
-    """Proof 4: SIGTERM mid-run: the step finishes, a checkpoint at that step is written, exit code 0."""
+    """SIGTERM mid-run: the step finishes, a checkpoint at that step is written, exit code 0."""
     run = make_tokens(tmp_path / "run")
     cfg = tiny_config(run, max_steps=100_000, ckpt_interval=0, eval_interval=0, log_interval=1)
     proc = cli_train(write_config(run, cfg), popen=True)

@@ -350,7 +350,6 @@ class EvalConfig:
     prefix_tokens: int = 32
     continuation_tokens: int = 32
     speed: bool = True
-    # added for issue 5 (evaluation)
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on GPUs that have it, else fp32) | bf16 | fp16 | fp32
     text_field: str = "text"  # field holding the text in JSON Lines files given to --data
