@@ -778,7 +778,7 @@ def init_weights_from(model: GPT, path: str | Path) -> GPT:
     if (path / "config.json").is_file():
         src = load_hf_model(path)
     else:
-        from antimatter.train.checkpoint import load_model
+        from antimatter.checkpoint import load_model
 
         src = load_model(path)[0]
     a, b = model.cfg, src.cfg
@@ -817,7 +817,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", dtype: str = "fp32") -> Path:
     """`antimatter export`: a run's checkpoint (best, latest or a checkpoint folder) -> Hugging Face folder,
     with the run's tokenizer, data statistics and evaluation figures in the card."""
-    from antimatter.train.checkpoint import load_model
+    from antimatter.checkpoint import load_model
 
     run_dir = Path(run_dir)
     if dtype not in DTYPES:
@@ -848,7 +848,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best"
 def import_hf(hf_dir: str | Path, out_run_dir: str | Path) -> Path:
     """`antimatter import`: a local Hugging Face folder -> a run folder (checkpoint, tokenizer, config.yaml)
     that eval, generate, export and `train.init_from` / resume can use."""
-    from antimatter.train.checkpoint import save_checkpoint
+    from antimatter.checkpoint import save_checkpoint
 
     hf_dir, out = Path(hf_dir), Path(out_run_dir)
     model = load_hf_model(hf_dir)

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from antimatter.config import ConfigError, RunConfig, SampleConfig, check_device, check_value
+from antimatter.device import pick_device
 from antimatter.errors import UserError, shorten
-from antimatter.train.distributed import pick_device
 
 HELP = """commands: /temp X  /top_k N  /top_p X  /max N  /rep X  /seed N  /settings  /help  /quit
 (an empty line or Ctrl-D quits)"""
@@ -37,8 +37,8 @@ class StreamPrinter:
 
 
 def load_for_generation(run_dir: Path, checkpoint: str, device: torch.device):
+    from antimatter.checkpoint import load_model
     from antimatter.tokenizer import load_tokenizer
-    from antimatter.train.checkpoint import load_model
 
     model, run_cfg, ckpt = load_model(run_dir, which=checkpoint, device=str(device))
     if device.type == "cuda":

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from antimatter.config import RunConfig, config_to_dict
+from antimatter.device import pick_device
 from antimatter.errors import UserError, shorten
 from antimatter.eval.continuation import evaluate_continuations
 from antimatter.eval.perplexity import (
@@ -37,7 +38,6 @@ from antimatter.eval.speed import measure_speed
 from antimatter.files import atomic_write_text
 from antimatter.model.generate import generate
 from antimatter.provenance import provenance, sha256_file
-from antimatter.train.distributed import pick_device
 
 EVAL_FILE = Path("results/evaluations/final_evaluation.json")
 SAMPLES_FILE = Path("results/generated_samples/sample_generations.json")
@@ -75,9 +75,9 @@ def check_settings(ev) -> None:
 def load_for_eval(run_dir: Path, which: str, device: torch.device):
     """(model, the checkpoint's config, checkpoint folder, tokenizer), checking that they belong together:
     the tokenizer must be the one that made the run's tokens and the one the checkpoint was trained with."""
+    from antimatter.checkpoint import load_model
     from antimatter.tokenizer import load_tokenizer
     from antimatter.tokens import check_tokenizer
-    from antimatter.train.checkpoint import load_model
 
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist: pass --run RUN (a folder made by `antimatter train`)")

@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from antimatter import checkpoint as ckpt_io
 from antimatter.config import RunConfig, save_config
 from antimatter.errors import UserError
 from antimatter.files import exclusive_lock
 from antimatter.model.accel import attention_backend, enable_fp8_training
 from antimatter.model.gpt import GPT
-from antimatter.train import checkpoint as ckpt_io
 from antimatter.train.distributed import (
     Dist,
     StopFlag,
