@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from antimatter.config import ModelConfig, RunConfig, save_config
+from antimatter.device import DTYPES
 from antimatter.errors import UserError, shorten
 from antimatter.files import atomic_write_text
 from antimatter.model.gpt import GPT
@@ -44,8 +45,6 @@ from antimatter.model.shapes import (
     safetensors_shapes,
 )
 
-EOT = "<|endoftext|>"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "llama"}
 MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -414,6 +413,8 @@ def _eot_id(tokenizer_file: Path | None) -> int | None:
     if tokenizer_file is None:
         return None
     from tokenizers import Tokenizer
+
+    from antimatter.tokenizer import EOT
 
     return Tokenizer.from_file(str(tokenizer_file)).token_to_id(EOT)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from antimatter.config import ConfigError, RunConfig, SampleConfig, check_device, check_value
-from antimatter.device import pick_device
+from antimatter.device import DTYPES, pick_device, resolve_dtype
 from antimatter.errors import UserError, shorten
 
 HELP = """commands: /temp X  /top_k N  /top_p X  /max N  /rep X  /seed N  /settings  /help  /quit
@@ -41,8 +41,9 @@ def load_for_generation(run_dir: Path, checkpoint: str, device: torch.device):
     from antimatter.tokenizer import load_tokenizer
 
     model, run_cfg, ckpt = load_model(run_dir, which=checkpoint, device=str(device))
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    dtype = resolve_dtype("auto", device)
+    if dtype != "fp32":  # a GPU serves a half-precision copy; elsewhere the weights stay as loaded
+        model = model.to(DTYPES[dtype])
     tokenizer = load_tokenizer(run_dir)
     return model.eval(), tokenizer, ckpt
 
