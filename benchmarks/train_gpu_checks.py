@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from antimatter import checkpoint as ck
 from antimatter.config import config_from_dict, save_config
 from antimatter.provenance import provenance
 from antimatter.tokens import write_shard
-from antimatter.train import checkpoint as ck
 
 BASE = Path("/tmp/am_train_checks")
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from train_helpers import cli_env, cli_train, make_tokens, one_thread, tiny_config, write_config
 
+from antimatter import checkpoint as ck
 from antimatter.model.gpt import GPT
 from antimatter.provenance import sha256_file
-from antimatter.train import checkpoint as ck
 from antimatter.train.trainer import train
 
 assert one_thread  # the autouse fixture, imported so pytest uses it here

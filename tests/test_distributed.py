@@ -20,7 +20,7 @@ from train_helpers import (
     write_config,
 )
 
-from antimatter.train import checkpoint as ck
+from antimatter import checkpoint as ck
 from antimatter.train.trainer import train
 
 assert one_thread  # the autouse fixture, imported so pytest uses it here

@@ -60,9 +60,9 @@ def write_split(path: Path, texts: list[str], prefix: str) -> None:
 def build_tiny_run(root: Path, steps: int = 120, name: str = "tiny") -> Path:
     """A real run folder: stdlib docstrings -> real BPE tokenizer -> real token shards -> the tiny GPT trained
     a hundred steps on CPU -> a real checkpoint and logs/metrics.jsonl."""
+    from antimatter.checkpoint import save_checkpoint
     from antimatter.tokenizer import train_tokenizer
     from antimatter.tokens import TokenWindows, run_tokenize
-    from antimatter.train.checkpoint import save_checkpoint
 
     cfg = load_config(None, ["model=tiny", f"name={name}", f"runs_dir={root}", "tokenizer.vocab_size=400",
                              "train.device=cpu", "train.micro_batch_size=16", f"train.max_steps={steps}"])
@@ -308,8 +308,8 @@ def test_run_eval_writes_report(tiny_run: Path, tmp_path: Path, capsys: pytest.C
 
 def test_non_overlapping_val_matches_eval_windows(tiny_run: Path) -> None:
     """stride = context reproduces the training loop's val loss computation (tokens.eval_windows)."""
+    from antimatter.checkpoint import load_model
     from antimatter.tokens import eval_windows
-    from antimatter.train.checkpoint import load_model
 
     res = run_eval(eval_cfg(tiny_run, "eval.speed=false", "eval.plots=false", "eval.unigram=false",
                             "eval.continuation_docs=1"), tiny_run)
@@ -353,7 +353,7 @@ def test_checkpoint_not_matching_run_config(tiny_run: Path, tmp_path: Path) -> N
 
 
 def test_weights_not_matching_checkpoint_config(tiny_run: Path, tmp_path: Path) -> None:
-    from antimatter.train.checkpoint import save_checkpoint
+    from antimatter.checkpoint import save_checkpoint
 
     run = tmp_path / "bad"
     run.mkdir()

@@ -196,7 +196,7 @@ def test_tokenizer_and_card(tokenizer_file, tmp_path):
 
 
 def _make_run(tmp_path: Path, tokenizer_file: Path) -> tuple[Path, GPT]:
-    from antimatter.train.checkpoint import save_checkpoint
+    from antimatter.checkpoint import save_checkpoint
 
     model = make_model("llama-tiny-qknorm")
     cfg = RunConfig(name="src", runs_dir=str(tmp_path))
@@ -214,7 +214,7 @@ def _make_run(tmp_path: Path, tokenizer_file: Path) -> tuple[Path, GPT]:
 
 
 def test_export_import_run_round_trip(tokenizer_file, tmp_path):
-    from antimatter.train.checkpoint import load_model
+    from antimatter.checkpoint import load_model
 
     run, model = _make_run(tmp_path, tokenizer_file)
     out = export_hf(run, tmp_path / "hf", checkpoint="best", dtype="fp32")

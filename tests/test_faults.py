@@ -18,12 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from train_helpers import cli_env, make_tokens, one_thread, tiny_config, write_config
 
+from antimatter import checkpoint as ck
 from antimatter.config import RunConfig, SourceConfig
 from antimatter.data.sample import SENTENCES, write_sample_corpus
 from antimatter.errors import UserError
 from antimatter.files import open_zstd
 from antimatter.pipeline import run_stage
-from antimatter.train import checkpoint as ck
 from antimatter.train.trainer import train
 
 assert one_thread  # the autouse fixture, imported so pytest uses it here

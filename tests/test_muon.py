@@ -19,10 +19,10 @@ from train_helpers import (
     write_config,
 )
 
+from antimatter import checkpoint as ck
 from antimatter.config import TrainConfig, preset_model
 from antimatter.errors import UserError
 from antimatter.model.gpt import GPT
-from antimatter.train import checkpoint as ck
 from antimatter.train.optim import build_optimizers, set_lr
 from antimatter.train.trainer import train
 

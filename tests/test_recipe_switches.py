@@ -15,12 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from train_helpers import VOCAB, losses, make_tokens, one_thread, tiny_config
 
+from antimatter import checkpoint as ck
 from antimatter.config import ConfigError, load_config, preset_model
 from antimatter.errors import UserError
 from antimatter.export import export_model, hf_architecture
 from antimatter.model.gpt import GPT, RMSNorm
 from antimatter.model.sizing import param_counts
-from antimatter.train import checkpoint as ck
 from antimatter.train.trainer import train
 
 assert one_thread  # the autouse fixture, imported so pytest uses it here

@@ -21,7 +21,7 @@ import time
 import pytest
 from train_helpers import make_tokens, one_thread, tiny_config
 
-from antimatter.train import checkpoint as ck
+from antimatter import checkpoint as ck
 from antimatter.train.distributed import Dist
 from antimatter.train.trainer import CALIBRATION_SKIP, CALIBRATION_STEPS, Trainer, train
 

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import cli_train, losses, make_tokens, one_thread, tiny_config, write_config
 
+from antimatter import checkpoint as ck
 from antimatter.config import TrainConfig
 from antimatter.errors import UserError
-from antimatter.train import checkpoint as ck
 from antimatter.train.optim import lr_at, param_groups
 from antimatter.train.trainer import batch_geometry, train
 

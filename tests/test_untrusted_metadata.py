@@ -21,12 +21,12 @@ from safetensors.torch import load_file, save_file
 from test_cli import assert_user_error
 from train_helpers import one_thread, tiny_config
 
+from antimatter import checkpoint as ck
 from antimatter.config import preset_model
 from antimatter.errors import UserError
 from antimatter.export import export_model, import_hf, load_hf_model
 from antimatter.model.gpt import GPT
 from antimatter.provenance import sha256_file
-from antimatter.train import checkpoint as ck
 
 assert one_thread  # the autouse fixture, imported so pytest uses it here
 

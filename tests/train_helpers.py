@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from antimatter.config import RunConfig, config_from_dict, save_config
+from antimatter.tokenizer import EOT_ID
 from antimatter.tokens import write_shard
 
 VOCAB = 512
@@ -28,8 +29,6 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 
-EOT = 0
-
 
 def make_tokens(run_dir: Path, n_train: int = 40_000, n_val: int = 4_000, seed: int = 0) -> Path:
     """`run_dir/tokens/{train,val}/00000.bin` + meta.json: documents of a noisy counting pattern."""
@@ -43,13 +42,13 @@ def make_tokens(run_dir: Path, n_train: int = 40_000, n_val: int = 4_000, seed: 
             doc = (start + step * np.arange(length)) % (VOCAB - 1) + 1
             noise = rng.random(length) < 0.05
             doc[noise] = rng.integers(1, VOCAB, noise.sum())
-            docs.append(np.append(doc, EOT))
+            docs.append(np.append(doc, EOT_ID))
             total += length + 1
         tokens = np.concatenate(docs)[:n].astype(np.uint16)
         out = run_dir / "tokens" / split
         out.mkdir(parents=True, exist_ok=True)
-        write_shard(out / "00000.bin", tokens, VOCAB, EOT)
-    (run_dir / "tokens" / "meta.json").write_text(json.dumps({"vocab_size": VOCAB, "eot_id": EOT}))
+        write_shard(out / "00000.bin", tokens, VOCAB, EOT_ID)
+    (run_dir / "tokens" / "meta.json").write_text(json.dumps({"vocab_size": VOCAB, "eot_id": EOT_ID}))
     return run_dir
 
 

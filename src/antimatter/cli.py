@@ -35,6 +35,8 @@ def _sampling(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from antimatter.config import DTYPE_NAMES  # here, like every other import, to keep `--help` quick
+
     parser = argparse.ArgumentParser(
         prog="antimatter",
         description="Train GPT-style language models from scratch: prepare -> tokenizer -> tokenize -> "
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run folder (default: RUNS_DIR/NAME)")
     p.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint folder")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
 
     p = sub.add_parser("import", help="load a local Hugging Face model folder into a new run")
     _common(p)

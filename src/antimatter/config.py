@@ -270,12 +270,13 @@ NORMS = ("auto", "layernorm", "rmsnorm")
 POSITIONS = ("auto", "learned", "rope")
 ACTIVATIONS = ("auto", "gelu", "swiglu", "relu2")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # train.attention: SDPA kernel preference
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # precisions every command accepts; device.DTYPES maps them to torch
 
 
 @dataclass
 class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (device.resolve_dtype: one policy for every command)
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend (eager / aot_eager to debug compile problems)
     # inductor's coordinate-descent tuning of the kernels it generates: +2.3% tokens/s on seed-300m (one H200,
@@ -351,7 +352,7 @@ class EvalConfig:
     continuation_tokens: int = 32
     speed: bool = True
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 autocast on GPUs that have it, else fp32) | bf16 | fp16 | fp32
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32: autocast as in training (device.resolve_dtype)
     text_field: str = "text"  # field holding the text in JSON Lines files given to --data
     seed: int = 1234  # choice of continuation documents and generation seed
     continuation_temperature: float = 0.0  # 0 = greedy continuations
@@ -769,7 +770,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.seq_len ({cfg.seq_len}) is longer than the model's context model.block_size "
             f"({m.block_size}): lower train.seq_len or raise model.block_size")
-    if t.dtype not in ("auto", "bf16", "fp16", "fp32"):
+    if t.dtype not in ("auto", *DTYPE_NAMES):
         raise ConfigError(f"train.dtype must be auto, bf16, fp16 or fp32, got '{t.dtype}'")
     if t.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"train.parallel must be ddp or fsdp, got '{t.parallel}'")

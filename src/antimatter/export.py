@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from antimatter.config import ModelConfig, RunConfig, save_config
+from antimatter.device import DTYPES
 from antimatter.errors import UserError, shorten
 from antimatter.files import atomic_write_text
 from antimatter.model.gpt import GPT
@@ -44,8 +45,6 @@ from antimatter.model.shapes import (
     safetensors_shapes,
 )
 
-EOT = "<|endoftext|>"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "llama"}
 MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -415,6 +414,8 @@ def _eot_id(tokenizer_file: Path | None) -> int | None:
         return None
     from tokenizers import Tokenizer
 
+    from antimatter.tokenizer import EOT
+
     return Tokenizer.from_file(str(tokenizer_file)).token_to_id(EOT)
 
 
@@ -778,7 +779,7 @@ def init_weights_from(model: GPT, path: str | Path) -> GPT:
     if (path / "config.json").is_file():
         src = load_hf_model(path)
     else:
-        from antimatter.train.checkpoint import load_model
+        from antimatter.checkpoint import load_model
 
         src = load_model(path)[0]
     a, b = model.cfg, src.cfg
@@ -817,7 +818,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", dtype: str = "fp32") -> Path:
     """`antimatter export`: a run's checkpoint (best, latest or a checkpoint folder) -> Hugging Face folder,
     with the run's tokenizer, data statistics and evaluation figures in the card."""
-    from antimatter.train.checkpoint import load_model
+    from antimatter.checkpoint import load_model
 
     run_dir = Path(run_dir)
     if dtype not in DTYPES:
@@ -848,7 +849,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best"
 def import_hf(hf_dir: str | Path, out_run_dir: str | Path) -> Path:
     """`antimatter import`: a local Hugging Face folder -> a run folder (checkpoint, tokenizer, config.yaml)
     that eval, generate, export and `train.init_from` / resume can use."""
-    from antimatter.train.checkpoint import save_checkpoint
+    from antimatter.checkpoint import save_checkpoint
 
     hf_dir, out = Path(hf_dir), Path(out_run_dir)
     model = load_hf_model(hf_dir)

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from antimatter.config import ConfigError, RunConfig, SampleConfig, check_device, check_value
+from antimatter.device import DTYPES, pick_device, resolve_dtype
 from antimatter.errors import UserError, shorten
-from antimatter.train.distributed import pick_device
 
 HELP = """commands: /temp X  /top_k N  /top_p X  /max N  /rep X  /seed N  /settings  /help  /quit
 (an empty line or Ctrl-D quits)"""
@@ -37,12 +37,13 @@ class StreamPrinter:
 
 
 def load_for_generation(run_dir: Path, checkpoint: str, device: torch.device):
+    from antimatter.checkpoint import load_model
     from antimatter.tokenizer import load_tokenizer
-    from antimatter.train.checkpoint import load_model
 
     model, run_cfg, ckpt = load_model(run_dir, which=checkpoint, device=str(device))
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    dtype = resolve_dtype("auto", device)
+    if dtype != "fp32":  # a GPU serves a half-precision copy; elsewhere the weights stay as loaded
+        model = model.to(DTYPES[dtype])
     tokenizer = load_tokenizer(run_dir)
     return model.eval(), tokenizer, ckpt
 

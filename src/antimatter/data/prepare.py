@@ -32,11 +32,12 @@ import zstandard
 from tqdm import tqdm
 
 from antimatter.config import DataConfig, RunConfig
+from antimatter.data import SPLITS
 from antimatter.data.clean import clean_text, decode
 from antimatter.data.dedup import Deduper, Signer, exact_key
 from antimatter.data.filters import QualityFilter, guess_kind
 from antimatter.data.sources import BadInput, ReadProgress, Unit, expand_sources, read_unit
-from antimatter.data.stats import SPLITS, SourceStats, check_invariant, summary_table
+from antimatter.data.stats import SourceStats, check_invariant, summary_table
 from antimatter.errors import UserError
 
 TMP_DIR = ".prepare-tmp"

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-SPLITS = ("train", "val")
+from antimatter.data import SPLITS
+
 LENGTH_EDGES = [0, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10**12]
 
 

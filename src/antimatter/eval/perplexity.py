@@ -20,7 +20,6 @@ import io
 import json
 import math
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from antimatter.device import autocast, resolve_dtype
 from antimatter.errors import UserError
 from antimatter.model.accel import attention_backend
 
@@ -109,22 +109,13 @@ def token_byte_lengths(tok) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- scoring
 
 
-def autocast_for(device: torch.device, dtype: str = "auto"):
-    """bf16 autocast on GPUs that have it (as in training), fp32 elsewhere; returns (context, name)."""
-    if device.type == "cuda" and dtype in ("auto", "bf16") and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), "bf16"
-    if device.type == "cuda" and dtype == "fp16":
-        return torch.autocast("cuda", dtype=torch.float16), "fp16"
-    return nullcontext(), "fp32"
-
-
 @torch.inference_mode()
 def score_sequences(model, seqs: list[np.ndarray], seq_len: int, stride: int, byte_lens: np.ndarray, *,
                     batch_size: int = 8, dtype: str = "auto", desc: str = "scoring") -> Score:
     """Sum the next-token loss of every target (index >= 1) of every sequence, by sliding windows.
     Windows of all sequences are batched together (right-padded; padding targets are ignored)."""
     device = next(model.parameters()).device
-    ctx, _ = autocast_for(device, dtype)
+    ctx = autocast(device, resolve_dtype(dtype, device, "eval.dtype"))
     jobs = [(k, a, b, s) for k, x in enumerate(seqs) for a, b, s in sliding_windows(len(x), seq_len, stride)]
     score = Score()
     lens_t = torch.as_tensor(byte_lens, device=device)

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from antimatter.config import RunConfig, config_to_dict
+from antimatter.config import DTYPE_NAMES, RunConfig, config_to_dict
+from antimatter.device import pick_device, resolve_dtype
 from antimatter.errors import UserError, shorten
 from antimatter.eval.continuation import evaluate_continuations
 from antimatter.eval.perplexity import (
-    autocast_for,
     score_by_source,
     score_files,
     score_sequences,
@@ -37,7 +37,6 @@ from antimatter.eval.speed import measure_speed
 from antimatter.files import atomic_write_text
 from antimatter.model.generate import generate
 from antimatter.provenance import provenance, sha256_file
-from antimatter.train.distributed import pick_device
 
 EVAL_FILE = Path("results/evaluations/final_evaluation.json")
 SAMPLES_FILE = Path("results/generated_samples/sample_generations.json")
@@ -64,7 +63,7 @@ def check_settings(ev) -> None:
     for key in ("batch_size", "prefix_tokens", "continuation_tokens", "speed_batch", "speed_new_tokens"):
         if getattr(ev, key) <= 0:
             raise UserError(f"eval.{key} must be positive, got {getattr(ev, key)}")
-    if ev.dtype not in ("auto", "bf16", "fp16", "fp32"):
+    if ev.dtype not in ("auto", *DTYPE_NAMES):
         raise UserError(f"eval.dtype must be auto, bf16, fp16 or fp32, got '{ev.dtype}'")
     if ev.int8:
         from antimatter.model.quantize import require_torchao
@@ -75,9 +74,9 @@ def check_settings(ev) -> None:
 def load_for_eval(run_dir: Path, which: str, device: torch.device):
     """(model, the checkpoint's config, checkpoint folder, tokenizer), checking that they belong together:
     the tokenizer must be the one that made the run's tokens and the one the checkpoint was trained with."""
+    from antimatter.checkpoint import load_model
     from antimatter.tokenizer import load_tokenizer
     from antimatter.tokens import check_tokenizer
-    from antimatter.train.checkpoint import load_model
 
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist: pass --run RUN (a folder made by `antimatter train`)")
@@ -202,7 +201,7 @@ def run_eval(cfg: RunConfig, run_dir: Path, checkpoint: str | None = None,
     score = score_sequences(model, [stream], seq_len, stride, byte_lens, batch_size=ev.batch_size,
                             dtype=ev.dtype, desc="val perplexity")
     val: dict[str, Any] = {**score.to_dict(), "seq_len": seq_len, "stride": stride,
-                           "dtype": autocast_for(device, ev.dtype)[1],
+                           "dtype": resolve_dtype(ev.dtype, device, "eval.dtype"),
                            "tokens_available": shards.num_tokens, "complete_split": n == shards.num_tokens,
                            "byte_count_method": "sum of the UTF-8 byte lengths of the scored tokens "
                                                 "(byte-level BPE: each token is a fixed byte string; "

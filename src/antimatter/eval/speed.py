@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from antimatter.device import DTYPES, resolve_dtype
 from antimatter.model.generate import generate
 from antimatter.provenance import device_name
 
@@ -42,12 +43,12 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
 
 
 def _inference_copy(model, device: torch.device, dtype: str):
-    """The model as it would be served: on a GPU a bf16 (or fp16) copy of the weights, so no per-op
-    autocast casts are timed; fp32 on the CPU. Returns (model, dtype name)."""
-    if device.type != "cuda" or dtype == "fp32":
+    """The model as it would be served: a copy of the weights in the resolved dtype (auto: bf16, or fp16,
+    on a GPU; fp32 elsewhere), so no per-op autocast casts are timed. Returns (model, dtype name)."""
+    name = resolve_dtype(dtype, device, "eval.dtype")
+    if name == "fp32":
         return model, "fp32"
-    name = "fp16" if dtype == "fp16" or not torch.cuda.is_bf16_supported() else "bf16"
-    target = torch.bfloat16 if name == "bf16" else torch.float16
+    target = DTYPES[name]
     if model.lm_head.weight.dtype == target:  # already served as such (e.g. an int8 copy made from bf16)
         return model, name
     return copy.deepcopy(model).to(target).eval(), name

@@ -13,6 +13,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from antimatter.device import DTYPES, resolve_dtype
 from antimatter.errors import UserError
 
 INT8_METHOD = ("torchao Int8WeightOnlyConfig (symmetric int8, one scale per output row) on every block Linear; "
@@ -45,8 +46,9 @@ def int8_copy(model: nn.Module) -> nn.Module:
     """A quantised copy for inference; on a GPU from a bf16 (or fp16) copy of the weights, as it is served."""
     q = copy.deepcopy(model)
     device = next(q.parameters()).device
-    if device.type == "cuda":
-        q = q.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    dtype = resolve_dtype("auto", device)
+    if dtype != "fp32":
+        q = q.to(DTYPES[dtype])
     int8_weight_only(q)
     return q.eval()
 

@@ -33,12 +33,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from antimatter import checkpoint as ckpt_io
 from antimatter.config import RunConfig, save_config
+from antimatter.device import DTYPES, autocast, resolve_dtype
 from antimatter.errors import UserError
 from antimatter.files import exclusive_lock
 from antimatter.model.accel import attention_backend, enable_fp8_training
 from antimatter.model.gpt import GPT
-from antimatter.train import checkpoint as ckpt_io
 from antimatter.train.distributed import (
     Dist,
     StopFlag,
@@ -52,7 +53,6 @@ from antimatter.train.distributed import (
 )
 from antimatter.train.optim import build_optimizers, lr_factor, set_lr
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TB_NAMES = {"val_loss": "val/loss", "val_bpb": "val/bits_per_byte"}  # TensorBoard tags; the rest: train/KEY
 UNDECIDED = 2**62  # the step count of a time-budgeted run before its first steps are timed
 # A budgeted run times CALIBRATION_STEPS steps one by one, after the compiling step and CALIBRATION_SKIP more
@@ -70,19 +70,6 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def resolve_dtype(pref: str, device: torch.device) -> str:
-    """auto: bf16 on GPUs that have it, fp16 (+ gradient scaler) on those that do not, fp32 on the CPU."""
-    if device.type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
-        if pref == "auto":
-            return "bf16" if bf16_ok else "fp16"
-        if pref == "bf16" and not bf16_ok:
-            raise UserError(f"train.dtype=bf16 but {torch.cuda.get_device_name(device)} has no bf16: "
-                            f"use train.dtype=fp16 (or auto)")
-        return pref
-    return "fp32" if pref == "auto" else pref
 
 
 def batch_geometry(global_batch_tokens: int, micro: int, seq_len: int, world: int) -> tuple[int, int]:
@@ -453,8 +440,7 @@ class Trainer:
         t, d, dev = self.t, self.d, self.device
         stop = StopFlag(d)
         start_step, t_start = self.step, time.perf_counter()
-        autocast = (torch.autocast(dev.type, dtype=DTYPES[self.dtype]) if self.dtype in ("bf16", "fp16")
-                    else contextlib.nullcontext())
+        mixed = autocast(dev, self.dtype)
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         params = [p for p in self.model.parameters() if p.requires_grad]
         log_every = max(1, t.log_interval)
@@ -483,7 +469,7 @@ class Trainer:
             step_loss = torch.zeros((), device=dev, dtype=torch.float32)
             for i, (x, y) in enumerate(batches):
                 with grad_sync(self.wrapped, i == self.accum - 1):
-                    with autocast:
+                    with mixed:
                         loss = self.step_model(x, y)
                     step_loss += loss.detach().float()
                     scaled = loss / self.accum
@@ -691,15 +677,14 @@ class Trainer:
         d, dev = self.d, self.device
         n = len(self.eval_batches)
         per_rank = math.ceil(n / d.world_size)
-        autocast = (torch.autocast(dev.type, dtype=DTYPES[self.dtype]) if self.dtype in ("bf16", "fp16")
-                    else contextlib.nullcontext())
+        mixed = autocast(dev, self.dtype)
         self.wrapped.eval()
         sums = torch.zeros(2, device=dev, dtype=torch.float64)
         for j in range(per_rank):
             i = d.rank + j * d.world_size
             x, y = self.eval_batches[i if i < n else 0]
             x, y = x.to(dev), y.to(dev)
-            with autocast:
+            with mixed:
                 loss = self.model(x, y)
             count = (y != -1).sum()
             if i < n:
