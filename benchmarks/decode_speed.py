@@ -21,7 +21,7 @@ from antimatter.config import preset_model
 from antimatter.model import generate as gen
 from antimatter.model import triton_decode
 from antimatter.model.generate import generate
-from antimatter.model.gpt import GPT, Linear
+from antimatter.model.gpt import GPT
 from antimatter.model.quantize import int8_copy, is_int8
 from antimatter.provenance import provenance
 
@@ -204,7 +204,7 @@ def main() -> None:
             triton_decode.TUNE_ATTENTION = toggle(extras, "attntune", tune_attention)
             triton_decode.TUNE_IN_STEP = toggle(extras, "steptune", tune_in_step)
             triton_decode.forget_tuning()  # each variant tunes its own candidates
-            Linear.fold_norm = "nofold" not in extras
+            gen.FOLD_NORM = "nofold" not in extras
             if "int8" in extras and int8_model is None:
                 int8_model = int8_copy(model)
             m = int8_model if "int8" in extras else model
@@ -230,7 +230,7 @@ def main() -> None:
                       f"{r['same_tokens_as_eager']}; teacher-forced {r['teacher_forced']}", flush=True)
             except Exception as e:  # report a variant that fails, keep measuring the others
                 print(f"batch {B}: compiled ({variant}) failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        gen.DECODE_TUNING, Linear.fold_norm = False, True  # the defaults again (the TTFT rows below)
+        gen.DECODE_TUNING, gen.FOLD_NORM = False, True  # the defaults again (the TTFT rows below)
         triton_decode.USE_PDL = triton_decode.SPLIT_K = True
         triton_decode.TUNE_ATTENTION, triton_decode.TUNE_IN_STEP = tune_attention, tune_in_step
         if hf is not None:

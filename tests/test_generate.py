@@ -211,30 +211,38 @@ def test_compiled_decode_equals_eager_across_kv_blocks(monkeypatch):
 
 
 def test_single_row_gemv_path_equals_the_matmul():
-    """GPT.set_gemv(True): under torch.compile a single-row matmul is a multiply-and-sum reduction; the
-    compiled batch-1 tokens equal the eager ones (where F.linear always runs)."""
+    """decode.single_row_matmuls: under torch.compile a single-row matmul is a multiply-and-sum reduction; the
+    compiled batch-1 tokens equal the eager ones (where F.linear always runs), and the plain modules are back
+    afterwards."""
+    from antimatter.model.decode import NormLinear, single_row_matmuls
+
     model = make_model()
     p = [prompt(6, seed=5)]
     eager = generate(model, p, 12)
-    model.set_gemv(True)
-    try:
+    def modules() -> dict[str, torch.nn.Module]:  # less the KV caches that compiled generation keeps
+        return {n: m for n, m in model.named_modules() if "kv_cache" not in n}
+
+    plain = modules()
+    with single_row_matmuls(model):
         x = torch.randn(1, 1, model.cfg.d_model)
         fc = model.transformer.h[0].mlp.c_fc
+        assert isinstance(fc, NormLinear)
         torch.testing.assert_close(torch.compile(fc)(x), fc(x), rtol=1e-5, atol=1e-5)
-        assert generate(model, p, 12, compile=True) == eager
-    finally:
-        model.set_gemv(False)
+    assert modules() == plain
+    assert generate(model, p, 12, compile=True, gemv=True) == eager
+    assert modules() == plain
 
 
 @pytest.mark.parametrize("norm_kind", ["layernorm", "rmsnorm"])
 def test_norm_folded_into_single_row_matmul(norm_kind):
-    """On the compiled single-row path `norm_linear` folds the norm into the matmul's reduction (statistics
+    """On the compiled single-row path `NormLinear` folds the norm into the matmul's reduction (statistics
     summed per output row): the same numbers as norm then matmul, on inputs whose mean exceeds their spread
     (the variance is E[x^2] - mean^2 in float32 there), and one generated kernel fewer than with the norm as
     its own step."""
     from torch._inductor import metrics
 
-    from antimatter.model.gpt import Linear, RMSNorm, norm_linear
+    from antimatter.model.decode import NormLinear
+    from antimatter.model.gpt import RMSNorm
 
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(64) if norm_kind == "layernorm" else RMSNorm(64, 1e-5)
@@ -242,17 +250,15 @@ def test_norm_folded_into_single_row_matmul(norm_kind):
         norm.weight.uniform_(0.5, 1.5)
         if getattr(norm, "bias", None) is not None:
             norm.bias.uniform_(-0.5, 0.5)
-    lin = Linear(64, 96)
-    lin.gemv = True
+    lin = torch.nn.Linear(64, 96)
     x = torch.randn(1, 1, 64) * 3 + 4.0
     with torch.no_grad():
         ref = lin(norm(x))
         kernels = {}
         for fold in (True, False):
-            lin.fold_norm = fold
             torch._dynamo.reset()
             metrics.reset()
-            out = torch.compile(lambda x: norm_linear(norm, lin, x))(x)
+            out = torch.compile(NormLinear(lin, norm, fold_norm=fold))(x)
             kernels[fold] = metrics.generated_kernel_count
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
     torch._dynamo.reset()

@@ -131,7 +131,7 @@ def test_activation_switch(preset, activation):
         else:
             h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
         expected = F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
-        assert torch.allclose(mlp(x, norm), expected, atol=1e-5)
+        assert torch.allclose(mlp(norm(x)), expected, atol=1e-5)
 
 
 # -------------------------------------------------------------------------------- zero-initialised projections

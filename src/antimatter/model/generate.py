@@ -8,7 +8,7 @@ from p) so no host sync is needed per token; only streaming (`on_token`) and the
 With `compile=True` the single-token step is compiled with CUDA graphs (`mode="reduce-overhead"`), which
 removes the kernel-launch overhead that otherwise dominates batch-1 decoding of small models. Attention reads
 only the filled part of the cache (whole blocks of KV_BLOCK slots; one compilation serves every length), and
-at batch 1 the matmuls run as inductor reductions (`GPT.set_gemv`), faster than cuBLAS at one row. With
+at batch 1 the matmuls run as inductor reductions (`decode.single_row_matmuls`), faster than cuBLAS at one row. With
 `kernels=True` (the default for compiled decoding on a GPU up to KERNELS_MAX_BATCH rows, when Triton is there)
 the step runs instead as AntiMatter's own Triton kernels, five a layer, replayed as one CUDA graph
 (`model/triton_decode.py`).
@@ -16,11 +16,13 @@ the step runs instead as AntiMatter's own Triton kernels, five a layer, replayed
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
 import torch
 
+from antimatter.model.decode import single_row_matmuls
 from antimatter.model.gpt import GPT
 
 
@@ -117,6 +119,7 @@ def _compiled_steps(model: GPT, mode: str):
     return cache[key]
 
 
+FOLD_NORM = True  # single-row matmuls: fold the preceding norm into the reduction (False: its own kernel)
 DECODE_KERNELS = True  # compiled decoding on a GPU uses model/triton_decode.py when it can
 KERNELS_MAX_BATCH = 64  # ... up to this many rows (one tile of rows in its matmuls)
 
@@ -199,8 +202,6 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     if cache is None or cache.k.shape[0] != B or cache.k.shape[2] != max_seq:
         model.setup_caches(B, max_seq)
     mode = compile if isinstance(compile, str) else DECODE_COMPILE_MODE
-    if compile:  # batch 1: matmuls as reductions (1.18x the cuBLAS path on an H200, docs/RESULTS.md)
-        model.set_gemv(B == 1 if gemv is None else gemv)
     prefill, decode = _compiled_steps(model, mode) if compile else (_step, _step)
     args = (temperature, top_k, top_p, repetition_penalty)
 
@@ -214,32 +215,37 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         decoder = _triton_decoder(model, kernels, compile, B, sample, (kv_buf.data_ptr(), kv_buf.shape, *args),
                                   greedy)
     slots: dict[int, torch.Tensor] = {}
+    # compiled at batch 1: matmuls as reductions (1.18x the cuBLAS path on an H200, docs/RESULTS.md), swapped
+    # in after the Triton decoder has read the plain modules
+    single_row = bool(compile) and (B == 1 if gemv is None else gemv)
+    swap = single_row_matmuls(model, FOLD_NORM) if single_row else contextlib.nullcontext()
     try:
-        prompt_slots = _slots(T, device, slots)  # the prompt's cache slots, and the length attention reads
-        nxt, seen = prefill(model, idx, prompt_slots, left_pad, seen, prompt_slots, *args)
-        out = [nxt]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        if on_token is not None:
-            on_token(0, nxt)
-        pos = torch.tensor([T], device=device)  # advanced on the device: no host-to-device copy per token
-        if decoder is not None:
-            decoder.start(nxt, T, seen, left_pad)
-        for step in range(1, max_new_tokens):
-            if eot_id is not None:
-                done = done | (nxt == eot_id)
-                if (on_token is not None or step % 16 == 0) and bool(done.all()):
-                    break
-            if decoder is not None:
-                decoder.step()
-                nxt = decoder.token.clone()  # the graph overwrites its token on the next replay
-            else:
-                kv = _slots(kv_blocks(T + step, max_seq), device, slots)
-                nxt, seen = decode(model, nxt.view(B, 1), pos, left_pad, seen, kv, *args)
-                nxt, seen = nxt.clone(), seen.clone()  # graph outputs are overwritten by the next replay
-                pos += 1
-            out.append(nxt)
+        with swap:
+            prompt_slots = _slots(T, device, slots)  # the prompt's cache slots, and the length attention reads
+            nxt, seen = prefill(model, idx, prompt_slots, left_pad, seen, prompt_slots, *args)
+            out = [nxt]
+            done = torch.zeros(B, dtype=torch.bool, device=device)
             if on_token is not None:
-                on_token(step, nxt)
+                on_token(0, nxt)
+            pos = torch.tensor([T], device=device)  # advanced on the device: no host-to-device copy per token
+            if decoder is not None:
+                decoder.start(nxt, T, seen, left_pad)
+            for step in range(1, max_new_tokens):
+                if eot_id is not None:
+                    done = done | (nxt == eot_id)
+                    if (on_token is not None or step % 16 == 0) and bool(done.all()):
+                        break
+                if decoder is not None:
+                    decoder.step()
+                    nxt = decoder.token.clone()  # the graph overwrites its token on the next replay
+                else:
+                    kv = _slots(kv_blocks(T + step, max_seq), device, slots)
+                    nxt, seen = decode(model, nxt.view(B, 1), pos, left_pad, seen, kv, *args)
+                    nxt, seen = nxt.clone(), seen.clone()  # graph outputs are overwritten by the next replay
+                    pos += 1
+                out.append(nxt)
+                if on_token is not None:
+                    on_token(step, nxt)
     finally:
         if not compile:  # compiled graphs hold the cache buffers: keep them for the next call
             model.clear_caches()

@@ -15,7 +15,9 @@ Two ways to run it:
     is `scaled_dot_product_attention(is_causal=True)`, which picks flash kernels where they exist.
   * generation: `model.setup_caches(batch, max_seq)` preallocates a static KV cache; then
     `model(idx, input_pos=pos, left_pad=pad)` writes keys/values at `pos` and attends over the cache. Static
-    shapes let the single-token step be compiled with CUDA graphs (gpt-fast's recipe).
+    shapes let the single-token step be compiled with CUDA graphs (gpt-fast's recipe). Faster single-row
+    matmuls for that step are swapped in from outside for the call (model/decode.py), so this file stays the
+    plain model that training runs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from antimatter.config import ModelConfig
-from antimatter.model.quantize import is_int8
 
 
 class RMSNorm(nn.Module):
@@ -39,72 +40,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-class Linear(nn.Linear):
-    """nn.Linear with an optional single-row path for the batch-1 decode step. With `gemv` set, a single
-    input row under torch.compile is a multiply-and-sum that inductor turns into one bandwidth-bound
-    reduction kernel (bias and the following pointwise ops fused), instead of a cuBLAS matmul kernel tuned
-    for larger shapes; with int8 weights the kernel reads the int8 values and dequantises in registers. Eager
-    calls, and more than one row, always take F.linear. On that path `norm_linear` also folds the norm in
-    front of the matmul into the same reduction."""
-
-    gemv: bool = False
-    fold_norm: bool = True  # single-row path: fold the preceding norm into the reduction (False: its own kernel)
-
-    def single_row(self, x: torch.Tensor) -> bool:
-        return self.gemv and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling()
-
-    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
-        """self(norm(x)) when `norm` is given (folded into the reduction on the single-row path)."""
-        if not self.single_row(x):
-            return F.linear(x if norm is None else norm(x), self.weight, self.bias)
-        w, scale = self.weight, None
-        if is_int8(w):  # torchao int8 weight (model/quantize.py): int8 rows times one scale each
-            w, scale = w.qdata, w.scale.float().reshape(-1)
-        if norm is not None and self.fold_norm:
-            y = _folded_norm_gemv(x.float(), w.float(), norm)
-        else:
-            if norm is not None:
-                x = norm(x)
-            y = (x.float().unsqueeze(-2) * w.float()).sum(-1)
-        if scale is not None:
-            y = y * scale
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)
-
-
-def norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """linear(norm(x)). Our Linear takes the norm itself so its single-row path can fold it in; any other
-    module there (torchao's Float8Linear after fp8 conversion) gets the normalised input."""
-    if isinstance(linear, Linear):
-        return linear(x, norm)
-    return linear(norm(x))
-
-
-def _folded_norm_gemv(x: torch.Tensor, w: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """W @ norm(x) for one row x (..., K) as reductions over K that all have the output's shape (..., N), so
-    inductor emits them as one kernel reading W once. For LayerNorm, with g and b its weight and bias:
-        W @ ((x - mean) * rstd * g + b) = rstd * (W@(g*x) - mean * W@g) + W@b,
-    and mean and E[x^2] are summed per output row too (x is tiny and stays in cache), so no separate
-    statistics kernel runs first. RMSNorm is the same without the mean and bias terms. Every term is linear
-    in W, so int8 row scales apply to the result."""
-    K = x.shape[-1]
-    xr = x.unsqueeze(-2)  # (..., 1, K) against w (N, K)
-    rows = (*x.shape[:-1], w.shape[0], K)  # statistics expanded to one copy per output row
-    wg = w * norm.weight.float()
-    sum_sq = (xr * xr).expand(rows).sum(-1)
-    if isinstance(norm, RMSNorm):
-        rstd = torch.rsqrt(sum_sq / K + norm.eps)
-        y = rstd * (xr * wg).sum(-1)
-    else:
-        mean = xr.expand(rows).sum(-1) / K
-        rstd = torch.rsqrt(sum_sq / K - mean * mean + norm.eps)
-        y = rstd * ((xr * wg).sum(-1) - mean * wg.sum(-1))
-        if norm.bias is not None:  # nn.LayerNorm(bias=False) keeps the attribute, set to None
-            y = y + (w * norm.bias.float()).sum(-1)
-    return y
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -160,8 +95,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        self.c_attn = Linear(cfg.d_model, qkv_dim, bias=cfg.bias)
-        self.c_proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.c_attn = nn.Linear(cfg.d_model, qkv_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.use_rope = cfg.position_type == "rope"
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -169,12 +104,11 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, norm: nn.Module, rope: tuple[torch.Tensor, torch.Tensor] | None,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 kv_len: int | None = None) -> torch.Tensor:
-        """Attention over norm(x) (applied by `norm_linear`, which may fold it into the QKV matmul)."""
         B, T, C = x.shape
-        q, k, v = norm_linear(norm, self.c_attn, x).split(
+        q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -202,13 +136,12 @@ class MLP(nn.Module):
         super().__init__()
         self.activation = cfg.activation_type
         hidden = cfg.ffn_dim
-        self.c_fc = Linear(cfg.d_model, 2 * hidden if self.activation == "swiglu" else hidden, bias=cfg.bias)
-        self.c_proj = Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.c_fc = nn.Linear(cfg.d_model, 2 * hidden if self.activation == "swiglu" else hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        """MLP of norm(x) (applied by `norm_linear`, which may fold it into the up projection)."""
-        h = norm_linear(norm, self.c_fc, x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
@@ -228,8 +161,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope=None, input_pos=None, mask=None, kv_len=None):
-        x = x + self.attn(x, self.ln_1, rope, input_pos, mask, kv_len)
-        return x + self.mlp(x, self.ln_2)
+        x = x + self.attn(self.ln_1(x), rope, input_pos, mask, kv_len)
+        x = x + self.mlp(self.ln_2(x))
+        return x
 
 
 class GPT(nn.Module):
@@ -245,7 +179,7 @@ class GPT(nn.Module):
         ))
         if cfg.position_type == "learned":
             self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.d_model)
-        self.lm_head = Linear(cfg.d_model, V, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         if cfg.position_type == "rope":
@@ -299,15 +233,6 @@ class GPT(nn.Module):
             block.attn.kv_cache = KVCache(batch, self.cfg.kv_heads, max_seq, self.cfg.head_dim, dtype, device)
         self.causal_mask = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device))
 
-    def set_gemv(self, on: bool) -> None:
-        """Single-row matmuls as inductor reductions in compiled decoding (see `Linear`). The output head too:
-        alone its reduction is slower than cuBLAS (63 vs 29 us on an H200), yet batch-1 decoding with the head
-        left on cuBLAS measured 913 tokens/s against 1,070 with it (two H200 runs, both with coordinate-descent
-        tuning; docs/RESULTS.md)."""
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.gemv = on
-
     def clear_caches(self) -> None:
         for block in self.transformer.h:
             block.attn.kv_cache = None
@@ -352,8 +277,8 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, input_pos, mask, kv_len)
         if targets is None:
-            return softcap(norm_linear(self.transformer.ln_f, self.lm_head, x)[..., : self.cfg.vocab_size],
-                           self.cfg.logit_softcap)
+            logits = self.lm_head(self.transformer.ln_f(x))
+            return softcap(logits[..., : self.cfg.vocab_size], self.cfg.logit_softcap)
         return self.loss(self.transformer.ln_f(x), targets)
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ whole weight matrix at once:
   5. MLP down projection (+ bias) + residual, in place                                  -> x
 
 then the final norm folded into the output head, and sampling with `generate`'s own torch code. The norm folds
-as in `gpt._folded_norm_gemv`: W @ ((x - mean) * rstd * g + b) = rstd * (W@(g*x) - mean * W@g) + W@b, with W@g
+as in `decode.folded_norm_gemv`: W @ ((x - mean) * rstd * g + b) = rstd * (W@(g*x) - mean * W@g) + W@b, with W@g
 and W@b precomputed per output row (`refresh`) and the statistics of x summed in the loop that reads W, so no
 program waits for a statistics pass before its first weight load. The position of the new token lives in
 device memory, so one graph serves every step. A batch of left-padded prompts runs the same five kernels:
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from antimatter.model.gpt import GPT, Linear, RMSNorm
+from antimatter.model.gpt import GPT, RMSNorm
 from antimatter.model.quantize import is_int8
 
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
@@ -473,7 +473,7 @@ def unsupported_reason(model: GPT) -> str | None:
     if cfg.head_dim & (cfg.head_dim - 1):
         return f"head_dim {cfg.head_dim} is not a power of two"
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and (not isinstance(m, Linear) or is_int8(m.weight)):
+        if isinstance(m, torch.nn.Linear) and (type(m) is not torch.nn.Linear or is_int8(m.weight)):
             return "int8 or converted Linear layers (the kernels read plain weights)"
     return None
 
@@ -513,7 +513,7 @@ class _MatVec:
     """One fused matrix-vector product: a norm folded in front (optional), bias, activation, residual; for
     each of the M rows of x (M, K) -> out (M, N), one row by _matvec_kernel, several by _matmul_kernel."""
 
-    def __init__(self, linear: Linear, x: torch.Tensor, out: torch.Tensor, launch: dict,
+    def __init__(self, linear: torch.nn.Linear, x: torch.Tensor, out: torch.Tensor, launch: dict,
                  norm: torch.nn.Module | None = None, act: int = ACT_NONE, residual: torch.Tensor | None = None,
                  scratch: _SplitScratch | None = None):
         self.launch = launch  # _pdl_launch's options, shared by the decoder's kernels
