@@ -18,8 +18,7 @@ import time
 import torch
 
 from antimatter.config import preset_model
-from antimatter.model import generate as gen
-from antimatter.model import triton_decode
+from antimatter.model.decode import DecodeOptions, DecodeTuning
 from antimatter.model.generate import generate
 from antimatter.model.gpt import GPT
 from antimatter.model.quantize import int8_copy, is_int8
@@ -104,6 +103,7 @@ def hf_model(cfg, ours: GPT, device: str = "cuda", dtype: torch.dtype = torch.bf
     return model.to(device=device, dtype=dtype).eval()
 
 
+DEFAULTS = DecodeOptions()
 VARIANT_OPTIONS = {"kernels", "nopdl", "nosplitk", "attntune", "noattntune", "steptune", "nosteptune", "gemv", "cdt",
                    "int8", "nofold"}
 
@@ -132,16 +132,15 @@ def main() -> None:
                          "torch.compile path); +nopdl: those kernels without programmatic dependent launch; +nosplitk: "
                          "their batched matmuls without split-K block shapes; +attntune/+noattntune: their attention's "
                          "launch shape (slots per iteration, warps, splits) tuned too, or not (default: "
-                         f"{'on' if triton_decode.TUNE_ATTENTION else 'off'}); +steptune/+nosteptune: each "
+                         f"{'on' if DEFAULTS.tune_attention else 'off'}); +steptune/+nosteptune: each "
                          "matrix's block shape re-picked among its fastest alone by timing whole steps, or not "
-                         f"(default: {'on' if triton_decode.TUNE_IN_STEP else 'off'}); +gemv: single-row "
+                         f"(default: {'on' if DEFAULTS.tune_in_step else 'off'}); +gemv: single-row "
                          "matmuls as inductor reductions "
                          "(batch 1 only; without it, cuBLAS); +cdt: inductor coordinate-descent tuning of the "
                          "generated kernels (gpt-fast's setting); +int8: weight-only int8 blocks (torchao); +nofold: with "
                          "+gemv, LayerNorm as its own kernel instead of folded into the next reduction")
     ap.add_argument("--json")
     args = ap.parse_args()
-    tune_attention, tune_in_step = triton_decode.TUNE_ATTENTION, triton_decode.TUNE_IN_STEP  # the defaults
     for variant in args.compile_modes:  # an unknown option would otherwise run as the plain variant, unnoticed
         unknown = sorted(set(variant.split("+")[1:]) - VARIANT_OPTIONS)
         if unknown:
@@ -185,8 +184,9 @@ def main() -> None:
         plist = prompts.tolist()
         n = args.new_tokens
 
-        def ours(compile: bool | str, gemv: bool | None = None, m=model, plist=plist, n=n, kernels=False):
-            return generate(m, plist, n, compile=compile, gemv=gemv, kernels=kernels)
+        def ours(compile: bool | str, gemv: bool | None = None, m=model, plist=plist, n=n, kernels=False,
+                 options: DecodeOptions = DEFAULTS):
+            return generate(m, plist, n, compile=compile, gemv=gemv, kernels=kernels, options=options)
 
         out_eager = ours(False)
         if not args.skip_eager:
@@ -198,13 +198,11 @@ def main() -> None:
             if "gemv" in extras and B > 1:
                 continue  # the single-row path only changes batch 1
             gemv, kernels = "gemv" in extras, "kernels" in extras
-            gen.DECODE_TUNING = "cdt" in extras
-            triton_decode.USE_PDL = "nopdl" not in extras
-            triton_decode.SPLIT_K = "nosplitk" not in extras
-            triton_decode.TUNE_ATTENTION = toggle(extras, "attntune", tune_attention)
-            triton_decode.TUNE_IN_STEP = toggle(extras, "steptune", tune_in_step)
-            triton_decode.forget_tuning()  # each variant tunes its own candidates
-            gen.FOLD_NORM = "nofold" not in extras
+            opts = DecodeOptions(coordinate_descent="cdt" in extras, pdl="nopdl" not in extras,
+                                 split_k="nosplitk" not in extras, fold_norm="nofold" not in extras,
+                                 tune_attention=toggle(extras, "attntune", DEFAULTS.tune_attention),
+                                 tune_in_step=toggle(extras, "steptune", DEFAULTS.tune_in_step),
+                                 tuning=DecodeTuning())  # each variant tunes its own candidates
             if "int8" in extras and int8_model is None:
                 int8_model = int8_copy(model)
             m = int8_model if "int8" in extras else model
@@ -214,10 +212,11 @@ def main() -> None:
             try:
                 t0 = time.perf_counter()
                 for _ in range(2):  # compile + capture the CUDA graphs
-                    out_comp = ours(mode, gemv, m, kernels=kernels)
+                    out_comp = ours(mode, gemv, m, kernels=kernels, options=opts)
                 warmup = time.perf_counter() - t0
                 name = "antimatter compiled" + ("" if variant == "reduce-overhead" else f" ({variant})")
-                r = record(name, B, timed(lambda mode=mode, gemv=gemv, m=m, k=kernels: ours(mode, gemv, m, kernels=k),
+                r = record(name, B, timed(lambda mode=mode, gemv=gemv, m=m, k=kernels, o=opts:
+                                          ours(mode, gemv, m, kernels=k, options=o),
                                           args.repeats), n, args.prompt_tokens, stored_bytes(m))
                 r["warmup_s"] = warmup
                 if kernels:  # the block shape each matrix shape was tuned to, and every candidate's time
@@ -230,9 +229,6 @@ def main() -> None:
                       f"{r['same_tokens_as_eager']}; teacher-forced {r['teacher_forced']}", flush=True)
             except Exception as e:  # report a variant that fails, keep measuring the others
                 print(f"batch {B}: compiled ({variant}) failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        gen.DECODE_TUNING, gen.FOLD_NORM = False, True  # the defaults again (the TTFT rows below)
-        triton_decode.USE_PDL = triton_decode.SPLIT_K = True
-        triton_decode.TUNE_ATTENTION, triton_decode.TUNE_IN_STEP = tune_attention, tune_in_step
         if hf is not None:
             ids = prompts.cuda()
             attn = torch.ones_like(ids)

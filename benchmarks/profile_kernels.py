@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from antimatter.config import preset_model
 from antimatter.model import generate as gen
+from antimatter.model.decode import DecodeOptions
 from antimatter.model.generate import generate
 from antimatter.model.gpt import GPT
 from antimatter.provenance import provenance
@@ -50,7 +51,8 @@ def print_table(title: str, rows: list[dict], wall_us: float | None = None) -> N
         print(f"{r['us_per_step']:>10,.1f} {r['calls_per_step']:>6.1f}x  {r['kernel']}")
 
 
-def profile_decode(preset: str, batch: int, new_tokens: int, weights: str = "bf16", path: str = "compiled") -> dict:
+def profile_decode(preset: str, batch: int, new_tokens: int, weights: str = "bf16", path: str = "compiled",
+                   options: DecodeOptions | None = None) -> dict:
     """Kernel table of the compiled decode step; `weights` int8: the blocks' Linears in weight-only int8;
     `path` kernels: batch-1 steps through model/triton_decode.py instead of torch.compile's step."""
     from torch.profiler import ProfilerActivity, profile
@@ -65,14 +67,14 @@ def profile_decode(preset: str, batch: int, new_tokens: int, weights: str = "bf1
     prompts = torch.randint(0, cfg.vocab_size, (batch, 16)).tolist()
     kernels = path == "kernels"
     for _ in range(2):
-        generate(model, prompts, new_tokens, compile=True, kernels=kernels)
+        generate(model, prompts, new_tokens, compile=True, kernels=kernels, options=options)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    generate(model, prompts, new_tokens, compile=True, kernels=kernels)
+    generate(model, prompts, new_tokens, compile=True, kernels=kernels, options=options)
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / new_tokens * 1e6
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        generate(model, prompts, new_tokens, compile=True, kernels=kernels)
+        generate(model, prompts, new_tokens, compile=True, kernels=kernels, options=options)
         torch.cuda.synchronize()
     rows = kernel_table(prof, new_tokens, top=30)
     all_rows = kernel_table(prof, new_tokens, top=10_000)
@@ -343,7 +345,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this tool needs a CUDA GPU")
-    gen.DECODE_TUNING = args.cd_tuning
+    options = DecodeOptions(coordinate_descent=args.cd_tuning)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._inductor.config.fx_graph_cache = False
     res: dict = {"provenance": provenance("cuda"), "device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -376,7 +378,7 @@ def main() -> None:
                 for b in args.batches:
                     if path == "kernels" and w != "bf16":
                         continue
-                    res["decode"].append(profile_decode(args.config, b, args.new_tokens, w, path))
+                    res["decode"].append(profile_decode(args.config, b, args.new_tokens, w, path, options))
                     dump()
     if "train" in args.part:
         res["train"] = [profile_train(args.config, args.micro_batch, args.seq, a) for a in args.attn]

@@ -20,7 +20,6 @@ import time
 import torch
 
 from antimatter.config import preset_model
-from antimatter.model import gpt as gpt_module
 from antimatter.model.accel import attention_backend, enable_fp8_training, prefers_cudnn_attention
 from antimatter.model.gpt import GPT
 from antimatter.model.sizing import flops_per_token, peak_flops
@@ -42,11 +41,12 @@ def measured_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def build(impl: str, preset: str, seq: int, loss_chunk: int, fp8: bool = False):
+def build(impl: str, preset: str, seq: int, loss_chunk: int, fp8: bool = False, ce_pad: str = "mask"):
     cfg = preset_model(preset)
     if impl == "antimatter":
         model = GPT(cfg).cuda()
         model.loss_chunk_tokens = loss_chunk
+        model.ce_padding = ce_pad
         if fp8:
             enable_fp8_training(model)
     else:
@@ -69,26 +69,23 @@ def loss_fn(impl: str, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def bench(impl: str, preset: str, micro_batch: int, steps: int, warmup: int, loss_chunk: int,
           compile_mode: str, attn: str = "auto", fp8: bool = False, ce_pad: str = "mask") -> dict:
     seq = SEQ[preset]
-    gpt_module.CE_PADDING = ce_pad
     label = attn  # the kernel that the trainer's train.attention=auto picks here, for the table
     if attn == "auto" and impl == "antimatter":
         label = "cudnn" if prefers_cudnn_attention() else "sdpa-default"
     mode, *extras = compile_mode.split("+")
     # +cdt: inductor's coordinate-descent tuning of the generated kernels (gpt-fast's setting)
     tuning = torch._inductor.config.patch(coordinate_descent_tuning="cdt" in extras)
-    try:
-        with attention_backend(attn), tuning:
-            r = _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, None if mode == "default" else mode,
-                       label, fp8, seq)
-    finally:
-        gpt_module.CE_PADDING = "mask"
+    with attention_backend(attn), tuning:
+        r = _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, None if mode == "default" else mode,
+                   label, fp8, seq, ce_pad)
     r["ce_pad"] = ce_pad if impl == "antimatter" else None
     r["compile"] = compile_mode
     return r
 
 
-def _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, compile_mode, attn, fp8, seq) -> dict:
-    cfg, model = build(impl, preset, seq, loss_chunk, fp8)
+def _bench(impl, preset, micro_batch, steps, warmup, loss_chunk, compile_mode, attn, fp8, seq,
+           ce_pad: str = "mask") -> dict:
+    cfg, model = build(impl, preset, seq, loss_chunk, fp8, ce_pad)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],

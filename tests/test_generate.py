@@ -184,30 +184,31 @@ def test_attention_over_the_filled_part_of_the_cache_only(preset):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
-def test_small_kv_blocks_change_nothing(preset, monkeypatch):
+def test_small_kv_blocks_change_nothing(preset):
     """With 4-slot blocks a 30-token generation crosses many block boundaries: the tokens still equal
     the naive loop, alone and batched with prompts of other lengths."""
-    import antimatter.model.generate as gen
+    from antimatter.model.decode import DecodeOptions
+    from antimatter.model.generate import kv_blocks
 
-    monkeypatch.setattr(gen, "KV_BLOCK", 4)
-    assert gen.kv_blocks(5, 40) == 8 and gen.kv_blocks(40, 40) == 40 and gen.kv_blocks(39, 38) == 38
+    assert kv_blocks(5, 40, 4) == 8 and kv_blocks(40, 40, 4) == 40 and kv_blocks(39, 38, 4) == 38
+    opts = DecodeOptions(kv_block=4)
     model = make_model(preset)
     prompts = [prompt(n, seed=n) for n in (9, 2, 5)]
-    assert generate(model, prompts[:1], 30) == [naive_greedy(model, prompts[0], 30)]
-    assert generate(model, prompts, 30) == [generate(model, [p], 30)[0] for p in prompts]
+    assert generate(model, prompts[:1], 30, options=opts) == [naive_greedy(model, prompts[0], 30)]
+    assert generate(model, prompts, 30, options=opts) == [generate(model, [p], 30, options=opts)[0] for p in prompts]
 
 
-def test_compiled_decode_equals_eager_across_kv_blocks(monkeypatch):
+def test_compiled_decode_equals_eager_across_kv_blocks():
     """The compiled path (inductor; CUDA graphs on a GPU) with 8-slot blocks: one compilation of the decode
     step serves every kv_len, and its tokens equal the eager ones, batched with padding too."""
-    import antimatter.model.generate as gen
+    from antimatter.model.decode import DecodeOptions
 
-    monkeypatch.setattr(gen, "KV_BLOCK", 8)
+    opts = DecodeOptions(kv_block=8)
     model = make_model()
     prompts = [prompt(5, seed=1), prompt(2, seed=2)]
-    eager = generate(model, prompts, 30)
-    assert generate(model, prompts, 30, compile=True) == eager
-    assert generate(model, prompts, 30, compile=True) == eager  # the cached compiled steps again
+    eager = generate(model, prompts, 30, options=opts)
+    assert generate(model, prompts, 30, compile=True, options=opts) == eager
+    assert generate(model, prompts, 30, compile=True, options=opts) == eager  # the cached compiled steps again
 
 
 def test_single_row_gemv_path_equals_the_matmul():

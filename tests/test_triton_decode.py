@@ -163,23 +163,21 @@ def test_bf16_step_is_as_accurate_as_the_models_own(batch):
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="tuning times CUDA graphs; the interpreter runs steps untimed")
-def test_tuning_in_whole_steps_changes_no_token(monkeypatch):
+def test_tuning_in_whole_steps_changes_no_token():
     """The in-step pass replays whole steps (each writes the cache slot at the position and advances it):
     generation afterwards gives the torch path's tokens, at batch 1 and for a batch of three, and the pass
     timed more than one block shape of some matrix."""
-    import antimatter.model.triton_decode as td
+    from antimatter.model.decode import DecodeOptions, DecodeTuning
 
-    monkeypatch.setattr(td, "TUNE_IN_STEP", True)
-    td.forget_tuning()
+    opts = DecodeOptions(tune_in_step=True, tuning=DecodeTuning())  # tunes from scratch, whatever ran before
     model = make_model("tiny")
     reports = []
     for prompts in ([prompt(7, seed=2)], [prompt(7, seed=2), prompt(3, seed=3), prompt(5, seed=4)]):
-        assert generate(model, prompts, 6, kernels=True) == generate(model, prompts, 6, kernels=False)
+        assert generate(model, prompts, 6, kernels=True, options=opts) == generate(model, prompts, 6, kernels=False)
         reports.append(model.__dict__["_antimatter_triton_decoder"][1].tune_report)
     batch_1 = reports[0]  # K = 32: two single-row block shapes fit each matrix (the batched ones, one)
     assert any(v["kind"] == "step" and len(v["us"]) == 2 for v in batch_1.values()), batch_1
     assert {v["kind"] for v in batch_1.values()} == {"matrix", "attention", "step"}  # what profile_kernels.py sorts
-    td.forget_tuning()
 
 
 def test_unsupported_models_say_why():

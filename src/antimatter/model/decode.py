@@ -9,12 +9,16 @@ The model itself stays norm-then-nn.Linear. `single_row_matmuls(model)` swaps ea
 `NormLinear` holding both (the norm's own slot then holds an nn.Identity), each other block Linear for a
 `NormLinear` without a norm, and puts the originals back on exit. Eager calls and inputs of more than one row
 take the plain path inside `NormLinear`, so outside compiled single-row steps nothing changes.
+
+`DecodeOptions` carries every switch of compiled decoding (this path's and the Triton decoder's) as an argument
+of `generate`, so an A/B run changes one call, not module state that every later call would inherit.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -22,6 +26,44 @@ import torch.nn.functional as F
 
 from antimatter.model.gpt import GPT, RMSNorm
 from antimatter.model.quantize import is_int8
+
+KV_BLOCK = 128  # decode attention reads the cache in whole blocks of this many slots
+
+
+class DecodeTuning:
+    """The Triton decoder's tuning results: (GPU, what was tuned, ...) -> the fastest launch shape (`best`)
+    and every shape that ran, fastest first (`ranked`). Kept across decoders because timing the candidates
+    again costs seconds per call; `PROCESS_TUNING` is the one every call shares unless given another (an A/B
+    run passes a fresh one per variant, so each tunes its own candidates)."""
+
+    def __init__(self) -> None:
+        self.best: dict[tuple, tuple | dict] = {}
+        self.ranked: dict[tuple, list[tuple[int, ...]]] = {}
+
+    def clear(self) -> None:
+        self.best.clear()
+        self.ranked.clear()
+
+
+PROCESS_TUNING = DecodeTuning()
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How compiled decoding runs. The defaults are the fastest measured (docs/RESULTS.md); the switches
+    exist for A/B runs. Frozen and hashable: the compiled steps and the Triton decoder are cached per value."""
+
+    compile_mode: str = "reduce-overhead"  # CUDA graphs; "max-autotune" also tunes Triton matmuls (slow start)
+    coordinate_descent: bool = False  # inductor's coordinate-descent tuning of the step (gpt-fast's setting):
+    # a little faster, but a cold compile can take minutes
+    auto_kernels: bool = True  # compiled decoding on a GPU uses model/triton_decode.py when it can
+    fold_norm: bool = True  # single-row matmuls: the preceding norm folded into the reduction (else its own kernel)
+    kv_block: int = KV_BLOCK  # the torch step's attention reads whole blocks of this many cache slots
+    split_k: bool = True  # Triton decoder: try split-K block shapes (False: only whole-K ones)
+    pdl: bool = True  # Triton decoder: programmatic dependent launch where the GPU has it (False: plain launches)
+    tune_attention: bool = True  # Triton decoder: time attention's launch shapes too (False: its defaults)
+    tune_in_step: bool = True  # Triton decoder: re-pick block shapes among the fastest alone by timing whole steps
+    tuning: DecodeTuning = field(default=PROCESS_TUNING, compare=False)
 
 
 class NormLinear(nn.Module):

@@ -7,7 +7,7 @@ from p) so no host sync is needed per token; only streaming (`on_token`) and the
 
 With `compile=True` the single-token step is compiled with CUDA graphs (`mode="reduce-overhead"`), which
 removes the kernel-launch overhead that otherwise dominates batch-1 decoding of small models. Attention reads
-only the filled part of the cache (whole blocks of KV_BLOCK slots; one compilation serves every length), and
+only the filled part of the cache (whole blocks of `kv_block` slots; one compilation serves every length), and
 at batch 1 the matmuls run as inductor reductions (`decode.single_row_matmuls`), faster than cuBLAS at one row. With
 `kernels=True` (the default for compiled decoding on a GPU up to KERNELS_MAX_BATCH rows, when Triton is there)
 the step runs instead as AntiMatter's own Triton kernels, five a layer, replayed as one CUDA graph
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from antimatter.model.decode import single_row_matmuls
+from antimatter.model.decode import KV_BLOCK, DecodeOptions, single_row_matmuls
 from antimatter.model.gpt import GPT
 
 
@@ -69,13 +69,10 @@ def check_sampling(temperature: float, top_k: int, top_p: float, repetition_pena
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
 
 
-KV_BLOCK = 128  # decode attention reads the cache in whole blocks of this many slots
-
-
-def kv_blocks(filled: int, max_seq: int) -> int:
+def kv_blocks(filled: int, max_seq: int, block: int = KV_BLOCK) -> int:
     """Cache slots the attention of a step reads: `filled` rounded up to whole blocks. Few distinct values,
     so the compiled decode step is captured as a CUDA graph once per block count and then replayed."""
-    return min(max_seq, -(-filled // KV_BLOCK) * KV_BLOCK)
+    return min(max_seq, -(-filled // block) * block)
 
 
 def compiled_cache_slots(needed: int, ctx: int) -> int:
@@ -98,39 +95,34 @@ def _step(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor, left_pad: t
     return nxt, seen
 
 
-DECODE_COMPILE_MODE = "reduce-overhead"  # CUDA graphs; "max-autotune" also tunes Triton matmuls (slow start)
-DECODE_TUNING = False  # inductor coordinate-descent tuning of the decode kernels (gpt-fast's setting): +3.9% at
-# batch 1 on an H200, but one cold start with it did not finish compiling within 150 s (docs/RESULTS.md)
-
-
-def _compiled_steps(model: GPT, mode: str):
+def _compiled_steps(model: GPT, mode: str, coordinate_descent: bool = False):
     """Compiled (prefill, decode) pair for a torch.compile mode, cached on the model so repeated calls reuse
     the graphs. The decode step replays as a CUDA graph, one per distinct kv_len."""
     cache = model.__dict__.setdefault("_antimatter_compiled_steps", {})
-    key = (mode, DECODE_TUNING)
+    key = (mode, coordinate_descent)
     if key not in cache:
         from torch._inductor import list_mode_options
 
         options = dict(list_mode_options(mode))
-        if DECODE_TUNING:
+        if coordinate_descent:
             options["coordinate_descent_tuning"] = True
         cache[key] = (torch.compile(_step, dynamic=True),
                       torch.compile(_step, fullgraph=True, options=options))
     return cache[key]
 
 
-FOLD_NORM = True  # single-row matmuls: fold the preceding norm into the reduction (False: its own kernel)
-DECODE_KERNELS = True  # compiled decoding on a GPU uses model/triton_decode.py when it can
 KERNELS_MAX_BATCH = 64  # ... up to this many rows (one tile of rows in its matmuls)
 
 
 def _triton_decoder(model: GPT, kernels: bool | None, compile: bool | str, batch: int,
-                    sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], key: tuple, greedy: bool):
+                    sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], key: tuple, greedy: bool,
+                    options: DecodeOptions):
     """The Triton decoder for this call, or None for the torch path. `kernels=True` insists (and says why it
     cannot), None decides: compiled, on a GPU, at most KERNELS_MAX_BATCH rows, Triton importable, the model
-    supported. `greedy`: `sample` is a plain argmax, which the decoder then does in a kernel."""
+    supported (and `options.auto_kernels`). `greedy`: `sample` is a plain argmax, which the decoder then does in
+    a kernel."""
     on_gpu = model.lm_head.weight.is_cuda  # the interpreter (CPU) runs them only when asked: kernels=True
-    auto = compile and DECODE_KERNELS and on_gpu and batch <= KERNELS_MAX_BATCH
+    auto = compile and options.auto_kernels and on_gpu and batch <= KERNELS_MAX_BATCH
     if kernels is False or (kernels is None and not auto):
         return None
     try:
@@ -144,9 +136,10 @@ def _triton_decoder(model: GPT, kernels: bool | None, compile: bool | str, batch
         if kernels:
             raise ValueError(f"kernels=True: {reason}")
         return None
+    key = (*key, options, id(options.tuning))
     cached = model.__dict__.get("_antimatter_triton_decoder")
-    if cached is None or cached[0] != key:  # new cache buffers or sampling settings: a new graph
-        cached = (key, triton_decode.TritonDecoder(model, sample, greedy=greedy))
+    if cached is None or cached[0] != key:  # new cache buffers, sampling settings or options: a new graph
+        cached = (key, triton_decode.TritonDecoder(model, sample, greedy=greedy, options=options))
         model.__dict__["_antimatter_triton_decoder"] = cached
     cached[1].refresh()
     return cached[1]
@@ -165,17 +158,18 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, eot_id: int | None = None,
              seed: int | None = None, on_token: Callable[[int, torch.Tensor], None] | None = None,
              compile: bool | str = False, pad_id: int = 0, gemv: bool | None = None,
-             kernels: bool | None = None) -> list[list[int]]:
+             kernels: bool | None = None, options: DecodeOptions | None = None) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens of each row, cut
     before the first EOT. `on_token(step, tokens)` is called with each new (B,) tensor, for streaming.
-    `compile`: True compiles prefill and the decode step (DECODE_COMPILE_MODE); a string names the
+    `compile`: True compiles prefill and the decode step (`options.compile_mode`); a string names the
     torch.compile mode of the decode step. `gemv` (compiled only): single-row matmuls as reductions;
     None = at batch 1. `kernels`: decode steps as AntiMatter's Triton kernels in one CUDA graph (True:
     required; None: when compiled on a GPU, the batch at most KERNELS_MAX_BATCH and the model supported;
-    False: never)."""
+    False: never). `options`: the switches of compiled decoding (None: `DecodeOptions()`, the defaults)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
+    options = options or DecodeOptions()
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     ctx = model.cfg.block_size
@@ -201,8 +195,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     cache = model.transformer.h[0].attn.kv_cache
     if cache is None or cache.k.shape[0] != B or cache.k.shape[2] != max_seq:
         model.setup_caches(B, max_seq)
-    mode = compile if isinstance(compile, str) else DECODE_COMPILE_MODE
-    prefill, decode = _compiled_steps(model, mode) if compile else (_step, _step)
+    mode = compile if isinstance(compile, str) else options.compile_mode
+    prefill, decode = _compiled_steps(model, mode, options.coordinate_descent) if compile else (_step, _step)
     args = (temperature, top_k, top_p, repetition_penalty)
 
     def sample(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
@@ -213,12 +207,12 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     if max_new_tokens > 1:
         greedy = temperature <= 0.0 and repetition_penalty == 1.0
         decoder = _triton_decoder(model, kernels, compile, B, sample, (kv_buf.data_ptr(), kv_buf.shape, *args),
-                                  greedy)
+                                  greedy, options)
     slots: dict[int, torch.Tensor] = {}
     # compiled at batch 1: matmuls as reductions (1.18x the cuBLAS path on an H200, docs/RESULTS.md), swapped
     # in after the Triton decoder has read the plain modules
     single_row = bool(compile) and (B == 1 if gemv is None else gemv)
-    swap = single_row_matmuls(model, FOLD_NORM) if single_row else contextlib.nullcontext()
+    swap = single_row_matmuls(model, options.fold_norm) if single_row else contextlib.nullcontext()
     try:
         with swap:
             prompt_slots = _slots(T, device, slots)  # the prompt's cache slots, and the length attention reads
@@ -239,7 +233,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
                     decoder.step()
                     nxt = decoder.token.clone()  # the graph overwrites its token on the next replay
                 else:
-                    kv = _slots(kv_blocks(T + step, max_seq), device, slots)
+                    kv = _slots(kv_blocks(T + step, max_seq, options.kv_block), device, slots)
                     nxt, seen = decode(model, nxt.view(B, 1), pos, left_pad, seen, kv, *args)
                     nxt, seen = nxt.clone(), seen.clone()  # graph outputs are overwritten by the next replay
                     pos += 1

@@ -188,6 +188,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
         self.loss_chunk_tokens = 0  # >0: cross-entropy in chunks of this many tokens (bounded logits memory)
+        self.ce_padding = "mask"  # how the loss leaves out the vocabulary's padding columns: "mask" or "slice"
         self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
         self.reset_parameters()
 
@@ -286,16 +287,13 @@ class GPT(nn.Module):
         chunk recomputed in backward, so the full (tokens x vocab) logits never sit in memory at once."""
         x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
         V, cap = self.cfg.vocab_size, self.cfg.logit_softcap
-        chunk = self.loss_chunk_tokens
+        chunk, pad = self.loss_chunk_tokens, self.ce_padding
         if chunk <= 0 or x.shape[0] <= chunk:
-            return _ce_sum(x, self.lm_head.weight, targets, V, cap) / (targets != -1).sum().clamp(min=1)
+            return _ce_sum(x, self.lm_head.weight, targets, V, cap, pad) / (targets != -1).sum().clamp(min=1)
         total = x.new_zeros((), dtype=torch.float32)
         for xs, ts in zip(x.split(chunk), targets.split(chunk)):
-            total = total + checkpoint(_ce_sum, xs, self.lm_head.weight, ts, V, cap, use_reentrant=False)
+            total = total + checkpoint(_ce_sum, xs, self.lm_head.weight, ts, V, cap, pad, use_reentrant=False)
         return total / (targets != -1).sum().clamp(min=1)
-
-
-CE_PADDING = "mask"  # how the loss leaves out the vocabulary's padding columns: "mask" or "slice"
 
 
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
@@ -304,16 +302,16 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 def _ce_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-            cap: float = 0.0) -> torch.Tensor:
+            cap: float = 0.0, padding: str = "mask") -> torch.Tensor:
     """Summed cross-entropy over the real vocabulary. The padding columns of the logits are set to -inf (zero
     probability, zero gradient) rather than sliced off: rows of the padded width (a multiple of 64) keep the
     fused softmax kernels on aligned, vectorised loads, where a slice to 50,257 columns does not
-    (CE_PADDING = "slice" is the old way, for the benchmark's A/B)."""
+    (padding="slice" is the old way, for the benchmark's A/B)."""
     logits = F.linear(x, weight)
     if cap > 0:
         logits = softcap(logits.float(), cap)
     if logits.shape[-1] > vocab_size:
-        if CE_PADDING == "slice":
+        if padding == "slice":
             logits = logits[:, :vocab_size]
         else:
             pad = torch.arange(logits.shape[-1], device=logits.device) >= vocab_size

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from antimatter.model.decode import DecodeOptions, DecodeTuning
 from antimatter.model.gpt import GPT, RMSNorm
 from antimatter.model.quantize import is_int8
 
@@ -450,16 +451,8 @@ MATMUL_CONFIGS = [(64, 256, 4, 3, 1), (16, 256, 4, 3, 1), (128, 128, 8, 3, 1), (
                   (64, 256, 4, 3, 16), (64, 256, 4, 1, 4), (64, 128, 4, 1, 4), (16, 256, 4, 1, 4),
                   (16, 128, 4, 1, 8), (32, 128, 4, 1, 8), (64, 256, 4, 1, 16)]
 MATMUL_SMALL = (16, 64, 4, 2, 1)  # for matrices narrower than every candidate's BLOCK_K (tiny test models)
-SPLIT_K = True  # try split-K block shapes (False: only whole-K ones, for A/B runs)
 SPLIT_K_MAX_BLOCKS = 256  # split K only for matrices of fewer column blocks than this (not the output head)
-_TUNED: dict[tuple, tuple | dict] = {}  # (GPU name, signature, PDL) -> fastest config, this process
-_RANKED: dict[tuple, list[tuple[int, ...]]] = {}  # the same keys -> every config that ran, fastest first
-
-
-def forget_tuning() -> None:
-    """Drop this process's tuning results: the next decoder times its candidates again (A/B runs)."""
-    _TUNED.clear()
-    _RANKED.clear()
+STEP_TUNE_TOP = 4  # how many of a matrix shape's fastest-alone block shapes the in-step pass times
 
 
 def unsupported_reason(model: GPT) -> str | None:
@@ -478,17 +471,9 @@ def unsupported_reason(model: GPT) -> str | None:
     return None
 
 
-TUNE_ATTENTION = True  # time attention's launch shapes too (False: ATTN_BLOCK_S, 4 warps, default_splits).
-# +1.8% at batch 1 on an H200 (the tuner picked 32 slots, 2 warps, 16 splits), batch 32 keeps the default shape
-TUNE_IN_STEP = True  # re-pick each matrix's block shape among its fastest alone by timing whole steps. On an
-# H200 at batch 32 it fixed a close call that timing alone got wrong (+3.9%); at batch 1 it kept the same speed
-STEP_TUNE_TOP = 4  # how many of a matrix shape's fastest-alone block shapes the in-step pass times
-USE_PDL = True  # programmatic dependent launch where the GPU has it (False: plain launches, for A/B runs)
-
-
-def _pdl_launch(device: torch.device) -> dict:
+def _pdl_launch(device: torch.device, on: bool = True) -> dict:
     """Launch options for programmatic dependent launch: Hopper and newer GPUs (not the interpreter)."""
-    if USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+    if on and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
         return {"launch_pdl": True}
     return {}
 
@@ -515,9 +500,10 @@ class _MatVec:
 
     def __init__(self, linear: torch.nn.Linear, x: torch.Tensor, out: torch.Tensor, launch: dict,
                  norm: torch.nn.Module | None = None, act: int = ACT_NONE, residual: torch.Tensor | None = None,
-                 scratch: _SplitScratch | None = None):
+                 scratch: _SplitScratch | None = None, split_k: bool = True):
         self.launch = launch  # _pdl_launch's options, shared by the decoder's kernels
         self.scratch = scratch or _SplitScratch(x.device)
+        self.split_k = split_k  # try split-K block shapes (False: only whole-K ones)
         self.w, self.x, self.out = linear.weight, x, out
         self.bias, self.res, self.norm, self.act = linear.bias, residual, norm, act
         self.N = self.w.shape[0] // (2 if act == ACT_SWIGLU else 1)
@@ -556,7 +542,7 @@ class _MatVec:
         if self.M == 1:
             return [c for c in MATVEC_CONFIGS if c[1] <= max(self.K, 256)]
         fits = [c for c in MATMUL_CONFIGS if c[1] <= self.K and (c[4] == 1 or (
-            SPLIT_K and c[4] * c[1] <= self.K and triton.cdiv(self.N, c[0]) < SPLIT_K_MAX_BLOCKS))]
+            self.split_k and c[4] * c[1] <= self.K and triton.cdiv(self.N, c[0]) < SPLIT_K_MAX_BLOCKS))]
         return fits or [MATMUL_SMALL]
 
     def split_layout(self, config: tuple[int, ...]) -> tuple[int, int, int]:
@@ -594,7 +580,8 @@ class TritonDecoder:
     `start(token, pos, seen, left_pad)` loads the state; each `step()` feeds each row's token at cache slot
     `pos` (rows are left-padded by `left_pad` slots, as `generate` lays out a batch), writes the next tokens
     into `token`, and advances `pos`. On a GPU the step is captured once as a CUDA graph (after one tuning
-    pass over the matrix block shapes and attention's launch shape) and replayed."""
+    pass over the matrix block shapes and attention's launch shape) and replayed. `options` holds the switches
+    of the launches and tuning, and the tuning results this decoder reads and adds to."""
 
     ATTN_BLOCK_S = 64  # cache slots an attention program reads per iteration, until tuned
     MAX_SPLITS = 16
@@ -604,12 +591,14 @@ class TritonDecoder:
     ATTN_CANDIDATES = [(64, 4), (64, 8), (32, 4), (32, 2), (128, 4), (128, 8)]
 
     def __init__(self, model: GPT, sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 attn_splits: int | None = None, greedy: bool = False):
+                 attn_splits: int | None = None, greedy: bool = False, options: DecodeOptions | None = None):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"Triton decode: {reason}")
         cfg = model.cfg
         self.model, self.sample = model, sample
+        self.options = options = options or DecodeOptions()
+        self.tuning: DecodeTuning = options.tuning
         self.greedy = greedy  # `sample` is a plain argmax: _greedy_kernel does it (and the bookkeeping)
         w = model.lm_head.weight
         dev, dt = w.device, w.dtype
@@ -626,19 +615,20 @@ class TritonDecoder:
         self.h = torch.zeros(B, cfg.ffn_dim, dtype=dt, device=dev)
         self.logits = torch.zeros(B, cfg.padded_vocab_size, dtype=torch.float32, device=dev)
         act = ACT_SWIGLU if cfg.arch == "llama" else ACT_GELU
-        self.launch = launch = _pdl_launch(dev)
+        self.launch = launch = _pdl_launch(dev, options.pdl)
         self.layers = []
         self.scratch = sc = _SplitScratch(dev)
+        kw = dict(scratch=sc, split_k=options.split_k)
         for block in model.transformer.h:
             a, m = block.attn, block.mlp
             self.layers.append((
-                _MatVec(a.c_attn, self.x, self.qkv, launch, norm=block.ln_1, scratch=sc),
+                _MatVec(a.c_attn, self.x, self.qkv, launch, norm=block.ln_1, **kw),
                 a,
-                _MatVec(a.c_proj, self.y, self.x, launch, residual=self.x, scratch=sc),
-                _MatVec(m.c_fc, self.x, self.h, launch, norm=block.ln_2, act=act, scratch=sc),
-                _MatVec(m.c_proj, self.h, self.x, launch, residual=self.x, scratch=sc),
+                _MatVec(a.c_proj, self.y, self.x, launch, residual=self.x, **kw),
+                _MatVec(m.c_fc, self.x, self.h, launch, norm=block.ln_2, act=act, **kw),
+                _MatVec(m.c_proj, self.h, self.x, launch, residual=self.x, **kw),
             ))
-        self.head = _MatVec(model.lm_head, self.x, self.logits, launch, norm=model.transformer.ln_f, scratch=sc)
+        self.head = _MatVec(model.lm_head, self.x, self.logits, launch, norm=model.transformer.ln_f, **kw)
         n = B * cfg.n_head * self.MAX_SPLITS  # room for any split count (profile_kernels.py tries several)
         self.part_m = torch.zeros(n, dtype=torch.float32, device=dev)
         self.part_l = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -731,9 +721,10 @@ class TritonDecoder:
         for mv in self.matvecs():
             groups.setdefault(mv.signature(), []).append(mv)
         report = {}
+        tuned, ranked = self.tuning.best, self.tuning.ranked
         for sig, mvs in groups.items():
             key = (gpu, sig, bool(self.launch))
-            if key not in _TUNED:
+            if key not in tuned:
                 times, failed = {}, {}
                 for c in mvs[0].candidates():
                     try:
@@ -742,15 +733,15 @@ class TritonDecoder:
                         failed[str(c)] = str(e)[:200]
                 if not times:
                     raise RuntimeError(f"Triton decode: no block shape fits this GPU for {sig}: {failed}")
-                _RANKED[key] = sorted(times, key=times.get)
-                _TUNED[key] = _RANKED[key][0]
-                report[str(sig)] = {"kind": "matrix", "signature": sig, "instances": len(mvs), "best": _TUNED[key],
+                ranked[key] = sorted(times, key=times.get)
+                tuned[key] = ranked[key][0]
+                report[str(sig)] = {"kind": "matrix", "signature": sig, "instances": len(mvs), "best": tuned[key],
                                     "us": {str(c): t for c, t in times.items()}, "failed": failed}
             for mv in mvs:
-                mv.config = _TUNED[key]
-        if TUNE_ATTENTION and not self.fixed_splits:
+                mv.config = tuned[key]
+        if self.options.tune_attention and not self.fixed_splits:
             report.update(self.tune_attention(gpu))
-        if TUNE_IN_STEP:
+        if self.options.tune_in_step:
             report.update(self.tune_in_step(gpu, groups))
         self.tuned = True
         self.tune_report = report
@@ -766,7 +757,8 @@ class TritonDecoder:
         fill = min(self.max_seq - 1, (int(pos.item()) + self.max_seq) // 2)
         key = (gpu, "attention", heads, self.max_seq, fill, self.model.cfg.head_dim, bool(self.launch))
         attns = [block[1] for block in self.layers]
-        if key not in _TUNED:
+        tuned = self.tuning.best
+        if key not in tuned:
             times = {}
             self.pos.fill_(fill)
             for block, warps in self.ATTN_CANDIDATES:
@@ -774,12 +766,12 @@ class TritonDecoder:
                 self.attn_block, self.attn_warps, self.splits = c
                 times[c] = graph_time_us(lambda: [self._attend(a) for a in attns]) / len(attns)
             self.pos.copy_(pos)
-            _TUNED[key] = min(times, key=times.get)
-            report = {"attention": {"kind": "attention", "signature": key[1:], "fill": fill, "best": _TUNED[key],
+            tuned[key] = min(times, key=times.get)
+            report = {"attention": {"kind": "attention", "signature": key[1:], "fill": fill, "best": tuned[key],
                                     "us": {str(c): t for c, t in times.items()}}}
         else:
             report = {}
-        self.attn_block, self.attn_warps, self.splits = _TUNED[key]
+        self.attn_block, self.attn_warps, self.splits = tuned[key]
         return report
 
     def tune_in_step(self, gpu: str, groups: dict[tuple, list[_MatVec]]) -> dict:
@@ -788,18 +780,19 @@ class TritonDecoder:
         itself; in a step it follows attention or another matrix, and with programmatic launch how much of its
         weight stream overlaps that kernel depends on its block shape (how much it loads before its wait)."""
         key = (gpu, "step", tuple(groups), self.attn_block, self.attn_warps, self.splits, bool(self.launch))
-        if key in _TUNED:
+        tuned, ranked = self.tuning.best, self.tuning.ranked
+        if key in tuned:
             for sig, mvs in groups.items():
                 for mv in mvs:
-                    mv.config = _TUNED[key][sig]
+                    mv.config = tuned[key][sig]
             return {}
         report = {}
         for sig, mvs in groups.items():
-            ranked = _RANKED[(gpu, sig, bool(self.launch))][:STEP_TUNE_TOP]
-            if len(ranked) < 2:
+            top = ranked[(gpu, sig, bool(self.launch))][:STEP_TUNE_TOP]
+            if len(top) < 2:
                 continue
             times = {}
-            for c in ranked:
+            for c in top:
                 for mv in mvs:
                     mv.config = c
                 times[c] = self._step_time_us()
@@ -808,7 +801,7 @@ class TritonDecoder:
                 mv.config = best
             report[f"step {sig}"] = {"kind": "step", "signature": sig, "best": best,
                                      "us": {str(c): t for c, t in times.items()}}
-        _TUNED[key] = {sig: mvs[0].config for sig, mvs in groups.items()}
+        tuned[key] = {sig: mvs[0].config for sig, mvs in groups.items()}
         return report
 
     def _step_time_us(self, replays: int = 25) -> float:
