@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import xxhash
 from test_tokenizer import make_corpus
 from train_helpers import make_tokens, one_thread, tiny_config
@@ -131,6 +132,22 @@ def test_eval_refuses_a_checkpoint_trained_with_another_tokenizer(base: dict[str
     with pytest.raises(UserError, match=r"checkpoint .*step_000004 was trained with another tokenizer .*"
                                         r"tokenizer\.json"):
         run_eval(eval_cfg(run), run)
+
+
+def test_generate_and_export_refuse_a_checkpoint_trained_with_another_tokenizer(base: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    """Sampling or exporting a checkpoint with a tokenizer it was not trained with would decode its ids
+    into the wrong text (or ship a mismatched tokenizer): both refuse, like eval."""
+    from antimatter.export import export_hf
+    from antimatter.repl import load_for_generation
+
+    run = clone(base, tmp_path / "run")
+    swap_tokenizer(run, base)
+    with pytest.raises(UserError, match=r"checkpoint .*step_000004 was trained with another tokenizer .*generate"):
+        load_for_generation(run, "latest", torch.device("cpu"))
+    with pytest.raises(UserError, match=r"checkpoint .*step_000004 was trained with another tokenizer .*export"):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_resume_refuses_a_checkpoint_trained_with_another_tokenizer(base: dict[str, Path],

@@ -818,7 +818,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", dtype: str = "fp32") -> Path:
     """`antimatter export`: a run's checkpoint (best, latest or a checkpoint folder) -> Hugging Face folder,
     with the run's tokenizer, data statistics and evaluation figures in the card."""
-    from antimatter.checkpoint import load_model
+    from antimatter.checkpoint import check_checkpoint_tokenizer, load_model
 
     run_dir = Path(run_dir)
     if dtype not in DTYPES:
@@ -832,6 +832,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best"
         if not run_dir.is_dir():  # a checkpoint folder lives at RUN/checkpoints/step_N
             run_dir = Path(ckpt_dir).parent.parent
     tok = run_dir / "tokenizer" / "tokenizer.json"
+    check_checkpoint_tokenizer(Path(ckpt_dir), tok, "export")
     ev = _read_json(run_dir / "results" / "evaluations" / "final_evaluation.json")
     card = {"name": run_dir.name, "source": f"{run_dir}/checkpoints/{Path(ckpt_dir).name}",
             "checkpoint": Path(ckpt_dir).name,

@@ -37,14 +37,15 @@ class StreamPrinter:
 
 
 def load_for_generation(run_dir: Path, checkpoint: str, device: torch.device):
-    from antimatter.checkpoint import load_model
+    from antimatter.checkpoint import check_checkpoint_tokenizer, load_model
     from antimatter.tokenizer import load_tokenizer
 
     model, run_cfg, ckpt = load_model(run_dir, which=checkpoint, device=str(device))
+    tokenizer = load_tokenizer(run_dir)
+    check_checkpoint_tokenizer(ckpt, tokenizer.path, "generate with")
     dtype = resolve_dtype("auto", device)
     if dtype != "fp32":  # a GPU serves a half-precision copy; elsewhere the weights stay as loaded
         model = model.to(DTYPES[dtype])
-    tokenizer = load_tokenizer(run_dir)
     return model.eval(), tokenizer, ckpt
 
 

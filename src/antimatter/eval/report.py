@@ -74,7 +74,7 @@ def check_settings(ev) -> None:
 def load_for_eval(run_dir: Path, which: str, device: torch.device):
     """(model, the checkpoint's config, checkpoint folder, tokenizer), checking that they belong together:
     the tokenizer must be the one that made the run's tokens and the one the checkpoint was trained with."""
-    from antimatter.checkpoint import load_model
+    from antimatter.checkpoint import check_checkpoint_tokenizer, load_model
     from antimatter.tokenizer import load_tokenizer
     from antimatter.tokens import check_tokenizer
 
@@ -102,29 +102,8 @@ def load_for_eval(run_dir: Path, which: str, device: torch.device):
                         f"for {run_cfg.model.vocab_size}: evaluate it with the run (and tokenizer) it came from")
     if tok.path:  # byte counts and samples come from this tokenizer: it must be the one that made the tokens
         check_tokenizer(run_dir / "tokens", tok.path)
-    trained_with = checkpoint_tokenizer(ckpt)
-    if trained_with and tok.path and trained_with != (actual := sha256_file(tok.path)):
-        raise UserError(f"checkpoint {ckpt} was trained with another tokenizer (sha256 {trained_with[:12]}) "
-                        f"than {tok.path} (sha256 {actual[:12]}): evaluate it with the run (and tokenizer) "
-                        f"it came from")
+    check_checkpoint_tokenizer(ckpt, tok.path, "evaluate")
     return model, run_cfg, ckpt, tok
-
-
-def checkpoint_tokenizer(ckpt: Path) -> str | None:
-    """The sha256 of the tokenizer a checkpoint was trained with, or None where it records none (older
-    checkpoints, imports). From the manifest where it is there, else from state.pt (training writes it
-    there), memory-mapped so that the optimizer state in it is not read."""
-    try:
-        recorded = json.loads((ckpt / "manifest.json").read_text("utf-8")).get("tokenizer_sha256")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if recorded or not (ckpt / "state.pt").is_file():
-        return recorded or None
-    try:
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # load_model verified its sha256; a file torch cannot map records nothing usable here
-        return None
-    return state.get("tokenizer_sha256") if isinstance(state, dict) else None
 
 
 def unigram_counts(train_dir: Path, vocab_size: int, chunk: int = 1 << 24) -> tuple[np.ndarray, int]:
