@@ -378,25 +378,27 @@ def checkpoint_tokenizer(ckpt: Path) -> str | None:
     checkpoints, imports). From the manifest where it is there, else from state.pt (training writes it
     there), memory-mapped so that the optimizer state in it is not read."""
     try:
-        recorded = json.loads((ckpt / "manifest.json").read_text("utf-8")).get("tokenizer_sha256")
+        recorded = json.loads((ckpt / MANIFEST).read_text("utf-8")).get("tokenizer_sha256")
     except (OSError, ValueError, AttributeError):
         recorded = None
-    if recorded or not (ckpt / "state.pt").is_file():
+    if recorded or not (ckpt / STATE).is_file():
         return recorded or None
     try:
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # load_model verified its sha256; a file torch cannot map records nothing usable here
         return None
     return state.get("tokenizer_sha256") if isinstance(state, dict) else None
 
 
-def check_checkpoint_tokenizer(ckpt: Path, tokenizer_file: str | Path | None, verb: str) -> None:
+def check_checkpoint_tokenizer(ckpt: Path, tokenizer_file: str | Path | None, verb: str,
+                               tokenizer_sha256: str | None = None) -> None:
     """Refuse to pair a checkpoint with a tokenizer other than the one it was trained with: its ids would
-    be scored, decoded or exported as other text. Checkpoints that record none (older ones, imports) pass."""
+    be scored, decoded or exported as other text. Checkpoints that record none (older ones, imports) pass.
+    `tokenizer_sha256`: the file's digest where the caller already has it."""
     trained_with = checkpoint_tokenizer(ckpt)
     if not trained_with or not tokenizer_file or not Path(tokenizer_file).is_file():
         return
-    actual = sha256_file(tokenizer_file)
+    actual = tokenizer_sha256 or sha256_file(tokenizer_file)
     if actual != trained_with:
         raise UserError(f"checkpoint {ckpt} was trained with another tokenizer (sha256 {trained_with[:12]}) "
                         f"than {tokenizer_file} (sha256 {actual[:12]}): {verb} it with the run (and tokenizer) "

@@ -4,11 +4,11 @@ took. A stage whose manifest matches its current inputs and config is skipped, s
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from antimatter.errors import UserError, shorten
 from antimatter.files import atomic_write_text
 from antimatter.provenance import provenance, sha256_file
 
@@ -78,27 +78,34 @@ def is_current(out_dir: str | Path, stage: str, inputs: dict[str, str], config: 
     outputs = m.get("outputs", {})
     if not isinstance(outputs, dict):  # an edited manifest: what it lists cannot be checked, so redo the stage
         return False
-    return all(isinstance(rel, str) and isinstance(size, int) and (Path(out_dir) / rel).is_file()
-               and os.path.getsize(Path(out_dir) / rel) == size for rel, size in outputs.items())
+    return _changed_output(Path(out_dir), outputs) is None
+
+
+def _changed_output(out_dir: Path, outputs: dict[str, Any]) -> tuple[Path, int | None, Any] | None:
+    """(file, its size on disk or None when missing, the size the manifest lists) of the first listed output
+    that is not as the stage wrote it; None when every one is."""
+    for rel, size in outputs.items():
+        f = out_dir / rel
+        actual = f.stat().st_size if f.is_file() else None
+        if actual is None or not isinstance(size, int) or actual != size:
+            return f, actual, size
+    return None
 
 
 def verify_outputs(out_dir: str | Path, stage: str) -> None:
     """Refuse a stage folder whose files are not the ones its manifest lists (a file cut, grown or gone after
     the stage wrote it): a consumer would otherwise read a shorter file as a complete one. No manifest (a
     folder the user made) is not checked."""
-    from antimatter.errors import UserError
-
-    out_dir = Path(out_dir)
     m = read_manifest(out_dir)
     if not m or not isinstance(m.get("outputs"), dict):
         return
-    for rel, size in m["outputs"].items():
-        f = out_dir / rel
-        actual = f.stat().st_size if f.is_file() else None
-        if actual != size:
-            state = "is missing" if actual is None else f"is {actual:,} bytes where its manifest says {size:,}"
-            raise UserError(f"{f} {state}: it was cut or changed after `antimatter {stage}` wrote it; run "
-                            f"`antimatter {stage} --force` to write it again")
+    changed = _changed_output(Path(out_dir), m["outputs"])
+    if changed:
+        f, actual, size = changed
+        listed = f"{size:,}" if isinstance(size, int) else shorten(repr(size))
+        state = "is missing" if actual is None else f"is {actual:,} bytes where its manifest says {listed}"
+        raise UserError(f"{f} {state}: it was cut or changed after `antimatter {stage}` wrote it; run "
+                        f"`antimatter {stage} --force` to write it again")
 
 
 def write_manifest(out_dir: str | Path, stage: str, inputs: dict[str, str], config: dict[str, Any],

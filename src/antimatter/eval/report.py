@@ -101,8 +101,9 @@ def load_for_eval(run_dir: Path, which: str, device: torch.device):
         raise UserError(f"the tokenizer of {run_dir} has {tok.vocab_size} tokens but checkpoint {ckpt} was built "
                         f"for {run_cfg.model.vocab_size}: evaluate it with the run (and tokenizer) it came from")
     if tok.path:  # byte counts and samples come from this tokenizer: it must be the one that made the tokens
-        check_tokenizer(run_dir / "tokens", tok.path)
-    check_checkpoint_tokenizer(ckpt, tok.path, "evaluate")
+        digest = sha256_file(tok.path)
+        check_tokenizer(run_dir / "tokens", tok.path, digest)
+        check_checkpoint_tokenizer(ckpt, tok.path, "evaluate", digest)
     return model, run_cfg, ckpt, tok
 
 
