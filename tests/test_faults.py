@@ -5,6 +5,7 @@ refuses it with one line; a full disk ends a command with one line and leaves wh
 from __future__ import annotations
 
 import io
+import json
 import resource
 import shutil
 import signal
@@ -167,3 +168,18 @@ def test_flipped_bytes_in_prepared_data_are_one_line(prepared_run, tmp_path):
                        capture_output=True, text=True, timeout=120)
     line = one_error_line(r, "tokenizer")
     assert "Zstd" in line or "corrupt" in line, line
+
+
+def test_a_hand_edited_output_size_is_refused_in_one_line(prepared_run, tmp_path):
+    """A manifest whose listed size is not a number (edited by hand) is refused like a changed file."""
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    manifest = run / "data" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    first = next(iter(m["outputs"]))
+    m["outputs"][first] = "abc"
+    manifest.write_text(json.dumps(m))
+    cfg = RunConfig()
+    cfg.name, cfg.runs_dir = "run", str(tmp_path)
+    with pytest.raises(UserError, match=r"manifest says 'abc': .*antimatter prepare --force"):
+        run_stage("tokenizer", cfg)
