@@ -437,12 +437,12 @@ def _greedy_kernel(logits_ptr, token_ptr, seen_ptr, pos_ptr, V, logits_stride, B
 
 # (BLOCK_N, BLOCK_K, num_warps) tried per matrix shape on the GPU (those with BLOCK_K <= K); the first that
 # fits is used until tuned. The four fastest of each seed-300m shape out of 16 candidates on an H200
-# (docs/results/session5/decode_b1_kernels_h200_f2d82fe.json): fewer compilations in the first call.
+# (see docs/RESULTS.md#decode-speed): fewer compilations in the first call.
 MATVEC_CONFIGS = [(4, 512, 4), (4, 1024, 4), (8, 512, 4), (16, 512, 8), (2, 1024, 2), (2, 1024, 4),
                   (2, 2048, 8), (2, 4096, 8), (16, 256, 4), (8, 256, 4)]
 # (BLOCK_N, BLOCK_K, num_warps, stages, split-K) for the batched kernel (BLOCK_M follows the batch):
 # tensor-core tiles. Without split-K: the four fastest of ten at batch 32 on an H200
-# (docs/results/session6/h200_59dcda8_decode.json); split-K ones are tried for matrices of few column blocks,
+# (see docs/RESULTS.md#decode-speed); split-K ones are tried for matrices of few column blocks,
 # also with one stage: a split of one or two tiles gains nothing from a pipeline, and a smaller
 # shared-memory footprint lets the next kernel's programs start beside this one's (programmatic launch).
 MATMUL_CONFIGS = [(64, 256, 4, 3, 1), (16, 256, 4, 3, 1), (128, 128, 8, 3, 1), (64, 128, 4, 4, 1),
