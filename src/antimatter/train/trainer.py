@@ -35,10 +35,10 @@ from tqdm import tqdm
 
 from antimatter import checkpoint as ckpt_io
 from antimatter.config import RunConfig, save_config
-from antimatter.device import DTYPES, autocast, resolve_dtype
+from antimatter.device import autocast, resolve_dtype
 from antimatter.errors import UserError
 from antimatter.files import exclusive_lock
-from antimatter.model.accel import attention_backend, enable_fp8_training
+from antimatter.model.accel import attention_backend
 from antimatter.model.gpt import GPT
 from antimatter.train.distributed import (
     Dist,
@@ -49,9 +49,9 @@ from antimatter.train.distributed import (
     grad_sync,
     init_distributed,
     shutdown,
-    wrap_model,
 )
 from antimatter.train.optim import build_optimizers, lr_factor, set_lr
+from antimatter.train.parallelize import parallelize
 
 TB_NAMES = {"val_loss": "val/loss", "val_bpb": "val/bits_per_byte"}  # TensorBoard tags; the rest: train/KEY
 UNDECIDED = 2**62  # the step count of a time-budgeted run before its first steps are timed
@@ -275,7 +275,6 @@ class Trainer:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         model = GPT(cfg.model)
-        model.activation_checkpointing = t.activation_checkpointing
         model.loss_chunk_tokens = t.loss_chunk_tokens
         # rank 0 reads the checkpoint and shares it: other nodes need not see the same disk
         resume = self._find_resume() if d.is_main else None
@@ -304,22 +303,14 @@ class Trainer:
                 raise UserError(f"checkpoint weights do not fit model config (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]}): use the same model settings as that run")
         model.to(self.device)
-        if t.fp8:  # before wrapping: FSDP and DDP then see the float8 Linears
-            self.log(f"fp8: {enable_fp8_training(model)} Linear layers use torchao float8 matmuls")
-        self.model = model  # the uncompiled module: its state dicts have clean names
-        mp = DTYPES[self.dtype] if self.dtype == "bf16" and self.device.type == "cuda" else None
-        self.wrapped = wrap_model(model, d, t.parallel, mp)  # DDP broadcasts rank 0's weights
+        parts = parallelize(model, t, d, self.dtype, log=self.log)
+        self.model = parts.model  # the uncompiled module: its state dicts have clean names
+        self.wrapped, self.step_model = parts.wrapped, parts.step
         if d.enabled and t.parallel == "fsdp" and broadcast_object(weights is not None, d):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
             set_model_state_dict(self.model, weights if d.is_main else {},
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        if t.compile:
-            import torch._inductor.config as inductor_config
-
-            # set either way: a process that trains twice (tests, notebooks) does not keep the last run's tuning
-            inductor_config.coordinate_descent_tuning = t.compile_tuning
-        self.step_model = torch.compile(self.wrapped, backend=t.compile_backend) if t.compile else self.wrapped
         # after sharding: FSDP2 params are DTensors. [AdamW] or [Muon, AdamW]; AdamW is last and fused
         self.optimizers = build_optimizers(self.model, t, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
