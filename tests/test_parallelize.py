@@ -17,7 +17,7 @@ from antimatter.model.gpt import GPT
 from antimatter.train import parallelize as parallelize_module
 from antimatter.train.distributed import Dist
 from antimatter.train.optim import build_optimizers
-from antimatter.train.parallelize import apply_activation_checkpointing, parallelize
+from antimatter.train.parallelize import apply_activation_checkpointing, apply_fsdp, parallelize
 from antimatter.train.trainer import train
 
 assert one_thread  # the autouse fixture, imported so pytest uses it here
@@ -132,9 +132,10 @@ def test_a_run_with_activation_checkpointing_trains_saves_and_resumes_the_same(t
     assert not any("_checkpoint_wrapped_module" in k for k in model.state_dict())
 
 
-def _fsdp_worker(rank: int, store: str, out: str) -> None:
-    """FSDP2 + activation checkpointing through parallelize on two gloo processes: one
-    training step, then the full state dicts' names."""
+def test_fsdp2_with_activation_checkpointing_saves_the_plain_names(tmp_path):
+    """Checkpoint wrappers under FSDP2 (a one-process gloo group: the names do not depend on the world size;
+    tests/test_distributed.py trains two processes): after a step, the full model and optimizer state dicts
+    that checkpoints are made of carry the plain model's names."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -142,34 +143,21 @@ def _fsdp_worker(rank: int, store: str, out: str) -> None:
         get_optimizer_state_dict,
     )
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         model = _model("tiny")
-        cfg = TrainConfig(parallel="fsdp", activation_checkpointing=True)
-        parts = parallelize(model, cfg, Dist(rank, rank, 2, torch.device("cpu"), "gloo"), "fp32")
-        optimizers = build_optimizers(parts.model, cfg)
-        x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(rank))
-        parts.step(x, x).backward()
+        plain = list(model.state_dict())
+        apply_activation_checkpointing(model)
+        apply_fsdp(model, None)
+        assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+        optimizers = build_optimizers(model, TrainConfig(optimizer="muon"))
+        x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+        model(x, x).backward()
         for opt in optimizers:
             opt.step()
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = get_model_state_dict(parts.model, options=opts)  # collectives: every rank; rank 0 gets them
-        optim_sd = get_optimizer_state_dict(parts.model, optimizers, options=opts)
-        if rank == 0:
-            torch.save({"model": list(model_sd), "optim": sorted(optim_sd["state"]),
-                        "blocks": [type(b).__name__ for b in parts.model.transformer.h]}, out)
+        assert list(get_model_state_dict(model, options=opts)) == plain
+        saved = get_optimizer_state_dict(model, optimizers, options=opts)["state"]
+        assert sorted(saved) == sorted(k for k in plain if k != "lm_head.weight")
     finally:
         dist.destroy_process_group()
-
-
-def test_fsdp2_with_activation_checkpointing_saves_the_plain_names(tmp_path):
-    import torch.multiprocessing as mp
-
-    out = tmp_path / "keys.pt"
-    mp.spawn(_fsdp_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
-    got = torch.load(out, weights_only=True)
-    plain = list(_model("tiny").state_dict())
-    assert got["model"] == plain
-    assert got["optim"] == sorted(k for k in plain if k != "lm_head.weight")
-    assert all("CheckpointWrapper" in name for name in got["blocks"])  # FSDPCheckpointWrapper: sharded, wrapped
