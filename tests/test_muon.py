@@ -330,13 +330,14 @@ def _fsdp_muon_worker(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import distribute_tensor
 
-    from antimatter.train.distributed import Dist, wrap_model
+    from antimatter.train.distributed import Dist
+    from antimatter.train.parallelize import apply_data_parallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
     try:
         model = _model("tiny")
-        wrap_model(model, Dist(rank, rank, 2, torch.device("cpu"), "gloo"), "fsdp", None)
+        apply_data_parallel(model, Dist(rank, rank, 2, torch.device("cpu"), "gloo"), "fsdp", None)
         muon = build_optimizers(model, TrainConfig(optimizer="muon", muon_weight_decay=0.1))[0]
         params = muon.param_groups[0]["params"]
         assert all(type(p).__name__ == "DTensor" and p.placements[0].is_shard(0) for p in params)

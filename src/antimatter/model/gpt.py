@@ -17,7 +17,8 @@ Two ways to run it:
     `model(idx, input_pos=pos, left_pad=pad)` writes keys/values at `pos` and attends over the cache. Static
     shapes let the single-token step be compiled with CUDA graphs (gpt-fast's recipe). Faster single-row
     matmuls for that step are swapped in from outside for the call (model/decode.py), so this file stays the
-    plain model that training runs.
+    plain model that training runs. Training's activation checkpointing, fp8, sharding and compilation are
+    applied from outside as well (train/parallelize.py).
 """
 
 from __future__ import annotations
@@ -186,7 +187,6 @@ class GPT(nn.Module):
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.activation_checkpointing = False
         self.loss_chunk_tokens = 0  # >0: cross-entropy in chunks of this many tokens (bounded logits memory)
         self.ce_padding = "mask"  # how the loss leaves out the vocabulary's padding columns: "mask" or "slice"
         self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
@@ -273,10 +273,7 @@ class GPT(nn.Module):
             rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, input_pos, mask, use_reentrant=False)
-            else:
-                x = block(x, rope, input_pos, mask, kv_len)
+            x = block(x, rope, input_pos, mask, kv_len)
         if targets is None:
             logits = self.lm_head(self.transformer.ln_f(x))
             return softcap(logits[..., : self.cfg.vocab_size], self.cfg.logit_softcap)

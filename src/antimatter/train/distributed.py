@@ -1,9 +1,8 @@
-"""Processes, devices and sharding: one code path for plain `python` (one process) and `torchrun`.
+"""Processes and collectives: one code path for plain `python` (one process) and `torchrun`.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR/PORT or a c10d rendezvous); without them we
-are a single process. Backend: NCCL on CUDA, gloo on CPU. `train.parallel` picks DDP (replicated weights,
-all-reduced gradients) or FSDP2 (`fully_shard`: parameters, gradients and optimiser state sharded across
-ranks, gathered per block for compute).
+are a single process. Backend: NCCL on CUDA, gloo on CPU. How the model is spread over the processes (DDP or
+FSDP2, `train.parallel`) is train/parallelize.py's part; the gradient sync of an accumulation is here.
 """
 
 from __future__ import annotations
@@ -53,30 +52,9 @@ def init_distributed(device_pref: str = "auto") -> Dist:
     return Dist(rank, local_rank, world, device, backend)
 
 
-def shutdown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
+def shutdown(world: Dist) -> None:
+    if world.enabled and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def wrap_model(model: nn.Module, d: Dist, parallel: str, mp_dtype: torch.dtype | None) -> nn.Module:
-    """DDP or FSDP2 around `model` (returned unchanged for one process). Under FSDP2 each transformer
-    block is its own shard unit, then the root; `mp_dtype` (bf16 on GPUs) sets the compute dtype of the
-    gathered parameters while the sharded master weights and the gradient reduction stay fp32."""
-    if not d.enabled:
-        return model
-    if parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else None
-        kw = {"mp_policy": mp} if mp else {}
-        for block in model.transformer.h:
-            fully_shard(block, **kw)
-        fully_shard(model, **kw)
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ids = [d.device.index] if d.device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
 
 
 @contextlib.contextmanager
@@ -93,26 +71,26 @@ def grad_sync(model: nn.Module, sync: bool):
         yield
 
 
-def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+def all_reduce_sum(tensor: torch.Tensor, world: Dist) -> torch.Tensor:
+    if world.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
-def broadcast_object(obj, d: Dist):
+def broadcast_object(obj, world: Dist):
     """Rank 0's python object on every rank (small things: the training state, a resume path)."""
-    if not d.enabled:
+    if not world.enabled:
         return obj
-    box = [obj if d.is_main else None]
+    box = [obj if world.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def gather_objects(obj, d: Dist) -> list:
+def gather_objects(obj, world: Dist) -> list:
     """Every rank's object, on every rank (used for per-rank RNG states)."""
-    if not d.enabled:
+    if not world.enabled:
         return [obj]
-    out: list = [None] * d.world_size
+    out: list = [None] * world.world_size
     dist.all_gather_object(out, obj)
     return out
 
@@ -121,15 +99,15 @@ class StopFlag:
     """Agree across ranks whether to stop after this step (a signal arrived, or time is up somewhere).
     Uses a gloo group on the host, so the check needs no GPU sync even under NCCL."""
 
-    def __init__(self, d: Dist):
-        self.d = d
+    def __init__(self, world: Dist):
+        self.world = world
         self.group = None
-        if d.enabled:
-            self.group = dist.new_group(backend="gloo") if d.backend != "gloo" else dist.group.WORLD
+        if world.enabled:
+            self.group = dist.new_group(backend="gloo") if world.backend != "gloo" else dist.group.WORLD
 
     def any(self, local: bool) -> bool:
-        if not self.d.enabled:
+        if not self.world.enabled:
             return local
-        t = torch.tensor([1 if local else 0], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())

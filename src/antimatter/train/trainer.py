@@ -2,15 +2,19 @@
 
     train(cfg, run_dir)  ->  summary dict
 
-One code path for 1 CPU, 1 GPU, N GPUs and several nodes (torchrun; DDP or FSDP2). Each optimizer step:
+One code path for 1 CPU, 1 GPU, N GPUs and several nodes (torchrun; DDP or FSDP2). The model is built plain
+(model/gpt.py) and made ready to train from outside by train/parallelize.py: fp8, activation checkpointing,
+DDP / FSDP2, torch.compile. Each optimizer step (`Trainer.train_step`):
 
     lr from the schedule (a pure function of the step)
     fetch micro_batch x accum windows (this rank's share of the global batch), copy them to the device
     for each micro-batch: forward (autocast) + backward, gradient all-reduce only on the last one
     unscale (fp16), clip, and a fused AdamW step that is skipped ON THE DEVICE when the loss or the
     gradient norm is not finite (no host-device sync)
-    every log_interval: read the accumulated loss/grad-norm (the only sync), log, progress bar
-    every eval_interval: val loss; every ckpt_interval (and at the end, and on SIGTERM/SIGINT): checkpoint
+
+Around it the loop (`Trainer._loop`) keeps the cadence: every log_interval the meter (train/metrics.py) reads
+the interval's sums (the only sync) and logs them; every eval_interval a val loss; every ckpt_interval (and at
+the end, and on SIGTERM/SIGINT) a checkpoint.
 
 The global batch in tokens is fixed by the config; micro-batch x accumulation x world size is derived
 from it, so a run gives the same optimisation on any number of processes.
@@ -22,7 +26,6 @@ import contextlib
 import json
 import math
 import random
-import resource
 import signal
 import statistics
 import sys
@@ -35,11 +38,21 @@ from tqdm import tqdm
 
 from antimatter import checkpoint as ckpt_io
 from antimatter.config import RunConfig, save_config
-from antimatter.device import DTYPES, autocast, resolve_dtype
+from antimatter.device import autocast, resolve_dtype
 from antimatter.errors import UserError
 from antimatter.files import exclusive_lock
-from antimatter.model.accel import attention_backend, enable_fp8_training
+from antimatter.model.accel import attention_backend
 from antimatter.model.gpt import GPT
+from antimatter.model.sizing import flops_per_token, peak_flops
+from antimatter.provenance import sha256_file
+from antimatter.tokens import (
+    ShardError,
+    TokenWindows,
+    check_tokenizer,
+    eval_windows,
+    read_header,
+    recorded_tokenizer,
+)
 from antimatter.train.distributed import (
     Dist,
     StopFlag,
@@ -49,11 +62,11 @@ from antimatter.train.distributed import (
     grad_sync,
     init_distributed,
     shutdown,
-    wrap_model,
 )
+from antimatter.train.metrics import Meter, StepStats, TrainClock, trim_metrics
 from antimatter.train.optim import build_optimizers, lr_factor, set_lr
+from antimatter.train.parallelize import parallelize
 
-TB_NAMES = {"val_loss": "val/loss", "val_bpb": "val/bits_per_byte"}  # TensorBoard tags; the rest: train/KEY
 UNDECIDED = 2**62  # the step count of a time-budgeted run before its first steps are timed
 # A budgeted run times CALIBRATION_STEPS steps one by one, after the compiling step and CALIBRATION_SKIP more
 # (the first steps run slower: allocator and cache warm-up); their median fixes the step count
@@ -62,11 +75,11 @@ CALIBRATION_SKIP, CALIBRATION_STEPS = 5, 10
 
 def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Train `cfg.model` on `run_dir/tokens`, writing checkpoints and logs into `run_dir`."""
-    d = init_distributed(cfg.train.device)
+    dist = init_distributed(cfg.train.device)
     try:
-        return Trainer(cfg, Path(run_dir), d).fit()
+        return Trainer(cfg, Path(run_dir), dist).fit()
     finally:
-        shutdown(d)
+        shutdown(dist)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -100,15 +113,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, list | tuple) else x
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """GPU: the caching allocator's high-water mark; CPU: the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def _tuplify(value):
+    return tuple(_tuplify(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def _step_unless_nonfinite(opt: torch.optim.Optimizer, finite: torch.Tensor) -> None:
@@ -126,44 +132,6 @@ def _step_unless_nonfinite(opt: torch.optim.Optimizer, finite: torch.Tensor) -> 
             for k, v in opt.state[p].items():
                 if torch.is_tensor(v) and v.dtype.is_floating_point:
                     v.copy_(torch.where(finite, v, old_state[k] if k in old_state else torch.zeros_like(v)))
-
-
-class _TrainClock:
-    """Training time: wall time after the first (compiling) step of this process, minus evaluation and
-    checkpoint pauses, plus what earlier processes of the run trained. Read it after a sync (log steps, pauses,
-    the budget decision): the host runs ahead of the GPU in between."""
-
-    def __init__(self, device: torch.device, prior: float):
-        self.device, self.prior, self.paused = device, prior, 0.0
-        self.t0: float | None = None
-        self._pause_t: float | None = None
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def start(self) -> None:
-        self.sync()
-        self.t0 = time.perf_counter()
-
-    def now(self) -> float:
-        if self.t0 is None:
-            return self.prior
-        end = self._pause_t if self._pause_t is not None else time.perf_counter()
-        return self.prior + end - self.t0 - self.paused
-
-    def pause(self) -> None:
-        self.sync()
-        self._pause_t = time.perf_counter()
-
-    def resume(self) -> float:
-        """End a pause; returns its length."""
-        self.sync()
-        dt = time.perf_counter() - self._pause_t
-        self._pause_t = None
-        if self.t0 is not None:
-            self.paused += dt
-        return dt
 
 
 class _Signals:
@@ -196,33 +164,36 @@ class _Signals:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, d: Dist):
-        self.cfg, self.t, self.run_dir, self.d = cfg, cfg.train, run_dir, d
-        self.device = d.device
+    def __init__(self, cfg: RunConfig, run_dir: Path, dist: Dist):
+        self.cfg, self.train_cfg, self.run_dir, self.dist = cfg, cfg.train, run_dir, dist
+        self.device = dist.device
         self.ckpt_root = ckpt_io.checkpoints_dir(run_dir)
         self.log_dir = run_dir / "logs"
-        self.seq_len = cfg.seq_len
-        t = self.t
-        self.global_tokens, self.accum = batch_geometry(t.global_batch_tokens, t.micro_batch_size,
-                                                        self.seq_len, d.world_size)
-        self.dtype = resolve_dtype(t.dtype, self.device)
-        if self.dtype == "fp16" and t.parallel == "fsdp" and d.enabled:
-            raise UserError("train.parallel=fsdp supports bf16 and fp32, not fp16: use train.dtype=bf16 "
-                            "or fp32, or train.parallel=ddp on GPUs without bf16")
-        if t.compile_tuning and not t.compile:
-            raise UserError("train.compile_tuning=true tunes the kernels of the compiled model: set "
-                            "train.compile=true as well, or leave compile_tuning off")
         self.tokens_dir = run_dir / "tokens"
+        self.seq_len = cfg.seq_len
+        self.global_tokens, self.accum_steps = batch_geometry(
+            self.train_cfg.global_batch_tokens, self.train_cfg.micro_batch_size, self.seq_len, dist.world_size)
+        self.dtype = resolve_dtype(self.train_cfg.dtype, self.device)
+        self.mixed_precision = autocast(self.device, self.dtype)
+        self._check_settings()
         self._check_vocab()
         self._check_tokenizer()
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
             torch.backends.cudnn.allow_tf32 = True
+        self.meter: Meter | None = None  # from the start of the loop
 
-    # ---------------------------------------------------------------------------------- set-up
+    # ---------------------------------------------------------------------------------- checks
+    def _check_settings(self) -> None:
+        tc = self.train_cfg
+        if self.dtype == "fp16" and tc.parallel == "fsdp" and self.dist.enabled:
+            raise UserError("train.parallel=fsdp supports bf16 and fp32, not fp16: use train.dtype=bf16 "
+                            "or fp32, or train.parallel=ddp on GPUs without bf16")
+        if tc.compile_tuning and not tc.compile:
+            raise UserError("train.compile_tuning=true tunes the kernels of the compiled model: set "
+                            "train.compile=true as well, or leave compile_tuning off")
+
     def _check_vocab(self) -> None:
-        from antimatter.tokens import read_header
-
         meta_path = self.tokens_dir / "meta.json"
         self.val_bytes_per_token = None  # for val loss in bits per byte (a figure free of the tokenizer)
         if meta_path.is_file():
@@ -244,126 +215,119 @@ class Trainer:
     def _check_tokenizer(self) -> None:
         """The run's tokenizer must be the one that made the tokens: the checkpoints are evaluated, exported
         and sampled with it. Its sha256 goes into every checkpoint (None where neither records one)."""
-        from antimatter.provenance import sha256_file
-        from antimatter.tokens import check_tokenizer, recorded_tokenizer
-
         tok_file = self.run_dir / "tokenizer" / "tokenizer.json"
         actual = sha256_file(tok_file) if tok_file.is_file() else None
         if actual:
             check_tokenizer(self.tokens_dir, tok_file, actual)
         # rank 0's: every rank then takes the same decision on resume
-        self.tokenizer_sha256 = broadcast_object(actual or recorded_tokenizer(self.tokens_dir), self.d)
+        self.tokenizer_sha256 = broadcast_object(actual or recorded_tokenizer(self.tokens_dir), self.dist)
 
     def log(self, msg: str) -> None:
         """Rank 0: to stderr (above the progress bar) and to logs/train.log."""
-        if not self.d.is_main:
+        if not self.dist.is_main:
             return
         tqdm.write(msg, file=sys.stderr)
         with open(self.log_dir / "train.log", "a", encoding="utf-8") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
-    def _find_resume(self) -> Path | None:
-        r = self.t.resume
-        if r in ("none", "", "no", "false"):
-            return None
-        if r == "auto":
-            return ckpt_io.find_resume(self.ckpt_root)
-        return ckpt_io.resolve_checkpoint(Path(r), "latest")
-
+    # ---------------------------------------------------------------------------------- set-up
     def _build(self) -> None:
-        cfg, t, d = self.cfg, self.t, self.d
-        torch.manual_seed(t.seed)
-        random.seed(t.seed)
-        model = GPT(cfg.model)
-        model.activation_checkpointing = t.activation_checkpointing
-        model.loss_chunk_tokens = t.loss_chunk_tokens
-        # rank 0 reads the checkpoint and shares it: other nodes need not see the same disk
-        resume = self._find_resume() if d.is_main else None
-        resume = broadcast_object(str(resume) if resume else None, d)
-        self.resume_from = Path(resume) if resume else None
-        state, weights = None, None  # both only on rank 0
-        if self.resume_from is not None and d.is_main:
-            state = ckpt_io.load_train_state(self.resume_from)  # verifies the manifest first
-            weights = ckpt_io.load_weights(self.resume_from, cfg.model.tie_embeddings, verify=False)
-        elif t.init_from and d.is_main:
-            if (Path(t.init_from) / "config.json").is_file():
-                raise UserError(f"train.init_from={t.init_from} is a Hugging Face folder: convert it first with "
-                                f"`antimatter import --hf {t.init_from} --out RUN` and use RUN's checkpoint")
-            src = ckpt_io.resolve_checkpoint(Path(t.init_from), "latest")
-            weights = ckpt_io.load_weights(src, cfg.model.tie_embeddings)
-            self.log(f"initialised weights from {src}")
+        """The model and its starting weights, parallelism, optimizers, data and counters; then the rest of a
+        resumed run's state."""
+        torch.manual_seed(self.train_cfg.seed)
+        random.seed(self.train_cfg.seed)
+        model = GPT(self.cfg.model)
+        model.loss_chunk_tokens = self.train_cfg.loss_chunk_tokens
+        state, weights = self._read_start()  # both only on rank 0
         if weights is not None:
-            own = model.state_dict()
-            wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
-                     if k in own and v.shape != own[k].shape]
-            if wrong:  # load_state_dict would raise a RuntimeError listing every tensor
-                raise UserError(f"checkpoint weights do not fit the model config ({len(wrong)} tensors of another "
-                                f"shape, e.g. {wrong[0]}): use the same model settings as that run")
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            if missing or unexpected:
-                raise UserError(f"checkpoint weights do not fit model config (missing {missing[:3]}, "
-                                f"unexpected {unexpected[:3]}): use the same model settings as that run")
+            self._load_weights(model, weights)
         model.to(self.device)
-        if t.fp8:  # before wrapping: FSDP and DDP then see the float8 Linears
-            self.log(f"fp8: {enable_fp8_training(model)} Linear layers use torchao float8 matmuls")
-        self.model = model  # the uncompiled module: its state dicts have clean names
-        mp = DTYPES[self.dtype] if self.dtype == "bf16" and self.device.type == "cuda" else None
-        self.wrapped = wrap_model(model, d, t.parallel, mp)  # DDP broadcasts rank 0's weights
-        if d.enabled and t.parallel == "fsdp" and broadcast_object(weights is not None, d):
+        parts = parallelize(model, self.train_cfg, self.dist, self.dtype, log=self.log)
+        self.model = parts.model  # the uncompiled module: its state dicts have clean names
+        self.wrapped, self.step_model = parts.wrapped, parts.step
+        self._share_weights_under_fsdp(weights)
+        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.max_grad_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else math.inf
+        # after sharding: FSDP2 params are DTensors. [AdamW] or [Muon, AdamW]; AdamW is last and fused
+        self.optimizers = build_optimizers(self.model, self.train_cfg, self.device.type)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
+        self.loader = TokenWindows(self.tokens_dir / "train", self.seq_len, seed=self.train_cfg.seed,
+                                   rank=self.dist.rank, world_size=self.dist.world_size,
+                                   vocab_size=self.cfg.model.vocab_size)
+        self._reset_counters()
+        if self.resume_from is not None:
+            optim_sd = state.pop("optimizer") if self.dist.is_main else {}
+            self._restore(broadcast_object(state, self.dist), optim_sd)
+
+    def _find_resume(self) -> Path | None:
+        resume = self.train_cfg.resume
+        if resume in ("none", "", "no", "false"):
+            return None
+        if resume == "auto":
+            return ckpt_io.find_resume(self.ckpt_root)
+        return ckpt_io.resolve_checkpoint(Path(resume), "latest")
+
+    def _read_start(self) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+        """(train state, weights) to start from: a checkpoint to resume, else train.init_from's weights, else
+        nothing. Rank 0 reads them (other nodes need not see the same disk); other ranks get (None, None)."""
+        resume = self._find_resume() if self.dist.is_main else None
+        resume = broadcast_object(str(resume) if resume else None, self.dist)
+        self.resume_from = Path(resume) if resume else None
+        init_from = self.train_cfg.init_from
+        if not self.dist.is_main:
+            return None, None
+        if self.resume_from is not None:
+            state = ckpt_io.load_train_state(self.resume_from)  # verifies the manifest first
+            return state, ckpt_io.load_weights(self.resume_from, self.cfg.model.tie_embeddings, verify=False)
+        if init_from:
+            if (Path(init_from) / "config.json").is_file():
+                raise UserError(f"train.init_from={init_from} is a Hugging Face folder: convert it first with "
+                                f"`antimatter import --hf {init_from} --out RUN` and use RUN's checkpoint")
+            src = ckpt_io.resolve_checkpoint(Path(init_from), "latest")
+            weights = ckpt_io.load_weights(src, self.cfg.model.tie_embeddings)
+            self.log(f"initialised weights from {src}")
+            return None, weights
+        return None, None
+
+    @staticmethod
+    def _load_weights(model: GPT, weights: dict[str, torch.Tensor]) -> None:
+        own = model.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+                 if k in own and v.shape != own[k].shape]
+        if wrong:  # load_state_dict would raise a RuntimeError listing every tensor
+            raise UserError(f"checkpoint weights do not fit the model config ({len(wrong)} tensors of another "
+                            f"shape, e.g. {wrong[0]}): use the same model settings as that run")
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise UserError(f"checkpoint weights do not fit model config (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}): use the same model settings as that run")
+
+    def _share_weights_under_fsdp(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """FSDP2 shards rank 0's model as it finds it on each rank: rank 0's loaded weights are broadcast
+        into the shards (DDP broadcasts them when it wraps)."""
+        if not (self.dist.enabled and self.train_cfg.parallel == "fsdp"):
+            return
+        if broadcast_object(weights is not None, self.dist):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            set_model_state_dict(self.model, weights if d.is_main else {},
+            set_model_state_dict(self.model, weights if self.dist.is_main else {},
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        if t.compile:
-            import torch._inductor.config as inductor_config
 
-            # set either way: a process that trains twice (tests, notebooks) does not keep the last run's tuning
-            inductor_config.coordinate_descent_tuning = t.compile_tuning
-        self.step_model = torch.compile(self.wrapped, backend=t.compile_backend) if t.compile else self.wrapped
-        # after sharding: FSDP2 params are DTensors. [AdamW] or [Muon, AdamW]; AdamW is last and fused
-        self.optimizers = build_optimizers(self.model, t, self.device.type)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
-        from antimatter.tokens import TokenWindows
-
-        self.loader = TokenWindows(self.tokens_dir / "train", self.seq_len, seed=t.seed, rank=d.rank,
-                                   world_size=d.world_size, vocab_size=cfg.model.vocab_size)
-        # defaults for a fresh run
+    def _reset_counters(self) -> None:
+        """A fresh run's counters; _restore overwrites them from a checkpoint."""
         self.step, self.tokens_seen, self.best_val, self.last_val = 0, 0, math.inf, None
         self.nonfinite_total = 0
         # the step count: the config's, or (time budget) chosen after the first steps and kept across resumes
         self.budget: dict[str, Any] | None = None
-        self.max_steps = t.max_steps if t.max_minutes <= 0 else UNDECIDED
+        self.max_steps = self.train_cfg.max_steps if self.train_cfg.max_minutes <= 0 else UNDECIDED
         self.compile_seconds = 0.0
         self.train_seconds = 0.0  # training time so far (compile, evaluation and checkpoints not counted)
-        if self.resume_from is not None:
-            optim_sd = state.pop("optimizer") if d.is_main else {}
-            self._restore(broadcast_object(state, d), optim_sd)
 
     def _restore(self, state: dict[str, Any], optim_sd: dict[str, Any]) -> None:
         """Everything but the weights: optimizer (rank 0's full copy, sharded/broadcast by the call), scaler,
         data position, counters and this rank's RNG streams."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        d = self.d
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.enabled)
-        saved_tok = state.get("tokenizer_sha256")
-        if saved_tok and self.tokenizer_sha256 and saved_tok != self.tokenizer_sha256:
-            raise UserError(f"the training tokens changed since this state was saved: {self.resume_from} was "
-                            f"trained on tokens of another tokenizer (sha256 {saved_tok[:12]}) than those in "
-                            f"{self.tokens_dir} (made by {self.tokenizer_sha256[:12]}): resume with the "
-                            f"tokens and tokenizer it was trained on, or start a new run (train.resume=none)")
-        saved_opt = state.get("optimizer_name", "adamw")
-        if saved_opt != self.t.optimizer:
-            raise UserError(f"{self.resume_from} was trained with train.optimizer={saved_opt}, not "
-                            f"{self.t.optimizer}: resume with train.optimizer={saved_opt}, or start a new run from "
-                            f"its weights with train.init_from={self.resume_from} train.resume=none")
-        # the checkpoint's state (moments, momentum buffers, step counts) with this config's hyperparameters:
-        # a resume at a lower train.lr (the advice after a divergence) must step at the new rate
-        fresh = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers]
-        set_optimizer_state_dict(self.model, self.optimizers, optim_sd, options=opts)
-        for opt, groups in zip(self.optimizers, fresh):
-            for g, hyper in zip(opt.param_groups, groups):
-                g.update(hyper)
+        self._check_resumable(state)
+        self._restore_optimizers(optim_sd)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
@@ -372,23 +336,54 @@ class Trainer:
         self.last_val = state.get("val_loss")
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        if self.t.max_minutes > 0 and state.get("budget"):
+        if self.train_cfg.max_minutes > 0 and state.get("budget"):
             self.budget = dict(state["budget"])
             self.max_steps = int(self.budget["max_steps"])
-            if abs(self.budget["minutes"] - self.t.max_minutes) > 1e-9:
-                self.log(f"note: train.max_minutes is {self.t.max_minutes:g} but this run fixed its schedule for "
-                         f"{self.budget['minutes']:g} minutes ({self.max_steps:,} steps): keeping that schedule")
+            if abs(self.budget["minutes"] - self.train_cfg.max_minutes) > 1e-9:
+                self.log(f"note: train.max_minutes is {self.train_cfg.max_minutes:g} but this run fixed its "
+                         f"schedule for {self.budget['minutes']:g} minutes ({self.max_steps:,} steps): keeping "
+                         f"that schedule")
         rngs = state["rng"]
-        set_rng_state(rngs[d.rank] if d.rank < len(rngs) else rngs[0], self.device)
+        set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0], self.device)
+        self._report_resume(state)
+
+    def _check_resumable(self, state: dict[str, Any]) -> None:
+        """The same tokens and the same optimizer as the checkpoint's."""
+        saved_tok = state.get("tokenizer_sha256")
+        if saved_tok and self.tokenizer_sha256 and saved_tok != self.tokenizer_sha256:
+            raise UserError(f"the training tokens changed since this state was saved: {self.resume_from} was "
+                            f"trained on tokens of another tokenizer (sha256 {saved_tok[:12]}) than those in "
+                            f"{self.tokens_dir} (made by {self.tokenizer_sha256[:12]}): resume with the "
+                            f"tokens and tokenizer it was trained on, or start a new run (train.resume=none)")
+        saved_opt, optimizer = state.get("optimizer_name", "adamw"), self.train_cfg.optimizer
+        if saved_opt != optimizer:
+            raise UserError(f"{self.resume_from} was trained with train.optimizer={saved_opt}, not "
+                            f"{optimizer}: resume with train.optimizer={saved_opt}, or start a new run from "
+                            f"its weights with train.init_from={self.resume_from} train.resume=none")
+
+    def _restore_optimizers(self, optim_sd: dict[str, Any]) -> None:
+        """The checkpoint's state (moments, momentum buffers, step counts) with this config's hyperparameters:
+        a resume at a lower train.lr (the advice after a divergence) must step at the new rate."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.dist.enabled)
+        fresh = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers]
+        set_optimizer_state_dict(self.model, self.optimizers, optim_sd, options=opts)
+        for opt, groups in zip(self.optimizers, fresh):
+            for g, hyper in zip(opt.param_groups, groups):
+                g.update(hyper)
+
+    def _report_resume(self, state: dict[str, Any]) -> None:
+        world = self.dist.world_size
         saved_world, saved_global = int(state.get("world_size", 1)), int(state.get("global_batch_tokens", 0))
         self.log(f"resumed from {self.resume_from} at step {self.step:,} ({self.tokens_seen:,} tokens seen)")
         if saved_global and saved_global != self.global_tokens:
             self.log(f"warning: global batch changed from {saved_global:,} to {self.global_tokens:,} tokens per "
                      f"step: the optimisation and the data order per step differ from the original run")
-        elif saved_world != d.world_size:
-            self.log(f"note: resuming a {saved_world}-process run on {d.world_size} processes: the global batch "
+        elif saved_world != world:
+            self.log(f"note: resuming a {saved_world}-process run on {world} processes: the global batch "
                      f"({self.global_tokens:,} tokens) and the windows of every step are kept; only the "
-                     f"micro-batch accumulation ({state.get('accum')} -> {self.accum}) and so the summation "
+                     f"micro-batch accumulation ({state.get('accum')} -> {self.accum_steps}) and so the summation "
                      f"order of gradients change, and per-rank RNG streams (dropout) are not carried over")
 
     # ------------------------------------------------------------------------------- the loop
@@ -397,235 +392,123 @@ class Trainer:
         would interleave checkpoints and metrics), whichever rank learns it."""
         with contextlib.ExitStack() as stack:
             refused = None
-            if self.d.is_main:
+            if self.dist.is_main:
                 try:
                     stack.enter_context(exclusive_lock(self.run_dir / "train.lock", f"run {self.run_dir}"))
                 except UserError as e:
                     refused = str(e)
-            if refused := broadcast_object(refused, self.d):
+            if refused := broadcast_object(refused, self.dist):
                 raise UserError(refused)
             return self._fit()
 
     def _fit(self) -> dict[str, Any]:
-        cfg, t, d = self.cfg, self.t, self.d
-        if d.is_main:
+        if self.dist.is_main:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(self.cfg, self.run_dir / "config.yaml")
         self._build()
-        if d.is_main:
-            self._trim_metrics()
+        if self.dist.is_main:
+            trim_metrics(self.log_dir / "metrics.jsonl", self.step)
         self.eval_batches = self._eval_batches()
-        self.flops_per_token, self.peak = self._flops()
-        n_params = self.model.num_params()
-        self.log(f"train: {n_params:,} parameters, {self.dtype} on {self.device} x{d.world_size} "
-                 f"({t.parallel if d.enabled else 'single process'}); global batch {self.global_tokens:,} "
-                 f"tokens = micro-batch {t.micro_batch_size} x seq_len {self.seq_len} x {self.accum} "
-                 f"accumulation x {d.world_size} processes; steps {self.step}->"
-                 f"{self.max_steps if self.max_steps != UNDECIDED else f'(fit to {t.max_minutes:g} minutes)'}")
-        self.tb, self.bar = None, None
-        if d.is_main and t.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.log_dir / "tensorboard"), purge_step=self.step + 1)
+        self.flops_per_token, self.peak_flops = self._flops()
+        self._log_start()
         try:  # the attention preference is read when the step is traced, so it wraps the whole loop
-            with _Signals() as sigs, attention_backend(t.attention):
-                return self._loop(sigs)
+            with _Signals() as signals, attention_backend(self.train_cfg.attention):
+                return self._loop(signals)
         finally:
-            if self.bar is not None:  # closed before an error is printed, not after it at exit
-                self.bar.close()
-            if self.tb is not None:
-                self.tb.close()
+            if self.meter is not None:  # the bar closed before an error is printed, not after it at exit
+                self.meter.close()
 
-    def _loop(self, sigs: _Signals) -> dict[str, Any]:
-        t, d, dev = self.t, self.d, self.device
-        stop = StopFlag(d)
-        start_step, t_start = self.step, time.perf_counter()
-        mixed = autocast(dev, self.dtype)
-        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        log_every = max(1, t.log_interval)
-        # device-side accumulators, read only at log steps: loss, grad norm, good steps, non-finite (run, new)
-        acc = torch.zeros(5, device=dev, dtype=torch.float32)
-        last_log_t, last_log_step = time.perf_counter(), self.step
-        steady = [0.0, 0]  # training seconds and steps after the first log interval (no compile/warm-up)
-        first_log_done = False
+    def _log_start(self) -> None:
+        tc, world = self.train_cfg, self.dist.world_size
+        until = self.max_steps if self.max_steps != UNDECIDED else f"(fit to {tc.max_minutes:g} minutes)"
+        self.log(f"train: {self.model.num_params():,} parameters, {self.dtype} on {self.device} x{world} "
+                 f"({tc.parallel if self.dist.enabled else 'single process'}); global batch "
+                 f"{self.global_tokens:,} tokens = micro-batch {tc.micro_batch_size} x seq_len {self.seq_len} x "
+                 f"{self.accum_steps} accumulation x {world} processes; steps {self.step}->{until}")
+
+    def _loop(self, signals: _Signals) -> dict[str, Any]:
+        """The cadence: a step; when due a log line, an evaluation, a checkpoint; a stop."""
+        stop = StopFlag(self.dist)
+        self.clock = TrainClock(self.device, self.train_seconds)
+        self.meter = self._open_meter()  # before the loop's time starts: TensorBoard is slow to import
+        self.start_step, self.loop_started = self.step, time.perf_counter()
+        self.last_checkpoint: Path | None = self.resume_from
+        log_every = max(1, self.train_cfg.log_interval)
         stopped = "max_steps"
-        last_ckpt: Path | None = self.resume_from
-        metrics: dict[str, Any] = {}
-        clock = _TrainClock(dev, self.train_seconds)
-        step_ends: list[float] = []  # a budgeted run's timed steps, until its step count is fixed
-        bar = self.bar = tqdm(total=self.max_steps if self.max_steps != UNDECIDED else None, initial=self.step,
-                              disable=not d.is_main, file=sys.stderr, unit="step", dynamic_ncols=True, desc="train")
         self.wrapped.train()
-        while self.step < self.max_steps and not (0 < t.stop_step <= self.step):
-            lr_f = lr_factor(self.step, t, self.max_steps)
-            set_lr(self.optimizers, lr_f)
-            lr = t.lr * lr_f
-            batches = [self.loader.next_batch(t.micro_batch_size) for _ in range(self.accum)]
-            data_state = self.loader.state_dict()
-            if dev.type == "cuda":  # pinned host memory -> asynchronous copies that overlap compute
-                batches = [(x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True))
-                           for x, y in batches]
-            step_loss = torch.zeros((), device=dev, dtype=torch.float32)
-            for i, (x, y) in enumerate(batches):
-                with grad_sync(self.wrapped, i == self.accum - 1):
-                    with mixed:
-                        loss = self.step_model(x, y)
-                    step_loss += loss.detach().float()
-                    scaled = loss / self.accum
-                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            if self.scaler is not None:
-                for opt in self.optimizers:
-                    self.scaler.unscale_(opt)
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-                norm = norm.full_tensor()
-            step_loss /= self.accum
-            if d.enabled:  # the mean over ranks, on the device (no sync): every rank decides alike
-                all_reduce_sum(step_loss, d).div_(d.world_size)
-            finite = torch.isfinite(norm) & torch.isfinite(step_loss)
-            self._optimizer_step(finite)
-            # an overflow of the scaled fp16 grads is routine (the scaler skips the step), not bad
-            bad = ~torch.isfinite(step_loss) if self.scaler is not None else ~finite
-            acc[0] += torch.where(finite, step_loss, 0.0)
-            acc[1] += torch.where(finite, norm.float(), 0.0)
-            acc[2] += finite.float()
-            acc[3] = (acc[3] + 1.0) * bad.float()
-            acc[4] += bad.float()
+        while self.step < self.max_steps and not (0 < self.train_cfg.stop_step <= self.step):
+            stats = self.train_step()
             self.step += 1
-            self.tokens_seen += self.global_tokens
-            bar.update(1)
-            if self.step == start_step + 1:  # the first step compiles: training time starts after it
-                clock.start()
-                self.compile_seconds = time.perf_counter() - t_start
-                step_ends = [clock.t0]
-            elif self.max_steps == UNDECIDED:  # each timed step alone (a sync each), until the count is fixed
-                clock.sync()
-                step_ends.append(time.perf_counter())
-                if len(step_ends) > CALIBRATION_SKIP + CALIBRATION_STEPS:
-                    timed = step_ends[CALIBRATION_SKIP:]
-                    self._fix_budget(clock, [b - a for a, b in zip(timed, timed[1:])])
-                    bar.total = self.max_steps
-                    bar.refresh()
-
+            self.tokens_seen += stats.tokens
+            self.meter.record(stats)
+            self._time_step()
             last = self.step >= self.max_steps
-            elapsed = time.perf_counter() - t_start
-            at_stop_step = 0 < t.stop_step <= self.step and not last
-            want_stop = at_stop_step or stop.any(
-                sigs.received is not None or (t.max_time_s > 0 and elapsed >= t.max_time_s and d.is_main))
-            if want_stop:
-                stopped = "signal" if sigs.received else "stop_step" if at_stop_step else "time"
-            if self.step % log_every == 0 or last or want_stop:
-                loss_v, norm_v, good_v, run_v, new_v = acc.tolist()  # the one host-device sync
-                now = time.perf_counter()
-                steps_done = self.step - last_log_step
-                tps = steps_done * self.global_tokens / max(now - last_log_t, 1e-9)
-                mfu = (tps * self.flops_per_token / (self.peak * d.world_size)) if self.peak else None
-                self.nonfinite_total += int(new_v)
-                metrics = {"step": self.step, "tokens": self.tokens_seen, "train_s": round(clock.now(), 3),
-                           "loss": loss_v / good_v if good_v else None,
-                           "lr": lr, "grad_norm": norm_v / good_v if good_v else None,
-                           "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4) if mfu is not None else None,
-                           "mem_gb": round(peak_memory_gib(dev), 3), "elapsed": round(elapsed, 2),
-                           "nonfinite_steps": self.nonfinite_total}
-                self._write_metrics(metrics)
-                if d.is_main:
-                    post = {"loss": f"{metrics['loss']:.4f}" if metrics["loss"] is not None else "nan",
-                            "tok_s": f"{tps:,.0f}"}
-                    if mfu is not None:  # a GPU in the peak table
-                        post["mfu"] = f"{mfu:.1%}"
-                    bar.set_postfix(post, refresh=False)
-                acc[[0, 1, 2, 4]] = 0.0
-                if first_log_done:
-                    steady[0] += now - last_log_t
-                    steady[1] += steps_done
-                first_log_done = True
-                last_log_t, last_log_step = now, self.step
-                if run_v >= t.max_nonfinite:
-                    bar.close()
-                    where = last_ckpt if last_ckpt else "none yet"
-                    raise UserError(
-                        f"training diverged: {int(run_v)} optimizer steps in a row up to step {self.step} had "
-                        f"a non-finite loss or gradient (all skipped); last good checkpoint: {where}. Lower "
-                        f"train.lr, raise train.warmup_steps or use train.dtype=bf16/fp32, then resume")
-            is_ckpt = (t.ckpt_interval > 0 and self.step % t.ckpt_interval == 0) or last or want_stop
-            eval_every = self._eval_every()
-            is_eval = (eval_every > 0 and self.step % eval_every == 0) or is_ckpt
-            if is_eval or is_ckpt:
-                clock.pause()  # evaluation and checkpoints are not training time
-                self.train_seconds = clock.now()
-                if is_eval:
-                    self.last_val = self.evaluate()
-                    row = {"step": self.step, "tokens": self.tokens_seen, "train_s": round(self.train_seconds, 3),
-                           "val_loss": self.last_val}
-                    if self.last_val is not None and self.val_bytes_per_token:
-                        row["val_bpb"] = self.last_val / math.log(2) / self.val_bytes_per_token
-                    self._write_metrics(row)
-                if is_ckpt:
-                    last_ckpt = self.save(data_state)
-                last_log_t += clock.resume()  # tokens/s counts training time only
-            if want_stop:
+            elapsed = time.perf_counter() - self.loop_started
+            stop_reason = self._stop_reason(signals, stop, elapsed, last)
+            if self.step % log_every == 0 or last or stop_reason:
+                self._log_interval(stats.lr, elapsed)
+            self._evaluate_and_checkpoint(final=last or stop_reason is not None)
+            if stop_reason:
+                stopped = stop_reason
                 break
-        bar.close()
-        self.train_seconds = clock.now()
-        seconds = time.perf_counter() - t_start
-        trained = (self.step - start_step) * self.global_tokens
-        if steady[1] > 0:  # steady state: the log intervals after the first
-            tps = steady[1] * self.global_tokens / max(steady[0], 1e-9)
-        else:
-            tps = trained / seconds if seconds > 0 and trained else None
-        summary = {
-            "steps": self.step, "start_step": start_step, "tokens_seen": self.tokens_seen,
-            "params": self.model.num_params(),
-            "last_loss": metrics.get("loss"), "last_val_loss": self.last_val,
-            "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
-            "tokens_per_s": round(tps, 1) if tps else None,
-            "mfu": metrics.get("mfu"), "seconds": round(seconds, 2), "stopped": stopped,
-            "nonfinite_steps": self.nonfinite_total, "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "best_checkpoint": (str(self.ckpt_root / b) if (b := ckpt_io.read_pointer(self.ckpt_root, "best"))
-                                else None),
-            "train_seconds": round(self.train_seconds, 2), "compile_seconds": round(self.compile_seconds, 2),
-            "eval_checkpoint_seconds": round(clock.paused, 2), "budget": self.budget,
-            "world_size": d.world_size, "micro_batch_size": t.micro_batch_size, "accum_steps": self.accum,
-            "global_batch_tokens": self.global_tokens, "dtype": self.dtype, "device": str(self.device),
-        }
-        if stopped != "max_steps":
-            why = {"signal": sigs.received, "stop_step": "train.stop_step", "time": "train.max_time_s"}[stopped]
-            self.log(f"stopped by {why} at step {self.step}: checkpoint {last_ckpt}")
-        vl = f"{self.last_val:.4f}" if self.last_val is not None else "n/a"
-        if self.step == start_step and stopped == "max_steps":
-            self.log(f"nothing to train: the run is already complete at step {self.step} (checkpoint {last_ckpt}); "
-                     f"evaluate it with `antimatter eval`, or raise train.max_steps (or train.max_minutes) to go on")
-            return summary
-        self.log(f"train done: step {self.step}, val loss {vl}, {summary['tokens_per_s'] or 0:,.0f} tokens/s, "
-                 f"{seconds:.1f}s, checkpoint {last_ckpt}")
-        return summary
+        return self._finish(stopped, signals)
 
-    def _fix_budget(self, clock: _TrainClock, step_seconds: list[float]) -> None:
-        """Time-budgeted run: from the median of the steps timed so far (a load spike or a slow first step
-        moves a mean, not a median), fix the step count so the schedule's decay ends when train.max_minutes
-        of training time does. Rank 0 decides; every rank gets the same number."""
-        used = clock.now()
-        per_step = max(statistics.median(step_seconds), 1e-9)
-        timed_steps = len(step_seconds)
-        budget_s = self.t.max_minutes * 60.0
-        steps = self.step + max(0, int((budget_s - used) / per_step))
-        steps = int(broadcast_object(steps, self.d))
-        self.max_steps = steps
-        self.budget = {"minutes": self.t.max_minutes, "max_steps": steps, "seconds_per_step": per_step,
-                       "timed_steps": timed_steps, "fixed_at_step": self.step, "train_seconds_at_fix": used}
-        self.log(f"time budget {self.t.max_minutes:g} min: {per_step * 1000:.1f} ms a step over {timed_steps} "
-                 f"timed steps -> {steps:,} steps ({steps * self.global_tokens:,} tokens), the schedule "
-                 f"({self.t.schedule}) ends at step {steps:,}; compile/first step took {self.compile_seconds:.1f}s")
+    def _open_meter(self) -> Meter:
+        return Meter(log_dir=self.log_dir, is_main=self.dist.is_main, tensorboard=self.train_cfg.tensorboard,
+                     step=self.step, max_steps=self.max_steps if self.max_steps != UNDECIDED else None,
+                     global_tokens=self.global_tokens, flops_per_token=self.flops_per_token,
+                     peak_flops=self.peak_flops, world_size=self.dist.world_size, device=self.device,
+                     clock=self.clock, val_bytes_per_token=self.val_bytes_per_token)
 
-    def _eval_every(self) -> int:
-        """Steps between val-loss measurements: train.eval_interval, or with a time budget budget_evals
-        times over the run (none before the step count is fixed)."""
-        if self.t.max_minutes <= 0:
-            return self.t.eval_interval
-        if self.max_steps == UNDECIDED or self.t.budget_evals <= 0:
-            return 0
-        return max(1, math.ceil(self.max_steps / self.t.budget_evals))
+    def train_step(self) -> StepStats:
+        """One optimizer step at self.step: the schedule's learning rate, this rank's micro-batches forward
+        and backward, clipping, and the optimizers' step, skipped on the device when the loss or the gradient
+        norm is not finite. Nothing here waits for the device."""
+        lr_scale = lr_factor(self.step, self.train_cfg, self.max_steps)
+        set_lr(self.optimizers, lr_scale)
+        loss = self._forward_backward(self._next_batches())
+        grad_norm = self._clip_gradients()
+        loss /= self.accum_steps
+        if self.dist.enabled:  # the mean over ranks, on the device (no sync): every rank decides alike
+            all_reduce_sum(loss, self.dist).div_(self.dist.world_size)
+        applied = torch.isfinite(grad_norm) & torch.isfinite(loss)
+        self._optimizer_step(applied)
+        # an overflow of the scaled fp16 grads is routine (the scaler skips the step), not bad
+        nonfinite = ~torch.isfinite(loss) if self.scaler is not None else ~applied
+        return StepStats(loss=loss, grad_norm=grad_norm, applied=applied, nonfinite=nonfinite,
+                         lr=self.train_cfg.lr * lr_scale, tokens=self.global_tokens)
+
+    def _next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The step's accum_steps micro-batches of this rank, on the device."""
+        batches = [self.loader.next_batch(self.train_cfg.micro_batch_size) for _ in range(self.accum_steps)]
+        if self.device.type == "cuda":  # pinned host memory -> asynchronous copies that overlap compute
+            dev = self.device
+            batches = [(x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True))
+                       for x, y in batches]
+        return batches
+
+    def _forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Forward and backward of each micro-batch, the gradients all-reduced on the last one only. Returns
+        the sum of the micro-batch losses (detached, float32)."""
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        for i, (x, y) in enumerate(batches):
+            with grad_sync(self.wrapped, i == self.accum_steps - 1):
+                with self.mixed_precision:
+                    loss = self.step_model(x, y)
+                loss_sum += loss.detach().float()
+                scaled = loss / self.accum_steps
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss_sum
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Unscale (fp16), clip to train.grad_clip; returns the gradient norm before clipping."""
+        if self.scaler is not None:
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, self.max_grad_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        return norm
 
     def _optimizer_step(self, finite: torch.Tensor) -> None:
         """Step every optimizer, skipping a step whose loss or gradient is not finite without a host sync
@@ -650,17 +533,137 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
+    def _time_step(self) -> None:
+        """The first step of this process compiles: training time starts after it. A time-budgeted run then
+        times each step alone (a sync each) until its step count is fixed."""
+        if self.step == self.start_step + 1:
+            self.clock.start()
+            self.compile_seconds = time.perf_counter() - self.loop_started
+            self.step_ends = [self.clock.started_at]
+        elif self.max_steps == UNDECIDED:
+            self.clock.sync()
+            self.step_ends.append(time.perf_counter())
+            if len(self.step_ends) > CALIBRATION_SKIP + CALIBRATION_STEPS:
+                timed = self.step_ends[CALIBRATION_SKIP:]
+                self._fix_budget([b - a for a, b in zip(timed, timed[1:])])
+                self.meter.set_total(self.max_steps)
+
+    def _fix_budget(self, step_seconds: list[float]) -> None:
+        """Time-budgeted run: from the median of the steps timed so far (a load spike or a slow first step
+        moves a mean, not a median), fix the step count so the schedule's decay ends when train.max_minutes
+        of training time does. Rank 0 decides; every rank gets the same number."""
+        tc = self.train_cfg
+        used = self.clock.now()
+        per_step = max(statistics.median(step_seconds), 1e-9)
+        timed_steps = len(step_seconds)
+        steps = self.step + max(0, int((tc.max_minutes * 60.0 - used) / per_step))
+        steps = int(broadcast_object(steps, self.dist))
+        self.max_steps = steps
+        self.budget = {"minutes": tc.max_minutes, "max_steps": steps, "seconds_per_step": per_step,
+                       "timed_steps": timed_steps, "fixed_at_step": self.step, "train_seconds_at_fix": used}
+        self.log(f"time budget {tc.max_minutes:g} min: {per_step * 1000:.1f} ms a step over {timed_steps} "
+                 f"timed steps -> {steps:,} steps ({steps * self.global_tokens:,} tokens), the schedule "
+                 f"({tc.schedule}) ends at step {steps:,}; compile/first step took {self.compile_seconds:.1f}s")
+
+    def _stop_reason(self, signals: _Signals, stop: StopFlag, elapsed: float, last: bool) -> str | None:
+        """Why to stop after this step, before max_steps (every rank agrees): 'stop_step', 'signal' or
+        'time'; None to go on."""
+        tc = self.train_cfg
+        at_stop_step = 0 < tc.stop_step <= self.step and not last
+        if not (at_stop_step or stop.any(
+                signals.received is not None or (tc.max_time_s > 0 and elapsed >= tc.max_time_s
+                                                 and self.dist.is_main))):
+            return None
+        return "signal" if signals.received else "stop_step" if at_stop_step else "time"
+
+    def _log_interval(self, lr: float, elapsed: float) -> None:
+        """Read and log the steps since the last log; stop a run that diverged."""
+        interval = self.meter.read()  # the one host-device sync
+        self.nonfinite_total += interval.nonfinite_new
+        self.meter.log_train(self.step, self.tokens_seen, lr, elapsed, interval, self.nonfinite_total)
+        if interval.nonfinite_run >= self.train_cfg.max_nonfinite:
+            where = self.last_checkpoint if self.last_checkpoint else "none yet"
+            raise UserError(
+                f"training diverged: {interval.nonfinite_run} optimizer steps in a row up to step {self.step} "
+                f"had a non-finite loss or gradient (all skipped); last good checkpoint: {where}. Lower "
+                f"train.lr, raise train.warmup_steps or use train.dtype=bf16/fp32, then resume")
+
+    def _evaluate_and_checkpoint(self, final: bool) -> None:
+        """A val loss and a checkpoint when due (a checkpoint always comes with a val loss; the last step
+        and a stop take both), in a pause of the training clock."""
+        tc = self.train_cfg
+        ckpt_due = (tc.ckpt_interval > 0 and self.step % tc.ckpt_interval == 0) or final
+        eval_every = self._eval_every()
+        eval_due = (eval_every > 0 and self.step % eval_every == 0) or ckpt_due
+        if not (eval_due or ckpt_due):
+            return
+        self.clock.pause()  # evaluation and checkpoints are not training time
+        self.train_seconds = self.clock.now()
+        if eval_due:
+            self.last_val = self.evaluate()
+            self.meter.log_eval(self.step, self.tokens_seen, self.last_val)
+        if ckpt_due:
+            self.last_checkpoint = self.save()
+        self.meter.exclude_pause(self.clock.resume())  # tokens/s counts training time only
+
+    def _eval_every(self) -> int:
+        """Steps between val-loss measurements: train.eval_interval, or with a time budget budget_evals
+        times over the run (none before the step count is fixed)."""
+        if self.train_cfg.max_minutes <= 0:
+            return self.train_cfg.eval_interval
+        if self.max_steps == UNDECIDED or self.train_cfg.budget_evals <= 0:
+            return 0
+        return max(1, math.ceil(self.max_steps / self.train_cfg.budget_evals))
+
+    def _finish(self, stopped: str, signals: _Signals) -> dict[str, Any]:
+        """The summary, and the last log lines (after the bar)."""
+        self.meter.close()
+        self.train_seconds = self.clock.now()
+        seconds = time.perf_counter() - self.loop_started
+        summary = self._summary(stopped, seconds)
+        if stopped != "max_steps":
+            why = {"signal": signals.received, "stop_step": "train.stop_step", "time": "train.max_time_s"}[stopped]
+            self.log(f"stopped by {why} at step {self.step}: checkpoint {self.last_checkpoint}")
+        if self.step == self.start_step and stopped == "max_steps":
+            self.log(f"nothing to train: the run is already complete at step {self.step} (checkpoint "
+                     f"{self.last_checkpoint}); evaluate it with `antimatter eval`, or raise train.max_steps (or "
+                     f"train.max_minutes) to go on")
+            return summary
+        val = f"{self.last_val:.4f}" if self.last_val is not None else "n/a"
+        self.log(f"train done: step {self.step}, val loss {val}, {summary['tokens_per_s'] or 0:,.0f} tokens/s, "
+                 f"{seconds:.1f}s, checkpoint {self.last_checkpoint}")
+        return summary
+
+    def _summary(self, stopped: str, seconds: float) -> dict[str, Any]:
+        tps = self.meter.tokens_per_s((self.step - self.start_step) * self.global_tokens, seconds)
+        last_row, best = self.meter.last_train_row, ckpt_io.read_pointer(self.ckpt_root, "best")
+        return {
+            "steps": self.step, "start_step": self.start_step, "tokens_seen": self.tokens_seen,
+            "params": self.model.num_params(),
+            "last_loss": last_row.get("loss"), "last_val_loss": self.last_val,
+            "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+            "tokens_per_s": round(tps, 1) if tps else None,
+            "mfu": last_row.get("mfu"), "seconds": round(seconds, 2), "stopped": stopped,
+            "nonfinite_steps": self.nonfinite_total,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "best_checkpoint": str(self.ckpt_root / best) if best else None,
+            "train_seconds": round(self.train_seconds, 2), "compile_seconds": round(self.compile_seconds, 2),
+            "eval_checkpoint_seconds": round(self.clock.paused, 2), "budget": self.budget,
+            "world_size": self.dist.world_size, "micro_batch_size": self.train_cfg.micro_batch_size,
+            "accum_steps": self.accum_steps, "global_batch_tokens": self.global_tokens, "dtype": self.dtype,
+            "device": str(self.device),
+        }
+
     # ----------------------------------------------------------------------------- evaluation
     def _eval_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        from antimatter.tokens import ShardError, eval_windows
-
         val_dir = self.tokens_dir / "val"
-        if not sorted(val_dir.glob("*.bin")) or self.t.eval_steps == 0:
+        eval_steps, micro = self.train_cfg.eval_steps, self.train_cfg.micro_batch_size
+        if not sorted(val_dir.glob("*.bin")) or eval_steps == 0:
             self.log(f"no validation tokens in {val_dir}: val loss is not measured")
             return []
-        cap = max(0, self.t.eval_steps) * self.t.micro_batch_size * self.seq_len
+        cap = max(0, eval_steps) * micro * self.seq_len
         try:
-            return list(eval_windows(val_dir, self.seq_len, self.t.micro_batch_size, max_tokens=cap,
+            return list(eval_windows(val_dir, self.seq_len, micro, max_tokens=cap,
                                      vocab_size=self.cfg.model.vocab_size))
         except ShardError:
             raise  # a damaged shard is refused, not skipped: the user would not see val loss go missing
@@ -674,108 +677,83 @@ class Trainer:
         rank runs the same number of forwards, as FSDP needs; padding batches weigh nothing)."""
         if not self.eval_batches:
             return None
-        d, dev = self.d, self.device
+        dist, dev = self.dist, self.device
         n = len(self.eval_batches)
-        per_rank = math.ceil(n / d.world_size)
-        mixed = autocast(dev, self.dtype)
+        per_rank = math.ceil(n / dist.world_size)
         self.wrapped.eval()
         sums = torch.zeros(2, device=dev, dtype=torch.float64)
         for j in range(per_rank):
-            i = d.rank + j * d.world_size
+            i = dist.rank + j * dist.world_size
             x, y = self.eval_batches[i if i < n else 0]
             x, y = x.to(dev), y.to(dev)
-            with mixed:
+            with self.mixed_precision:
                 loss = self.model(x, y)
             count = (y != -1).sum()
             if i < n:
                 sums[0] += loss.double() * count
                 sums[1] += count
         self.wrapped.train()
-        all_reduce_sum(sums, d)
+        all_reduce_sum(sums, dist)
         total, count = sums.tolist()
         return total / count if count else None
 
     # ----------------------------------------------------------------------------- checkpoints
-    def save(self, data_state: dict[str, int]) -> Path | None:
-        """Gather the full state (every rank takes part under FSDP), rank 0 writes it atomically."""
+    def save(self) -> Path | None:
+        """Gather the full state (every rank takes part under FSDP), rank 0 writes it atomically. Non-finite
+        weights (or val loss) are never a checkpoint, never `latest` or `best`."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
         )
 
-        d = self.d
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(self.model, options=opts)
         optim_sd = get_optimizer_state_dict(self.model, self.optimizers, options=opts)
-        rngs = gather_objects(rng_state(self.device), d)
-        bad = None
-        if d.is_main:  # non-finite weights (or val loss) are never a checkpoint, never `latest` or `best`
-            nonfinite = [k for k, v in model_sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-            if nonfinite:
-                bad = f"{len(nonfinite)} weight tensors (e.g. {nonfinite[0]}) are not finite"
-            elif self.last_val is not None and not math.isfinite(self.last_val):
-                bad = f"the val loss is {self.last_val}"
-        bad = broadcast_object(bad, d)
-        if bad:
+        rngs = gather_objects(rng_state(self.device), self.dist)
+        if bad := broadcast_object(self._not_finite(model_sd) if self.dist.is_main else None, self.dist):
             last = ckpt_io.read_pointer(self.ckpt_root, "latest")
             raise UserError(f"training diverged at step {self.step}: {bad}, so no checkpoint was written; last "
                             f"good checkpoint: {self.ckpt_root / last if last else 'none'}. Lower train.lr (or "
                             f"raise train.warmup_steps), then resume")
-        path = None
-        if d.is_main:
-            best = self.last_val is not None and self.last_val < self.best_val
-            if best:
-                self.best_val = self.last_val
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": data_state,
-                     "optimizer": optim_sd, "scaler": self.scaler.state_dict() if self.scaler else None,
-                     "rng": rngs, "world_size": d.world_size, "accum": self.accum,
-                     "micro_batch_size": self.t.micro_batch_size, "global_batch_tokens": self.global_tokens,
-                     "val_loss": self.last_val, "best_val_loss": self.best_val,
-                     "nonfinite_total": self.nonfinite_total, "train_seconds": self.train_seconds,
-                     "optimizer_name": self.t.optimizer, "tokenizer_sha256": self.tokenizer_sha256,
-                     "budget": self.budget}
-            t0 = time.perf_counter()
-            path = ckpt_io.save_checkpoint(self.ckpt_root, self.step, model_sd, state, self.cfg, best=best,
-                                           keep_last=self.t.keep_last)
-            self.log(f"checkpoint {path} ({time.perf_counter() - t0:.1f}s){' best' if best else ''}")
-        path = broadcast_object(str(path) if path else None, d)
-        self.best_val = broadcast_object(self.best_val, d)
+        path = self._write_checkpoint(model_sd, optim_sd, rngs) if self.dist.is_main else None
+        path = broadcast_object(str(path) if path else None, self.dist)
+        self.best_val = broadcast_object(self.best_val, self.dist)
         return Path(path) if path else None
+
+    def _not_finite(self, model_sd: dict[str, torch.Tensor]) -> str | None:
+        """What is not finite about the state to save, or None."""
+        nonfinite = [k for k, v in model_sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if nonfinite:
+            return f"{len(nonfinite)} weight tensors (e.g. {nonfinite[0]}) are not finite"
+        if self.last_val is not None and not math.isfinite(self.last_val):
+            return f"the val loss is {self.last_val}"
+        return None
+
+    def _write_checkpoint(self, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any],
+                          rngs: list[dict[str, Any]]) -> Path:
+        """Rank 0: the checkpoint folder, `latest` and (at a new best val loss) `best`."""
+        best = self.last_val is not None and self.last_val < self.best_val
+        if best:
+            self.best_val = self.last_val
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.loader.state_dict(),
+                 "optimizer": optim_sd, "scaler": self.scaler.state_dict() if self.scaler else None,
+                 "rng": rngs, "world_size": self.dist.world_size, "accum": self.accum_steps,
+                 "micro_batch_size": self.train_cfg.micro_batch_size, "global_batch_tokens": self.global_tokens,
+                 "val_loss": self.last_val, "best_val_loss": self.best_val,
+                 "nonfinite_total": self.nonfinite_total, "train_seconds": self.train_seconds,
+                 "optimizer_name": self.train_cfg.optimizer, "tokenizer_sha256": self.tokenizer_sha256,
+                 "budget": self.budget}
+        started = time.perf_counter()
+        path = ckpt_io.save_checkpoint(self.ckpt_root, self.step, model_sd, state, self.cfg, best=best,
+                                       keep_last=self.train_cfg.keep_last)
+        self.log(f"checkpoint {path} ({time.perf_counter() - started:.1f}s){' best' if best else ''}")
+        return path
 
     # -------------------------------------------------------------------------------- logging
     def _flops(self) -> tuple[float, float | None]:
-        try:
-            from antimatter.model.sizing import flops_per_token, peak_flops
-        except ImportError:
-            return 0.0, None
+        """(model FLOPs per token, the GPU's peak FLOP/s at this dtype or None): for MFU."""
         fpt = flops_per_token(self.cfg.model, self.seq_len)
         if self.device.type != "cuda":
             return fpt, None
         return fpt, peak_flops(torch.cuda.get_device_name(self.device), self.dtype)
-
-    def _write_metrics(self, m: dict[str, Any]) -> None:
-        if not self.d.is_main:
-            return
-        with open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(m) + "\n")
-        if self.tb is not None:
-            for k, v in m.items():
-                if k not in ("step",) and isinstance(v, int | float):
-                    self.tb.add_scalar(TB_NAMES.get(k, f"train/{k}"), v, m["step"])
-
-    def _trim_metrics(self) -> None:
-        """On resume, drop log lines of steps after the checkpoint (they will be logged again)."""
-        path = self.log_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        keep = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:  # a line cut by a kill or a full disk: dropped, the step is logged again
-                continue
-            if isinstance(row, dict) and row.get("step", 0) <= self.step:
-                keep.append(line)
-        path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
