@@ -35,7 +35,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 def read_docs(split_dir: Path) -> list[str]:
-    from antimatter.tokenizer import iter_records, split_files
+    from antimatter.data.records import iter_records, split_files
 
     return [rec["text"] for f in split_files(split_dir) for rec, _ in iter_records(f)]
 
