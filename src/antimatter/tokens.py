@@ -456,7 +456,7 @@ class TokenWindows:
 
     def next_batch(self, batch_size: int) -> tuple[Any, Any]:
         """(x, y) int64 CPU tensors of shape (batch_size, seq_len); y is x shifted by one token."""
-        import torch
+        import torch  # here: `antimatter tokenize` imports this module and never needs torch
 
         T = self.seq_len
         rows = np.stack([self.tokens.read(int(i) * T, T + 1) for i in self.next_windows(batch_size)])
@@ -484,7 +484,7 @@ def eval_windows(split_dir: Path, seq_len: int, batch_size: int, max_tokens: int
     `max_tokens` > 0 caps the number of targets (the first max_tokens). The last batch may be smaller.
     `vocab_size`: the model's, to refuse ids it has no embedding for (see `TokenShards`).
     """
-    import torch
+    import torch  # here: `antimatter tokenize` imports this module and never needs torch
 
     shards = TokenShards(split_dir, vocab_size)
     n_targets = shards.num_tokens - 1

@@ -248,7 +248,7 @@ def _run_pool(units: list[Unit], data: DataConfig, tmp: Path, workers: int, upda
     q = ctx.Queue()
     results: dict[int, Any] = {}
     with ctx.Pool(workers, initializer=_init_worker, initargs=(data, str(tmp), q)) as pool:
-        # largest first keeps both cores busy to the end; results are collected in unit order anyway
+        # largest first keeps every worker busy to the end; results are collected in unit order anyway
         for u in sorted(units, key=lambda u: (-u.nbytes, u.index)):
             results[u.index] = pool.apply_async(process_unit, (u,))
         while True:
