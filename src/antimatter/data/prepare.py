@@ -63,6 +63,16 @@ class DocMeta:
 
 
 @dataclass
+class Plan:
+    """Pass 2's outcome: the statistics of every source so far and, per unit, one decision per survivor of
+    its worker (in the order of its temporary file)."""
+
+    per_source: dict[str, SourceStats]
+    decisions: list[list[Decision]]
+    kept: int = 0  # documents that go to a split
+
+
+@dataclass
 class UnitResult:
     index: int
     docs: list[DocMeta] = field(default_factory=list)
@@ -287,13 +297,9 @@ def _problem_lines(units: list[Unit], results: list[UnitResult]) -> list[str]:
     return lines
 
 
-def _dedup(units: list[Unit], results: list[UnitResult], data: DataConfig
-           ) -> tuple[dict[str, SourceStats], list[list[Decision]]]:
-    """Source byte caps, then exact and near dedup across all sources, in canonical order.
-
-    Returns the statistics of every source so far and, per unit, one decision per survivor of its worker:
-    KEPT, "capped" or the dedup reason with the key of the document it duplicates.
-    """
+def _dedup(units: list[Unit], results: list[UnitResult], data: DataConfig) -> Plan:
+    """Source byte caps, then exact and near dedup across all sources, in canonical order; each survivor's
+    decision is KEPT, "capped" or the dedup reason with the key of the document it duplicates."""
     deduper = Deduper(data.dedup)
     per_source: dict[str, SourceStats] = {}
     used: dict[int, int] = {}  # bytes read so far per source, for its byte cap
@@ -306,7 +312,7 @@ def _dedup(units: list[Unit], results: list[UnitResult], data: DataConfig
         bar.update(len(res.docs))
         res.sigs = []  # free memory early
     bar.close()
-    return per_source, decisions
+    return Plan(per_source, decisions)
 
 
 def _dedup_unit(unit: Unit, res: UnitResult, src: SourceConfig, st: SourceStats, deduper: Deduper,
@@ -342,10 +348,9 @@ def _split_of(exact: bytes, seed: int, val_fraction: float) -> tuple[str, float]
     return ("val" if u < val_fraction else "train"), u
 
 
-def _split(units: list[Unit], results: list[UnitResult], decisions: list[list[Decision]], data: DataConfig
-           ) -> int:
-    """Replace each KEPT decision by its split, train or val by a hash of the document's exact key; returns
-    the number of documents kept."""
+def _split(units: list[Unit], results: list[UnitResult], plan: Plan, data: DataConfig) -> None:
+    """Replace each KEPT decision by its split, train or val by a hash of the document's exact key."""
+    decisions = plan.decisions
     kept: list[tuple[float, int, int]] = []  # (hash fraction, unit, survivor) to guarantee a non-empty val
     for unit, res, dec in zip(units, results, decisions):
         survivors = [m for m in res.docs if m.reason is None]
@@ -357,14 +362,14 @@ def _split(units: list[Unit], results: list[UnitResult], decisions: list[list[De
     if not any(what == "val" for dec in decisions for what, _ in dec) and len(kept) >= 2:
         _, ui, k = min(kept)  # tiny corpus: the lowest hash goes to val
         decisions[ui][k] = ("val", None)
-    return len(kept)
+    plan.kept = len(kept)
 
 
-def _require_documents(per_source: dict[str, SourceStats], kept: int, data: DataConfig) -> None:
-    if sum(s.docs_in for s in per_source.values()) == 0:
+def _require_documents(plan: Plan, data: DataConfig) -> None:
+    if sum(s.docs_in for s in plan.per_source.values()) == 0:
         raise UserError("the corpus is empty: no document found in data.sources "
                         f"({', '.join(s.path for s in data.sources)}): point them at text files")
-    if kept == 0:
+    if plan.kept == 0:
         raise UserError("no document survived cleaning, filtering and dedup: check the inputs, or loosen "
                         "data.filters (e.g. data.filters.enabled=false or data.filters.min_words=1)")
 
@@ -372,16 +377,15 @@ def _require_documents(per_source: dict[str, SourceStats], kept: int, data: Data
 # ------------------------------------------------------------------------------------------ pass 3: write
 
 
-def _write(units: list[Unit], results: list[UnitResult], decisions: list[list[Decision]],
-           per_source: dict[str, SourceStats], kept: int, data: DataConfig, tmp: Path, out_dir: Path
+def _write(units: list[Unit], results: list[UnitResult], plan: Plan, data: DataConfig, tmp: Path, out_dir: Path
            ) -> dict[str, list[str]]:
     """Write the splits (and the rejects) from the temporary files; returns the shard names per split."""
     writers = {s: RecordShardWriter(out_dir / s, s, data.shard_docs) for s in SPLITS}
     rejects = RecordShardWriter(out_dir / "rejects", "rejects", data.shard_docs) if data.keep_rejects else None
     id_of: dict[tuple[int, int], str] = {}  # survivor key -> id, to name what a rejected duplicate copies
-    bar = tqdm(total=kept, desc="prepare: write", unit="doc", file=sys.stderr, dynamic_ncols=True)
-    for unit, dec in zip(units, decisions):
-        st = per_source[unit.name]
+    bar = tqdm(total=plan.kept, desc="prepare: write", unit="doc", file=sys.stderr, dynamic_ncols=True)
+    for unit, dec in zip(units, plan.decisions):
+        st = plan.per_source[unit.name]
         if rejects is not None:
             for rec, _ in _temp_records(unit_file(tmp, unit.index, "reject")):
                 rejects.write(rec)
@@ -516,19 +520,19 @@ def run_prepare(cfg: RunConfig, out_dir: Path) -> dict:
         timing["workers_pass_s"] = time.perf_counter() - t
         t = time.perf_counter()
         log_lines = _problem_lines(units, results)
-        per_source, decisions = _dedup(units, results, data)
-        kept = _split(units, results, decisions, data)
+        plan = _dedup(units, results, data)
+        _split(units, results, plan, data)
         timing["dedup_split_s"] = time.perf_counter() - t
-        _require_documents(per_source, kept, data)
+        _require_documents(plan, data)
         t = time.perf_counter()
-        outputs = _write(units, results, decisions, per_source, kept, data, tmp, out_dir)
+        outputs = _write(units, results, plan, data, tmp, out_dir)
         timing["write_s"] = time.perf_counter() - t
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if log_lines:
         (out_dir / "rejects.log").write_text("\n".join(log_lines) + "\n", encoding="utf-8")
     timing["wall_s"] = time.perf_counter() - t_start
-    stats = _statistics(per_source, results, outputs, log_lines, data, timing)
+    stats = _statistics(plan.per_source, results, outputs, log_lines, data, timing)
     (out_dir / "dataset_statistics.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
     _print_summary(stats, out_dir, len(log_lines))
     return stats
