@@ -62,7 +62,7 @@ def phase_peers(args: argparse.Namespace) -> dict:
     from tokenizers import Tokenizer
 
     from antimatter.config import TokenizeConfig
-    from antimatter.tokenizer import iter_records, split_files
+    from antimatter.data.records import iter_records, split_files
 
     hf = Tokenizer.from_file(str(Path(args.out) / "tokenizer" / "tokenizer.json"))
     batch_docs, batch_bytes = TokenizeConfig().batch_docs, TokenizeConfig().batch_bytes

@@ -13,6 +13,7 @@ from antimatter.data.clean import clean_text, decode
 from antimatter.data.dedup import Deduper, Signer, exact_key
 from antimatter.data.filters import RULE_SETS, QualityFilter, dup_ngram_char_frac, guess_kind
 from antimatter.data.sample import CODE, SENTENCES
+from antimatter.errors import UserError
 
 PROSE = "\n\n".join(" ".join(SENTENCES[i: i + 4]) for i in range(0, 24, 4))
 GLOSSARY = "\n".join(f"{w}\n    n 1: a word used in the sample glossary [syn: {{{w}}}]" for w in
@@ -90,8 +91,6 @@ def test_dup_ngram_fraction():
 
 
 def test_bad_filter_config():
-    from antimatter.errors import UserError
-
     with pytest.raises(UserError, match="unknown rule"):
         QualityFilter(FilterConfig(disable=["nope"]))
     assert set(RULE_SETS) == {"prose", "code", "reference", "none"}

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import antimatter.data.sources as sources
 from antimatter.config import RunConfig, SourceConfig
 from antimatter.data.prepare import run_prepare
 from antimatter.data.sample import SENTENCES
@@ -116,8 +117,6 @@ def test_default_corpus_is_deterministic_and_bounded():
 
 
 def test_small_files_grouped_into_units(tmp_path, monkeypatch):
-    import antimatter.data.sources as sources
-
     for i in range(7):
         (tmp_path / f"n{i}.txt").write_text(f"note {i} " * 50)
     (tmp_path / "big.jsonl").write_text(json.dumps({"text": "x " * 500}) + "\n")

@@ -16,6 +16,7 @@ import xxhash
 from test_tokenizer import make_corpus
 from train_helpers import make_tokens, one_thread, tiny_config
 
+import antimatter.tokens as tokens_mod
 from antimatter.config import load_config
 from antimatter.errors import UserError
 from antimatter.eval.report import run_eval
@@ -211,8 +212,6 @@ def test_old_shards_without_checksum_still_load(tmp_path: Path) -> None:
 
 
 def test_shards_are_verified_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import antimatter.tokens as tokens_mod
-
     write_shard(tmp_path / "00000.bin", np.arange(1000, dtype=np.uint16), vocab_size=1000, eot_id=0)
     calls = []
     scan = tokens_mod._scan_shard

@@ -11,7 +11,14 @@ import zstandard
 
 from antimatter.config import load_config
 from antimatter.errors import UserError
-from antimatter.tokenizer import EOT, EOT_ID, load_tokenizer, train_tokenizer, write_hf_tokenizer_files
+from antimatter.tokenizer import (
+    EOT,
+    EOT_ID,
+    load_tokenizer,
+    new_byte_level_bpe,
+    train_tokenizer,
+    write_hf_tokenizer_files,
+)
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times.",
@@ -165,8 +172,6 @@ def test_train_errors(tmp_path):
 def test_foreign_tokenizer_uses_the_configured_eos(tmp_path):
     """A run imported from a Hugging Face folder may carry a tokenizer whose end token is, e.g., </s>."""
     from tokenizers import pre_tokenizers, trainers
-
-    from antimatter.tokenizer import new_byte_level_bpe
 
     hf = new_byte_level_bpe()
     hf.train_from_iterator(TEXTS * 3, trainer=trainers.BpeTrainer(

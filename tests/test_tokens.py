@@ -11,6 +11,7 @@ import torch
 from test_tokenizer import TEXTS, make_corpus, write_split
 
 from antimatter.config import load_config
+from antimatter.data.records import iter_records, split_files
 from antimatter.errors import UserError
 from antimatter.tokenizer import load_tokenizer, train_tokenizer
 from antimatter.tokens import (
@@ -35,8 +36,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 def read_docs(split_dir: Path) -> list[str]:
-    from antimatter.tokenizer import iter_records, split_files
-
     return [rec["text"] for f in split_files(split_dir) for rec, _ in iter_records(f)]
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import sys
 import time
@@ -30,20 +29,12 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from antimatter.data.records import count_input_bytes, iter_records, train_files, valid_unicode
 from antimatter.errors import UserError
-from antimatter.files import open_zstd
 
 EOT = "<|endoftext|>"
 EOT_ID = 0  # special tokens come first in the vocab; EOT is always the first of them
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def valid_unicode(text: str) -> str:
-    """The text with lone surrogate code points (JSON "\\ud800" escapes, surrogateescape'd terminal input)
-    replaced by U+FFFD: they are not Unicode scalar values, so they have no UTF-8 bytes to tokenize."""
-    return _LONE_SURROGATE.sub("\ufffd", text)
-
 
 CHUNK_CHARS = 32_768  # long documents are encoded in pieces of about this size (identical ids)
 
@@ -134,62 +125,7 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id}, path={self.path})"
 
 
-# ------------------------------------------------------------------------------------------ reading
-
-
-def split_files(split_dir: Path) -> list[Path]:
-    """The JSON Lines shards of one prepared split, in a fixed order."""
-    split_dir = Path(split_dir)
-    return sorted(p for p in split_dir.glob("*.jsonl*") if p.suffix in (".zst", ".jsonl"))
-
-
-def iter_records(path: Path) -> Iterator[tuple[dict[str, Any], int]]:
-    """(record, line bytes) for each record of a prepared .jsonl(.zst) file, streamed.
-
-    Records are {"id", "source", "text"}; a line without a string "text" is an error naming file and line.
-    Lone surrogates in a text (possible through JSON escapes) are replaced by U+FFFD, with a warning.
-    """
-    path = Path(path)
-    replaced = 0
-    with open(path, "rb") as raw:
-        lines = open_zstd(raw, path) if path.suffix == ".zst" else raw
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                text = rec["text"]
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path}:{lineno}: not a prepared record with a 'text' field: "
-                                f"re-run `antimatter prepare`") from None
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{lineno}: 'text' is not a string: re-run `antimatter prepare`")
-            if not rec.get("id"):
-                rec["id"] = f"{path.name}:{lineno}"
-            if not text.isascii():  # isascii is O(1) in CPython; the encode check only runs on the rest
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    rec["text"] = valid_unicode(text)
-                    replaced += 1
-            yield rec, len(line)
-    if replaced:
-        print(f"warning: {path}: {replaced} document(s) held lone surrogate code points (not valid Unicode); "
-              f"each was replaced by U+FFFD", file=sys.stderr)
-
-
-def count_input_bytes(files: list[Path]) -> int:
-    """Decompressed size of the files (cheap: no JSON parsing); used for sampling rates and progress."""
-    total = 0
-    for path in files:
-        with open(path, "rb") as raw:
-            if path.suffix != ".zst":
-                total += path.stat().st_size
-                continue
-            reader = open_zstd(raw, path)
-            while chunk := reader.read(1 << 22):
-                total += len(chunk)
-    return total
+# ------------------------------------------------------------------------------------------ sampling
 
 
 def _hash_fraction(doc_id: str) -> float:
@@ -197,13 +133,12 @@ def _hash_fraction(doc_id: str) -> float:
     return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little") / 2**64
 
 
-def sample_texts(split_dir: Path, budget_bytes: int, stats: dict[str, Any]) -> Iterator[list[str]]:
+def sample_texts(files: list[Path], budget_bytes: int, stats: dict[str, Any]) -> Iterator[list[str]]:
     """Batches of documents of a deterministic sample of at most `budget_bytes` UTF-8 bytes.
 
     Documents are kept when their id hash falls below budget/total; a document that would overflow the
     budget is skipped (never cut). Fills `stats` (docs/bytes seen and used) as it goes.
     """
-    files = split_files(split_dir)
     total = count_input_bytes(files)
     rate = 1.0 if budget_bytes <= 0 or budget_bytes >= total else budget_bytes / total
     stats.update(docs_total=0, bytes_total=0, docs_used=0, bytes_used=0, sample_rate=round(rate, 6))
@@ -242,9 +177,7 @@ def new_byte_level_bpe() -> HFTokenizer:
 def train_tokenizer(cfg: Any, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Learn merges on a bounded sample of `data_dir/train`, write `out_dir/tokenizer.json` (+ HF files)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    train_dir = data_dir / "train"
-    if not split_files(train_dir):
-        raise UserError(f"no training documents in {train_dir} (*.jsonl.zst): run `antimatter prepare` first")
+    files = train_files(data_dir)
     vocab_size = cfg.tokenizer_vocab_size
     specials = [EOT] + [s for s in cfg.tokenizer.special_tokens if s != EOT]
     if vocab_size < 256 + len(specials):
@@ -256,9 +189,9 @@ def train_tokenizer(cfg: Any, data_dir: Path, out_dir: Path) -> dict[str, Any]:
         vocab_size=vocab_size, min_frequency=cfg.tokenizer.min_frequency, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=sys.stderr.isatty())
     stats: dict[str, Any] = {}
-    tok.train_from_iterator(sample_texts(train_dir, cfg.tokenizer.train_bytes, stats), trainer=trainer)
+    tok.train_from_iterator(sample_texts(files, cfg.tokenizer.train_bytes, stats), trainer=trainer)
     if stats["bytes_used"] == 0:
-        raise UserError(f"the train split in {train_dir} has no text to learn a tokenizer from: "
+        raise UserError(f"the train split in {data_dir / 'train'} has no text to learn a tokenizer from: "
                         f"add data or raise tokenizer.train_bytes")
     seconds = time.perf_counter() - t0
     assert tok.token_to_id(EOT) == EOT_ID, "special tokens must come first in the vocab"

@@ -47,15 +47,17 @@ import xxhash
 from tqdm import tqdm
 
 from antimatter.data import SPLITS
+from antimatter.data.records import count_input_bytes, iter_records, split_files, train_files
 from antimatter.errors import UserError
-from antimatter.tokenizer import count_input_bytes, iter_records, load_tokenizer, split_files
+from antimatter.provenance import provenance, sha256_file
+from antimatter.tokenizer import load_tokenizer
 
 MAGIC = b"AMTOKENS"
 VERSION = 1
 HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQII")
 _TOKEN_DTYPES = {2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
-CHECKSUM = "xxh3_128"  # of each shard's token bytes, in its header; fast: ~0.04 s for 98 MB in the page cache
+CHECKSUM = "xxh3_128"  # of each shard's token bytes, in its header; fast enough to check every shard on load
 _CHECKSUM_AT, _CHECKSUM_BYTES = 32, 16
 _NO_CHECKSUM = bytes(_CHECKSUM_BYTES)
 _SCAN_CHUNK = 1 << 24  # bytes read at a time when a shard is verified (a multiple of every token size)
@@ -117,7 +119,7 @@ def open_shard(path: Path) -> np.ndarray:
 
 
 def write_shard(path: Path, tokens: np.ndarray, vocab_size: int, eot_id: int) -> None:
-    """Write one whole shard atomically (tests and tools; `run_tokenize` streams with ShardWriter)."""
+    """Write one whole shard atomically (tests and tools; `run_tokenize` streams with TokenShardWriter)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -189,8 +191,6 @@ def recorded_tokenizer(tokens_dir: Path) -> str | None:
 def check_tokenizer(tokens_dir: Path, tokenizer_file: Path, tokenizer_sha256: str | None = None) -> None:
     """Refuse tokens that another tokenizer made than `tokenizer_file` (training or scoring them with another
     gives wrong numbers, not an error). Tokens whose meta.json records no tokenizer are not checked."""
-    from antimatter.provenance import sha256_file
-
     recorded = recorded_tokenizer(tokens_dir)
     if recorded is None:
         return
@@ -202,7 +202,7 @@ def check_tokenizer(tokens_dir: Path, tokenizer_file: Path, tokenizer_sha256: st
                         f"that made them")
 
 
-class ShardWriter:
+class TokenShardWriter:
     """Streams tokens into numbered shards (00000.bin, ...) of `shard_tokens` tokens each.
 
     A shard is written as NAME.tmp with a zero count; when it closes the real count is patched into the
@@ -258,7 +258,7 @@ class ShardWriter:
             self._close()
         return self.shards
 
-    def __enter__(self) -> ShardWriter:
+    def __enter__(self) -> TokenShardWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -292,7 +292,7 @@ def _read_batches(files: list[Path], batch_docs: int, batch_bytes: int, out: que
         out.put(e)
 
 
-def _tokenize_split(tok: Any, files: list[Path], writer: ShardWriter, batch_docs: int, batch_bytes: int,
+def _tokenize_split(tok: Any, files: list[Path], writer: TokenShardWriter, batch_docs: int, batch_bytes: int,
                     bar: tqdm) -> dict[str, int]:
     """Encode every document of a split (EOT after each) into the writer; returns counts."""
     q: queue.Queue = queue.Queue(maxsize=3)
@@ -319,14 +319,9 @@ def _tokenize_split(tok: Any, files: list[Path], writer: ShardWriter, batch_docs
 
 def run_tokenize(cfg: Any, data_dir: Path, tokenizer_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Encode `data_dir/{train,val}` into `out_dir/{train,val}/NNNNN.bin` and write `out_dir/meta.json`."""
-    from antimatter.provenance import provenance, sha256_file
-
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     tok = load_tokenizer(tokenizer_dir)
-    files = {s: split_files(data_dir / s) for s in SPLITS}
-    if not files["train"]:
-        raise UserError(f"no training documents in {data_dir / 'train'} (*.jsonl.zst): "
-                        f"run `antimatter prepare` first")
+    files = {s: train_files(data_dir) if s == "train" else split_files(data_dir / s) for s in SPLITS}
     if cfg.tokenize.workers > 0 and "RAYON_NUM_THREADS" not in os.environ:
         os.environ["RAYON_NUM_THREADS"] = str(cfg.tokenize.workers)  # effective before the first encode
     dtype = token_dtype(tok.vocab_size)
@@ -342,7 +337,7 @@ def run_tokenize(cfg: Any, data_dir: Path, tokenizer_dir: Path, out_dir: Path) -
         ts = time.perf_counter()
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenize {split}", file=sys.stderr,
                   dynamic_ncols=True, mininterval=1.0) as bar, \
-                ShardWriter(split_out, dtype, cfg.tokenize.shard_tokens, tok.vocab_size, tok.eot_id) as w:
+                TokenShardWriter(split_out, dtype, cfg.tokenize.shard_tokens, tok.vocab_size, tok.eot_id) as w:
             counts = _tokenize_split(tok, files[split], w, cfg.tokenize.batch_docs,
                                      cfg.tokenize.batch_bytes, bar)
         seconds = time.perf_counter() - ts
@@ -461,7 +456,7 @@ class TokenWindows:
 
     def next_batch(self, batch_size: int) -> tuple[Any, Any]:
         """(x, y) int64 CPU tensors of shape (batch_size, seq_len); y is x shifted by one token."""
-        import torch
+        import torch  # here: `antimatter tokenize` imports this module and never needs torch
 
         T = self.seq_len
         rows = np.stack([self.tokens.read(int(i) * T, T + 1) for i in self.next_windows(batch_size)])
@@ -489,7 +484,7 @@ def eval_windows(split_dir: Path, seq_len: int, batch_size: int, max_tokens: int
     `max_tokens` > 0 caps the number of targets (the first max_tokens). The last batch may be smaller.
     `vocab_size`: the model's, to refuse ids it has no embedding for (see `TokenShards`).
     """
-    import torch
+    import torch  # here: `antimatter tokenize` imports this module and never needs torch
 
     shards = TokenShards(split_dir, vocab_size)
     n_targets = shards.num_tokens - 1

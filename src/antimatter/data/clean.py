@@ -28,7 +28,8 @@ _NON_ASCII_RUNS = re.compile(r".?[^\x00-\x7f]+.?")
 
 
 def looks_like_mojibake(text: str) -> bool:
-    """ftfy's badness check on the non-ASCII runs only (mojibake lives there): ~100x faster on real text."""
+    """ftfy's badness check on the non-ASCII runs only (mojibake lives there), so
+    mostly-ASCII text costs little."""
     if text.isascii():
         return False
     return ftfy.badness.is_bad("\n".join(_NON_ASCII_RUNS.findall(text)))

@@ -175,94 +175,129 @@ def dup_ngram_char_frac(ids: np.ndarray, lens: np.ndarray, n: int) -> float:
 # --------------------------------------------------------------------------------------------- rules
 
 
-def _rules(cfg: FilterConfig) -> dict[str, Callable[[Doc], bool]]:
-    """Each rule returns True when the document FAILS it (and is removed)."""
+def _frac(lines: list[str], pred: Callable[[str], bool]) -> float:
+    return sum(1 for ln in lines if pred(ln)) / max(1, len(lines))
 
-    def windows(d: Doc) -> list[tuple[np.ndarray, np.ndarray]]:
-        ids, lens = d.ngram_views
-        w = cfg.repetition_window_words
-        if w <= 0 or len(ids) <= w:
-            return [(ids, lens)]
-        n_win = max(1, round(len(ids) / w))  # equal windows, so the tail is not a tiny window of its own
-        step = -(-len(ids) // n_win)
-        return [(ids[i: i + step], lens[i: i + step]) for i in range(0, len(ids), step)]
 
-    def top_ngrams(d: Doc) -> bool:
-        wins = windows(d)
-        for n, thr in zip((2, 3, 4), cfg.max_top_ngram_chars):
-            if np.mean([top_ngram_char_frac(ids, lens, n) for ids, lens in wins]) > thr:
-                return True
-        return False
+def _paragraphs(d: Doc) -> list[str]:
+    return [p.strip() for p in re.split(r"\n\s*\n", d.text) if p.strip()]
 
-    def dup_ngrams(d: Doc) -> bool:
-        wins = windows(d)
-        for n, thr in zip(range(5, 11), cfg.max_dup_ngram_chars):
-            f = float(np.mean([dup_ngram_char_frac(ids, lens, n) for ids, lens in wins]))
-            if f > thr:
-                return True
-            if f <= min(cfg.max_dup_ngram_chars[n - 5:]):
-                return False  # the fraction can only shrink as n grows: no larger n can fail
-        return False
 
-    def terminal_punct_frac(d: Doc) -> float:
-        """FineWeb's unit is the line, which on web pages is a paragraph. Hard-wrapped text (books, mail:
-        most lines close to the same width) ends a sentence only every few lines, so there the unit is the
-        paragraph (blocks between blank lines)."""
-        lines = d.lines
-        if len(lines) >= 10:
-            lengths = sorted(len(ln) for ln in lines)
-            width = lengths[int(0.9 * (len(lengths) - 1))]
-            wrapped = width <= 100 and sum(1 for n in lengths if n >= 0.7 * width) >= 0.6 * len(lengths)
-            if wrapped:
-                lines = [p.rstrip() for p in paragraphs(d)]
-        return frac(lines, lambda ln: ln.rstrip().endswith(_TERMINAL))
+def _mean_word_len(d: Doc) -> float:
+    return sum(map(len, d.words)) / max(1, len(d.words))
 
-    def frac(lines: list[str], pred) -> float:
-        return sum(1 for ln in lines if pred(ln)) / max(1, len(lines))
 
-    def paragraphs(d: Doc) -> list[str]:
-        return [p.strip() for p in re.split(r"\n\s*\n", d.text) if p.strip()]
+def _alpha_frac(d: Doc) -> float:
+    return sum(map(bool, map(_HAS_ALPHA, d.words))) / max(1, len(d.words))
 
-    def mean_word_len(d: Doc) -> float:
-        return sum(map(len, d.words)) / max(1, len(d.words))
 
-    def alpha_frac(d: Doc) -> float:
-        return sum(map(bool, map(_HAS_ALPHA, d.words))) / max(1, len(d.words))
+def _windows(d: Doc, window_words: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The document's word views cut into about equal windows of `window_words` words (0 = one window)."""
+    ids, lens = d.ngram_views
+    if window_words <= 0 or len(ids) <= window_words:
+        return [(ids, lens)]
+    n_win = max(1, round(len(ids) / window_words))  # equal windows, so the tail is not a tiny window of its own
+    step = -(-len(ids) // n_win)
+    return [(ids[i: i + step], lens[i: i + step]) for i in range(0, len(ids), step)]
 
+
+def _top_ngrams_fail(d: Doc, cfg: FilterConfig) -> bool:
+    wins = _windows(d, cfg.repetition_window_words)
+    for n, thr in zip((2, 3, 4), cfg.max_top_ngram_chars):
+        if np.mean([top_ngram_char_frac(ids, lens, n) for ids, lens in wins]) > thr:
+            return True
+    return False
+
+
+def _dup_ngrams_fail(d: Doc, cfg: FilterConfig) -> bool:
+    wins = _windows(d, cfg.repetition_window_words)
+    for n, thr in zip(range(5, 11), cfg.max_dup_ngram_chars):
+        f = float(np.mean([dup_ngram_char_frac(ids, lens, n) for ids, lens in wins]))
+        if f > thr:
+            return True
+        if f <= min(cfg.max_dup_ngram_chars[n - 5:]):
+            return False  # the fraction can only shrink as n grows: no larger n can fail
+    return False
+
+
+def _terminal_punct_frac(d: Doc) -> float:
+    """FineWeb's unit is the line, which on web pages is a paragraph. Hard-wrapped text (books, mail:
+    most lines close to the same width) ends a sentence only every few lines, so there the unit is the
+    paragraph (blocks between blank lines)."""
+    lines = d.lines
+    if len(lines) >= 10:
+        lengths = sorted(len(ln) for ln in lines)
+        width = lengths[int(0.9 * (len(lengths) - 1))]
+        wrapped = width <= 100 and sum(1 for n in lengths if n >= 0.7 * width) >= 0.6 * len(lengths)
+        if wrapped:
+            lines = [p.rstrip() for p in _paragraphs(d)]
+    return _frac(lines, lambda ln: ln.rstrip().endswith(_TERMINAL))
+
+
+Rule = Callable[[Doc], bool]
+
+
+def _size_rules(cfg: FilterConfig) -> dict[str, Rule]:
+    # size caps: 0 = no limit (as data.sources[].max_bytes), never "remove every document"
     return {
-        # size caps: 0 = no limit (as data.sources[].max_bytes), never "remove every document"
         "max_doc_bytes": lambda d: 0 < cfg.max_doc_bytes < len(d.text.encode("utf-8", "replace")),
         "min_words": lambda d: len(d.words) < cfg.min_words,
         "max_words": lambda d: 0 < cfg.max_words < len(d.words),
-        "gopher_mean_word_len": lambda d: not cfg.min_mean_word_len <= mean_word_len(d) <= cfg.max_mean_word_len,
+    }
+
+
+def _gopher_rules(cfg: FilterConfig) -> dict[str, Rule]:
+    return {
+        "gopher_mean_word_len": lambda d: not cfg.min_mean_word_len <= _mean_word_len(d) <= cfg.max_mean_word_len,
         "gopher_symbol_ratio": lambda d: (d.text.count("#") + d.text.count("...") + d.text.count("…"))
         / max(1, len(d.words)) > cfg.max_symbol_word_ratio,
-        "gopher_bullet_lines": lambda d: frac(d.lines, lambda ln: ln.lstrip().startswith(BULLETS))
+        "gopher_bullet_lines": lambda d: _frac(d.lines, lambda ln: ln.lstrip().startswith(BULLETS))
         > cfg.max_bullet_lines,
-        "gopher_ellipsis_lines": lambda d: frac(d.lines, lambda ln: ln.rstrip().endswith(("...", "…")))
+        "gopher_ellipsis_lines": lambda d: _frac(d.lines, lambda ln: ln.rstrip().endswith(("...", "…")))
         > cfg.max_ellipsis_lines,
-        "gopher_alpha_words": lambda d: alpha_frac(d) < cfg.min_alpha_words,
+        "gopher_alpha_words": lambda d: _alpha_frac(d) < cfg.min_alpha_words,
         "gopher_stop_words": lambda d: sum(1 for w in d.words if w.lower() in STOP_WORDS) < cfg.min_stop_words,
-        "c4_lorem_ipsum": lambda d: "lorem ipsum" in d.text.lower(),
         "gopher_dup_lines": lambda d: _dup_fraction(d.lines, cfg.dup_min_chars)[0] > cfg.max_dup_line_frac,
-        "gopher_dup_paras": lambda d: _dup_fraction(paragraphs(d), cfg.dup_min_chars)[0] > cfg.max_dup_para_frac,
+        "gopher_dup_paras": lambda d: _dup_fraction(_paragraphs(d), cfg.dup_min_chars)[0] > cfg.max_dup_para_frac,
         "gopher_dup_line_chars": lambda d: _dup_fraction(d.lines)[1] > cfg.max_dup_line_chars,
-        "gopher_dup_para_chars": lambda d: _dup_fraction(paragraphs(d))[1] > cfg.max_dup_para_chars,
-        "gopher_top_ngrams": top_ngrams,
-        "gopher_dup_ngrams": dup_ngrams,
-        "fineweb_terminal_punct": lambda d: terminal_punct_frac(d) < cfg.min_terminal_punct_lines,
-        "fineweb_short_lines": lambda d: frac(d.lines, lambda ln: len(ln.strip()) < 30) > cfg.max_short_lines,
+        "gopher_dup_para_chars": lambda d: _dup_fraction(_paragraphs(d))[1] > cfg.max_dup_para_chars,
+        "gopher_top_ngrams": lambda d: _top_ngrams_fail(d, cfg),
+        "gopher_dup_ngrams": lambda d: _dup_ngrams_fail(d, cfg),
+    }
+
+
+def _c4_fineweb_rules(cfg: FilterConfig) -> dict[str, Rule]:
+    return {
+        "c4_lorem_ipsum": lambda d: "lorem ipsum" in d.text.lower(),
+        "fineweb_terminal_punct": lambda d: _terminal_punct_frac(d) < cfg.min_terminal_punct_lines,
+        "fineweb_short_lines": lambda d: _frac(d.lines, lambda ln: len(ln.strip()) < 30) > cfg.max_short_lines,
         "fineweb_newline_ratio": lambda d: d.text.count("\n") / max(1, len(d.words)) > cfg.max_newline_word_ratio,
+    }
+
+
+def _code_rules(cfg: FilterConfig) -> dict[str, Rule]:
+    return {
         "code_max_line_len": lambda d: 0 < cfg.code_max_line_len < max((len(ln) for ln in d.lines), default=0),
         "code_mean_line_len": lambda d: sum(map(len, d.lines)) / max(1, len(d.lines)) > cfg.code_max_mean_line_len,
         "code_alnum_frac": lambda d: sum(1 for c in d.text if c.isalnum()) / max(1, len(d.text))
         < cfg.code_min_alnum_frac,
         "code_autogenerated": lambda d: bool(_AUTOGEN.search(d.text[:1000])),
         "code_dup_lines": lambda d: _dup_fraction(d.lines)[0] > cfg.code_max_dup_line_frac,
-        "ref_alpha_words": lambda d: alpha_frac(d) < cfg.ref_min_alpha_words,
-        "ref_mean_word_len": lambda d: not cfg.min_mean_word_len - 1 <= mean_word_len(d) <= cfg.ref_max_mean_word_len,
+    }
+
+
+def _reference_rules(cfg: FilterConfig) -> dict[str, Rule]:
+    return {
+        "ref_alpha_words": lambda d: _alpha_frac(d) < cfg.ref_min_alpha_words,
+        "ref_mean_word_len": lambda d: not cfg.min_mean_word_len - 1 <= _mean_word_len(d) <= cfg.ref_max_mean_word_len,
         "ref_dup_lines": lambda d: _dup_fraction(d.lines)[0] > cfg.ref_max_dup_line_frac,
     }
+
+
+def _rules(cfg: FilterConfig) -> dict[str, Rule]:
+    """Every rule by name; each returns True when the document FAILS it (and is removed)."""
+    return {**_size_rules(cfg), **_gopher_rules(cfg), **_c4_fineweb_rules(cfg), **_code_rules(cfg),
+            **_reference_rules(cfg)}
 
 
 class QualityFilter:

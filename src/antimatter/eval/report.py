@@ -124,7 +124,7 @@ def unigram_counts(train_dir: Path, vocab_size: int, chunk: int = 1 << 24) -> tu
 
 def val_documents(val_dir: Path) -> list[tuple[str, str]]:
     """(source, text) of the prepared val split (data/val/*.jsonl[.zst]); empty if it is not there."""
-    from antimatter.tokenizer import iter_records, split_files
+    from antimatter.data.records import iter_records, split_files
 
     return [(str(rec.get("source") or "unknown"), rec["text"])
             for path in (split_files(val_dir) if val_dir.is_dir() else []) for rec, _ in iter_records(path)]
