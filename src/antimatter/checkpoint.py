@@ -375,8 +375,8 @@ def load_model(path: str | Path, which: str = "best", device: str | torch.device
 
 def checkpoint_tokenizer(ckpt: Path) -> str | None:
     """The sha256 of the tokenizer a checkpoint was trained with, or None where it records none (older
-    checkpoints, imports). From the manifest where it is there, else from state.pt (training writes it
-    there), memory-mapped so that the optimizer state in it is not read."""
+    checkpoints, imports of a folder without tokenizer.json). From the manifest where it is there, else from
+    state.pt (training writes it there), memory-mapped so that the optimizer state in it is not read."""
     try:
         recorded = json.loads((ckpt / MANIFEST).read_text("utf-8")).get("tokenizer_sha256")
     except (OSError, ValueError, AttributeError):
@@ -393,8 +393,8 @@ def checkpoint_tokenizer(ckpt: Path) -> str | None:
 def check_checkpoint_tokenizer(ckpt: Path, tokenizer_file: str | Path | None, verb: str,
                                tokenizer_sha256: str | None = None) -> None:
     """Refuse to pair a checkpoint with a tokenizer other than the one it was trained with: its ids would
-    be scored, decoded or exported as other text. Checkpoints that record none (older ones, imports) pass.
-    `tokenizer_sha256`: the file's digest where the caller already has it."""
+    be scored, decoded or exported as other text. Checkpoints that record none (older ones, imports without a
+    tokenizer) pass. `tokenizer_sha256`: the file's digest where the caller already has it."""
     trained_with = checkpoint_tokenizer(ckpt)
     if not trained_with or not tokenizer_file or not Path(tokenizer_file).is_file():
         return

@@ -37,6 +37,7 @@ from antimatter import checkpoint as ckpt_io
 from antimatter.config import RunConfig, save_config
 from antimatter.device import DTYPES, autocast, resolve_dtype
 from antimatter.errors import UserError
+from antimatter.export import init_weights_from
 from antimatter.files import exclusive_lock
 from antimatter.model.accel import attention_backend, enable_fp8_training
 from antimatter.model.gpt import GPT
@@ -286,11 +287,8 @@ class Trainer:
             state = ckpt_io.load_train_state(self.resume_from)  # verifies the manifest first
             weights = ckpt_io.load_weights(self.resume_from, cfg.model.tie_embeddings, verify=False)
         elif t.init_from and d.is_main:
-            if (Path(t.init_from) / "config.json").is_file():
-                raise UserError(f"train.init_from={t.init_from} is a Hugging Face folder: convert it first with "
-                                f"`antimatter import --hf {t.init_from} --out RUN` and use RUN's checkpoint")
-            src = ckpt_io.resolve_checkpoint(Path(t.init_from), "latest")
-            weights = ckpt_io.load_weights(src, cfg.model.tie_embeddings)
+            src, weights = init_weights_from(t.init_from, cfg.model, self.run_dir / "tokenizer" / "tokenizer.json",
+                                             self.tokenizer_sha256)
             self.log(f"initialised weights from {src}")
         if weights is not None:
             own = model.state_dict()
