@@ -35,7 +35,7 @@ from antimatter.eval.plots import plot_training
 from antimatter.eval.size import model_size
 from antimatter.eval.speed import measure_speed
 from antimatter.files import atomic_write_text
-from antimatter.model.generate import generate
+from antimatter.model.generate import continue_texts, new_token_limit
 from antimatter.provenance import provenance, sha256_file
 
 EVAL_FILE = Path("results/evaluations/final_evaluation.json")
@@ -134,12 +134,9 @@ def sample_generations(model, tok, cfg: RunConfig) -> dict:
     """Completions of the configured prompts with the configured sampling settings (seeded)."""
     s = cfg.eval.sample
     prompts = [p for p in cfg.eval.prompts if p]
-    max_new = min(s.max_new_tokens, model.cfg.block_size - 1)
-    outs = generate(model, [tok.encode(p) or [tok.eot_id] for p in prompts], max_new, temperature=s.temperature,
-                    top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-                    eot_id=tok.eot_id, seed=s.seed) if prompts else []
+    outs = continue_texts(model, tok, prompts, s)
     return {
-        "settings": {"max_new_tokens": max_new, "temperature": s.temperature, "top_k": s.top_k,
+        "settings": {"max_new_tokens": new_token_limit(model, s), "temperature": s.temperature, "top_k": s.top_k,
                      "top_p": s.top_p, "repetition_penalty": s.repetition_penalty},
         "seed": s.seed,
         "samples": [{"prompt": p, "completion": tok.decode(o), "new_tokens": len(o)}
