@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from antimatter.config import ModelConfig, RunConfig, config_from_dict, config_to_dict, yaml_load
 from antimatter.errors import UserError, shorten
+from antimatter.model.gpt import GPT
 from antimatter.model.shapes import (
     check_model_config,
     first_difference,
@@ -358,8 +359,6 @@ def check_weight_shapes(ckpt: Path, cfg: ModelConfig) -> None:
 def load_model(path: str | Path, which: str = "best", device: str | torch.device = "cpu"):
     """(model in eval mode, the run's config, the checkpoint folder) from a run, checkpoints or step folder.
     The config is checked against the weights' header before the model is built."""
-    from antimatter.model.gpt import GPT
-
     ckpt = resolve_checkpoint(path, which)
     verify_checkpoint(ckpt)
     cfg = load_config_from_checkpoint(ckpt)

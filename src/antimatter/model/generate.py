@@ -104,6 +104,7 @@ def _compiled_steps(model: GPT, mode: str, coordinate_descent: bool = False):
     cache = model.__dict__.setdefault("_antimatter_compiled_steps", {})
     key = (mode, coordinate_descent)
     if key not in cache:
+        # imported here: loading inductor is slow, and eager generation never needs it
         from torch._inductor import list_mode_options
 
         options = dict(list_mode_options(mode))
