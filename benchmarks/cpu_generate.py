@@ -3,8 +3,9 @@ quickstart model should stay pleasant on 2 cores). Three figures, each the media
 
   * decode tokens/s at batch 1 and 8, greedy, plain and compiled (`eval.speed.measure_speed`, the figure
     `antimatter eval` reports, with more tokens and repeats than the eval's quick default);
-  * the interactive path: `repl.complete` with the REPL's default sampling (temperature, top-k, top-p) and
-    tokens streamed as text to a discarded stream, i.e. what `antimatter generate` does per prompt.
+  * the interactive path: `generate_cli.complete` with the default sampling of `antimatter generate`
+    (temperature, top-k, top-p) and tokens streamed as text to a discarded stream, i.e. what
+    `antimatter generate` does per prompt.
 
     python benchmarks/cpu_generate.py --run runs/quickstart --json out.json
 """
@@ -21,8 +22,8 @@ import torch
 
 from antimatter.config import SampleConfig
 from antimatter.eval.speed import measure_speed
+from antimatter.generate_cli import complete, load_for_generation
 from antimatter.provenance import provenance
-from antimatter.repl import complete, load_for_generation
 
 PROMPTS = ["The future of artificial intelligence", "In the field of machine learning", "def main():"]
 

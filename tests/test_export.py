@@ -245,20 +245,72 @@ def test_cli_export_and_import(tokenizer_file, tmp_path, capsys):
     assert "Hugging Face folder not found" in capsys.readouterr().err
 
 
-def test_init_weights_from_hf_folder(tmp_path):
+def test_init_weights_from_hf_folder(tokenizer_file, tmp_path):
     src = make_model("gpt2-tied")
-    out = export_model(src, tmp_path / "hf")
+    out = export_model(src, tmp_path / "hf", tokenizer_file=tokenizer_file)
     fresh = GPT(src.cfg).eval()
-    init_weights_from(fresh, out)
+    path, sd = init_weights_from(out, src.cfg)
+    fresh.load_state_dict(sd)  # strict: exactly the run model's tensors
     x = torch.randint(0, src.cfg.vocab_size, (1, 16))
     with torch.no_grad():
-        assert torch.equal(fresh(x), src(x))
-    other = GPT(dataclasses.replace(src.cfg, vocab_size=1024))
+        assert path == out and torch.equal(fresh(x), src(x))
+    shorter = dataclasses.replace(src.cfg, block_size=32, pad_vocab_multiple=500)  # positions cut, rows padded
+    GPT(shorter).load_state_dict(init_weights_from(out, shorter)[1])
     with pytest.raises(UserError, match="vocab mismatch: .* vocab_size=512 but model.vocab_size=1024"):
-        init_weights_from(other, out)
-    deeper = GPT(dataclasses.replace(src.cfg, n_layer=3))
-    with pytest.raises(UserError, match="n_layer=2 but this run's model has n_layer=3"):
-        init_weights_from(deeper, out)
+        init_weights_from(out, dataclasses.replace(src.cfg, vocab_size=1024))
+    with pytest.raises(UserError, match="n_layer=2 but this run's model has n_layer=3: set model.n_layer=2"):
+        init_weights_from(out, dataclasses.replace(src.cfg, n_layer=3))
+    with pytest.raises(UserError, match="has activation=gelu but this run's model has activation=relu2"):
+        init_weights_from(out, dataclasses.replace(src.cfg, activation="relu2"))
+    with pytest.raises(UserError, match="block_size=64, shorter than this run's model.block_size=128"):
+        init_weights_from(out, dataclasses.replace(src.cfg, block_size=128))
+
+
+def test_init_weights_from_hf_folder_checks_the_tokenizer(tokenizer_file, tmp_path):
+    from tokenizers import Tokenizer
+
+    cfg = make_model("llama-gqa-untied").cfg
+    out = export_model(GPT(cfg), tmp_path / "hf", tokenizer_file=tokenizer_file)
+    init_weights_from(out, cfg, tokenizer_file)  # the very file
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.save(str(tmp_path / "same.json"), pretty=False)  # other bytes, the same token ids
+    assert (tmp_path / "same.json").read_bytes() != tokenizer_file.read_bytes()
+    init_weights_from(out, cfg, tmp_path / "same.json")
+    tok.add_tokens(["<|extra|>"])
+    tok.save(str(tmp_path / "other.json"))
+    with pytest.raises(UserError, match="tokenizer.json is another tokenizer than this run's .*other.json"):
+        init_weights_from(out, cfg, tmp_path / "other.json")
+    with pytest.raises(UserError, match="is another tokenizer than this run's \\(sha256 0123456789ab\\)"):
+        init_weights_from(out, cfg, tokenizer_sha256="0123456789ab" * 5)
+    imported = import_hf(out, tmp_path / "imported")  # records its tokenizer: a run of it is checked the same way
+    assert init_weights_from(imported, cfg, tokenizer_file)[0].name == "step_000000"
+    with pytest.raises(UserError, match="was trained with another tokenizer .*: train from it with the run"):
+        init_weights_from(imported, cfg, tmp_path / "other.json")
+
+
+def test_train_starts_from_hf_folder(tokenizer_file, tmp_path):
+    """`train.init_from` names a Hugging Face folder: the run starts from exactly its weights."""
+    from tokenizers import Tokenizer
+    from train_helpers import make_tokens, tiny_config
+
+    from antimatter.train.trainer import train
+
+    run = make_tokens(tmp_path / "run")
+    cfg = tiny_config(run, max_steps=1, lr=1e-9, warmup_steps=0, init_from=str(tmp_path / "hf"))
+    torch.manual_seed(1)
+    src = GPT(cfg.model)
+    export_model(src, tmp_path / "hf", tokenizer_file=tokenizer_file)
+    train(cfg, run)
+    assert "initialised weights from" in (run / "logs" / "train.log").read_text()
+    trained = load_file(str(run / "checkpoints" / "step_000001" / "model.safetensors"))
+    assert max((v - trained[k]).abs().max().item() for k, v in real_rows(src).items()
+               if k != "lm_head.weight") < 1e-6
+    other = Tokenizer.from_file(str(tokenizer_file))
+    other.add_tokens(["<|extra|>"])
+    (run / "tokenizer").mkdir()
+    other.save(str(run / "tokenizer" / "tokenizer.json"))
+    with pytest.raises(UserError, match="is another tokenizer than this run's"):
+        train(tiny_config(run, init_from=str(tmp_path / "hf"), resume="none"), run)
 
 
 # ------------------------------------------------------------------------------------------ bad input

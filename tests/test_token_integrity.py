@@ -140,7 +140,7 @@ def test_generate_and_export_refuse_a_checkpoint_trained_with_another_tokenizer(
     """Sampling or exporting a checkpoint with a tokenizer it was not trained with would decode its ids
     into the wrong text (or ship a mismatched tokenizer): both refuse, like eval."""
     from antimatter.export import export_hf
-    from antimatter.repl import load_for_generation
+    from antimatter.generate_cli import load_for_generation
 
     run = clone(base, tmp_path / "run")
     swap_tokenizer(run, base)

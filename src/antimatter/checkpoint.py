@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from antimatter.config import ModelConfig, RunConfig, config_from_dict, config_to_dict, yaml_load
 from antimatter.errors import UserError, shorten
+from antimatter.model.gpt import GPT
 from antimatter.model.shapes import (
     check_model_config,
     first_difference,
@@ -358,8 +359,6 @@ def check_weight_shapes(ckpt: Path, cfg: ModelConfig) -> None:
 def load_model(path: str | Path, which: str = "best", device: str | torch.device = "cpu"):
     """(model in eval mode, the run's config, the checkpoint folder) from a run, checkpoints or step folder.
     The config is checked against the weights' header before the model is built."""
-    from antimatter.model.gpt import GPT
-
     ckpt = resolve_checkpoint(path, which)
     verify_checkpoint(ckpt)
     cfg = load_config_from_checkpoint(ckpt)
@@ -375,8 +374,8 @@ def load_model(path: str | Path, which: str = "best", device: str | torch.device
 
 def checkpoint_tokenizer(ckpt: Path) -> str | None:
     """The sha256 of the tokenizer a checkpoint was trained with, or None where it records none (older
-    checkpoints, imports). From the manifest where it is there, else from state.pt (training writes it
-    there), memory-mapped so that the optimizer state in it is not read."""
+    checkpoints, imports of a folder without tokenizer.json). From the manifest where it is there, else from
+    state.pt (training writes it there), memory-mapped so that the optimizer state in it is not read."""
     try:
         recorded = json.loads((ckpt / MANIFEST).read_text("utf-8")).get("tokenizer_sha256")
     except (OSError, ValueError, AttributeError):
@@ -393,8 +392,8 @@ def checkpoint_tokenizer(ckpt: Path) -> str | None:
 def check_checkpoint_tokenizer(ckpt: Path, tokenizer_file: str | Path | None, verb: str,
                                tokenizer_sha256: str | None = None) -> None:
     """Refuse to pair a checkpoint with a tokenizer other than the one it was trained with: its ids would
-    be scored, decoded or exported as other text. Checkpoints that record none (older ones, imports) pass.
-    `tokenizer_sha256`: the file's digest where the caller already has it."""
+    be scored, decoded or exported as other text. Checkpoints that record none (older ones, imports without a
+    tokenizer) pass. `tokenizer_sha256`: the file's digest where the caller already has it."""
     trained_with = checkpoint_tokenizer(ckpt)
     if not trained_with or not tokenizer_file or not Path(tokenizer_file).is_file():
         return

@@ -180,7 +180,7 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if cmd == "generate":
         from antimatter.config import SampleConfig, check_value
-        from antimatter.repl import run_generate
+        from antimatter.generate_cli import run_generate
 
         for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
             if getattr(args, key) is not None:  # the option is checked as its config key is, named as typed

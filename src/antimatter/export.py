@@ -13,6 +13,7 @@ Only the first `vocab_size` rows of the (internally padded) embedding are export
 Nothing here needs transformers: the config is written by hand, so the folder also loads in older versions
 (transformers >= 4.45; Qwen3 needs >= 4.51). Our own ModelConfig rides along under the "antimatter" key of
 config.json, so a round trip export -> import restores fields HF has no place for (vocab padding, init).
+A training run can also start from such a folder: `train.init_from=DIR` (`init_weights_from`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
+from antimatter.checkpoint import (
+    check_checkpoint_tokenizer,
+    load_model,
+    load_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from antimatter.config import ModelConfig, RunConfig, save_config
 from antimatter.device import DTYPES
 from antimatter.errors import UserError, shorten
@@ -44,6 +53,8 @@ from antimatter.model.shapes import (
     quote,
     safetensors_shapes,
 )
+from antimatter.provenance import sha256_file
+from antimatter.tokenizer import EOT, write_hf_tokenizer_files
 
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "llama"}
@@ -110,13 +121,6 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, bos_id: int | None, eos_id: 
     out.update(common)
     out["antimatter"] = dataclasses.asdict(cfg)
     return out
-
-
-def _pick(hf: dict[str, Any], *names: str, default: Any = None) -> Any:
-    for n in names:
-        if hf.get(n) is not None:
-            return hf[n]
-    return default
 
 
 FIX_CONFIG = "fix it in config.json or re-export the model"
@@ -204,29 +208,37 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         name = arch or hf.get("model_type") or "?"
         raise UserError(f"unsupported architecture '{shorten(str(name))}' in config.json: "
                         f"AntiMatter imports {', '.join(SUPPORTED)}")
-    ours = hf.get("antimatter") if isinstance(hf.get("antimatter"), dict) else {}
     extra = _antimatter_extra(hf)
     if arch == "GPT2LMHeadModel":
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UserError(f"unsupported GPT-2 activation '{shorten(str(act))}': AntiMatter's GPT-2 block uses "
-                            "the tanh GELU (gelu_new)")
-        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
-            raise UserError("unsupported GPT-2 attention scaling (scale_attn_by_inverse_layer_idx / "
-                            "scale_attn_weights=false): AntiMatter scales by 1/sqrt(head_dim)")
-        d = _hf_size(hf, "n_embd")
-        cfg = ModelConfig(arch="gpt2", n_layer=_hf_size(hf, "n_layer"), n_head=_hf_size(hf, "n_head"), d_model=d,
-                          d_ff=_hf_size(hf, "n_inner", default=4 * d), vocab_size=_hf_size(hf, "vocab_size"),
-                          block_size=_hf_size(hf, "n_positions", "n_ctx"), bias=True,
-                          tie_embeddings=_hf_flag(hf, "tie_word_embeddings", True),
-                          norm_eps=_hf_number(hf, "layer_norm_epsilon", 1e-5), dropout=0.0, **extra)
-        if cfg.d_ff == 4 * d:
-            cfg.d_ff = None
+        cfg = _gpt2_config_from_hf(hf, extra)
         check_model_config(cfg, "config.json", FIX_CONFIG, HF_KEYS[arch])
-        return cfg
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise UserError(f"unsupported activation '{shorten(str(act))}': AntiMatter's Llama block is SwiGLU (silu)")
+    else:
+        cfg = _llama_config_from_hf(hf, arch, extra)
+        check_model_config(cfg, "config.json", FIX_CONFIG, HF_KEYS["llama"])
+    return cfg
+
+
+def _gpt2_config_from_hf(hf: dict[str, Any], extra: dict[str, Any]) -> ModelConfig:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"unsupported GPT-2 activation '{shorten(str(act))}': AntiMatter's GPT-2 block uses "
+                        "the tanh GELU (gelu_new)")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+        raise UserError("unsupported GPT-2 attention scaling (scale_attn_by_inverse_layer_idx / "
+                        "scale_attn_weights=false): AntiMatter scales by 1/sqrt(head_dim)")
+    d = _hf_size(hf, "n_embd")
+    cfg = ModelConfig(arch="gpt2", n_layer=_hf_size(hf, "n_layer"), n_head=_hf_size(hf, "n_head"), d_model=d,
+                      d_ff=_hf_size(hf, "n_inner", default=4 * d), vocab_size=_hf_size(hf, "vocab_size"),
+                      block_size=_hf_size(hf, "n_positions", "n_ctx"), bias=True,
+                      tie_embeddings=_hf_flag(hf, "tie_word_embeddings", True),
+                      norm_eps=_hf_number(hf, "layer_norm_epsilon", 1e-5), dropout=0.0, **extra)
+    if cfg.d_ff == 4 * d:
+        cfg.d_ff = None
+    return cfg
+
+
+def _hf_rope_theta(hf: dict[str, Any]) -> float:
+    """The RoPE base from either transformers generation's keys; any RoPE scaling is refused."""
     scaling, params = hf.get("rope_scaling"), hf.get("rope_parameters")
     for key, value in (("rope_scaling", scaling), ("rope_parameters", params)):
         if not isinstance(value, dict | None):
@@ -236,25 +248,37 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if rope_type != "default":
         raise UserError(f"unsupported RoPE scaling '{shorten(str(rope_type))}': AntiMatter implements plain "
                         "RoPE only")
-    theta = _hf_number(hf, "rope_theta", 0.0) or _hf_number(params, "rope_theta", 10000.0)
+    return _hf_number(hf, "rope_theta", 0.0) or _hf_number(params, "rope_theta", 10000.0)
+
+
+def _hf_qk_norm(hf: dict[str, Any], arch: str, attn_bias: bool) -> bool:
+    """Whether the block has QK-norm (Qwen3) or not (Llama), after refusing what one bias switch and full
+    attention cannot represent."""
+    if arch == "LlamaForCausalLM":
+        if _hf_flag(hf, "mlp_bias", False) != attn_bias:
+            raise UserError("unsupported Llama config: attention_bias and mlp_bias differ; AntiMatter has one "
+                            "bias switch for all projections")
+        return False
+    if attn_bias:
+        raise UserError("unsupported Qwen3 config: attention_bias=true without MLP biases; AntiMatter has one "
+                        "bias switch for all projections")
+    if hf.get("use_sliding_window"):
+        raise UserError("unsupported Qwen3 config: use_sliding_window=true; AntiMatter attends over the "
+                        "full context")
+    return True
+
+
+def _llama_config_from_hf(hf: dict[str, Any], arch: str, extra: dict[str, Any]) -> ModelConfig:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise UserError(f"unsupported activation '{shorten(str(act))}': AntiMatter's Llama block is SwiGLU (silu)")
+    theta = _hf_rope_theta(hf)
     d, n_head = _hf_size(hf, "hidden_size"), _hf_size(hf, "num_attention_heads")
     if hf.get("head_dim") not in (None, d // n_head) or d % n_head:
         raise UserError(f"unsupported head_dim {shorten(repr(hf.get('head_dim')))}: AntiMatter needs head_dim = "
                         f"hidden_size / num_attention_heads = {d}/{n_head}")
     attn_bias = _hf_flag(hf, "attention_bias", False)
-    if arch == "LlamaForCausalLM":
-        if _hf_flag(hf, "mlp_bias", False) != attn_bias:
-            raise UserError("unsupported Llama config: attention_bias and mlp_bias differ; AntiMatter has one "
-                            "bias switch for all projections")
-        qk_norm = False
-    else:
-        if attn_bias:
-            raise UserError("unsupported Qwen3 config: attention_bias=true without MLP biases; AntiMatter has one "
-                            "bias switch for all projections")
-        if hf.get("use_sliding_window"):
-            raise UserError("unsupported Qwen3 config: use_sliding_window=true; AntiMatter attends over the "
-                            "full context")
-        qk_norm = True
+    qk_norm = _hf_qk_norm(hf, arch, attn_bias)
     kv = _hf_size(hf, "num_key_value_heads", default=n_head)
     ffn = _hf_size(hf, "intermediate_size")
     cfg = ModelConfig(arch="llama", n_layer=_hf_size(hf, "num_hidden_layers"), n_head=n_head,
@@ -264,11 +288,11 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                       tie_embeddings=_hf_flag(hf, "tie_word_embeddings", False),
                       norm_eps=_hf_number(hf, "rms_norm_eps", 1e-6), rope_theta=theta, qk_norm=qk_norm,
                       dropout=0.0, **extra)
+    ours = hf.get("antimatter") if isinstance(hf.get("antimatter"), dict) else {}
     if ours.get("n_kv_head") == n_head:
         cfg.n_kv_head = n_head
     if ours.get("d_ff") is None and ModelConfig(arch="llama", d_model=d).ffn_dim == ffn:
         cfg.d_ff = None
-    check_model_config(cfg, "config.json", FIX_CONFIG, HF_KEYS["llama"])
     return cfg
 
 
@@ -409,23 +433,19 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, arch: s
 # ---------------------------------------------------------------------------------------------- files
 
 
+def _read_tokenizer(tokenizer_file: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(tokenizer_file))
+    except Exception as e:  # the tokenizers library raises plain Exceptions for unreadable files
+        raise UserError(f"cannot read tokenizer file {tokenizer_file}: {e}") from None
+
+
 def _eot_id(tokenizer_file: Path | None) -> int | None:
-    if tokenizer_file is None:
-        return None
-    from tokenizers import Tokenizer
-
-    from antimatter.tokenizer import EOT
-
-    return Tokenizer.from_file(str(tokenizer_file)).token_to_id(EOT)
+    return None if tokenizer_file is None else _read_tokenizer(tokenizer_file).token_to_id(EOT)
 
 
 def _tokenizer_size(tokenizer_file: Path) -> int:
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(tokenizer_file)).get_vocab_size(with_added_tokens=True)
-    except Exception as e:  # the tokenizers library raises plain Exceptions for unreadable files
-        raise UserError(f"cannot read tokenizer file {tokenizer_file}: {e}") from None
+    return _read_tokenizer(tokenizer_file).get_vocab_size(with_added_tokens=True)
 
 
 def write_tokenizer_files(tokenizer_file: Path, out_dir: Path, model_max_length: int) -> None:
@@ -433,8 +453,6 @@ def write_tokenizer_files(tokenizer_file: Path, out_dir: Path, model_max_length:
     `AutoTokenizer.from_pretrained(out_dir)` builds a fast tokenizer with `<|endoftext|>` as bos/eos/unk/pad,
     offline. AntiMatter tokenizers go through the tokenizer stage's writer; a foreign tokenizer without
     `<|endoftext|>` (e.g. from an imported model) is copied with no special tokens declared."""
-    from antimatter.tokenizer import write_hf_tokenizer_files
-
     if _eot_id(tokenizer_file) is not None:
         write_hf_tokenizer_files(tokenizer_file, out_dir, model_max_length)
         return
@@ -675,12 +693,6 @@ def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, a sharded safetensors index, or (legacy) pytorch_model.bin read weights-only."""
-    files = hf_weight_files(hf_dir)
-    return _read_bin(files[0]) if files[0].suffix == ".bin" else _read_safetensors(files)
-
-
 def check_hf_shapes(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, arch: str) -> None:
     """config.json's model against the tensor shapes the weight files declare, before anything is allocated:
     the tensors a model of this config exports to (export's own name map, run on a meta-device model) must
@@ -718,88 +730,127 @@ def check_hf_shapes(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, arch: 
                     f"(e.g. {quote(name)}): the folder's weights do not match its config.json")
 
 
-def load_hf_model(hf_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """Our GPT (fp32, eval mode) from a local Hugging Face folder written by `export_model` or by transformers
-    (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM). The folder is untrusted: config.json is checked
-    against the shapes in the weight files' headers before any tensor is read or the model is built."""
-    hf_dir = Path(hf_dir)
-    hf = read_hf_config(hf_dir)
-    cfg = model_config_from_hf(hf)
-    arch = _hf_arch(hf)
-    tok = hf_dir / "tokenizer.json"
-    if tok.is_file():
-        n_tok = _tokenizer_size(tok)
-        if n_tok > cfg.vocab_size:
-            raise UserError(f"vocab mismatch: {tok} has {n_tok} tokens but config.json says vocab_size="
-                            f"{cfg.vocab_size}: the tokenizer does not belong to this model")
+def _check_tokenizer_fits(tokenizer_file: Path, vocab_size: int) -> None:
+    if tokenizer_file.is_file():
+        n_tok = _tokenizer_size(tokenizer_file)
+        if n_tok > vocab_size:
+            raise UserError(f"vocab mismatch: {tokenizer_file} has {n_tok} tokens but config.json says vocab_size="
+                            f"{vocab_size}: the tokenizer does not belong to this model")
+
+
+def _read_checked_weights(hf_dir: Path, cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """The folder's tensors under HF names, after checking the shapes the files declare against `cfg`."""
     files = hf_weight_files(hf_dir)
     hf_sd = _read_bin(files[0]) if files[0].suffix == ".bin" else None  # pickled: no header to read first
     shapes = ({k: tuple(v.shape) for k, v in hf_sd.items()} if hf_sd is not None
               else {k: s for f in files for k, s in safetensors_shapes(f).items()})
     check_hf_shapes(shapes, cfg, arch)
-    if hf_sd is None:
-        hf_sd = _read_safetensors(files)
+    return hf_sd if hf_sd is not None else _read_safetensors(files)
+
+
+def read_hf_model(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(our ModelConfig, the weights under our names: fp32, real vocab rows only) of a local Hugging Face
+    folder written by `export_model` or by transformers (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM).
+    The folder is untrusted: config.json is checked against the shapes in the weight files' headers before
+    any tensor is read."""
+    hf_dir = Path(hf_dir)
+    hf = read_hf_config(hf_dir)
+    cfg = model_config_from_hf(hf)
+    arch = _hf_arch(hf)
+    _check_tokenizer_fits(hf_dir / "tokenizer.json", cfg.vocab_size)
+    hf_sd = _read_checked_weights(hf_dir, cfg, arch)
     ours = hf.get("antimatter") if isinstance(hf.get("antimatter"), dict) else {}
     if arch == "GPT2LMHeadModel" and ours.get("bias") is False:
         # exported from a bias-free model: HF GPT-2 needed zero biases; drop them again if still zero
         names = _normalise_hf_names(hf_sd, arch)
         if all(not v.any() for k, v in names.items() if k.endswith(".bias")):
             cfg.bias = False
-    sd = from_hf_state_dict(hf_sd, cfg, arch)
+    return cfg, from_hf_state_dict(hf_sd, cfg, arch)
+
+
+def fit_weights(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Weights under our names with real vocab rows -> the state dict of `GPT(cfg)`: the embedding (and head)
+    padded with zero rows to the padded vocabulary, learned positions cut to the context, the tied head the
+    embedding itself."""
+    out = dict(sd)
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        if name in out:
+            w = out[name]
+            out[name] = torch.cat([w, w.new_zeros(cfg.padded_vocab_size - w.shape[0], w.shape[1])])
+    if "transformer.wpe.weight" in out:
+        out["transformer.wpe.weight"] = out["transformer.wpe.weight"][: cfg.block_size]
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+def load_hf_model(hf_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """Our GPT (fp32, eval mode) from a local Hugging Face folder (see `read_hf_model`)."""
+    cfg, sd = read_hf_model(hf_dir)
     model = GPT(cfg)
-    _copy_into(model, sd)
+    model.load_state_dict(fit_weights(sd, cfg))
     return model.to(device).eval()
 
 
-def _copy_into(model: GPT, sd: dict[str, torch.Tensor]) -> None:
-    """Copy tensors (real vocab rows) into `model`; padding rows of the embedding are zeroed."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, p in params.items():
-            if name == "lm_head.weight" and model.cfg.tie_embeddings:
-                continue
-            src = sd[name]
-            if name in ("transformer.wte.weight", "lm_head.weight"):
-                p.zero_()
-                p[: src.shape[0]].copy_(src)
-            else:
-                if p.shape != src.shape:
-                    raise UserError(f"shape mismatch for {name}: model {tuple(p.shape)} vs weights "
-                                    f"{tuple(src.shape)}")
-                p.copy_(src)
+# ---------------------------------------------------------------------------------- train.init_from
+
+INIT_FIELDS = {  # what must agree between the source and the run's model: ModelConfig property -> model key
+    "arch": "arch", "n_layer": "n_layer", "n_head": "n_head", "kv_heads": "n_kv_head", "d_model": "d_model",
+    "ffn_dim": "d_ff", "bias": "bias", "qk_norm": "qk_norm", "tie_embeddings": "tie_embeddings",
+    "norm_type": "norm", "position_type": "position", "activation_type": "activation",
+}
 
 
-def init_weights_from(model: GPT, path: str | Path) -> GPT:
-    """Load weights from a Hugging Face folder (has config.json) or an AntiMatter checkpoint/run folder into
-    `model` in place, for `train.init_from`. The architectures must agree; a different vocabulary size or
-    shape is a UserError naming the field to change."""
+def _yaml_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _check_init_model(path: Path, src: ModelConfig, cfg: ModelConfig) -> None:
+    """The folder's model against the run's `model` section, each difference one line naming the key."""
+    if src.vocab_size != cfg.vocab_size:
+        raise UserError(f"vocab mismatch: {path} has vocab_size={src.vocab_size} but model.vocab_size="
+                        f"{cfg.vocab_size}: set model.vocab_size={src.vocab_size} and use that model's tokenizer")
+    for prop, key in INIT_FIELDS.items():
+        theirs, ours = _yaml_value(getattr(src, prop)), _yaml_value(getattr(cfg, prop))
+        if theirs != ours:
+            raise UserError(f"train.init_from: {path} has {key}={theirs} but this run's model has {key}={ours}: "
+                            f"set model.{key}={theirs}")
+    if src.position_type == "learned" and src.block_size < cfg.block_size:
+        raise UserError(f"train.init_from: {path} has block_size={src.block_size}, shorter than this run's "
+                        f"model.block_size={cfg.block_size} (learned positions cannot grow): set "
+                        f"model.block_size={src.block_size} or less")
+
+
+def _check_init_tokenizer(hf_dir: Path, tokenizer_file: Path | None, tokenizer_sha256: str | None) -> None:
+    """The folder's tokenizer.json against the run's: the same file, or the same token -> id map (transformers
+    rewrites tokenizer.json when it saves one). Passes where either side has nothing to compare."""
+    theirs = hf_dir / "tokenizer.json"
+    ours = Path(tokenizer_file) if tokenizer_file and Path(tokenizer_file).is_file() else None
+    expected = tokenizer_sha256 or (sha256_file(ours) if ours else None)
+    if not theirs.is_file() or expected is None or sha256_file(theirs) == expected:
+        return
+    if ours is not None and _read_tokenizer(ours).get_vocab() == _read_tokenizer(theirs).get_vocab():
+        return
+    raise UserError(f"train.init_from: {theirs} is another tokenizer than this run's "
+                    f"({ours or 'sha256 ' + expected[:12]}), so its token ids would stand for other text: start "
+                    f"from a model made with this run's tokenizer, or train the run with that model's tokenizer")
+
+
+def init_weights_from(path: str | Path, cfg: ModelConfig, tokenizer_file: str | Path | None = None,
+                      tokenizer_sha256: str | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
+    """`train.init_from`: (the folder the weights came from, a state dict for `GPT(cfg)`) from a Hugging Face
+    folder (one with config.json) or an AntiMatter run, checkpoints or step folder. The run's tokenizer
+    (`tokenizer_file`, or its `tokenizer_sha256`) must be the source's; an HF model must also have the run's
+    architecture and shapes (its context may be longer). Each mismatch is one UserError line."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"train.init_from: {path} does not exist")
-    if (path / "config.json").is_file():
-        src = load_hf_model(path)
-    else:
-        from antimatter.checkpoint import load_model
-
-        src = load_model(path)[0]
-    a, b = model.cfg, src.cfg
-    if a.vocab_size != b.vocab_size:
-        raise UserError(f"vocab mismatch: {path} has vocab_size={b.vocab_size} but model.vocab_size="
-                        f"{a.vocab_size}: set model.vocab_size={b.vocab_size} and use that model's tokenizer")
-    for f in ("arch", "n_layer", "n_head", "kv_heads", "d_model", "ffn_dim", "bias", "qk_norm", "tie_embeddings"):
-        if getattr(a, f) != getattr(b, f):
-            raise UserError(f"train.init_from: {path} has {f}={getattr(b, f)} but this run's model has "
-                            f"{f}={getattr(a, f)}: make the model section match")
-    if b.block_size < a.block_size and a.arch == "gpt2":
-        raise UserError(f"train.init_from: {path} has block_size={b.block_size}, shorter than this run's "
-                        f"{a.block_size} (learned positions cannot grow)")
-    sd = {k: v for k, v in src.state_dict().items()}
-    if a.arch == "gpt2":
-        sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][: a.block_size]
-    for k in ("transformer.wte.weight", "lm_head.weight"):
-        sd[k] = sd[k][: a.vocab_size]
-    _copy_into(model, sd)
-    return model
+    if not (path / "config.json").is_file():
+        src = resolve_checkpoint(path, "latest")
+        check_checkpoint_tokenizer(src, tokenizer_file, "train from", tokenizer_sha256)
+        return src, load_weights(src, cfg.tie_embeddings)
+    _check_init_tokenizer(path, Path(tokenizer_file) if tokenizer_file else None, tokenizer_sha256)
+    src_cfg, sd = read_hf_model(path)
+    _check_init_model(path, src_cfg, cfg)
+    return path, fit_weights(sd, cfg)
 
 
 # -------------------------------------------------------------------------------------- run wrappers
@@ -818,8 +869,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", dtype: str = "fp32") -> Path:
     """`antimatter export`: a run's checkpoint (best, latest or a checkpoint folder) -> Hugging Face folder,
     with the run's tokenizer, data statistics and evaluation figures in the card."""
-    from antimatter.checkpoint import check_checkpoint_tokenizer, load_model
-
     run_dir = Path(run_dir)
     if dtype not in DTYPES:
         raise UserError(f"unknown export dtype '{dtype}': choose fp32, fp16 or bf16")
@@ -850,8 +899,6 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best"
 def import_hf(hf_dir: str | Path, out_run_dir: str | Path) -> Path:
     """`antimatter import`: a local Hugging Face folder -> a run folder (checkpoint, tokenizer, config.yaml)
     that eval, generate, export and `train.init_from` / resume can use."""
-    from antimatter.checkpoint import save_checkpoint
-
     hf_dir, out = Path(hf_dir), Path(out_run_dir)
     model = load_hf_model(hf_dir)
     if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
@@ -865,7 +912,8 @@ def import_hf(hf_dir: str | Path, out_run_dir: str | Path) -> Path:
         shutil.copyfile(tok, out / "tokenizer" / "tokenizer.json")
         cfg.tokenizer.vocab_size = _tokenizer_size(tok)
     save_config(cfg, out / "config.yaml")
-    state = {"step": 0, "tokens_seen": 0, "imported_from": str(hf_dir.resolve())}
+    state = {"step": 0, "tokens_seen": 0, "imported_from": str(hf_dir.resolve()),
+             "tokenizer_sha256": sha256_file(tok) if tok.is_file() else None}  # pairs the run with its tokenizer
     ckpt = save_checkpoint(out / "checkpoints", 0, model.state_dict(), state, cfg, best=True)
     print(f"imported {hf_dir} ({model.num_params():,} params, {cfg.model.arch}) -> {out} "
           f"[{ckpt.relative_to(out)}{', tokenizer' if tok.is_file() else ''}]")

@@ -26,11 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import zstandard
+from tokenizers.pre_tokenizers import ByteLevel
 from tqdm import tqdm
 
 from antimatter.device import autocast, resolve_dtype
 from antimatter.errors import UserError
 from antimatter.model.accel import attention_backend
+from antimatter.provenance import sha256_file
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".text", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -90,8 +93,6 @@ def token_byte_lengths(tok) -> np.ndarray:
     """UTF-8 byte length of each token id (0 for special tokens). Byte-level BPE writes each byte as one
     character of a 256-character alphabet, so a token's byte length is its string length; any other
     token is measured by decoding it alone."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
     alphabet = set(ByteLevel.alphabet())
     hf = tok.hf
     specials = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
@@ -184,8 +185,6 @@ def _read_bytes(path: Path) -> bytes:
         if comp == ".gz":
             return gzip.decompress(path.read_bytes())
         if comp == ".zst":
-            import zstandard
-
             with open(path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as r:
                 return io.BufferedReader(r).read()
         return path.read_bytes()
@@ -235,8 +234,6 @@ def score_files(model, tok, paths: list[str], seq_len: int, stride: int, byte_le
                 batch_size: int = 8, dtype: str = "auto", text_field: str = "text") -> list[dict]:
     """Score each file's documents separately: every document is read as <|endoftext|> + its tokens (the
     way documents follow each other in training), so its first token is scored too."""
-    from antimatter.provenance import sha256_file
-
     results = []
     for path in paths:
         docs, fmt = read_documents(path, text_field)

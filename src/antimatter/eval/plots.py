@@ -90,21 +90,8 @@ def _save(fig, path: Path, made: list[str]) -> None:
     made.append(str(path))
 
 
-def plot_training(metrics_path: Path, out_dir: Path, run_name: str = "", baseline: float | None = None,
-                  final: tuple[float, float] | None = None) -> dict:
-    """Write loss_vs_step.png, loss_vs_tokens.png, perplexity.png (with the unigram `baseline` when given),
-    lr.png, grad_norm.png and throughput.png into out_dir; returns {"plots": [paths], "skipped": [reasons]}.
-    `final` = (step, loss) of the evaluated checkpoint, marked on the step plots: training's periodic val
-    loss uses only `train.eval_steps` batches, the evaluation all (or `eval.max_eval_tokens`) val tokens."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records = read_metrics(metrics_path)
-    made: list[str] = []
-    skipped: list[str] = []
-    if not records:
-        return {"plots": made, "skipped": [f"no records in {metrics_path}"]}
-    tag = f" ({run_name})" if run_name else ""
-
+def _plot_loss(records: list[dict], out_dir: Path, tag: str, final, made: list[str], skipped: list[str]) -> None:
+    """loss_vs_step.png and loss_vs_tokens.png: train and val loss, the final evaluation marked on the first."""
     for x, fname, xlabel in (("step", "loss_vs_step.png", "optimizer step"),
                              ("tokens", "loss_vs_tokens.png", "training tokens")):
         tr, va = series(records, "train_loss", x), series(records, "val_loss", x)
@@ -121,25 +108,33 @@ def plot_training(metrics_path: Path, out_dir: Path, run_name: str = "", baselin
         ax.legend()
         _save(fig, out_dir / fname, made)
 
-    tr, va = series(records, "train_loss"), series(records, "val_loss")
-    if tr[0] or va[0]:
-        fig, ax = _figure(f"Perplexity{tag}", "optimizer step", "perplexity (log scale)")
-        if tr[0]:
-            ax.plot(tr[0], [math.exp(min(v, 50)) for v in tr[1]], label="train", lw=1.2, alpha=0.85)
-        if va[0]:
-            ax.plot(va[0], [math.exp(min(v, 50)) for v in va[1]], "o-", label="val", lw=1.6, ms=4)
-        if final:
-            ax.plot([final[0]], [math.exp(min(final[1], 50))], "*", ms=12, color="tab:red",
-                    label="val, final evaluation")
-        if baseline:
-            ax.axhline(baseline, ls="--", color="gray", lw=1, label=f"unigram baseline ({baseline:.1f})")
-        ax.set_yscale("log")
-        lo, hi = ax.get_ylim()
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 200, not 2x10^2
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g") if hi / lo < 30 else NullFormatter())
-        ax.legend()
-        _save(fig, out_dir / "perplexity.png", made)
 
+def _plot_perplexity(records: list[dict], out_dir: Path, tag: str, final, baseline: float | None,
+                     made: list[str]) -> None:
+    """perplexity.png on a log scale, with the unigram baseline when given."""
+    tr, va = series(records, "train_loss"), series(records, "val_loss")
+    if not tr[0] and not va[0]:
+        return
+    fig, ax = _figure(f"Perplexity{tag}", "optimizer step", "perplexity (log scale)")
+    if tr[0]:
+        ax.plot(tr[0], [math.exp(min(v, 50)) for v in tr[1]], label="train", lw=1.2, alpha=0.85)
+    if va[0]:
+        ax.plot(va[0], [math.exp(min(v, 50)) for v in va[1]], "o-", label="val", lw=1.6, ms=4)
+    if final:
+        ax.plot([final[0]], [math.exp(min(final[1], 50))], "*", ms=12, color="tab:red",
+                label="val, final evaluation")
+    if baseline:
+        ax.axhline(baseline, ls="--", color="gray", lw=1, label=f"unigram baseline ({baseline:.1f})")
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 200, not 2x10^2
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g") if hi / lo < 30 else NullFormatter())
+    ax.legend()
+    _save(fig, out_dir / "perplexity.png", made)
+
+
+def _plot_optimizer(records: list[dict], out_dir: Path, tag: str, made: list[str], skipped: list[str]) -> None:
+    """lr.png and grad_norm.png (the latter on a log scale when spikes dwarf the median)."""
     for name, fname, title, ylabel in (("lr", "lr.png", "Learning rate", "learning rate"),
                                        ("grad_norm", "grad_norm.png", "Gradient norm (before clipping)",
                                         "global L2 norm")):
@@ -153,26 +148,49 @@ def plot_training(metrics_path: Path, out_dir: Path, run_name: str = "", baselin
             ax.set_yscale("log")
         _save(fig, out_dir / fname, made)
 
+
+def _plot_throughput(records: list[dict], out_dir: Path, tag: str, made: list[str], skipped: list[str]) -> None:
+    """throughput.png: tokens/s, with MFU below it when the trainer could log it."""
     tps, mfu = series(records, "tokens_per_s"), series(records, "mfu")
-    if tps[0]:
-        fig = Figure(figsize=(7, 5.2 if mfu[0] else 4.2), dpi=110)
-        axes = fig.subplots(2 if mfu[0] else 1, 1, sharex=True, squeeze=False)[:, 0]
-        axes[0].plot(*tps, lw=1.2, color="tab:blue")
-        axes[0].set_title(f"Training throughput{tag}")
-        axes[0].set_ylabel("tokens/s")
-        axes[0].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
-        if mfu[0]:
-            scale = 100.0 if max(mfu[1]) <= 1.0 else 1.0  # stored as a fraction or as a percentage
-            axes[1].plot(mfu[0], [v * scale for v in mfu[1]], lw=1.2, color="tab:orange")
-            axes[1].set_ylabel("MFU (%)")
-        else:
-            axes[0].text(0.99, 0.02, "MFU not logged (device peak unknown)", transform=axes[0].transAxes,
-                         ha="right", va="bottom", fontsize=8, color="gray")
-            skipped.append("throughput.png: no MFU values (unknown device peak): tokens/s only")
-        for ax in axes:
-            ax.grid(True, alpha=0.3)
-        axes[-1].set_xlabel("optimizer step")
-        _save(fig, out_dir / "throughput.png", made)
-    else:
+    if not tps[0]:
         skipped.append("throughput.png: no tokens/s values")
+        return
+    fig = Figure(figsize=(7, 5.2 if mfu[0] else 4.2), dpi=110)
+    axes = fig.subplots(2 if mfu[0] else 1, 1, sharex=True, squeeze=False)[:, 0]
+    axes[0].plot(*tps, lw=1.2, color="tab:blue")
+    axes[0].set_title(f"Training throughput{tag}")
+    axes[0].set_ylabel("tokens/s")
+    axes[0].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    if mfu[0]:
+        scale = 100.0 if max(mfu[1]) <= 1.0 else 1.0  # stored as a fraction or as a percentage
+        axes[1].plot(mfu[0], [v * scale for v in mfu[1]], lw=1.2, color="tab:orange")
+        axes[1].set_ylabel("MFU (%)")
+    else:
+        axes[0].text(0.99, 0.02, "MFU not logged (device peak unknown)", transform=axes[0].transAxes,
+                     ha="right", va="bottom", fontsize=8, color="gray")
+        skipped.append("throughput.png: no MFU values (unknown device peak): tokens/s only")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xlabel("optimizer step")
+    _save(fig, out_dir / "throughput.png", made)
+
+
+def plot_training(metrics_path: Path, out_dir: Path, run_name: str = "", baseline: float | None = None,
+                  final: tuple[float, float] | None = None) -> dict:
+    """Write loss_vs_step.png, loss_vs_tokens.png, perplexity.png (with the unigram `baseline` when given),
+    lr.png, grad_norm.png and throughput.png into out_dir; returns {"plots": [paths], "skipped": [reasons]}.
+    `final` = (step, loss) of the evaluated checkpoint, marked on the step plots: training's periodic val
+    loss uses only `train.eval_steps` batches, the evaluation all (or `eval.max_eval_tokens`) val tokens."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = read_metrics(metrics_path)
+    made: list[str] = []
+    skipped: list[str] = []
+    if not records:
+        return {"plots": made, "skipped": [f"no records in {metrics_path}"]}
+    tag = f" ({run_name})" if run_name else ""
+    _plot_loss(records, out_dir, tag, final, made, skipped)
+    _plot_perplexity(records, out_dir, tag, final, baseline, made)
+    _plot_optimizer(records, out_dir, tag, made, skipped)
+    _plot_throughput(records, out_dir, tag, made, skipped)
     return {"plots": made, "skipped": skipped}

@@ -13,18 +13,25 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.table import Table
 from tqdm import tqdm
 
-from antimatter.config import DTYPE_NAMES, RunConfig, config_to_dict
+from antimatter.checkpoint import check_checkpoint_tokenizer, load_model
+from antimatter.config import DTYPE_NAMES, EvalConfig, RunConfig, config_to_dict, load_config
+from antimatter.data.records import iter_records, split_files
 from antimatter.device import pick_device, resolve_dtype
 from antimatter.errors import UserError, shorten
 from antimatter.eval.continuation import evaluate_continuations
 from antimatter.eval.perplexity import (
+    Score,
+    read_documents,
     score_by_source,
     score_files,
     score_sequences,
@@ -35,13 +42,21 @@ from antimatter.eval.plots import plot_training
 from antimatter.eval.size import model_size
 from antimatter.eval.speed import measure_speed
 from antimatter.files import atomic_write_text
-from antimatter.model.generate import generate
+from antimatter.model.generate import continue_texts, new_token_limit
+from antimatter.model.gpt import GPT
+from antimatter.model.quantize import INT8_METHOD, int8_copy, require_torchao
 from antimatter.provenance import provenance, sha256_file
+from antimatter.tokenizer import Tokenizer, load_tokenizer
+from antimatter.tokens import TokenShards, check_tokenizer
 
 EVAL_FILE = Path("results/evaluations/final_evaluation.json")
 SAMPLES_FILE = Path("results/generated_samples/sample_generations.json")
 PLOTS_DIR = Path("results/plots")
 CONTINUATION_SCAN_TOKENS = 4_000_000
+RESULT_ORDER = ("run", "checkpoint", "model", "tokenizer", "val", "files", "continuation", "speed", "speed_int8",
+                "size", "plots", "data", "settings", "outputs", "provenance", "seconds")
+BYTE_COUNT_METHOD = ("sum of the UTF-8 byte lengths of the scored tokens (byte-level BPE: each token is a fixed "
+                     "byte string; <|endoftext|> counts 0 bytes)")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -66,18 +81,12 @@ def check_settings(ev) -> None:
     if ev.dtype not in ("auto", *DTYPE_NAMES):
         raise UserError(f"eval.dtype must be auto, bf16, fp16 or fp32, got '{ev.dtype}'")
     if ev.int8:
-        from antimatter.model.quantize import require_torchao
-
         require_torchao()
 
 
 def load_for_eval(run_dir: Path, which: str, device: torch.device):
     """(model, the checkpoint's config, checkpoint folder, tokenizer), checking that they belong together:
     the tokenizer must be the one that made the run's tokens and the one the checkpoint was trained with."""
-    from antimatter.checkpoint import check_checkpoint_tokenizer, load_model
-    from antimatter.tokenizer import load_tokenizer
-    from antimatter.tokens import check_tokenizer
-
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist: pass --run RUN (a folder made by `antimatter train`)")
     try:
@@ -88,10 +97,7 @@ def load_for_eval(run_dir: Path, which: str, device: torch.device):
                         f"use another checkpoint or retrain") from None
     saved = run_dir / "config.yaml"
     if saved.is_file():
-        from antimatter.config import load_config
-
-        run_model = load_config(saved).model
-        a, b = _model_shape(run_model), _model_shape(run_cfg.model)
+        a, b = _model_shape(load_config(saved).model), _model_shape(run_cfg.model)
         diff = [f"model.{k} {a[k]} vs {b.get(k)}" for k in a if a[k] != b.get(k)]
         if diff:
             raise UserError(f"checkpoint {ckpt} does not match the run's config {saved} ({', '.join(diff[:3])}): "
@@ -109,8 +115,6 @@ def load_for_eval(run_dir: Path, which: str, device: torch.device):
 
 def unigram_counts(train_dir: Path, vocab_size: int, chunk: int = 1 << 24) -> tuple[np.ndarray, int]:
     """Token frequencies of the whole train split (streamed from the memory-mapped shards)."""
-    from antimatter.tokens import TokenShards
-
     shards = TokenShards(train_dir, vocab_size)
     counts = np.zeros(vocab_size, dtype=np.int64)
     with tqdm(total=shards.num_tokens, desc="unigram counts", unit="tok", unit_scale=True, leave=False) as bar:
@@ -124,8 +128,6 @@ def unigram_counts(train_dir: Path, vocab_size: int, chunk: int = 1 << 24) -> tu
 
 def val_documents(val_dir: Path) -> list[tuple[str, str]]:
     """(source, text) of the prepared val split (data/val/*.jsonl[.zst]); empty if it is not there."""
-    from antimatter.data.records import iter_records, split_files
-
     return [(str(rec.get("source") or "unknown"), rec["text"])
             for path in (split_files(val_dir) if val_dir.is_dir() else []) for rec, _ in iter_records(path)]
 
@@ -134,12 +136,9 @@ def sample_generations(model, tok, cfg: RunConfig) -> dict:
     """Completions of the configured prompts with the configured sampling settings (seeded)."""
     s = cfg.eval.sample
     prompts = [p for p in cfg.eval.prompts if p]
-    max_new = min(s.max_new_tokens, model.cfg.block_size - 1)
-    outs = generate(model, [tok.encode(p) or [tok.eot_id] for p in prompts], max_new, temperature=s.temperature,
-                    top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-                    eot_id=tok.eot_id, seed=s.seed) if prompts else []
+    outs = continue_texts(model, tok, prompts, s)
     return {
-        "settings": {"max_new_tokens": max_new, "temperature": s.temperature, "top_k": s.top_k,
+        "settings": {"max_new_tokens": new_token_limit(model, s), "temperature": s.temperature, "top_k": s.top_k,
                      "top_p": s.top_p, "repetition_penalty": s.repetition_penalty},
         "seed": s.seed,
         "samples": [{"prompt": p, "completion": tok.decode(o), "new_tokens": len(o)}
@@ -147,142 +146,196 @@ def sample_generations(model, tok, cfg: RunConfig) -> dict:
     }
 
 
-def run_eval(cfg: RunConfig, run_dir: Path, checkpoint: str | None = None,
-             data_files: list[str] | None = None) -> dict:
-    """Evaluate a run; returns the final_evaluation.json content. `cfg.eval` holds the settings; the model
-    shape, tokenizer and context come from the checkpoint."""
-    from antimatter.tokens import TokenShards
+# -------------------------------------------------------------------------------------------- run_eval
 
-    started = time.time()
-    run_dir = Path(run_dir)
-    ev = cfg.eval
-    which = checkpoint or ev.checkpoint
+
+@dataclass
+class Evaluation:
+    """What the sections of one `run_eval` share: the checked model, tokenizer and checkpoint, the window
+    geometry, and the val tokens that are scored (`stream`: the first tokens of `shards`)."""
+
+    run_dir: Path
+    ev: EvalConfig
+    which: str
+    device: torch.device
+    model: GPT
+    tok: Tokenizer
+    ckpt: Path
+    seq_len: int
+    stride: int
+    byte_lens: np.ndarray
+    shards: TokenShards
+    stream: np.ndarray
+
+    @property
+    def complete_split(self) -> bool:
+        return len(self.stream) == self.shards.num_tokens
+
+    def score(self, model: GPT, desc: str) -> Score:
+        return score_sequences(model, [self.stream], self.seq_len, self.stride, self.byte_lens,
+                               batch_size=self.ev.batch_size, dtype=self.ev.dtype, desc=desc)
+
+
+def _start(ev: EvalConfig, run_dir: Path, which: str, data_files: list[str] | None) -> Evaluation:
+    """Load and check the checkpoint, its tokenizer and every --data file; read the val tokens to score."""
     check_settings(ev)
     device = pick_device(ev.device, setting="eval.device")
     model, run_cfg, ckpt, tok = load_for_eval(run_dir, which, device)
     for path in data_files or []:  # check every file before the long work starts
-        from antimatter.eval.perplexity import read_documents
-
         read_documents(path, ev.text_field)
     seq_len = min(run_cfg.seq_len, model.cfg.block_size)
-    stride = min(ev.stride or seq_len, seq_len)
     byte_lens = token_byte_lengths(tok)
     if len(byte_lens) < model.cfg.vocab_size:
         byte_lens = np.pad(byte_lens, (0, model.cfg.vocab_size - len(byte_lens)))
-
-    # ------------------------------------------------------------------ val perplexity and bits per byte
     val_dir = run_dir / "tokens" / "val"
     shards = TokenShards(val_dir, model.cfg.vocab_size)
     n = shards.num_tokens if ev.max_eval_tokens <= 0 else min(shards.num_tokens, ev.max_eval_tokens + 1)
     if n < 2:
         raise UserError(f"{val_dir} holds {shards.num_tokens} tokens, too few to evaluate: add data or raise "
                         f"data.val_fraction, then re-run prepare and tokenize")
-    stream = shards.read(0, n)
-    score = score_sequences(model, [stream], seq_len, stride, byte_lens, batch_size=ev.batch_size,
-                            dtype=ev.dtype, desc="val perplexity")
-    val: dict[str, Any] = {**score.to_dict(), "seq_len": seq_len, "stride": stride,
-                           "dtype": resolve_dtype(ev.dtype, device, "eval.dtype"),
-                           "tokens_available": shards.num_tokens, "complete_split": n == shards.num_tokens,
-                           "byte_count_method": "sum of the UTF-8 byte lengths of the scored tokens "
-                                                "(byte-level BPE: each token is a fixed byte string; "
-                                                "<|endoftext|> counts 0 bytes)"}
-    qmodel = None
-    if ev.int8:  # the same targets through a weight-only int8 copy: what quantisation costs in perplexity
-        from antimatter.model.quantize import INT8_METHOD, int8_copy
+    return Evaluation(run_dir, ev, which, device, model, tok, ckpt, seq_len, min(ev.stride or seq_len, seq_len),
+                      byte_lens, shards, shards.read(0, n))
 
-        qmodel = int8_copy(model)
-        q = score_sequences(qmodel, [stream], seq_len, stride, byte_lens, batch_size=ev.batch_size,
-                            dtype=ev.dtype, desc="val perplexity, int8 weights")
-        val["int8"] = {**q.to_dict(), "perplexity_change_pct": 100 * (q.perplexity / score.perplexity - 1),
-                       "method": INT8_METHOD}
-    meta_path = run_dir / "tokens" / "meta.json"
-    if meta_path.is_file() and n == shards.num_tokens:
+
+def _int8_scores(e: Evaluation, score: Score) -> tuple[dict, GPT]:
+    """The same targets through a weight-only int8 copy: what quantisation costs in perplexity."""
+    qmodel = int8_copy(e.model)
+    q = e.score(qmodel, "val perplexity, int8 weights")
+    return {**q.to_dict(), "perplexity_change_pct": 100 * (q.perplexity / score.perplexity - 1),
+            "method": INT8_METHOD}, qmodel
+
+
+def _unigram_baseline(e: Evaluation) -> dict:
+    """The perplexity of train-split token frequencies on the same val targets."""
+    train_dir = e.run_dir / "tokens" / "train"
+    if not any(train_dir.glob("*.bin")):
+        return {"unigram_skipped": "no train token shards in this run (tokens/train/*.bin) to count frequencies"}
+    V = e.model.cfg.vocab_size
+    counts, n_train = unigram_counts(train_dir, V)
+    uni = unigram_score(counts, [e.stream], e.byte_lens)
+    return {"unigram_loss": uni.loss, "unigram_perplexity": uni.perplexity,
+            "unigram_bits_per_byte": uni.bits_per_byte, "unigram_train_tokens": n_train,
+            "unigram_method": "p(t) = (train count of t + 1) / (train tokens + V), add-one smoothed "
+                              f"over V = {V}; scored on the same val targets"}
+
+
+def _val_section(e: Evaluation) -> tuple[dict, Score, GPT | None]:
+    """Val loss, perplexity and bits per byte (and those of an int8 copy, the unigram baseline and the
+    split's byte count from meta.json); returns (the section, the score, the int8 copy or None)."""
+    score = e.score(e.model, "val perplexity")
+    val: dict[str, Any] = {**score.to_dict(), "seq_len": e.seq_len, "stride": e.stride,
+                           "dtype": resolve_dtype(e.ev.dtype, e.device, "eval.dtype"),
+                           "tokens_available": e.shards.num_tokens, "complete_split": e.complete_split,
+                           "byte_count_method": BYTE_COUNT_METHOD}
+    qmodel = None
+    if e.ev.int8:
+        val["int8"], qmodel = _int8_scores(e, score)
+    meta_path = e.run_dir / "tokens" / "meta.json"
+    if meta_path.is_file() and e.complete_split:
         meta_bytes = json.loads(meta_path.read_text("utf-8")).get("splits", {}).get("val", {}).get("bytes")
         if meta_bytes is not None:
             val["bytes_of_split_meta_json"] = meta_bytes
-            val["bytes_of_split_from_tokens"] = int(byte_lens[stream].sum())
-    if ev.unigram and not any((run_dir / "tokens" / "train").glob("*.bin")):
-        val["unigram_skipped"] = "no train token shards in this run (tokens/train/*.bin) to count frequencies"
-    elif ev.unigram:
-        counts, n_train = unigram_counts(run_dir / "tokens" / "train", model.cfg.vocab_size)
-        uni = unigram_score(counts, [stream], byte_lens)
-        val.update({"unigram_loss": uni.loss, "unigram_perplexity": uni.perplexity,
-                    "unigram_bits_per_byte": uni.bits_per_byte, "unigram_train_tokens": n_train,
-                    "unigram_method": "p(t) = (train count of t + 1) / (train tokens + V), add-one smoothed "
-                                      f"over V = {model.cfg.vocab_size}; scored on the same val targets"})
+            val["bytes_of_split_from_tokens"] = int(e.byte_lens[e.stream].sum())
+    if e.ev.unigram:
+        val.update(_unigram_baseline(e))
+    return val, score, qmodel
 
-    result: dict[str, Any] = {"run": str(run_dir), "val": val}
-    if ev.by_source:
-        docs = val_documents(run_dir / "data" / "val")
-        if len({src for src, _ in docs}) > 1:
-            val["by_source"] = score_by_source(model, tok, docs, seq_len, stride, byte_lens,
-                                               max_tokens=ev.max_eval_tokens, batch_size=ev.batch_size,
-                                               dtype=ev.dtype)
-    if data_files:
-        result["files"] = score_files(model, tok, data_files, seq_len, stride, byte_lens,
-                                      batch_size=ev.batch_size, dtype=ev.dtype, text_field=ev.text_field)
 
-    # --------------------------------------------------------------------------- generation quality
-    torch.manual_seed(ev.seed)
-    # documents come from the whole val split (up to CONTINUATION_SCAN_TOKENS), not only the scored part
-    doc_stream = stream if n == shards.num_tokens else shards.read(0, min(shards.num_tokens,
-                                                                           max(n, CONTINUATION_SCAN_TOKENS)))
-    result["continuation"] = evaluate_continuations(
-        model, tok, doc_stream, n_docs=ev.continuation_docs, prefix_tokens=ev.prefix_tokens,
+def _by_source(e: Evaluation) -> dict | None:
+    """Bits per byte of the prepared val documents per source, when there is more than one source."""
+    docs = val_documents(e.run_dir / "data" / "val")
+    if len({src for src, _ in docs}) <= 1:
+        return None
+    return score_by_source(e.model, e.tok, docs, e.seq_len, e.stride, e.byte_lens, max_tokens=e.ev.max_eval_tokens,
+                           batch_size=e.ev.batch_size, dtype=e.ev.dtype)
+
+
+def _continuation_section(e: Evaluation) -> dict:
+    """Continuation quality on val documents, taken from the whole split (up to CONTINUATION_SCAN_TOKENS),
+    not only its scored part."""
+    ev, n, total = e.ev, len(e.stream), e.shards.num_tokens
+    doc_stream = e.stream if e.complete_split else e.shards.read(0, min(total, max(n, CONTINUATION_SCAN_TOKENS)))
+    sampled = ev.continuation_temperature > 0
+    return evaluate_continuations(
+        e.model, e.tok, doc_stream, n_docs=ev.continuation_docs, prefix_tokens=ev.prefix_tokens,
         continuation_tokens=ev.continuation_tokens, seed=ev.seed, temperature=ev.continuation_temperature,
-        top_k=cfg.eval.sample.top_k if ev.continuation_temperature > 0 else 0,
-        top_p=cfg.eval.sample.top_p if ev.continuation_temperature > 0 else 1.0, batch_size=ev.batch_size)
-    samples = sample_generations(model, tok, cfg)
-    samples_path = run_dir / SAMPLES_FILE
+        top_k=ev.sample.top_k if sampled else 0, top_p=ev.sample.top_p if sampled else 1.0,
+        batch_size=ev.batch_size)
 
-    # ------------------------------------------------------------------------------- speed, size, plots
+
+def _speed_size_plots(e: Evaluation, qmodel: GPT | None, val: dict, score: Score) -> dict:
+    ev, out = e.ev, {}
     if ev.speed:
-        for key, m in (("speed", model), ("speed_int8", qmodel)):
+        for key, m in (("speed", e.model), ("speed_int8", qmodel)):
             if m is not None:
-                result[key] = measure_speed(m, prompt_tokens=ev.speed_prompt_tokens, new_tokens=ev.speed_new_tokens,
-                                            batch_sizes=(1, max(1, ev.speed_batch)), dtype=ev.dtype, seed=ev.seed,
-                                            compile=ev.speed_compile)
-    result["size"] = model_size(model, ckpt)
+                out[key] = measure_speed(m, prompt_tokens=ev.speed_prompt_tokens, new_tokens=ev.speed_new_tokens,
+                                         batch_sizes=(1, max(1, ev.speed_batch)), dtype=ev.dtype, seed=ev.seed,
+                                         compile=ev.speed_compile)
+    out["size"] = model_size(e.model, e.ckpt)
     if ev.plots:
-        step = json.loads((ckpt / "manifest.json").read_text("utf-8")).get("step") \
-            if (ckpt / "manifest.json").is_file() else None
-        result["plots"] = plot_training(run_dir / "logs" / "metrics.jsonl", run_dir / PLOTS_DIR, run_dir.name,
-                                        baseline=val.get("unigram_perplexity"),
-                                        final=(step, score.loss) if step is not None else None)
+        step = _manifest(e.ckpt).get("step")
+        out["plots"] = plot_training(e.run_dir / "logs" / "metrics.jsonl", e.run_dir / PLOTS_DIR, e.run_dir.name,
+                                     baseline=val.get("unigram_perplexity"),
+                                     final=(step, score.loss) if step is not None else None)
+    return out
 
-    # --------------------------------------------------------------------------------------- provenance
-    manifest = json.loads((ckpt / "manifest.json").read_text("utf-8")) if (ckpt / "manifest.json").is_file() else {}
-    weights = ckpt / "model.safetensors"
-    result["checkpoint"] = {"path": str(ckpt), "requested": which, "step": manifest.get("step"),
-                            "tokens_seen": manifest.get("tokens_seen"), "train_val_loss": manifest.get("val_loss"),
-                            "sha256": sha256_file(weights) if weights.is_file() else None}
-    result["model"] = {**_model_shape(model.cfg), "preset": model.cfg.preset, "seq_len": seq_len}
-    result["tokenizer"] = {"path": str(tok.path), "sha256": sha256_file(tok.path) if tok.path else None,
-                           "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
-    result["data"] = {"val_shards": {f.name: sha256_file(f) for f in shards.files},
-                      "tokens_meta_sha256": sha256_file(meta_path) if meta_path.is_file() else None,
-                      "files": {f["path"]: f["sha256"] for f in result.get("files", [])}}
-    result["settings"] = config_to_dict(ev)
-    result["outputs"] = {"evaluation": str(run_dir / EVAL_FILE), "samples": str(samples_path),
-                         "plots": result.get("plots", {}).get("plots", [])}
-    prov = provenance(device)
-    result["provenance"] = {**prov, "torch": torch.__version__}
+
+def _manifest(ckpt: Path) -> dict:
+    path = ckpt / "manifest.json"
+    return json.loads(path.read_text("utf-8")) if path.is_file() else {}
+
+
+def _provenance_section(e: Evaluation, result: dict, prov: dict) -> dict:
+    """Which checkpoint, model, tokenizer, data and settings the figures belong to, and where they are."""
+    manifest, weights = _manifest(e.ckpt), e.ckpt / "model.safetensors"
+    meta_path = e.run_dir / "tokens" / "meta.json"
+    tok = e.tok
+    return {
+        "checkpoint": {"path": str(e.ckpt), "requested": e.which, "step": manifest.get("step"),
+                       "tokens_seen": manifest.get("tokens_seen"), "train_val_loss": manifest.get("val_loss"),
+                       "sha256": sha256_file(weights) if weights.is_file() else None},
+        "model": {**_model_shape(e.model.cfg), "preset": e.model.cfg.preset, "seq_len": e.seq_len},
+        "tokenizer": {"path": str(tok.path), "sha256": sha256_file(tok.path) if tok.path else None,
+                      "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
+        "data": {"val_shards": {f.name: sha256_file(f) for f in e.shards.files},
+                 "tokens_meta_sha256": sha256_file(meta_path) if meta_path.is_file() else None,
+                 "files": {f["path"]: f["sha256"] for f in result.get("files", [])}},
+        "settings": config_to_dict(e.ev),
+        "outputs": {"evaluation": str(e.run_dir / EVAL_FILE), "samples": str(e.run_dir / SAMPLES_FILE),
+                    "plots": result.get("plots", {}).get("plots", [])},
+        "provenance": {**prov, "torch": torch.__version__},
+    }
+
+
+def run_eval(cfg: RunConfig, run_dir: Path, checkpoint: str | None = None,
+             data_files: list[str] | None = None) -> dict:
+    """Evaluate a run; returns the final_evaluation.json content. `cfg.eval` holds the settings; the model
+    shape, tokenizer and context come from the checkpoint."""
+    started = time.time()
+    e = _start(cfg.eval, Path(run_dir), checkpoint or cfg.eval.checkpoint, data_files)
+    val, score, qmodel = _val_section(e)
+    result: dict[str, Any] = {"run": str(e.run_dir), "val": val}
+    if e.ev.by_source and (by_source := _by_source(e)) is not None:
+        val["by_source"] = by_source
+    if data_files:
+        result["files"] = score_files(e.model, e.tok, data_files, e.seq_len, e.stride, e.byte_lens,
+                                      batch_size=e.ev.batch_size, dtype=e.ev.dtype, text_field=e.ev.text_field)
+    torch.manual_seed(e.ev.seed)
+    result["continuation"] = _continuation_section(e)
+    samples = sample_generations(e.model, e.tok, cfg)
+    result.update(_speed_size_plots(e, qmodel, val, score))
+    prov = provenance(e.device)
+    result.update(_provenance_section(e, result, prov))
     result["seconds"] = round(time.time() - started, 2)
-    order = ("run", "checkpoint", "model", "tokenizer", "val", "files", "continuation", "speed", "speed_int8",
-             "size", "plots",
-             "data", "settings", "outputs", "provenance", "seconds")
-    result = {k: result[k] for k in order if k in result}
-    _write_json(samples_path, {**samples, "checkpoint": str(ckpt), "provenance": prov})
-    _write_json(run_dir / EVAL_FILE, result)
-    print_summary(result)
+    result = {k: result[k] for k in RESULT_ORDER if k in result}
+    _write_json(e.run_dir / SAMPLES_FILE, {**samples, "checkpoint": str(e.ckpt), "provenance": prov})
+    _write_json(e.run_dir / EVAL_FILE, result)
+    print_eval_summary(result)
     return result
 
 
-def print_summary(result: dict) -> None:
-    """A few lines for the terminal: the headline numbers and where the files are."""
-    from rich.console import Console
-    from rich.table import Table
-
+def print_eval_summary(result: dict) -> None:
+    """The evaluation's headline numbers and where its files are, for the terminal."""
     v = result["val"]
     t = Table(title=f"evaluation of {result['run']} (step {result['checkpoint']['step']})", show_header=False)
     t.add_row("val loss", f"{v['loss']:.4f} nats/token over {v['tokens']:,} tokens")

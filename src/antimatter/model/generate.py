@@ -1,4 +1,6 @@
-"""Generation: static KV cache, prefill then one token at a time, sampling on the device.
+"""Generation: static KV cache, prefill then one token at a time, sampling on the device. The library that
+`antimatter generate` (generate_cli.py, the shell) and eval call: `generate` over token ids, and
+`continue_texts` over text with a config's sampling settings.
 
 Batched prompts of different lengths are left-padded; the model masks the padding slots and shifts each
 row's positions, so a row's output does not depend on what it is batched with. Sampling (temperature, top-k,
@@ -22,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from antimatter.config import SampleConfig
 from antimatter.model.decode import KV_BLOCK, DecodeOptions, single_row_matmuls
 from antimatter.model.gpt import GPT
 
@@ -101,6 +104,7 @@ def _compiled_steps(model: GPT, mode: str, coordinate_descent: bool = False):
     cache = model.__dict__.setdefault("_antimatter_compiled_steps", {})
     key = (mode, coordinate_descent)
     if key not in cache:
+        # imported here: loading inductor is slow, and eager generation never needs it
         from torch._inductor import list_mode_options
 
         options = dict(list_mode_options(mode))
@@ -114,18 +118,17 @@ def _compiled_steps(model: GPT, mode: str, coordinate_descent: bool = False):
 KERNELS_MAX_BATCH = 64  # ... up to this many rows (one tile of rows in its matmuls)
 
 
-def _triton_decoder(model: GPT, kernels: bool | None, compile: bool | str, batch: int,
-                    sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], key: tuple, greedy: bool,
+def _triton_decoder(model: GPT, kernels: bool | None, compile: bool | str, batch: int, args: tuple,
                     options: DecodeOptions):
     """The Triton decoder for this call, or None for the torch path. `kernels=True` insists (and says why it
     cannot), None decides: compiled, on a GPU, at most KERNELS_MAX_BATCH rows, Triton importable, the model
-    supported (and `options.auto_kernels`). `greedy`: `sample` is a plain argmax, which the decoder then does in
-    a kernel."""
+    supported (and `options.auto_kernels`). `args`: the sampling settings (temperature, top_k, top_p,
+    repetition penalty); greedy without a penalty, the decoder picks the argmax in a kernel."""
     on_gpu = model.lm_head.weight.is_cuda  # the interpreter (CPU) runs them only when asked: kernels=True
     auto = compile and options.auto_kernels and on_gpu and batch <= KERNELS_MAX_BATCH
     if kernels is False or (kernels is None and not auto):
         return None
-    try:
+    try:  # Triton is optional: imported only when the kernels may run
         from antimatter.model import triton_decode
     except ImportError:
         if kernels:
@@ -136,9 +139,16 @@ def _triton_decoder(model: GPT, kernels: bool | None, compile: bool | str, batch
         if kernels:
             raise ValueError(f"kernels=True: {reason}")
         return None
-    key = (*key, options, id(options.tuning))
+    temperature, top_k, top_p, penalty = args
+
+    def sample(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        return sample_next(apply_repetition_penalty(logits, seen, penalty), temperature, top_k, top_p)
+
+    kv_buf = model.transformer.h[0].attn.kv_cache.kv
+    key = (kv_buf.data_ptr(), kv_buf.shape, *args, options, id(options.tuning))
     cached = model.__dict__.get("_antimatter_triton_decoder")
     if cached is None or cached[0] != key:  # new cache buffers, sampling settings or options: a new graph
+        greedy = temperature <= 0.0 and penalty == 1.0
         cached = (key, triton_decode.TritonDecoder(model, sample, greedy=greedy, options=options))
         model.__dict__["_antimatter_triton_decoder"] = cached
     cached[1].refresh()
@@ -151,6 +161,61 @@ def _slots(n: int, device: torch.device, table: dict[int, torch.Tensor]) -> torc
         table[n] = torch.arange(n, device=device)
         torch._dynamo.maybe_mark_dynamic(table[n], 0)
     return table[n]
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) token ids with each prompt right-aligned, and each row's number of padding slots."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+    return idx.to(device), torch.tensor([T - len(p) for p in prompts], device=device)
+
+
+def _seen_tokens(idx: torch.Tensor, prompts: list[list[int]], vocab_size: int, pad_id: int,
+                 penalty: float) -> torch.Tensor:
+    """(B, V) mask of the tokens each row holds, for the repetition penalty (padding is not a prompt token)."""
+    seen = torch.zeros(idx.shape[0], vocab_size, dtype=torch.bool, device=idx.device)
+    if penalty != 1.0:
+        seen.scatter_(1, idx, True)
+        seen[:, pad_id] = seen[:, pad_id] & torch.tensor([pad_id in p for p in prompts], device=idx.device)
+    return seen
+
+
+def _decode(model: GPT, steps: tuple, decoder, idx: torch.Tensor, left_pad: torch.Tensor, seen: torch.Tensor,
+            max_new_tokens: int, max_seq: int, args: tuple, eot_id: int | None, on_token, kv_block: int
+            ) -> list[torch.Tensor]:
+    """Prefill, then one token a step (the Triton decoder's graph, else the `steps` pair's decode step) until
+    `max_new_tokens` or every row has ended; returns the new (B,) token tensors in order."""
+    prefill, decode = steps
+    (B, T), device = idx.shape, idx.device
+    slots: dict[int, torch.Tensor] = {}
+    prompt_slots = _slots(T, device, slots)  # the prompt's cache slots, and the length attention reads
+    nxt, seen = prefill(model, idx, prompt_slots, left_pad, seen, prompt_slots, *args)
+    out = [nxt]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    if on_token is not None:
+        on_token(0, nxt)
+    pos = torch.tensor([T], device=device)  # advanced on the device: no host-to-device copy per token
+    if decoder is not None:
+        decoder.start(nxt, T, seen, left_pad)
+    for step in range(1, max_new_tokens):
+        if eot_id is not None:
+            done = done | (nxt == eot_id)
+            if (on_token is not None or step % 16 == 0) and bool(done.all()):
+                break
+        if decoder is not None:
+            decoder.step()
+            nxt = decoder.token.clone()  # the graph overwrites its token on the next replay
+        else:
+            kv = _slots(kv_blocks(T + step, max_seq, kv_block), device, slots)
+            nxt, seen = decode(model, nxt.view(B, 1), pos, left_pad, seen, kv, *args)
+            nxt, seen = nxt.clone(), seen.clone()  # graph outputs are overwritten by the next replay
+            pos += 1
+        out.append(nxt)
+        if on_token is not None:
+            on_token(step, nxt)
+    return out
 
 
 @torch.inference_mode()
@@ -177,69 +242,27 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be smaller than the context ({ctx})")
     keep = ctx - max_new_tokens  # crop long prompts from the left so prompt + output fits the context
     prompts = [p[-keep:] for p in prompts]
-    device = model.lm_head.weight.device
-    B, T = len(prompts), max(len(p) for p in prompts)
-    idx = torch.full((B, T), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-    idx = idx.to(device)
-    left_pad = torch.tensor([T - len(p) for p in prompts], device=device)
-    seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
-    if repetition_penalty != 1.0:
-        seen.scatter_(1, idx, True)
-        seen[:, pad_id] = seen[:, pad_id] & torch.tensor([pad_id in p for p in prompts], device=device)
+    idx, left_pad = _left_padded(prompts, pad_id, model.lm_head.weight.device)
+    seen = _seen_tokens(idx, prompts, model.cfg.vocab_size, pad_id, repetition_penalty)
     if seed is not None:
         torch.manual_seed(seed)
-
+    (B, T), args = idx.shape, (temperature, top_k, top_p, repetition_penalty)
     max_seq = compiled_cache_slots(T + max_new_tokens, ctx) if compile else T + max_new_tokens
     cache = model.transformer.h[0].attn.kv_cache
     if cache is None or cache.k.shape[0] != B or cache.k.shape[2] != max_seq:
         model.setup_caches(B, max_seq)
     mode = compile if isinstance(compile, str) else options.compile_mode
-    prefill, decode = _compiled_steps(model, mode, options.coordinate_descent) if compile else (_step, _step)
-    args = (temperature, top_k, top_p, repetition_penalty)
-
-    def sample(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        return sample_next(apply_repetition_penalty(logits, seen, repetition_penalty), temperature, top_k, top_p)
-
-    kv_buf = model.transformer.h[0].attn.kv_cache.kv
-    decoder = None  # a single new token comes from the prefill alone
-    if max_new_tokens > 1:
-        greedy = temperature <= 0.0 and repetition_penalty == 1.0
-        decoder = _triton_decoder(model, kernels, compile, B, sample, (kv_buf.data_ptr(), kv_buf.shape, *args),
-                                  greedy, options)
-    slots: dict[int, torch.Tensor] = {}
-    # compiled at batch 1: matmuls as reductions (1.18x the cuBLAS path on an H200, docs/RESULTS.md), swapped
-    # in after the Triton decoder has read the plain modules
+    steps = _compiled_steps(model, mode, options.coordinate_descent) if compile else (_step, _step)
+    # a single new token comes from the prefill alone
+    decoder = _triton_decoder(model, kernels, compile, B, args, options) if max_new_tokens > 1 else None
+    # compiled at batch 1: matmuls as reductions (faster than cuBLAS at one row), swapped in after the Triton
+    # decoder has read the plain modules
     single_row = bool(compile) and (B == 1 if gemv is None else gemv)
     swap = single_row_matmuls(model, options.fold_norm) if single_row else contextlib.nullcontext()
     try:
         with swap:
-            prompt_slots = _slots(T, device, slots)  # the prompt's cache slots, and the length attention reads
-            nxt, seen = prefill(model, idx, prompt_slots, left_pad, seen, prompt_slots, *args)
-            out = [nxt]
-            done = torch.zeros(B, dtype=torch.bool, device=device)
-            if on_token is not None:
-                on_token(0, nxt)
-            pos = torch.tensor([T], device=device)  # advanced on the device: no host-to-device copy per token
-            if decoder is not None:
-                decoder.start(nxt, T, seen, left_pad)
-            for step in range(1, max_new_tokens):
-                if eot_id is not None:
-                    done = done | (nxt == eot_id)
-                    if (on_token is not None or step % 16 == 0) and bool(done.all()):
-                        break
-                if decoder is not None:
-                    decoder.step()
-                    nxt = decoder.token.clone()  # the graph overwrites its token on the next replay
-                else:
-                    kv = _slots(kv_blocks(T + step, max_seq, options.kv_block), device, slots)
-                    nxt, seen = decode(model, nxt.view(B, 1), pos, left_pad, seen, kv, *args)
-                    nxt, seen = nxt.clone(), seen.clone()  # graph outputs are overwritten by the next replay
-                    pos += 1
-                out.append(nxt)
-                if on_token is not None:
-                    on_token(step, nxt)
+            out = _decode(model, steps, decoder, idx, left_pad, seen, max_new_tokens, max_seq, args, eot_id,
+                          on_token, options.kv_block)
     finally:
         if not compile:  # compiled graphs hold the cache buffers: keep them for the next call
             model.clear_caches()
@@ -247,3 +270,21 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     if eot_id is not None:
         tokens = [row[: row.index(eot_id)] if eot_id in row else row for row in tokens]
     return tokens
+
+
+def new_token_limit(model: GPT, s: SampleConfig) -> int:
+    """`s.max_new_tokens`, capped so that a one-token prompt and its continuation fit the context."""
+    return min(s.max_new_tokens, model.cfg.block_size - 1)
+
+
+def continue_texts(model: GPT, tokenizer, texts: list[str], s: SampleConfig, *,
+                   on_token: Callable[[int, torch.Tensor], None] | None = None,
+                   compile: bool | str = False) -> list[list[int]]:
+    """Continue each text with the sampling settings of a config's `generate:` or `eval.sample:` section;
+    returns the new token ids of each (cut before EOT). An empty text starts a new document (EOT alone)."""
+    if not texts:
+        return []
+    prompts = [tokenizer.encode(t) or [tokenizer.eot_id] for t in texts]
+    return generate(model, prompts, new_token_limit(model, s), temperature=s.temperature, top_k=s.top_k,
+                    top_p=s.top_p, repetition_penalty=s.repetition_penalty, eot_id=tokenizer.eot_id, seed=s.seed,
+                    on_token=on_token, compile=compile)

@@ -40,6 +40,7 @@ from antimatter import checkpoint as ckpt_io
 from antimatter.config import RunConfig, save_config
 from antimatter.device import autocast, resolve_dtype
 from antimatter.errors import UserError
+from antimatter.export import init_weights_from
 from antimatter.files import exclusive_lock
 from antimatter.model.accel import attention_backend
 from antimatter.model.gpt import GPT
@@ -280,11 +281,8 @@ class Trainer:
             state = ckpt_io.load_train_state(self.resume_from)  # verifies the manifest first
             return state, ckpt_io.load_weights(self.resume_from, self.cfg.model.tie_embeddings, verify=False)
         if init_from:
-            if (Path(init_from) / "config.json").is_file():
-                raise UserError(f"train.init_from={init_from} is a Hugging Face folder: convert it first with "
-                                f"`antimatter import --hf {init_from} --out RUN` and use RUN's checkpoint")
-            src = ckpt_io.resolve_checkpoint(Path(init_from), "latest")
-            weights = ckpt_io.load_weights(src, self.cfg.model.tie_embeddings)
+            src, weights = init_weights_from(init_from, self.cfg.model, self.run_dir / "tokenizer" / "tokenizer.json",
+                                             self.tokenizer_sha256)
             self.log(f"initialised weights from {src}")
             return None, weights
         return None, None

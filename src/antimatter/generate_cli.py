@@ -1,4 +1,6 @@
-"""`antimatter generate`: one-shot (`--prompt`) or an interactive session, streaming tokens as they come."""
+"""`antimatter generate`: the command-line shell around `model.generate` - load a run's checkpoint and
+tokenizer, then answer one `--prompt` or an interactive session, streaming tokens as they come. The sampling
+itself (settings, prompt encoding, decoding) is `model.generate.continue_texts`; nothing here samples."""
 
 from __future__ import annotations
 
@@ -8,12 +10,18 @@ from pathlib import Path
 
 import torch
 
+from antimatter.checkpoint import check_checkpoint_tokenizer, load_model
 from antimatter.config import ConfigError, RunConfig, SampleConfig, check_device, check_value
 from antimatter.device import DTYPES, pick_device, resolve_dtype
 from antimatter.errors import UserError, shorten
+from antimatter.model.generate import continue_texts
+from antimatter.model.quantize import int8_weight_only, require_torchao
+from antimatter.tokenizer import load_tokenizer
 
 HELP = """commands: /temp X  /top_k N  /top_p X  /max N  /rep X  /seed N  /settings  /help  /quit
 (an empty line or Ctrl-D quits)"""
+COMMANDS = {"temp": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
+            "max": ("max_new_tokens", int), "rep": ("repetition_penalty", float), "seed": ("seed", int)}
 
 
 class StreamPrinter:
@@ -37,9 +45,6 @@ class StreamPrinter:
 
 
 def load_for_generation(run_dir: Path, checkpoint: str, device: torch.device):
-    from antimatter.checkpoint import check_checkpoint_tokenizer, load_model
-    from antimatter.tokenizer import load_tokenizer
-
     model, run_cfg, ckpt = load_model(run_dir, which=checkpoint, device=str(device))
     tokenizer = load_tokenizer(run_dir)
     check_checkpoint_tokenizer(ckpt, tokenizer.path, "generate with")
@@ -50,23 +55,13 @@ def load_for_generation(run_dir: Path, checkpoint: str, device: torch.device):
 
 
 def complete(model, tokenizer, prompt: str, s: SampleConfig, compile: bool = False, stream=None) -> dict:
-    """Generate one continuation; returns the text and timing."""
-    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    """Answer one prompt, streaming the text to `stream` when given; returns the text and timing."""
     printer = StreamPrinter(tokenizer, stream) if stream is not None else None
     t0 = time.perf_counter()
-    new = generate_tokens(model, ids, s, tokenizer.eot_id, printer, compile)
+    new = continue_texts(model, tokenizer, [prompt], s, on_token=printer, compile=compile)[0]
     dt = time.perf_counter() - t0
     return {"prompt": prompt, "completion": tokenizer.decode(new), "new_tokens": len(new),
             "seconds": dt, "tokens_per_s": len(new) / dt if dt > 0 else 0.0}
-
-
-def generate_tokens(model, ids: list[int], s: SampleConfig, eot_id: int, on_token, compile: bool) -> list[int]:
-    from antimatter.model.generate import generate
-
-    max_new = min(s.max_new_tokens, model.cfg.block_size - 1)
-    return generate(model, [ids], max_new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                    repetition_penalty=s.repetition_penalty, eot_id=eot_id, seed=s.seed, on_token=on_token,
-                    compile=compile)[0]
 
 
 def _apply_command(line: str, s: SampleConfig) -> bool:
@@ -75,12 +70,10 @@ def _apply_command(line: str, s: SampleConfig) -> bool:
     if not parts:
         return True
     name, args = parts[0].lower(), parts[1:]
-    fields = {"temp": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
-              "max": ("max_new_tokens", int), "rep": ("repetition_penalty", float), "seed": ("seed", int)}
     if name in ("quit", "exit", "q"):
         return False
-    if name in fields and len(args) == 1:
-        attr, typ = fields[name]
+    if name in COMMANDS and len(args) == 1:
+        attr, typ = COMMANDS[name]
         try:
             value = typ(args[0])
         except ValueError:
@@ -99,30 +92,8 @@ def _apply_command(line: str, s: SampleConfig) -> bool:
     return True
 
 
-def run_generate(cfg: RunConfig, run_dir: Path, prompt: str | None = None, checkpoint: str = "best",
-                 device: str | None = None, compile: bool = False, int8: bool = False) -> int:
-    if not Path(run_dir).is_dir():
-        raise UserError(f"run folder {run_dir} does not exist: pass --run PATH of a trained run "
-                        f"(or train one with `antimatter quickstart`)")
-    if int8:
-        from antimatter.model.quantize import int8_weight_only, require_torchao
-
-        require_torchao()  # before the checkpoint loads
-    if device is not None:
-        check_device(device, "--device")
-    dev = pick_device(device or cfg.train.device, setting="--device" if device else "train.device")
-    model, tokenizer, ckpt = load_for_generation(Path(run_dir), checkpoint, dev)
-    if int8:
-        int8_weight_only(model)
-    s = cfg.generate
-    if prompt is not None:
-        sys.stdout.write(prompt)
-        r = complete(model, tokenizer, prompt, s, compile, stream=sys.stdout)
-        print()
-        print(f"[{r['new_tokens']} tokens in {r['seconds']:.2f}s, {r['tokens_per_s']:.1f} tokens/s on {dev}]",
-              file=sys.stderr)
-        return 0
-    print(f"AntiMatter: {ckpt} on {dev}. Type a prompt and press Enter. {HELP}")
+def _interactive(model, tokenizer, s: SampleConfig, compile: bool) -> int:
+    """Prompts and /commands from stdin until an empty line, /quit or end of input."""
     while True:
         try:
             line = input("\n>>> ")
@@ -138,3 +109,28 @@ def run_generate(cfg: RunConfig, run_dir: Path, prompt: str | None = None, check
         sys.stdout.write(line)
         r = complete(model, tokenizer, line, s, compile, stream=sys.stdout)
         print(f"\n[{r['new_tokens']} tokens, {r['tokens_per_s']:.1f} tokens/s]")
+
+
+def run_generate(cfg: RunConfig, run_dir: Path, prompt: str | None = None, checkpoint: str = "best",
+                 device: str | None = None, compile: bool = False, int8: bool = False) -> int:
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run folder {run_dir} does not exist: pass --run PATH of a trained run "
+                        f"(or train one with `antimatter quickstart`)")
+    if int8:
+        require_torchao()  # before the checkpoint loads
+    if device is not None:
+        check_device(device, "--device")
+    dev = pick_device(device or cfg.train.device, setting="--device" if device else "train.device")
+    model, tokenizer, ckpt = load_for_generation(Path(run_dir), checkpoint, dev)
+    if int8:
+        int8_weight_only(model)
+    s = cfg.generate
+    if prompt is None:
+        print(f"AntiMatter: {ckpt} on {dev}. Type a prompt and press Enter. {HELP}")
+        return _interactive(model, tokenizer, s, compile)
+    sys.stdout.write(prompt)
+    r = complete(model, tokenizer, prompt, s, compile, stream=sys.stdout)
+    print()
+    print(f"[{r['new_tokens']} tokens in {r['seconds']:.2f}s, {r['tokens_per_s']:.1f} tokens/s on {dev}]",
+          file=sys.stderr)
+    return 0
