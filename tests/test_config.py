@@ -226,17 +226,17 @@ def test_override_without_equals():
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("model.arch=mamba", "model.arch must be 'gpt2' or 'llama'"),
+    ("model.arch=mamba", "model.arch must be gpt2 or llama, got 'mamba'"),
     ("model.n_layer=0", "model.n_layer must be positive"),
     ("model.dropout=1.0", "model.dropout must be in [0, 1)"),
     ("train.dtype=fp64", "train.dtype must be auto, bf16, fp16 or fp32"),
     ("train.parallel=tp", "train.parallel must be ddp or fsdp"),
     ("train.schedule=step", "train.schedule must be cosine, linear, constant or wsd"),
-    ("train.attention=fa3", "train.attention must be one of auto, flash, cudnn, efficient, math, got 'fa3'"),
+    ("train.attention=fa3", "train.attention must be auto, flash, cudnn, efficient or math, got 'fa3'"),
     ("train.lr=0", "train.lr must be positive"),
     ("tokenizer.vocab_size=60000", "tokenizer.vocab_size (60000) exceeds model.vocab_size (50257)"),
     ("tokenizer.vocab_size=200", "tokenizer vocab size 200 is too small"),
-    ("data.val_fraction=0", "data.val_fraction must be between 0 and 1"),
+    ("data.val_fraction=0", "data.val_fraction must be in (0, 1), got 0.0"),
 ])
 def test_other_validation_errors(override, fragment):
     assert fragment in error_of(None, [override])
