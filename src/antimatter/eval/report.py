@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from antimatter.config import DTYPE_NAMES, RunConfig, config_to_dict
+from antimatter.config import RunConfig, config_to_dict
 from antimatter.device import pick_device, resolve_dtype
 from antimatter.errors import UserError, shorten
 from antimatter.eval.continuation import evaluate_continuations
@@ -57,14 +57,6 @@ def _model_shape(model_cfg) -> dict:
 
 def check_settings(ev) -> None:
     """Eval settings that would fail deep inside the work: refuse them up front, naming the key."""
-    for key in ("stride", "max_eval_tokens", "continuation_docs", "speed_prompt_tokens"):
-        if getattr(ev, key) < 0:
-            raise UserError(f"eval.{key} must be >= 0 (0 = default), got {getattr(ev, key)}")
-    for key in ("batch_size", "prefix_tokens", "continuation_tokens", "speed_batch", "speed_new_tokens"):
-        if getattr(ev, key) <= 0:
-            raise UserError(f"eval.{key} must be positive, got {getattr(ev, key)}")
-    if ev.dtype not in ("auto", *DTYPE_NAMES):
-        raise UserError(f"eval.dtype must be auto, bf16, fp16 or fp32, got '{ev.dtype}'")
     if ev.int8:
         from antimatter.model.quantize import require_torchao
 

@@ -209,9 +209,6 @@ class Trainer:
         if self.dtype == "fp16" and t.parallel == "fsdp" and d.enabled:
             raise UserError("train.parallel=fsdp supports bf16 and fp32, not fp16: use train.dtype=bf16 "
                             "or fp32, or train.parallel=ddp on GPUs without bf16")
-        if t.compile_tuning and not t.compile:
-            raise UserError("train.compile_tuning=true tunes the kernels of the compiled model: set "
-                            "train.compile=true as well, or leave compile_tuning off")
         self.tokens_dir = run_dir / "tokens"
         self._check_vocab()
         self._check_tokenizer()
