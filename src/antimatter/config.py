@@ -558,6 +558,9 @@ def check_value(cls: type, name: str, value: Any, key: str) -> None:
         raise ConfigError(f"{key} must be {bound.describe(integer)}, got {_short(value)}")
 
 
+# ------------------------------------------------------------------------------- one setting at a time
+
+
 def _plain(tp: Any) -> Any:
     """An annotation without its `| None` (the config's only unions)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -627,7 +630,7 @@ def check_setting(key: str, value: Any, label: str | None = None) -> None:
     check_field(cls, name, value, label or key)
 
 
-# ------------------------------------------------------------------------------------ build and check
+# ------------------------------------------------------------------------------------------- build
 
 
 def _type_name(tp: Any) -> str:
