@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
-from antimatter.cli import STAGES
+from antimatter.cli import FLAGS, STAGES, build_parser, flag_overrides
+from antimatter.config import load_config, setting_type
 
 
 def cli(*args: str, cwd: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -123,3 +125,80 @@ def test_info_unknown_gpu_prints_only_the_error(tmp_path):
     r = cli("info", "--model", "tiny", "--gpu", "XYZ", cwd=tmp_path)
     assert_user_error(r, "info", "unknown GPU 'XYZ'", "H100", "T4")
     assert r.stdout == ""
+
+
+# ------------------------------------------------------------------------------- options are dotted keys
+
+
+REQUIRED = {"export": ["--out", "o"], "import": ["--hf", "h", "--out", "o"]}  # options a command cannot lack
+SAMPLES = {"name": "exp", "runs_dir": "elsewhere", "model": "tiny", "train.resume": "none", "generate.device": "cpu"}
+
+
+def _sample(key: str):
+    """A valid value of the key that is not its default."""
+    if key in SAMPLES:
+        return SAMPLES[key]
+    tp = setting_type(key)
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)[-1]
+    return {bool: True, int: 3, float: 0.5, str: "latest"}[tp]
+
+
+def test_every_old_option_is_still_there():
+    have = {(f.option, c) for f in FLAGS for c in f.commands}
+    old = [("--workers", "prepare"), ("--keep-rejects", "prepare"), ("--strict", "prepare"), ("--resume", "train"),
+           ("--checkpoint", "eval"), ("--checkpoint", "generate"), ("--checkpoint", "export"), ("--dtype", "export"),
+           ("--device", "generate"), ("--compile", "generate"), ("--int8", "generate"), ("--model", "info")]
+    old += [(o, "generate") for o in ("--max-new-tokens", "--temperature", "--top-k", "--top-p",
+                                      "--repetition-penalty", "--seed")]
+    old += [(o, c) for o in ("--name", "--runs-dir") for c in STAGES]
+    assert set(old) <= have, set(old) - have
+
+
+@pytest.mark.parametrize("flag", FLAGS, ids=lambda f: f"{f.option}:{f.key}")
+def test_each_option_is_its_dotted_key(flag):
+    """`--option VALUE` loads the same config as `key=VALUE`, on every command that has the option."""
+    value = _sample(flag.key)
+    dotted = f"{flag.key}={'true' if value is True else value}"
+    for command in flag.commands:
+        argv = [command, flag.option, *([] if value is True else [str(value)]), *REQUIRED.get(command, [])]
+        via_option = load_config(None, flag_overrides(build_parser().parse_args(argv)))
+        assert via_option == load_config(None, [dotted]), (command, flag.option)
+        assert via_option != load_config(), (command, flag.option)  # it did set something
+
+
+def test_a_bad_option_value_is_named_as_typed(tmp_path):
+    r = cli("prepare", "--workers", "-2", cwd=tmp_path)
+    assert_user_error(r, "prepare", "--workers must be >= 0 (0 = all cores), got -2")
+    r = cli("export", "--out", "o", "--dtype", "int8", cwd=tmp_path)
+    assert_user_error(r, "export", "--dtype must be fp32, fp16 or bf16, got 'int8'")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_options_and_keys_reach_the_commands(monkeypatch, tmp_path):
+    """An option given wins over its dotted key; generate and export take their settings from their sections
+    (generate.device null: the run's train.device, as before the section existed)."""
+    import antimatter.repl
+
+    import antimatter.export
+    from antimatter import pipeline
+    from antimatter.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    seen: dict = {}
+    monkeypatch.setattr(pipeline, "cmd_prepare", lambda cfg, paths, out, force: seen.update(w=cfg.data.workers))
+    monkeypatch.setattr(pipeline, "run_stage", lambda stage, cfg, force: seen.update(resume=cfg.train.resume))
+    monkeypatch.setattr(antimatter.repl, "run_generate",
+                        lambda cfg, run_dir, **kw: seen.update(kw, k=cfg.generate.top_k))
+    monkeypatch.setattr(antimatter.export, "export_hf", lambda run, out, **kw: seen.update(kw))
+    assert main(["prepare", "--workers", "2", "data.workers=5"]) == 0 and seen["w"] == 2
+    assert main(["prepare", "data.workers=5"]) == 0 and seen["w"] == 5
+    assert main(["train", "--resume", "none"]) == 0 and seen["resume"] == "none"
+    assert main(["generate", "--run", "r", "--device", "cpu", "--top-k", "3", "--compile"]) == 0
+    assert (seen["device"], seen["k"], seen["compile"], seen["checkpoint"]) == ("cpu", 3, True, "best")
+    assert seen["int8"] is False
+    assert main(["generate", "--run", "r", "generate.device=cpu", "generate.checkpoint=latest"]) == 0
+    assert (seen["device"], seen["checkpoint"]) == ("cpu", "latest")
+    assert main(["generate", "--run", "r", "train.device=cpu"]) == 0 and seen["device"] is None
+    assert main(["export", "--out", "o", "export.dtype=bf16", "--checkpoint", "latest"]) == 0
+    assert (seen["dtype"], seen["checkpoint"]) == ("bf16", "latest")

@@ -3,6 +3,8 @@ every mistake a user can make (each names the key and the fix)."""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -226,17 +228,17 @@ def test_override_without_equals():
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("model.arch=mamba", "model.arch must be 'gpt2' or 'llama'"),
+    ("model.arch=mamba", "model.arch must be gpt2 or llama, got 'mamba'"),
     ("model.n_layer=0", "model.n_layer must be positive"),
     ("model.dropout=1.0", "model.dropout must be in [0, 1)"),
     ("train.dtype=fp64", "train.dtype must be auto, bf16, fp16 or fp32"),
     ("train.parallel=tp", "train.parallel must be ddp or fsdp"),
     ("train.schedule=step", "train.schedule must be cosine, linear, constant or wsd"),
-    ("train.attention=fa3", "train.attention must be one of auto, flash, cudnn, efficient, math, got 'fa3'"),
+    ("train.attention=fa3", "train.attention must be auto, flash, cudnn, efficient or math, got 'fa3'"),
     ("train.lr=0", "train.lr must be positive"),
     ("tokenizer.vocab_size=60000", "tokenizer.vocab_size (60000) exceeds model.vocab_size (50257)"),
     ("tokenizer.vocab_size=200", "tokenizer vocab size 200 is too small"),
-    ("data.val_fraction=0", "data.val_fraction must be between 0 and 1"),
+    ("data.val_fraction=0", "data.val_fraction must be in (0, 1), got 0.0"),
 ])
 def test_other_validation_errors(override, fragment):
     assert fragment in error_of(None, [override])
@@ -259,3 +261,71 @@ def test_one_prompt_with_commas_stays_one_prompt():
     cfg = load_config(None, ["eval.prompts=Once upon a time, there"])
     assert cfg.eval.prompts == ["Once upon a time, there"]
     assert load_config(None, ["eval.prompts=[a, b]"]).eval.prompts == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------- choices and sections
+
+
+def _literal_keys(cls: type = RunConfig, prefix: str = ""):
+    """(dotted key, choices) of every setting annotated with a Literal, nested sections (and the first item
+    of a list of them) included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            yield from _literal_keys(typing.get_args(tp)[0], f"{key}[0].")
+        elif dataclasses.is_dataclass(tp):
+            yield from _literal_keys(tp, f"{key}.")
+        elif typing.get_origin(tp) is typing.Literal:
+            yield key, typing.get_args(tp)
+
+
+def test_every_choice_setting_refuses_another_value_naming_key_value_and_choices():
+    keys = dict(_literal_keys())
+    for key in ("model.arch", "model.norm", "train.dtype", "train.optimizer", "train.schedule", "eval.dtype",
+                "export.dtype", "data.sources[0].format", "data.sources[0].rules"):
+        assert key in keys, key
+    for key, choices in keys.items():
+        if key.startswith("data.sources[0]."):
+            override = f"data.sources=[{{{key.rsplit('.', 1)[1]}: bogus}}]"
+        else:
+            override = f"{key}=bogus"
+        allowed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+        assert error_of(None, [override]) == f"{key} must be {allowed}, got 'bogus'"
+        for choice in choices:  # each listed choice loads
+            if not key.startswith("data.sources"):
+                load_config(None, [f"{key}={choice}"])
+
+
+def test_the_generate_section_keeps_the_old_behaviour_by_default():
+    """Generation borrowed train.device before it had a section: null still means that, and the sampling
+    settings keep their old defaults and keys."""
+    from antimatter.config import GenerateConfig, SampleConfig
+
+    g = load_config().generate
+    assert isinstance(g, GenerateConfig) and isinstance(g, SampleConfig)
+    assert (g.checkpoint, g.device, g.compile, g.int8) == ("best", None, False, False)
+    assert SampleConfig(**{k: getattr(g, k) for k in SampleConfig.__dataclass_fields__}) == SampleConfig()
+    assert load_config().export.dtype == "fp32" and load_config().export.checkpoint == "best"
+    cfg = load_config(None, ["generate.device=cuda:1", "generate.top_k=7", "generate.compile=true",
+                             "export.dtype=bf16"])
+    assert (cfg.generate.device, cfg.generate.top_k, cfg.generate.compile, cfg.export.dtype) == (
+        "cuda:1", 7, True, "bf16")
+    assert error_of(None, ["generate.device=banana"]).startswith("generate.device 'banana' is not a device")
+    assert error_of(None, ["generate.temperature=-1"]) == "generate.temperature must be >= 0 (0 = greedy), got -1.0"
+
+
+def test_a_config_saved_before_the_generate_section_grew_still_loads(tmp_path):
+    path = write(tmp_path, "generate:\n  top_k: 5\n  seed: 3\n")
+    g = load_config(path).generate
+    assert (g.top_k, g.seed, g.device) == (5, 3, None)
+    save_config(load_config(path, ["generate.device=cpu"]), tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml").generate.device == "cpu"
+
+
+def test_typed_overrides_are_set_as_given_and_a_preset_still_comes_first():
+    """The CLI's options arrive as (key, value) pairs: no YAML reading of the value (a path with ': ' stays
+    one string), and `model` among them is applied before the dotted model fields, as `model=NAME` is."""
+    cfg = load_config(None, ["model.n_layer=3", ("model", "tiny"), ("train.resume", "a: b/[c]")])
+    assert cfg.model.preset == "tiny" and cfg.model.n_layer == 3 and cfg.model.d_model == 32
+    assert cfg.train.resume == "a: b/[c]"

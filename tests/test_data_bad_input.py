@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from antimatter.config import RunConfig, SourceConfig
+from antimatter.config import RunConfig, SourceConfig, validate
 from antimatter.data.prepare import run_prepare
 from antimatter.data.sample import SENTENCES
 from antimatter.data.sources import sources_from_paths
@@ -138,18 +138,20 @@ def test_empty_corpus(tmp_path):
 
 
 def test_bad_config_values(tmp_path):
+    """Checked by the config's validation (at load time), each naming the key, the value and the choices."""
     (tmp_path / "a.txt").write_text(PROSE)
     cfg = RunConfig()
     cfg.data.sources = [SourceConfig(path=str(tmp_path / "a.txt"), rules="poetry")]
-    with pytest.raises(UserError, match="rules 'poetry' is not one of"):
-        run_prepare(cfg, tmp_path / "out")
+    with pytest.raises(UserError, match=r"data.sources\[0\].rules must be auto, prose, code, reference or none, "
+                                        r"got 'poetry'"):
+        validate(cfg)
     cfg.data.sources = [SourceConfig(path=str(tmp_path / "a.txt"), format="csv")]
-    with pytest.raises(UserError, match="unknown format 'csv'"):
-        run_prepare(cfg, tmp_path / "out")
+    with pytest.raises(UserError, match=r"data.sources\[0\].format must be auto, text, .* got 'csv'"):
+        validate(cfg)
     cfg.data.sources = [SourceConfig(path=str(tmp_path / "a.txt"))]
     cfg.data.filters.disable = ["gopher_stopwords"]
     with pytest.raises(UserError, match="unknown rule.*gopher_stopwords"):
-        run_prepare(cfg, tmp_path / "out")
+        validate(cfg)
 
 
 @pytest.mark.parametrize("name,payload", [

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from antimatter.config import DedupConfig, FilterConfig, SourceConfig
+from antimatter.config import DedupConfig, FilterConfig, SourceConfig, load_config
 from antimatter.data.clean import clean_text, decode
 from antimatter.data.dedup import Deduper, Signer, exact_key
 from antimatter.data.filters import RULE_SETS, QualityFilter, dup_ngram_char_frac, guess_kind
@@ -91,8 +91,8 @@ def test_dup_ngram_fraction():
 
 
 def test_bad_filter_config():
-    with pytest.raises(UserError, match="unknown rule"):
-        QualityFilter(FilterConfig(disable=["nope"]))
+    with pytest.raises(UserError, match="unknown rule"):  # refused when the config is loaded
+        load_config(None, ["data.filters.disable=[nope]"])
     assert set(RULE_SETS) == {"prose", "code", "reference", "none"}
 
 

@@ -1,107 +1,143 @@
-"""`antimatter` command line: parse, dispatch, nothing else. Each stage lives in its own module."""
+"""`antimatter` command line: parse, dispatch, nothing else. Each stage lives in its own module.
+
+Every option that is a setting is an alias of one dotted config key (the table FLAGS): `--workers 4` is
+`data.workers=4`, checked as that key is and named as typed in an error. The other options name what a command
+reads and writes (--run, --out, --data, --prompt, ...) and are not settings.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import typing
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from zstandard import ZstdError
 
+from antimatter import pipeline
+from antimatter.config import RunConfig, check_setting, load_config, setting_type
 from antimatter.errors import UserError, shorten
 
-STAGES = "prepare tokenizer tokenize train eval generate export import pipeline quickstart info".split()
+_RUN = ("--run", dict(help="run folder (default: RUNS_DIR/NAME)"))
+
+# command -> (its help, its options that are not settings: what it reads and writes), in the order of --help
+COMMANDS: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
+    "prepare": ("clean, filter, deduplicate and split raw text into train/val",
+                [("--out", dict(help="output folder (default: RUN/data)"))]),
+    "tokenizer": ("train a byte-level BPE tokenizer on the train split", []),
+    "tokenize": ("encode the splits into binary token shards", []),
+    "train": ("train the model (one process, or many under torchrun)", []),
+    "eval": ("perplexity, bits per byte, BLEU/ROUGE-L, speed, size, plots", [
+        ("--run", dict(help="run folder to evaluate (default: RUNS_DIR/NAME)")),
+        ("--data", dict(nargs="+", help="score these files (txt, md, jsonl[.gz|.zst]) too")),
+        ("--compare", dict(nargs="+", metavar="RUN", help="print a table comparing these runs"))]),
+    "generate": ("sample text: one-shot with --prompt, else an interactive prompt", [
+        _RUN, ("--prompt", dict(help="prompt text; without it an interactive session starts"))]),
+    "export": ("write a Hugging Face folder (config.json, safetensors, tokenizer)", [
+        _RUN, ("--out", dict(required=True, help="output folder"))]),
+    "import": ("load a local Hugging Face model folder into a new run", [
+        ("--hf", dict(required=True, help="local folder with config.json and weights")),
+        ("--out", dict(required=True, help="run folder to create"))]),
+    "pipeline": ("run every stage in order, skipping those already current", []),
+    "quickstart": ("the whole pipeline on the embedded corpus, tiny model, CPU", []),
+    "info": ("parameter count, FLOPs per token and memory of a model config", [
+        ("--gpu", dict(help="plan for this GPU (H100, H200, A100-80GB, A100-40GB, L4, T4, V100)")),
+        ("--micro-batch", dict(type=int, help="micro-batch size for the memory estimate")),
+        ("--tokens", dict(type=float, help="estimate the time to train on this many tokens"))]),
+}
+STAGES = list(COMMANDS)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """An option that sets one config key: `--option VALUE` is `key=VALUE` (a switch sets it true)."""
+
+    option: str
+    key: str
+    commands: tuple[str, ...]
+    help: str
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("--name", "name", tuple(STAGES), "run name: artifacts go to RUNS_DIR/NAME (default from config)"),
+    Flag("--runs-dir", "runs_dir", tuple(STAGES), "folder that holds runs (default: runs)"),
+    Flag("--model", "model", ("info",), "model preset (e.g. seed-300m); default: the config's model"),
+    Flag("--workers", "data.workers", ("prepare",), "worker processes (default: all cores)"),
+    Flag("--keep-rejects", "data.keep_rejects", ("prepare",), "write removed documents for inspection"),
+    Flag("--strict", "data.strict", ("prepare",), "stop at the first malformed input line"),
+    Flag("--resume", "train.resume", ("train",), "auto (continue from latest), none, or a checkpoint folder"),
+    Flag("--checkpoint", "eval.checkpoint", ("eval",), "best, latest, or a checkpoint folder"),
+    Flag("--checkpoint", "generate.checkpoint", ("generate",), "best, latest, or a checkpoint folder"),
+    Flag("--device", "generate.device", ("generate",), "cpu, cuda, ... (default: train.device)"),
+    Flag("--compile", "generate.compile", ("generate",), "compile the decode step (CUDA graphs on GPUs)"),
+    Flag("--int8", "generate.int8", ("generate",), "weight-only int8 block matmuls (torchao): half their bytes "
+         "per token; `antimatter eval` with eval.int8=true measures the perplexity it costs"),
+    Flag("--max-new-tokens", "generate.max_new_tokens", ("generate",), "tokens to generate"),
+    Flag("--temperature", "generate.temperature", ("generate",), "sampling temperature (0 = greedy)"),
+    Flag("--top-k", "generate.top_k", ("generate",), "sample from the k most likely tokens (0 = off)"),
+    Flag("--top-p", "generate.top_p", ("generate",), "nucleus sampling threshold"),
+    Flag("--repetition-penalty", "generate.repetition_penalty", ("generate",),
+         "penalty on tokens already in the text (1 = off)"),
+    Flag("--seed", "generate.seed", ("generate",), "sampling seed"),
+    Flag("--checkpoint", "export.checkpoint", ("export",), "best, latest, or a checkpoint folder"),
+    Flag("--dtype", "export.dtype", ("export",), "precision of the exported weights"),
+)
+_DEST = "setting:"  # argparse dest of a flag: this prefix + its key (absent unless given)
 
 
 def _common(p: argparse.ArgumentParser, positional_paths: bool = False) -> None:
     p.add_argument("--config", "-c", help="YAML config file (sections: model, data, tokenizer, train, ...)")
-    p.add_argument("--name", help="run name: artifacts go to RUNS_DIR/NAME (default from config)")
-    p.add_argument("--runs-dir", help="folder that holds runs (default: runs)")
     p.add_argument("--force", action="store_true", help="redo the stage even if its outputs are current")
     help_ = ("input paths (files, folders, globs) and/or dotted overrides like train.lr=3e-4"
              if positional_paths else "dotted config overrides, e.g. train.lr=3e-4 model.n_layer=12")
     p.add_argument("args", nargs="*", metavar="PATH|KEY=VALUE" if positional_paths else "KEY=VALUE", help=help_)
 
 
-def _sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int)
+def _add_flag(p: argparse.ArgumentParser, flag: Flag) -> None:
+    """The option, typed as its key is annotated: a switch for a bool, int or float, else a string (a
+    Literal's choices shown, and checked with the key's own message)."""
+    tp = setting_type(flag.key)
+    kwargs: dict[str, Any] = dict(dest=_DEST + flag.key, default=argparse.SUPPRESS, help=f"{flag.help} [{flag.key}]")
+    if tp is bool:
+        kwargs["action"] = "store_true"
+    else:
+        choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
+        kwargs["type"] = tp if tp in (int, float) else str
+        kwargs["metavar"] = "{" + ",".join(choices) + "}" if choices else flag.option[2:].replace("-", "_").upper()
+    p.add_argument(flag.option, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from antimatter.config import DTYPE_NAMES  # here, like every other import, to keep `--help` quick
-
     parser = argparse.ArgumentParser(
         prog="antimatter",
         description="Train GPT-style language models from scratch: prepare -> tokenizer -> tokenize -> "
                     "train -> eval -> generate -> export.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("prepare", help="clean, filter, deduplicate and split raw text into train/val")
-    _common(p, positional_paths=True)
-    p.add_argument("--out", help="output folder (default: RUN/data)")
-    p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
-    p.add_argument("--keep-rejects", action="store_true", help="write removed documents for inspection")
-    p.add_argument("--strict", action="store_true", help="stop at the first malformed input line")
-
-    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on the train split")
-    _common(p)
-    p = sub.add_parser("tokenize", help="encode the splits into binary token shards")
-    _common(p)
-
-    p = sub.add_parser("train", help="train the model (one process, or many under torchrun)")
-    _common(p)
-    p.add_argument("--resume", help="auto (continue from latest), none, or a checkpoint folder")
-
-    p = sub.add_parser("eval", help="perplexity, bits per byte, BLEU/ROUGE-L, speed, size, plots")
-    _common(p)
-    p.add_argument("--run", help="run folder to evaluate (default: RUNS_DIR/NAME)")
-    p.add_argument("--checkpoint", help="best, latest, or a checkpoint folder")
-    p.add_argument("--data", nargs="+", help="score these files (txt, md, jsonl[.gz|.zst]) too")
-    p.add_argument("--compare", nargs="+", metavar="RUN", help="print a table comparing these runs")
-
-    p = sub.add_parser("generate", help="sample text: one-shot with --prompt, else an interactive prompt")
-    _common(p)
-    p.add_argument("--run", help="run folder (default: RUNS_DIR/NAME)")
-    p.add_argument("--checkpoint", help="best, latest, or a checkpoint folder")
-    p.add_argument("--prompt", help="prompt text; without it an interactive session starts")
-    p.add_argument("--device", help="cpu, cuda, ... (default: best available)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPUs)")
-    p.add_argument("--int8", action="store_true",
-                   help="weight-only int8 block matmuls (torchao): half their bytes per token; "
-                        "`antimatter eval` with eval.int8=true measures the perplexity it costs")
-    _sampling(p)
-
-    p = sub.add_parser("export", help="write a Hugging Face folder (config.json, safetensors, tokenizer)")
-    _common(p)
-    p.add_argument("--run", help="run folder (default: RUNS_DIR/NAME)")
-    p.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint folder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
-
-    p = sub.add_parser("import", help="load a local Hugging Face model folder into a new run")
-    _common(p)
-    p.add_argument("--hf", required=True, help="local folder with config.json and weights")
-    p.add_argument("--out", required=True, help="run folder to create")
-
-    p = sub.add_parser("pipeline", help="run every stage in order, skipping those already current")
-    _common(p)
-    p = sub.add_parser("quickstart", help="the whole pipeline on the embedded corpus, tiny model, CPU")
-    _common(p)
-
-    p = sub.add_parser("info", help="parameter count, FLOPs per token and memory of a model config")
-    _common(p)
-    p.add_argument("--model", help="model preset (e.g. seed-300m); default: the config's model")
-    p.add_argument("--gpu", help="plan for this GPU (H100, H200, A100-80GB, A100-40GB, L4, T4, V100)")
-    p.add_argument("--micro-batch", type=int, help="micro-batch size for the memory estimate")
-    p.add_argument("--tokens", type=float, help="estimate the time to train on this many tokens")
+    for command, (help_, options) in COMMANDS.items():
+        p = sub.add_parser(command, help=help_)
+        _common(p, positional_paths=command == "prepare")
+        for flag in FLAGS:
+            if command in flag.commands:
+                _add_flag(p, flag)
+        for option, kwargs in options:
+            p.add_argument(option, **kwargs)
     return parser
+
+
+def flag_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The (key, value) overrides that the options given stand for, each checked as its key is and named as
+    typed (`--top-k must be >= 0 (0 = off), got -5`)."""
+    out = []
+    for flag in FLAGS:
+        if args.command in flag.commands and hasattr(args, _DEST + flag.key):
+            value = getattr(args, _DEST + flag.key)
+            check_setting(flag.key, value, flag.option)
+            out.append((flag.key, value))
+    return out
 
 
 def split_paths_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -117,88 +153,87 @@ def _exists(path: str) -> bool:
         return False
 
 
-def load_run_config(args: argparse.Namespace, overrides: list[str]):
-    from antimatter.config import load_config
-
-    extra = []
-    if getattr(args, "name", None):
-        extra.append(f"name={args.name}")
-    if getattr(args, "runs_dir", None):
-        extra.append(f"runs_dir={args.runs_dir}")
-    if getattr(args, "model", None) and args.command == "info":
-        extra.append(f"model={args.model}")
-    return load_config(args.config, [*extra, *overrides])
-
-
 def dispatch(args: argparse.Namespace) -> int:
-    from antimatter import pipeline
-
     paths, overrides = split_paths_and_overrides(args.args)
     if paths and args.command != "prepare":
         raise UserError(f"unexpected argument '{shorten(paths[0])}': overrides look like section.key=value")
-    if args.command == "quickstart":
-        extra = [f"name={args.name}"] if args.name else []
-        extra += [f"runs_dir={args.runs_dir}"] if args.runs_dir else []
-        return pipeline.quickstart([*extra, *overrides], config_path=args.config, force=args.force)
     if getattr(args, "data", None):  # `--data` swallows what follows it: give back the overrides
         overrides += [d for d in args.data if "=" in d and not Path(d).exists()]
         args.data = [d for d in args.data if d not in overrides]
+    settings = [*overrides, *flag_overrides(args)]  # an option given wins over the dotted key it stands for
+    if args.command == "quickstart":
+        return pipeline.quickstart(settings, config_path=args.config, force=args.force)
     run_arg = getattr(args, "run", None)
     if run_arg and not args.config and (Path(run_arg) / "config.yaml").is_file():
         args.config = str(Path(run_arg) / "config.yaml")  # evaluate / sample a run with its own settings
-    cfg = load_run_config(args, overrides)
-    cmd = args.command
-    if cmd == "info":
-        from antimatter.info import print_info
+    cfg = load_config(args.config, settings)
+    return HANDLERS[args.command](args, cfg, paths) or 0
 
-        print_info(cfg, gpu=args.gpu, micro_batch=args.micro_batch, tokens=args.tokens)
-        return 0
-    if cmd == "prepare":
-        return pipeline.cmd_prepare(cfg, paths, out=args.out, workers=args.workers,
-                                    keep_rejects=args.keep_rejects, strict=args.strict, force=args.force)
-    if cmd in ("tokenizer", "tokenize"):
-        pipeline.run_stage(cmd, cfg, force=args.force)
-        return 0
-    if cmd == "train":
-        if args.resume:
-            cfg.train.resume = args.resume
-        pipeline.run_stage("train", cfg, force=args.force)
-        return 0
-    if cmd == "pipeline":
-        pipeline.run_pipeline(cfg, force=args.force)
-        return 0
-    run_dir = Path(args.run) if getattr(args, "run", None) else cfg.run_dir
-    if cmd == "eval":
-        if args.compare:
-            from antimatter.eval.report import compare_runs
 
-            print(compare_runs([Path(r) for r in args.compare]))
-            return 0
-        from antimatter.eval.report import run_eval
+# ------------------------------------------------------------------------------------------ commands
+# The modules that import torch are imported by the command that needs them, so that `antimatter --help`
+# and the data stages do not wait seconds for it.
 
-        run_eval(cfg, run_dir, checkpoint=args.checkpoint, data_files=args.data)
+
+def _info(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
+    from antimatter.info import print_info  # here: rich and the sizing tables add 0.3 s to every command
+
+    print_info(cfg, gpu=args.gpu, micro_batch=args.micro_batch, tokens=args.tokens)
+    return 0
+
+
+def _prepare(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
+    return pipeline.cmd_prepare(cfg, paths, out=args.out, force=args.force)
+
+
+def _stage(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
+    pipeline.run_stage(args.command, cfg, force=args.force)
+    return 0
+
+
+def _pipeline(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
+    pipeline.run_pipeline(cfg, force=args.force)
+    return 0
+
+
+def _run_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
+    return Path(args.run) if args.run else cfg.run_dir
+
+
+def _eval(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
+    from antimatter.eval.report import compare_runs, run_eval  # here: torch
+
+    if args.compare:
+        print(compare_runs([Path(r) for r in args.compare]))
         return 0
-    if cmd == "generate":
-        from antimatter.config import SampleConfig, check_value
-        from antimatter.generate_cli import run_generate
+    run_eval(cfg, _run_dir(args, cfg), data_files=args.data)
+    return 0
 
-        for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
-            if getattr(args, key) is not None:  # the option is checked as its config key is, named as typed
-                check_value(SampleConfig, key, getattr(args, key), "--" + key.replace("_", "-"))
-                setattr(cfg.generate, key, getattr(args, key))
-        return run_generate(cfg, run_dir, prompt=args.prompt, checkpoint=args.checkpoint or "best",
-                            device=args.device, compile=args.compile, int8=args.int8)
-    if cmd == "export":
-        from antimatter.export import export_hf
 
-        export_hf(run_dir, Path(args.out), checkpoint=args.checkpoint, dtype=args.dtype)
-        return 0
-    if cmd == "import":
-        from antimatter.export import import_hf
+def _generate(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
+    from antimatter.generate_cli import run_generate  # here: torch
 
-        import_hf(Path(args.hf), Path(args.out))
-        return 0
-    raise UserError(f"unknown command '{cmd}'")
+    g = cfg.generate
+    return run_generate(cfg, _run_dir(args, cfg), prompt=args.prompt, checkpoint=g.checkpoint, device=g.device,
+                        compile=g.compile, int8=g.int8)
+
+
+def _export(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
+    from antimatter.export import export_hf  # here: torch
+
+    export_hf(_run_dir(args, cfg), Path(args.out), checkpoint=cfg.export.checkpoint, dtype=cfg.export.dtype)
+    return 0
+
+
+def _import(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
+    from antimatter.export import import_hf  # here: torch
+
+    import_hf(Path(args.hf), Path(args.out))
+    return 0
+
+
+HANDLERS = {"info": _info, "prepare": _prepare, "tokenizer": _stage, "tokenize": _stage, "train": _stage,
+            "pipeline": _pipeline, "eval": _eval, "generate": _generate, "export": _export, "import": _import}
 
 
 # import names of dependencies whose pip name differs

@@ -1,13 +1,18 @@
 """One typed configuration for every stage: dataclasses, YAML loading, dotted overrides, validation.
 
 A run is described by a single `RunConfig`. It is built from (in order) the defaults below, an optional
-YAML file (`--config FILE.yaml`) and dotted command-line overrides (`train.lr=3e-4 model.n_layer=12`).
-Every mistake (unknown key, wrong type, impossible shape) raises `ConfigError` with a one-line message that
-names the key and the fix; the CLI prints it without a traceback.
+YAML file (`--config FILE.yaml`) and dotted command-line overrides (`train.lr=3e-4 model.n_layer=12`; the
+CLI's options are aliases of such keys, e.g. `--workers 4` is `data.workers=4`).
+
+Every value is checked here, once, when the config is loaded (`validate`): its type (a `Literal` names the
+choices), its range (`BOUNDS`), a device it names, and the rules that tie several fields together. Every
+mistake raises `ConfigError` with a one-line message that names the key, the value and the fix; the CLI
+prints it without a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -17,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -62,6 +67,47 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+# ------------------------------------------------------------------------------------------- choices
+
+# The settings that take one of a few names. Any other value is refused at load time with one line naming
+# the key, the value and these choices, in this order.
+Arch = Literal["gpt2", "llama"]
+Norm = Literal["auto", "layernorm", "rmsnorm"]
+Position = Literal["auto", "learned", "rope"]
+Activation = Literal["auto", "gelu", "swiglu", "relu2"]  # relu2: ReLU squared (modded-nanogpt's MLP)
+SourceFormat = Literal["auto", "text", "jsonl", "parquet", "hf", "html", "default"]
+RuleSet = Literal["auto", "prose", "code", "reference", "none"]  # the quality rules that judge a source
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]  # a compute precision (device.resolve_dtype: one policy)
+StorageDtype = Literal["fp32", "fp16", "bf16"]  # precisions every command accepts; device.DTYPES maps them
+Parallel = Literal["ddp", "fsdp"]
+Optimizer = Literal["adamw", "muon"]  # muon: Muon for the blocks' matrices, AdamW for everything else
+Schedule = Literal["cosine", "linear", "constant", "wsd"]
+Attention = Literal["auto", "flash", "cudnn", "efficient", "math"]  # the preferred SDPA kernel
+
+NORMS, POSITIONS, ACTIVATIONS = typing.get_args(Norm), typing.get_args(Position), typing.get_args(Activation)
+ATTENTION_BACKENDS = typing.get_args(Attention)
+DTYPE_NAMES = typing.get_args(StorageDtype)
+
+DEVICE_HINT = "use auto, cpu, cuda, cuda:N or mps"
+
+
+def check_device(value: str, key: str) -> None:
+    """Refuse a device string torch cannot parse (torch's own error is a traceback); the usual ones are
+    recognised without importing torch."""
+    if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        return
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{key} {_short(value)} is not a device: {DEVICE_HINT}") from None
+
+
+# a device name: auto | cpu | cuda | cuda:N | mps (the checker in the annotation runs at load time)
+Device = Annotated[str, check_device]
+
+
 # --------------------------------------------------------------------------------------------- model
 
 
@@ -71,7 +117,7 @@ class ModelConfig:
     or Llama style (RMSNorm, RoPE, SwiGLU, no biases, optional QK-norm) blocks from the same code."""
 
     preset: str | None = None
-    arch: str = "gpt2"  # gpt2 | llama
+    arch: Arch = "gpt2"
     n_layer: int = 12
     n_head: int = 12
     n_kv_head: int | None = None  # grouped-query attention (llama); None = n_head
@@ -88,9 +134,9 @@ class ModelConfig:
     pad_vocab_multiple: int = 64  # embedding rows padded internally for fast matmuls; never exported
     init_std: float = 0.02
     # the block's parts one by one (auto = what `arch` implies), so each change can be measured on its own
-    norm: str = "auto"  # auto | layernorm | rmsnorm
-    position: str = "auto"  # auto | learned | rope
-    activation: str = "auto"  # auto | gelu | swiglu | relu2 (ReLU squared, modded-nanogpt's MLP)
+    norm: Norm = "auto"
+    position: Position = "auto"
+    activation: Activation = "auto"
     zero_init_proj: bool = False  # residual projections start at zero: each block starts as the identity
     logit_softcap: float = 0.0  # >0: logits = c * tanh(logits / c) (Gemma 2, modded-nanogpt); 0 = off
 
@@ -160,9 +206,9 @@ class SourceConfig:
 
     path: str = "default"
     name: str | None = None
-    format: str = "auto"  # auto | text | jsonl | parquet | hf | html | default
+    format: SourceFormat = "auto"
     text_field: str = "text"
-    rules: str = "auto"  # which quality-rule set judges it: auto | prose | code | reference | none
+    rules: RuleSet = "auto"
     nfc: bool = True
     fix_mojibake: bool = True
     strip_control: bool = True
@@ -266,23 +312,16 @@ class TokenizeConfig:
 # --------------------------------------------------------------------------------------------- train
 
 
-NORMS = ("auto", "layernorm", "rmsnorm")
-POSITIONS = ("auto", "learned", "rope")
-ACTIVATIONS = ("auto", "gelu", "swiglu", "relu2")
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # train.attention: SDPA kernel preference
-DTYPE_NAMES = ("fp32", "fp16", "bf16")  # precisions every command accepts; device.DTYPES maps them to torch
-
-
 @dataclass
 class TrainConfig:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (device.resolve_dtype: one policy for every command)
+    device: Device = "auto"
+    dtype: Dtype = "auto"
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend (eager / aot_eager to debug compile problems)
     # inductor's coordinate-descent tuning of the kernels it generates: +2.3% tokens/s on seed-300m (one H200,
     # docs/RESULTS.md) for a few more minutes of compiling at start-up
     compile_tuning: bool = False
-    parallel: str = "ddp"  # ddp | fsdp (only matters with several processes)
+    parallel: Parallel = "ddp"  # only matters with several processes
     activation_checkpointing: bool = False
     seq_len: int = 0  # 0 = model.block_size
     micro_batch_size: int = 8
@@ -292,7 +331,7 @@ class TrainConfig:
     # first steps' measured time so that the schedule's decay ends when the time does (max_steps is ignored)
     max_minutes: float = 0.0
     budget_evals: int = 20  # with max_minutes: measure val loss this many times, evenly over the budget
-    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for everything else)
+    optimizer: Optimizer = "adamw"
     lr: float = 6e-4  # AdamW's learning rate (with muon: the embeddings, head, norms and biases)
     embed_lr: float = 0.0  # AdamW's rate for the input embeddings of an untied model (0 = lr)
     muon_lr: float = 0.02  # Muon's learning rate (scaled by sqrt(max(1, rows/cols)) per matrix)
@@ -300,7 +339,7 @@ class TrainConfig:
     muon_weight_decay: float = 0.0
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | linear | constant | wsd
+    schedule: Schedule = "cosine"
     decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays linearly to lr * min_lr_ratio
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -319,7 +358,7 @@ class TrainConfig:
     init_from: str = ""  # a checkpoint or Hugging Face folder to start from
     tensorboard: bool = True
     loss_chunk_tokens: int = 0  # >0: cross-entropy in chunks of this many tokens (less logits memory)
-    attention: str = "auto"  # auto | flash | cudnn | efficient | math: the preferred SDPA kernel
+    attention: Attention = "auto"
     fp8: bool = False  # torchao float8 matmuls in the blocks (Ada/Hopper GPUs, needs torchao)
 
 
@@ -333,6 +372,24 @@ class SampleConfig:
     top_p: float = 0.95
     repetition_penalty: float = 1.0
     seed: int = 42
+
+
+@dataclass
+class GenerateConfig(SampleConfig):
+    """`antimatter generate`: the sampling settings, and where and how the model runs."""
+
+    checkpoint: str = "best"  # best | latest | PATH
+    device: Device | None = None  # null: train.device, as for the run's training
+    compile: bool = False  # compile the decode step (CUDA graphs on GPUs)
+    int8: bool = False  # weight-only int8 block matmuls (torchao): half their bytes per token
+
+
+@dataclass
+class ExportConfig:
+    """`antimatter export`: which checkpoint, stored in which precision."""
+
+    checkpoint: str = "best"  # best | latest | PATH
+    dtype: StorageDtype = "fp32"
 
 
 @dataclass
@@ -351,8 +408,8 @@ class EvalConfig:
     prefix_tokens: int = 32
     continuation_tokens: int = 32
     speed: bool = True
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | bf16 | fp16 | fp32: autocast as in training (device.resolve_dtype)
+    device: Device = "auto"  # auto: cuda if available, else cpu
+    dtype: Dtype = "auto"  # autocast as in training
     text_field: str = "text"  # field holding the text in JSON Lines files given to --data
     seed: int = 1234  # choice of continuation documents and generation seed
     continuation_temperature: float = 0.0  # 0 = greedy continuations
@@ -376,7 +433,8 @@ class RunConfig:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    generate: SampleConfig = field(default_factory=SampleConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -477,9 +535,11 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         seed=SEED, continuation_temperature=Bound(0, note="0 = greedy"), speed_batch=COUNT,
         speed_prompt_tokens=Bound(0, note="0 = default"), speed_new_tokens=COUNT),
 }
+BOUNDS[GenerateConfig] = BOUNDS[SampleConfig]  # its own fields are no numbers
 
 
 _hints = functools.cache(typing.get_type_hints)
+_annotations = functools.cache(functools.partial(typing.get_type_hints, include_extras=True))
 
 
 def check_value(cls: type, name: str, value: Any, key: str) -> None:
@@ -498,40 +558,79 @@ def check_value(cls: type, name: str, value: Any, key: str) -> None:
         raise ConfigError(f"{key} must be {bound.describe(integer)}, got {_short(value)}")
 
 
-def check_ranges(section: Any, prefix: str = "") -> None:
-    """`check_value` for every numeric setting of a section and the sections (and lists of them) inside it."""
-    bounds = BOUNDS.get(type(section), {})
+# ------------------------------------------------------------------------------- one setting at a time
+
+
+def _plain(tp: Any) -> Any:
+    """An annotation without its `| None` (the config's only unions)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    return tp
+
+
+def _either(choices: tuple) -> str:
+    """'a, b or c'."""
+    names = [str(c) for c in choices]
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
+def check_field(cls: type, name: str, value: Any, key: str) -> None:
+    """One setting on its own, as its annotation and range say: one of its `Literal` choices, accepted by the
+    checker in its `Annotated` type (a device), within its range in BOUNDS (each item of a list). `key` names
+    it in the error: the dotted key, or the option it came from."""
+    tp = _annotations(cls)[name]
+    if value is None and type(None) in typing.get_args(tp):
+        return
+    tp = _plain(tp)
+    if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+        raise ConfigError(f"{key} must be {_either(typing.get_args(tp))}, got {_short(value)}")
+    for check in getattr(tp, "__metadata__", ()):
+        check(value, key)
+    if name in BOUNDS.get(cls, {}):
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            check_value(cls, name, item, key if i is None else f"{key}[{i}]")
+
+
+def check_fields(section: Any, prefix: str = "") -> None:
+    """`check_field` for every setting of a section and of the sections (and lists of them) inside it."""
     for f in dataclasses.fields(section):
         value, key = getattr(section, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
-            check_ranges(value, f"{key}.")
+            check_fields(value, f"{key}.")
         elif isinstance(value, list) and any(dataclasses.is_dataclass(v) for v in value):
             for i, v in enumerate(value):
-                check_ranges(v, f"{key}[{i}].")
-        elif f.name in bounds and isinstance(value, list):
-            for i, v in enumerate(value):
-                check_value(type(section), f.name, v, f"{key}[{i}]")
-        elif f.name in bounds:
-            check_value(type(section), f.name, value, key)
+                check_fields(v, f"{key}[{i}].")
+        else:
+            check_field(type(section), f.name, value, key)
 
 
-DEVICE_HINT = "use auto, cpu, cuda, cuda:N or mps"
+def setting(key: str) -> tuple[type, str]:
+    """(the section class, the field name) of a dotted key such as `generate.top_k`."""
+    cls, parts = RunConfig, key.split(".")
+    for i, part in enumerate(parts):
+        if part not in {f.name for f in dataclasses.fields(cls)}:
+            raise _unknown_key(cls, part, "".join(f"{p}." for p in parts[:i]))
+        if i < len(parts) - 1:
+            cls = _plain(_hints(cls)[part])
+            if not dataclasses.is_dataclass(cls):
+                raise ConfigError(f"'{'.'.join(parts[:i + 1])}' is not a section")
+    return cls, parts[-1]
 
 
-def check_device(value: str, key: str) -> None:
-    """Refuse a device string torch cannot parse (torch's own error is a traceback); the usual ones are
-    recognised without importing torch."""
-    if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-        return
-    import torch
-
-    try:
-        torch.device(value)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"{key} {_short(value)} is not a device: {DEVICE_HINT}") from None
+def setting_type(key: str) -> Any:
+    """The annotation of a dotted key, without `| None`: a Literal, Annotated[str, ...], int, a section..."""
+    cls, name = setting(key)
+    return _plain(_annotations(cls)[name])
 
 
-# ------------------------------------------------------------------------------------ build and check
+def check_setting(key: str, value: Any, label: str | None = None) -> None:
+    """`check_field` for one typed value of a dotted key, before it is set (a CLI option, named `label`)."""
+    cls, name = setting(key)
+    check_field(cls, name, value, label or key)
+
+
+# ------------------------------------------------------------------------------------------- build
 
 
 def _type_name(tp: Any) -> str:
@@ -539,22 +638,11 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Turn a YAML/CLI value into the annotated type, or raise a ConfigError naming the key."""
+    """Turn a YAML/CLI value into the annotated type, or raise a ConfigError naming the key. (Which of its
+    choices a Literal takes, and its range, are `validate`'s: it checks the whole config the same way.)"""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {_short(value)}")
+        return _coerce_union(value, typing.get_args(tp), key)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -562,58 +650,80 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {_short(value)}")
         return _build(tp, value, key)
     if origin is list:
-        (item_tp,) = args or (Any,)
-        if isinstance(value, str):
-            # one string is one item (prompts contain commas); other lists may be given as "1,2,3"
-            value = [value] if item_tp is not int and item_tp is not float else [v for v in value.split(",") if v]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {_short(value)}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ConfigError(f"{key}: expected true or false, got {_short(value)}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                try:
-                    as_float = float(value)
-                except ValueError:
-                    as_float = 0.5
-                if as_float.is_integer():
-                    return int(as_float)
-        raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
+        return _coerce_list(value, (typing.get_args(tp) or (Any,))[0], key)
+    if origin is Literal:
+        return _coerce(value, type(typing.get_args(tp)[0]), key)
+    scalar = _SCALARS.get(tp)
+    return scalar(value, key) if scalar else value
+
+
+def _coerce_union(value: Any, args: tuple, key: str) -> Any:
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in args:
+            return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
         try:
-            number = float(value) if isinstance(value, int | float | str) else None
-        except ValueError:
-            number = None
-        if number is None:
-            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
-        if not math.isfinite(number):  # no setting means anything at nan or inf
-            raise ConfigError(f"{key}: expected a finite number, got {_short(value)}")
-        return number
-    if tp is str:
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {_short(value)}")
-    return value
+            return _coerce(value, arg, key)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{key}: bad value {_short(value)}")
+
+
+def _coerce_list(value: Any, item_tp: Any, key: str) -> list:
+    if isinstance(value, str):
+        # one string is one item (prompts contain commas); other lists may be given as "1,2,3"
+        value = [value] if item_tp is not int and item_tp is not float else [v for v in value.split(",") if v]
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{key}: expected a list, got {_short(value)}")
+    return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _to_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        return value.lower() in ("true", "yes", "1", "on")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"{key}: expected true or false, got {_short(value)}")
+
+
+def _to_int(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value.replace("_", ""))
+        with contextlib.suppress(ValueError):
+            if float(value).is_integer():  # YAML reads 1e3 as a string
+                return int(float(value))
+    raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
+
+
+def _to_float(value: Any, key: str) -> float:
+    number = None
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None:
+        raise ConfigError(f"{key}: expected a number, got {_short(value)}")
+    if not math.isfinite(number):  # no setting means anything at nan or inf
+        raise ConfigError(f"{key}: expected a finite number, got {_short(value)}")
+    return number
+
+
+def _to_str(value: Any, key: str) -> str:
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{key}: expected a string, got {_short(value)}")
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
@@ -670,41 +780,53 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- dotted overrides, then validation."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p} (check the path given to --config)")
-        try:
-            loaded = yaml_load(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                              f"{e.start}): save it as UTF-8") from None
-        except YAMLTooDeep as e:
-            raise ConfigError(f"config file {p}: {e}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {p} is not valid YAML{where}: fix the syntax") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections (model:, train:, ...)")
-        data = loaded
+# an override: "a.b.c=VALUE" (VALUE read as YAML: 3e-4, true, [1, 2]) or a (dotted key, value) pair, as the CLI
+# turns its options into (the value set as it is)
+Override = str | tuple[str, Any]
+
+
+def load_config(path: str | Path | None = None, overrides: list[Override] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides, then validation."""
+    data = read_config_file(path) if path is not None else {}
     # `model=NAME` (or `model.preset=NAME`) first, so a dotted `model.x=...` is never thrown away by a preset
     # given after it
-    overrides = sorted(overrides or [], key=lambda o: not o.replace(" ", "").startswith(("model=", "model.preset=")))
-    for item in overrides:
+    for item in sorted(overrides or [], key=lambda o: _override_key(o) not in ("model", "model.preset")):
         apply_override(data, item)
     cfg = config_from_dict(data)
     validate(cfg)
     return cfg
 
 
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply `a.b.c=value` to a nested dict (values are parsed as YAML scalars: 3e-4, true, [1,2])."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of sections in a YAML config file, or a one-line ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (check the path given to --config)")
+    try:
+        loaded = yaml_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}): save it as UTF-8") from None
+    except YAMLTooDeep as e:
+        raise ConfigError(f"config file {p}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {p} is not valid YAML{where}: fix the syntax") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections (model:, train:, ...)")
+    return loaded
+
+
+def _override_key(item: Override) -> str:
+    key = item[0] if isinstance(item, tuple) else item.split("=", 1)[0] if "=" in item else ""
+    return key.replace(" ", "")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], the value read as a YAML scalar)."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=3e-4)")
     key, raw = item.split("=", 1)
@@ -712,11 +834,16 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     if not parts:
         raise ConfigError(f"override '{item}' has an empty key")
     try:
-        value = yaml_load(raw) if raw.strip() else ""
+        return parts, yaml_load(raw) if raw.strip() else ""
     except YAMLTooDeep as e:
         raise ConfigError(f"override {'.'.join(parts)}: {e}") from None
     except yaml.YAMLError:
-        value = raw
+        return parts, raw
+
+
+def apply_override(data: dict[str, Any], item: Override) -> None:
+    """Apply `a.b.c=value` or (`a.b.c`, value) to a nested dict of sections."""
+    parts, value = (item[0].split("."), item[1]) if isinstance(item, tuple) else _parse_override(item)
     node = data
     if parts == ["model", "preset"]:  # a new preset replaces the whole model section, as `model=NAME` does:
         data["model"] = {"preset": value}  # kept fields of an expanded (saved) config would silently win
@@ -728,27 +855,38 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         if nxt is None:
             nxt = node[p] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override '{item}': '{p}' is not a section")
+            shown = item if isinstance(item, str) else f"{item[0]}={item[1]}"
+            raise ConfigError(f"override '{shown}': '{p}' is not a section")
         node = nxt
     node[parts[-1]] = value
 
 
+# ---------------------------------------------------------------------------------------- validation
+
+
 def validate(cfg: RunConfig) -> None:
-    """Checks that need more than one field; each failure says what to change."""
-    if not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\\0") or cfg.name != cfg.name.strip():
-        raise ConfigError(f"run name {_short(cfg.name)} must be one plain folder name (no '/', '..' or "
+    """The one check of a whole config, run when it is loaded: every setting on its own (`check_fields`: its
+    choices, range or device), then the rules that tie settings together. Each failure is one line that says
+    what to change."""
+    _check_name(cfg.name)
+    check_fields(cfg)
+    _check_model(cfg.model)
+    _check_lengths(cfg)
+    _check_tokenizer(cfg)
+    _check_filters(cfg.data.filters)
+    if cfg.train.compile_tuning and not cfg.train.compile:
+        raise ConfigError("train.compile_tuning=true tunes the kernels of the compiled model: set "
+                          "train.compile=true as well, or leave compile_tuning off")
+
+
+def _check_name(name: str) -> None:
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise ConfigError(f"run name {_short(name)} must be one plain folder name (no '/', '..' or "
                           f"surrounding spaces): the run lives in runs_dir/NAME, so use e.g. --name my-run")
-    m = cfg.model
-    if m.arch not in ("gpt2", "llama"):
-        raise ConfigError(f"model.arch must be 'gpt2' or 'llama', got '{m.arch}'")
-    for name in ("n_layer", "n_head", "d_model", "vocab_size", "block_size"):
-        if getattr(m, name) <= 0:
-            raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
-    for name in ("n_kv_head", "d_ff"):
-        if getattr(m, name) is not None and getattr(m, name) <= 0:
-            raise ConfigError(f"model.{name} must be positive (or null for the default), got {getattr(m, name)}")
-    if cfg.train.seq_len < 0:
-        raise ConfigError(f"train.seq_len must be >= 0 (0 = model.block_size), got {cfg.train.seq_len}")
+
+
+def _check_model(m: ModelConfig) -> None:
+    """The shape's parts must fit together (each size is positive by now)."""
     if m.d_model % m.n_head:
         near = _divisor_near(m.d_model, m.n_head)
         raise ConfigError(
@@ -756,53 +894,41 @@ def validate(cfg: RunConfig) -> None:
             f"change one of them" + (f" (e.g. n_head={near})" if near else ""))
     if m.n_head % m.kv_heads:
         raise ConfigError(f"model.n_head ({m.n_head}) must be divisible by model.n_kv_head ({m.kv_heads})")
-    for name, allowed in (("norm", NORMS), ("position", POSITIONS), ("activation", ACTIVATIONS)):
-        if getattr(m, name) not in allowed:
-            raise ConfigError(f"model.{name} must be one of {', '.join(allowed)}, got '{getattr(m, name)}'")
-    if m.logit_softcap < 0 or not math.isfinite(m.logit_softcap):
-        raise ConfigError(f"model.logit_softcap must be >= 0 (0 = off), got {m.logit_softcap}")
     if m.position_type == "rope" and m.head_dim % 2:
         raise ConfigError(f"RoPE needs an even head dimension, got d_model/n_head = {m.head_dim}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    t = cfg.train
-    if cfg.seq_len > m.block_size:
+
+
+def _check_lengths(cfg: RunConfig) -> None:
+    if cfg.seq_len > cfg.model.block_size:
         raise ConfigError(
             f"train.seq_len ({cfg.seq_len}) is longer than the model's context model.block_size "
-            f"({m.block_size}): lower train.seq_len or raise model.block_size")
-    if t.dtype not in ("auto", *DTYPE_NAMES):
-        raise ConfigError(f"train.dtype must be auto, bf16, fp16 or fp32, got '{t.dtype}'")
-    if t.parallel not in ("ddp", "fsdp"):
-        raise ConfigError(f"train.parallel must be ddp or fsdp, got '{t.parallel}'")
-    if t.attention not in ATTENTION_BACKENDS:
-        raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_BACKENDS)}, got '{t.attention}'")
-    if t.optimizer not in ("adamw", "muon"):
-        raise ConfigError(f"train.optimizer must be adamw or muon, got '{t.optimizer}'")
-    for name in ("lr", "embed_lr", "muon_lr", "muon_momentum", "muon_weight_decay", "weight_decay", "max_minutes",
-                 "min_lr_ratio", "grad_clip"):
-        if not math.isfinite(getattr(t, name)) or getattr(t, name) < 0:
-            raise ConfigError(f"train.{name} must be a finite number >= 0, got {getattr(t, name)}")
-    if t.max_minutes > 0 and t.budget_evals < 0:
-        raise ConfigError(f"train.budget_evals must be >= 0, got {t.budget_evals}")
-    if t.schedule not in ("cosine", "linear", "constant", "wsd"):
-        raise ConfigError(f"train.schedule must be cosine, linear, constant or wsd, got '{t.schedule}'")
-    if t.micro_batch_size <= 0 or t.max_steps < 0 or t.lr <= 0:
-        raise ConfigError("train.micro_batch_size and train.lr must be positive, train.max_steps >= 0")
-    if cfg.tokenizer_vocab_size > m.vocab_size:
-        raise ConfigError(
-            f"tokenizer.vocab_size ({cfg.tokenizer_vocab_size}) exceeds model.vocab_size ({m.vocab_size})")
-    if cfg.tokenizer_vocab_size < 256 + len(cfg.tokenizer.special_tokens):
-        raise ConfigError(
-            f"tokenizer vocab size {cfg.tokenizer_vocab_size} is too small: byte-level BPE needs at least "
-            f"{256 + len(cfg.tokenizer.special_tokens)} (256 bytes + special tokens)")
-    if cfg.tokenize.shard_tokens <= 0 or cfg.tokenize.batch_docs <= 0 or cfg.tokenize.batch_bytes <= 0:
-        raise ConfigError(f"tokenize.shard_tokens, batch_docs and batch_bytes must be positive, got "
-                          f"{cfg.tokenize.shard_tokens}, {cfg.tokenize.batch_docs}, {cfg.tokenize.batch_bytes}")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {cfg.data.val_fraction}")
-    check_ranges(cfg)
-    check_device(t.device, "train.device")
-    check_device(cfg.eval.device, "eval.device")
+            f"({cfg.model.block_size}): lower train.seq_len or raise model.block_size")
+
+
+EOT = "<|endoftext|>"  # the document separator every tokenizer has (tokenizer.EOT), listed or not
+
+
+def _check_tokenizer(cfg: RunConfig) -> None:
+    vocab, model_vocab = cfg.tokenizer_vocab_size, cfg.model.vocab_size
+    if vocab > model_vocab:
+        raise ConfigError(f"tokenizer.vocab_size ({vocab}) exceeds model.vocab_size ({model_vocab})")
+    least = 256 + len({EOT, *cfg.tokenizer.special_tokens})
+    if vocab < least:
+        raise ConfigError(f"tokenizer vocab size {vocab} is too small: byte-level BPE needs at least {least} "
+                          f"(256 bytes + special tokens): raise tokenizer.vocab_size")
+
+
+def _check_filters(f: FilterConfig) -> None:
+    for name, n, which in (("max_top_ngram_chars", 3, "n = 2, 3, 4"), ("max_dup_ngram_chars", 6, "n = 5..10")):
+        if len(getattr(f, name)) != n:
+            raise ConfigError(f"data.filters.{name} needs {n} values ({which}), got {len(getattr(f, name))}")
+    if f.disable:
+        from antimatter.data.filters import ALL_RULES  # here: data.filters imports this module (and numpy)
+
+        unknown = [r for r in f.disable if r not in ALL_RULES]
+        if unknown:
+            raise ConfigError(f"data.filters.disable names unknown rule(s) {', '.join(unknown)}: "
+                              f"valid rules are {', '.join(ALL_RULES)}")
 
 
 def _divisor_near(n: int, k: int) -> int | None:

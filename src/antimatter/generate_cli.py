@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from antimatter.checkpoint import check_checkpoint_tokenizer, load_model
-from antimatter.config import ConfigError, RunConfig, SampleConfig, check_device, check_value
+from antimatter.config import ConfigError, RunConfig, SampleConfig, check_value
 from antimatter.device import DTYPES, pick_device, resolve_dtype
 from antimatter.errors import UserError, shorten
 from antimatter.model.generate import continue_texts
@@ -118,8 +118,6 @@ def run_generate(cfg: RunConfig, run_dir: Path, prompt: str | None = None, check
                         f"(or train one with `antimatter quickstart`)")
     if int8:
         require_torchao()  # before the checkpoint loads
-    if device is not None:
-        check_device(device, "--device")
     dev = pick_device(device or cfg.train.device, setting="--device" if device else "train.device")
     model, tokenizer, ckpt = load_for_generation(Path(run_dir), checkpoint, dev)
     if int8:

@@ -180,9 +180,6 @@ def train_tokenizer(cfg: Any, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     files = train_files(data_dir)
     vocab_size = cfg.tokenizer_vocab_size
     specials = [EOT] + [s for s in cfg.tokenizer.special_tokens if s != EOT]
-    if vocab_size < 256 + len(specials):
-        raise UserError(f"tokenizer vocab size {vocab_size} is too small: byte-level BPE needs at least "
-                        f"{256 + len(specials)} (raise tokenizer.vocab_size)")
     t0 = time.perf_counter()
     tok = new_byte_level_bpe()
     trainer = trainers.BpeTrainer(

@@ -26,7 +26,6 @@ from collections.abc import Callable
 import numpy as np
 
 from antimatter.config import FilterConfig
-from antimatter.errors import UserError
 
 RULE_SETS: dict[str, list[str]] = {
     "prose": [
@@ -304,13 +303,6 @@ class QualityFilter:
     """Applies the rule set of a document's kind; `check` returns the failing rule's name or None."""
 
     def __init__(self, cfg: FilterConfig):
-        unknown = [r for r in cfg.disable if r not in ALL_RULES]
-        if unknown:
-            raise UserError(f"data.filters.disable names unknown rule(s) {', '.join(unknown)}: "
-                            f"valid rules are {', '.join(ALL_RULES)}")
-        if len(cfg.max_top_ngram_chars) != 3 or len(cfg.max_dup_ngram_chars) != 6:
-            raise UserError("data.filters.max_top_ngram_chars needs 3 values (n=2,3,4) and "
-                            "max_dup_ngram_chars 6 values (n=5..10)")
         self.cfg = cfg
         rules = _rules(cfg)
         self.sets = {name: [(r, rules[r]) for r in names if r not in cfg.disable]

@@ -45,7 +45,6 @@ from antimatter.provenance import provenance
 
 TMP_DIR = ".prepare-tmp"
 MAX_LOG_LINES_PER_UNIT = 1000
-RULE_SET_NAMES = ("auto", "prose", "code", "reference", "none")
 KEPT = "kept"  # pass 2's decision for a document dedup keeps, until the split names its split
 Decision = tuple[str, Any]  # ("train" | "val" | "capped" | removal reason, key of the kept original or None)
 
@@ -489,22 +488,10 @@ def _clear_outputs(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def _validate(data: DataConfig) -> None:
-    for s in data.sources:
-        if s.rules not in RULE_SET_NAMES:
-            raise UserError(f"source '{s.name or s.path}': rules '{s.rules}' is not one of {', '.join(RULE_SET_NAMES)}")
-    d = data.dedup
-    if not 0.0 < d.threshold <= 1.0 or d.num_perm < 2 or d.shingle < 1:
-        raise UserError("data.dedup needs 0 < threshold <= 1, num_perm >= 2 and shingle >= 1: fix the config")
-    if not 0.0 < data.val_fraction < 1.0:
-        raise UserError(f"data.val_fraction must be between 0 and 1, got {data.val_fraction}")
-
-
 def run_prepare(cfg: RunConfig, out_dir: Path) -> dict:
     """Prepare the corpus of `cfg.data` into `out_dir`; returns (and writes) the statistics."""
     t_start = time.perf_counter()
     data = cfg.data
-    _validate(data)
     out_dir = Path(out_dir)
     units = expand_sources(data.sources, data.default_corpus_bytes)
     workers = resolve_workers(data.workers, len(units))

@@ -206,9 +206,6 @@ def expand_sources(sources: list[SourceConfig], default_corpus_bytes: int) -> li
         raise UserError("no data sources: set data.sources (or pass paths: antimatter prepare PATH... --out DIR)")
     units: list[Unit] = []
     for si, src in enumerate(sources):
-        if src.format not in FORMATS:
-            raise UserError(f"source '{src.name or src.path}': unknown format '{src.format}': "
-                            f"use one of {', '.join(FORMATS)}")
         if src.path == "default" or src.format == "default":
             name = src.name or "default"
             items = default_corpus.default_items(default_corpus_bytes)

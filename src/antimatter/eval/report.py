@@ -24,7 +24,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from antimatter.checkpoint import check_checkpoint_tokenizer, load_model
-from antimatter.config import DTYPE_NAMES, EvalConfig, RunConfig, config_to_dict, load_config
+from antimatter.config import EvalConfig, RunConfig, config_to_dict, load_config
 from antimatter.data.records import iter_records, split_files
 from antimatter.device import pick_device, resolve_dtype
 from antimatter.errors import UserError, shorten
@@ -72,14 +72,6 @@ def _model_shape(model_cfg) -> dict:
 
 def check_settings(ev) -> None:
     """Eval settings that would fail deep inside the work: refuse them up front, naming the key."""
-    for key in ("stride", "max_eval_tokens", "continuation_docs", "speed_prompt_tokens"):
-        if getattr(ev, key) < 0:
-            raise UserError(f"eval.{key} must be >= 0 (0 = default), got {getattr(ev, key)}")
-    for key in ("batch_size", "prefix_tokens", "continuation_tokens", "speed_batch", "speed_new_tokens"):
-        if getattr(ev, key) <= 0:
-            raise UserError(f"eval.{key} must be positive, got {getattr(ev, key)}")
-    if ev.dtype not in ("auto", *DTYPE_NAMES):
-        raise UserError(f"eval.dtype must be auto, bf16, fp16 or fp32, got '{ev.dtype}'")
     if ev.int8:
         require_torchao()
 

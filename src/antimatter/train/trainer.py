@@ -190,9 +190,6 @@ class Trainer:
         if self.dtype == "fp16" and tc.parallel == "fsdp" and self.dist.enabled:
             raise UserError("train.parallel=fsdp supports bf16 and fp32, not fp16: use train.dtype=bf16 "
                             "or fp32, or train.parallel=ddp on GPUs without bf16")
-        if tc.compile_tuning and not tc.compile:
-            raise UserError("train.compile_tuning=true tunes the kernels of the compiled model: set "
-                            "train.compile=true as well, or leave compile_tuning off")
 
     def _check_vocab(self) -> None:
         meta_path = self.tokens_dir / "meta.json"
