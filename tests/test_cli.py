@@ -178,9 +178,8 @@ def test_a_bad_option_value_is_named_as_typed(tmp_path):
 def test_options_and_keys_reach_the_commands(monkeypatch, tmp_path):
     """An option given wins over its dotted key; generate and export take their settings from their sections
     (generate.device null: the run's train.device, as before the section existed)."""
-    import antimatter.repl
-
     import antimatter.export
+    import antimatter.generate_cli
     from antimatter import pipeline
     from antimatter.cli import main
 
@@ -188,7 +187,7 @@ def test_options_and_keys_reach_the_commands(monkeypatch, tmp_path):
     seen: dict = {}
     monkeypatch.setattr(pipeline, "cmd_prepare", lambda cfg, paths, out, force: seen.update(w=cfg.data.workers))
     monkeypatch.setattr(pipeline, "run_stage", lambda stage, cfg, force: seen.update(resume=cfg.train.resume))
-    monkeypatch.setattr(antimatter.repl, "run_generate",
+    monkeypatch.setattr(antimatter.generate_cli, "run_generate",
                         lambda cfg, run_dir, **kw: seen.update(kw, k=cfg.generate.top_k))
     monkeypatch.setattr(antimatter.export, "export_hf", lambda run, out, **kw: seen.update(kw))
     assert main(["prepare", "--workers", "2", "data.workers=5"]) == 0 and seen["w"] == 2
