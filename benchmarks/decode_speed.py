@@ -128,7 +128,7 @@ def main() -> None:
                     default=["reduce-overhead+kernels", "reduce-overhead+gemv", "reduce-overhead"],
                     help="variants of AntiMatter's compiled decode step, MODE[+kernels][+gemv][+cdt]: MODE a "
                          "torch.compile mode (reduce-overhead, max-autotune); +kernels: decode steps as "
-                         "AntiMatter's Triton kernels in one CUDA graph (model/triton_decode.py; without it, the "
+                         "AntiMatter's Triton kernels in one CUDA graph (model/triton_decoder.py; without it, the "
                          "torch.compile path); +nopdl: those kernels without programmatic dependent launch; +nosplitk: "
                          "their batched matmuls without split-K block shapes; +attntune/+noattntune: their attention's "
                          "launch shape (slots per iteration, warps, splits) tuned too, or not (default: "

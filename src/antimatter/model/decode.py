@@ -56,7 +56,7 @@ class DecodeOptions:
     compile_mode: str = "reduce-overhead"  # CUDA graphs; "max-autotune" also tunes Triton matmuls (slow start)
     coordinate_descent: bool = False  # inductor's coordinate-descent tuning of the step (gpt-fast's setting):
     # a little faster, but a cold compile can take minutes
-    auto_kernels: bool = True  # compiled decoding on a GPU uses model/triton_decode.py when it can
+    auto_kernels: bool = True  # compiled decoding on a GPU uses model/triton_decoder.py when it can
     fold_norm: bool = True  # single-row matmuls: the preceding norm folded into the reduction (else its own kernel)
     kv_block: int = KV_BLOCK  # the torch step's attention reads whole blocks of this many cache slots
     split_k: bool = True  # Triton decoder: try split-K block shapes (False: only whole-K ones)
