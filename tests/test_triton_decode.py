@@ -185,6 +185,19 @@ def test_tuning_in_whole_steps_changes_no_token():
     assert {v["kind"] for v in batch_1.values()} == {"matrix", "attention", "step"}  # what profile_kernels.py sorts
 
 
+def test_tuning_results_belong_to_the_model_or_the_caller():
+    """Options without a DecodeTuning: a model's decoders share the model's tuning results (a later call
+    times no candidate again), another model's decoders have their own; one passed in the options is used."""
+    model, other = make_model("tiny"), make_model("tiny")
+    for m in (model, other):
+        m.setup_caches(1, 16)
+    first, again, elsewhere = (TritonDecoder(m, sample=None, greedy=True) for m in (model, model, other))
+    assert first.tuning is again.tuning and first.tuning is not elsewhere.tuning
+    mine = DecodeTuning()
+    assert TritonDecoder(model, sample=None, greedy=True, options=DecodeOptions(tuning=mine)).tuning is mine
+    assert DecodeOptions().tuning is None
+
+
 def test_unsupported_models_say_why():
     odd = make_model("tiny", d_model=48, n_head=2)  # head_dim 24
     assert "power of two" in unsupported_reason(odd)

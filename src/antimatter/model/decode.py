@@ -33,8 +33,9 @@ KV_BLOCK = 128  # decode attention reads the cache in whole blocks of this many 
 class DecodeTuning:
     """The Triton decoder's tuning results: (GPU, what was tuned, ...) -> the fastest launch shape (`best`)
     and every shape that ran, fastest first (`ranked`). Kept across decoders because timing the candidates
-    again costs seconds per call; `PROCESS_TUNING` is the one every call shares unless given another (an A/B
-    run passes a fresh one per variant, so each tunes its own candidates)."""
+    again costs seconds per call. Whoever holds one decides how far it is shared: `DecodeOptions.tuning`
+    passes it to every decoder of a call (an A/B run passes a fresh one per variant, so each tunes its own
+    candidates); without one, a decoder uses its model's (`triton_decoder.model_tuning`)."""
 
     def __init__(self) -> None:
         self.best: dict[tuple, tuple | dict] = {}
@@ -43,9 +44,6 @@ class DecodeTuning:
     def clear(self) -> None:
         self.best.clear()
         self.ranked.clear()
-
-
-PROCESS_TUNING = DecodeTuning()
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,7 @@ class DecodeOptions:
     pdl: bool = True  # Triton decoder: programmatic dependent launch where the GPU has it (False: plain launches)
     tune_attention: bool = True  # Triton decoder: time attention's launch shapes too (False: its defaults)
     tune_in_step: bool = True  # Triton decoder: re-pick block shapes among the fastest alone by timing whole steps
-    tuning: DecodeTuning = field(default=PROCESS_TUNING, compare=False)
+    tuning: DecodeTuning | None = field(default=None, compare=False)  # Triton decoder: None = the model's
 
 
 class NormLinear(nn.Module):

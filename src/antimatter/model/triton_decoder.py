@@ -58,6 +58,12 @@ def unsupported_reason(model: GPT) -> str | None:
     return None
 
 
+def model_tuning(model: GPT) -> DecodeTuning:
+    """The tuning results of `model`'s decoders whose options carry none: kept on the model, as `generate`
+    keeps its compiled steps and its decoder there, so later calls with this model time no candidate again."""
+    return model.__dict__.setdefault("_antimatter_decode_tuning", DecodeTuning())
+
+
 class TritonDecoder:
     """The decode step of one GPT over its KV cache (set up by `GPT.setup_caches(batch, max_seq)`).
 
@@ -65,8 +71,8 @@ class TritonDecoder:
     `pos` (rows are left-padded by `left_pad` slots, as `generate` lays out a batch), writes the next tokens
     into `token`, and advances `pos`. On a GPU the step is captured once as a CUDA graph (after one tuning
     pass over the matrix block shapes and attention's launch shape) and replayed. `options` holds the switches
-    of the launches and tuning, and the tuning results this decoder reads and adds to. `attn_splits`,
-    `attn_block`: attention's split count and cache slots per
+    of the launches and tuning, and the tuning results this decoder reads and adds to (None there: the
+    model's, `model_tuning`). `attn_splits`, `attn_block`: attention's split count and cache slots per
     iteration, fixed by the caller (tuning then leaves attention alone); None: the defaults until tuned."""
 
     def __init__(self, model: GPT, sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -78,7 +84,7 @@ class TritonDecoder:
         cfg = model.cfg
         self.model, self.sample = model, sample
         self.options = options = options or DecodeOptions()
-        self.tuning: DecodeTuning = options.tuning
+        self.tuning = options.tuning if options.tuning is not None else model_tuning(model)
         self.greedy = greedy  # `sample` is a plain argmax: greedy_kernel does it (and the bookkeeping)
         B, _, max_seq, _ = model.transformer.h[0].attn.kv_cache.k.shape  # (B, H_kv, max_seq, D)
         self.batch, self.max_seq = B, max_seq
