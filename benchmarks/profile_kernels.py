@@ -21,9 +21,11 @@ import torch.nn.functional as F
 
 from antimatter.config import preset_model
 from antimatter.model import generate as gen
+from antimatter.model.accel import attention_backend
 from antimatter.model.decode import DecodeOptions
 from antimatter.model.generate import generate
 from antimatter.model.gpt import GPT
+from antimatter.model.quantize import int8_copy
 from antimatter.provenance import provenance
 
 
@@ -61,8 +63,6 @@ def profile_decode(preset: str, batch: int, new_tokens: int, weights: str = "bf1
     torch.manual_seed(0)
     model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
     if weights == "int8":
-        from antimatter.model.quantize import int8_copy
-
         model = int8_copy(model)
     prompts = torch.randint(0, cfg.vocab_size, (batch, 16)).tolist()
     kernels = path == "kernels"
@@ -92,8 +92,6 @@ def profile_decode(preset: str, batch: int, new_tokens: int, weights: str = "bf1
 
 def profile_train(preset: str, micro_batch: int, seq: int, attn: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
-
-    from antimatter.model.accel import attention_backend
 
     cfg = preset_model(preset)
     with attention_backend(attn):
