@@ -113,7 +113,17 @@ def toggle(extras: list[str], name: str, default: bool) -> bool:
     return (default or name in extras) and f"no{name}" not in extras
 
 
-def main() -> None:
+def variant_options(extras: list[str]) -> DecodeOptions:
+    """The decode options of one compiled variant, with a tuning of its own (each variant tunes its candidates)."""
+    return DecodeOptions(coordinate_descent="cdt" in extras, pdl="nopdl" not in extras,
+                         split_k="nosplitk" not in extras, fold_norm="nofold" not in extras,
+                         tune_attention=toggle(extras, "attntune", DEFAULTS.tune_attention),
+                         tune_in_step=toggle(extras, "steptune", DEFAULTS.tune_in_step),
+                         tuning=DecodeTuning())
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line; a variant with an option this benchmark does not know is refused before any GPU work."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="seed-300m")
     ap.add_argument("--new-tokens", type=int, default=256)
@@ -128,7 +138,7 @@ def main() -> None:
                     default=["reduce-overhead+kernels", "reduce-overhead+gemv", "reduce-overhead"],
                     help="variants of AntiMatter's compiled decode step, MODE[+kernels][+gemv][+cdt]: MODE a "
                          "torch.compile mode (reduce-overhead, max-autotune); +kernels: decode steps as "
-                         "AntiMatter's Triton kernels in one CUDA graph (model/triton_decode.py; without it, the "
+                         "AntiMatter's Triton kernels in one CUDA graph (model/triton_decoder.py; without it, the "
                          "torch.compile path); +nopdl: those kernels without programmatic dependent launch; +nosplitk: "
                          "their batched matmuls without split-K block shapes; +attntune/+noattntune: their attention's "
                          "launch shape (slots per iteration, warps, splits) tuned too, or not (default: "
@@ -147,6 +157,145 @@ def main() -> None:
             ap.error(f"--compile-modes {variant}: unknown option(s) {', '.join(unknown)}; known: "
                      f"{', '.join(sorted(VARIANT_OPTIONS))} (older results name options since removed: run those "
                      f"at the commit they name)")
+    return args
+
+
+class Results:
+    """The rows measured so far, written to `path` (when given) after every row, so a run cut at its time limit
+    keeps what it measured. `record` turns a timed generation into tokens/s and MBU."""
+
+    def __init__(self, path: str | None, bandwidth_tbs: float, weight_bytes: int, kv_bytes_per_pos: int):
+        self.path, self.bw, self.weight_bytes, self.kv_per_pos = path, bandwidth_tbs, weight_bytes, kv_bytes_per_pos
+        self.rows: list[dict] = []
+
+    def record(self, name: str, batch: int, seconds: float, new: int, prompt: int, wbytes: int | None = None) -> dict:
+        # bytes each decode step must read: every weight once (embedding: one row, lm_head: all rows) + KV cache
+        steps_per_s = new / seconds
+        avg_ctx = prompt + new / 2
+        step_bytes = (wbytes or self.weight_bytes) + batch * self.kv_per_pos * avg_ctx
+        return self.add({"impl": name, "batch": batch, "new_tokens": new, "seconds": seconds,
+                         "tokens_per_s": batch * new / seconds, "mbu": step_bytes * steps_per_s / (self.bw * 1e12)})
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.dump()
+        return row
+
+    def dump(self) -> None:
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump({"provenance": provenance("cuda"), "bandwidth_tbs": self.bw,
+                           "weight_bytes": self.weight_bytes, "results": self.rows}, f, indent=2)
+
+
+def measure_variant(results: Results, models: dict[str, GPT], variant: str, batch: int, plist: list[list[int]],
+                    out_eager: list[list[int]], args: argparse.Namespace) -> None:
+    """One compiled variant MODE[+options] at one batch: warm-up (compile, capture the CUDA graphs), timed runs,
+    the Triton decoder's tuning picks, and its tokens checked against one plain forward and the eager ones. A
+    variant that fails is reported and the others still run."""
+    mode, *extras = variant.split("+")
+    if "gemv" in extras and batch > 1:
+        return  # the single-row path only changes batch 1
+    gemv, kernels = "gemv" in extras, "kernels" in extras
+    opts = variant_options(extras)
+    if "int8" in extras and "int8" not in models:  # made on first use
+        models["int8"] = int8_copy(models["bf16"])
+    m = models["int8" if "int8" in extras else "bf16"]
+    torch._dynamo.reset()  # each variant compiles from scratch (and stays under dynamo's recompile limit)
+    m.__dict__.pop("_antimatter_compiled_steps", None)
+    m.__dict__.pop("_antimatter_triton_decoder", None)
+    n = args.new_tokens
+
+    def run() -> list[list[int]]:
+        return generate(m, plist, n, compile=mode, gemv=gemv, kernels=kernels, options=opts)
+
+    try:
+        t0 = time.perf_counter()
+        for _ in range(2):  # compile + capture the CUDA graphs
+            out_comp = run()
+        warmup = time.perf_counter() - t0
+        name = "antimatter compiled" + ("" if variant == "reduce-overhead" else f" ({variant})")
+        r = results.record(name, batch, timed(run, args.repeats), n, args.prompt_tokens, stored_bytes(m))
+        r["warmup_s"] = warmup
+        if kernels:  # the block shape each matrix shape was tuned to, and every candidate's time
+            r["triton_tuning"] = {k: {"best": v["best"], "us": v["us"]}
+                                  for k, v in m.__dict__["_antimatter_triton_decoder"][1].tune_report.items()}
+        r["teacher_forced"] = teacher_forced_check(m, plist, out_comp)  # int8: against its own forward
+        r["same_tokens_as_eager"] = out_eager == out_comp
+        results.dump()
+        print(f"batch {batch}: compiled ({variant}) warm-up {warmup:.0f} s; same greedy tokens as eager: "
+              f"{r['same_tokens_as_eager']}; teacher-forced {r['teacher_forced']}", flush=True)
+    except Exception as e:  # report a variant that fails, keep measuring the others
+        print(f"batch {batch}: compiled ({variant}) failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def measure_hf(results: Results, hf, model: GPT, batch: int, prompts: torch.Tensor, out_eager: list[list[int]],
+               args: argparse.Namespace) -> None:
+    """transformers' generate at one batch, default and static cache, and its tokens against AntiMatter's."""
+    ids = prompts.cuda()
+    attn = torch.ones_like(ids)
+    n = args.new_tokens
+
+    def hf_gen(static: bool):
+        kw = {"cache_implementation": "static"} if static else {}
+        return hf.generate(ids, attention_mask=attn, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0, **kw)
+
+    hf_out = hf_gen(False)
+    results.record("transformers default cache", batch, timed(lambda: hf_gen(False), args.repeats), n,
+                   args.prompt_tokens)
+    try:
+        for _ in range(2):
+            hf_gen(True)
+        results.record("transformers static cache", batch, timed(lambda: hf_gen(True), args.repeats), n,
+                       args.prompt_tokens)
+    except Exception as e:  # report, don't hide: the static path differs across versions
+        print(f"transformers static cache failed: {type(e).__name__}: {e}", flush=True)
+    hf_new = hf_out[:, args.prompt_tokens:].tolist()
+    check = teacher_forced_check(model, prompts.tolist(), hf_new)
+    print(f"batch {batch}: transformers and AntiMatter eager greedy tokens identical: {hf_new == out_eager}; "
+          f"transformers' tokens teacher-forced through AntiMatter: {check}", flush=True)
+
+
+def measure_ttft(results: Results, model: GPT, hf, cfg, args: argparse.Namespace) -> None:
+    """Time to first token for a long prompt (prefill + first sampled token), eager and compiled, and
+    transformers'."""
+    long_prompt = torch.randint(0, cfg.vocab_size, (1, args.ttft_prompt), generator=torch.Generator().manual_seed(7))
+    for compile in () if args.skip_ttft else (False, True):
+        for _ in range(2):
+            generate(model, long_prompt.tolist(), 1, compile=compile)
+        s = timed(lambda compile=compile: generate(model, long_prompt.tolist(), 1, compile=compile), 5)
+        results.add({"impl": f"antimatter {'compiled' if compile else 'eager'}", "ttft_prompt": args.ttft_prompt,
+                     "ttft_ms": s * 1000, "prefill_tokens_per_s": args.ttft_prompt / s})
+    if hf is not None and not args.skip_ttft:
+        ids = long_prompt.cuda()
+        s = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                                      pad_token_id=0), 5)
+        results.add({"impl": "transformers", "ttft_prompt": args.ttft_prompt, "ttft_ms": s * 1000,
+                     "prefill_tokens_per_s": args.ttft_prompt / s})
+
+
+def print_summary(rows: list[dict], args: argparse.Namespace) -> None:
+    print(f"\n{args.config} bf16, greedy, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
+          f"{torch.cuda.get_device_name()}")
+    print(f"{'impl':<30}{'batch':>6}{'tokens/s':>12}{'MBU':>8}")
+    for r in rows:
+        if "batch" in r:
+            print(f"{r['impl']:<30}{r['batch']:>6}{r['tokens_per_s']:>12,.0f}{r['mbu']:>8.1%}")
+    for B in args.batches:
+        by_impl = {r["impl"]: r["tokens_per_s"] for r in rows if r.get("batch") == B}
+        base = by_impl.get("transformers static cache") or by_impl.get("transformers default cache")
+        best = max((v for k, v in by_impl.items() if k.startswith("antimatter compiled")), default=None)
+        if base and best:
+            print(f"batch {B}: AntiMatter compiled (best variant) / transformers static: {best / base:.2f}x")
+    for r in rows:
+        if "ttft_ms" in r:
+            print(f"TTFT {r['impl']:<22} prompt {r['ttft_prompt']}: {r['ttft_ms']:.1f} ms")
+
+
+def main() -> None:
+    args = parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     torch.manual_seed(0)
@@ -154,139 +303,31 @@ def main() -> None:
     model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
     bw = measured_bandwidth_tbs()
     weight_bytes = stored_bytes(model)
-    int8_model = None  # made on first use by a +int8 variant
-    # bytes each decode step must read: every weight once (embedding: one row, lm_head: all rows) + KV cache
     kv_per_pos = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * 2
     print(f"device {torch.cuda.get_device_name()}; copy bandwidth {bw:.2f} TB/s; weights {weight_bytes / 1e9:.3f} GB; "
           f"bound at batch 1 ~{bw * 1e12 / weight_bytes:,.0f} tokens/s", flush=True)
-    results = []
-
-    def record(name: str, batch: int, seconds: float, new: int, prompt: int, wbytes: int = weight_bytes):
-        steps_per_s = new / seconds
-        avg_ctx = prompt + new / 2
-        step_bytes = wbytes + batch * kv_per_pos * avg_ctx
-        r = {"impl": name, "batch": batch, "new_tokens": new, "seconds": seconds,
-             "tokens_per_s": batch * new / seconds, "mbu": step_bytes * steps_per_s / (bw * 1e12)}
-        results.append(r)
-        print(json.dumps(r), flush=True)
-        dump()
-        return r
-
-    def dump():  # after every row, so a run cut at its time limit keeps what it measured
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"provenance": provenance("cuda"), "bandwidth_tbs": bw, "weight_bytes": weight_bytes,
-                           "results": results}, f, indent=2)
-
+    results = Results(args.json, bw, weight_bytes, kv_per_pos)
+    models = {"bf16": model}  # and "int8", made on first use by a +int8 variant
     hf = None if args.skip_hf else hf_model(cfg, model)
     for B in args.batches:
         prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_tokens), generator=torch.Generator().manual_seed(B))
-        plist = prompts.tolist()
-        n = args.new_tokens
+        plist, n = prompts.tolist(), args.new_tokens
 
-        def ours(compile: bool | str, gemv: bool | None = None, m=model, plist=plist, n=n, kernels=False,
-                 options: DecodeOptions = DEFAULTS):
-            return generate(m, plist, n, compile=compile, gemv=gemv, kernels=kernels, options=options)
+        def eager(plist=plist, n=n) -> list[list[int]]:
+            return generate(model, plist, n, compile=False, kernels=False)
 
-        out_eager = ours(False)
+        out_eager = eager()
         if not args.skip_eager:
-            r = record("antimatter eager", B, timed(lambda: ours(False), args.repeats), n, args.prompt_tokens)
+            r = results.record("antimatter eager", B, timed(eager, args.repeats), n, args.prompt_tokens)
             r["teacher_forced"] = teacher_forced_check(model, plist, out_eager)
             print(f"batch {B} eager: teacher-forced {r['teacher_forced']}", flush=True)
         for variant in args.compile_modes:
-            mode, *extras = variant.split("+")
-            if "gemv" in extras and B > 1:
-                continue  # the single-row path only changes batch 1
-            gemv, kernels = "gemv" in extras, "kernels" in extras
-            opts = DecodeOptions(coordinate_descent="cdt" in extras, pdl="nopdl" not in extras,
-                                 split_k="nosplitk" not in extras, fold_norm="nofold" not in extras,
-                                 tune_attention=toggle(extras, "attntune", DEFAULTS.tune_attention),
-                                 tune_in_step=toggle(extras, "steptune", DEFAULTS.tune_in_step),
-                                 tuning=DecodeTuning())  # each variant tunes its own candidates
-            if "int8" in extras and int8_model is None:
-                int8_model = int8_copy(model)
-            m = int8_model if "int8" in extras else model
-            torch._dynamo.reset()  # each variant compiles from scratch (and stays under dynamo's recompile limit)
-            m.__dict__.pop("_antimatter_compiled_steps", None)
-            m.__dict__.pop("_antimatter_triton_decoder", None)
-            try:
-                t0 = time.perf_counter()
-                for _ in range(2):  # compile + capture the CUDA graphs
-                    out_comp = ours(mode, gemv, m, kernels=kernels, options=opts)
-                warmup = time.perf_counter() - t0
-                name = "antimatter compiled" + ("" if variant == "reduce-overhead" else f" ({variant})")
-                r = record(name, B, timed(lambda mode=mode, gemv=gemv, m=m, k=kernels, o=opts:
-                                          ours(mode, gemv, m, kernels=k, options=o),
-                                          args.repeats), n, args.prompt_tokens, stored_bytes(m))
-                r["warmup_s"] = warmup
-                if kernels:  # the block shape each matrix shape was tuned to, and every candidate's time
-                    r["triton_tuning"] = {k: {"best": v["best"], "us": v["us"]}
-                                          for k, v in m.__dict__["_antimatter_triton_decoder"][1].tune_report.items()}
-                r["teacher_forced"] = teacher_forced_check(m, plist, out_comp)  # int8: against its own forward
-                r["same_tokens_as_eager"] = out_eager == out_comp
-                dump()
-                print(f"batch {B}: compiled ({variant}) warm-up {warmup:.0f} s; same greedy tokens as eager: "
-                      f"{r['same_tokens_as_eager']}; teacher-forced {r['teacher_forced']}", flush=True)
-            except Exception as e:  # report a variant that fails, keep measuring the others
-                print(f"batch {B}: compiled ({variant}) failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            measure_variant(results, models, variant, B, plist, out_eager, args)
         if hf is not None:
-            ids = prompts.cuda()
-            attn = torch.ones_like(ids)
-
-            def hf_gen(static: bool, ids=ids, attn=attn, n=n):
-                kw = {"cache_implementation": "static"} if static else {}
-                return hf.generate(ids, attention_mask=attn, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                   pad_token_id=0, **kw)
-
-            hf_out = hf_gen(False)
-            record("transformers default cache", B, timed(lambda: hf_gen(False), args.repeats), n, args.prompt_tokens)
-            try:
-                for _ in range(2):
-                    hf_gen(True)
-                record("transformers static cache", B, timed(lambda: hf_gen(True), args.repeats), n,
-                       args.prompt_tokens)
-            except Exception as e:  # report, don't hide: the static path differs across versions
-                print(f"transformers static cache failed: {type(e).__name__}: {e}", flush=True)
-            hf_new = hf_out[:, args.prompt_tokens:].tolist()
-            check = teacher_forced_check(model, plist, hf_new)
-            print(f"batch {B}: transformers and AntiMatter eager greedy tokens identical: {hf_new == out_eager}; "
-                  f"transformers' tokens teacher-forced through AntiMatter: {check}", flush=True)
-
-    # time to first token for a long prompt (prefill + first sampled token)
-    long_prompt = torch.randint(0, cfg.vocab_size, (1, args.ttft_prompt), generator=torch.Generator().manual_seed(7))
-    for compile in () if args.skip_ttft else (False, True):
-        for _ in range(2):
-            generate(model, long_prompt.tolist(), 1, compile=compile)
-        s = timed(lambda compile=compile: generate(model, long_prompt.tolist(), 1, compile=compile), 5)
-        r = {"impl": f"antimatter {'compiled' if compile else 'eager'}", "ttft_prompt": args.ttft_prompt,
-             "ttft_ms": s * 1000, "prefill_tokens_per_s": args.ttft_prompt / s}
-        results.append(r)
-        print(json.dumps(r), flush=True)
-    if hf is not None and not args.skip_ttft:
-        ids = long_prompt.cuda()
-        s = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
-                                      pad_token_id=0), 5)
-        r = {"impl": "transformers", "ttft_prompt": args.ttft_prompt, "ttft_ms": s * 1000,
-             "prefill_tokens_per_s": args.ttft_prompt / s}
-        results.append(r)
-        print(json.dumps(r), flush=True)
-
-    print(f"\n{args.config} bf16, greedy, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
-          f"{torch.cuda.get_device_name()}")
-    print(f"{'impl':<30}{'batch':>6}{'tokens/s':>12}{'MBU':>8}")
-    for r in results:
-        if "batch" in r:
-            print(f"{r['impl']:<30}{r['batch']:>6}{r['tokens_per_s']:>12,.0f}{r['mbu']:>8.1%}")
-    for B in args.batches:
-        rows = {r["impl"]: r["tokens_per_s"] for r in results if r.get("batch") == B}
-        base = rows.get("transformers static cache") or rows.get("transformers default cache")
-        best = max((v for k, v in rows.items() if k.startswith("antimatter compiled")), default=None)
-        if base and best:
-            print(f"batch {B}: AntiMatter compiled (best variant) / transformers static: {best / base:.2f}x")
-    for r in results:
-        if "ttft_ms" in r:
-            print(f"TTFT {r['impl']:<22} prompt {r['ttft_prompt']}: {r['ttft_ms']:.1f} ms")
-    dump()
+            measure_hf(results, hf, model, B, prompts, out_eager, args)
+    measure_ttft(results, model, hf, cfg, args)
+    print_summary(results.rows, args)
+    results.dump()
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 
 from antimatter.config import preset_model
 from antimatter.model import generate as gen
+from antimatter.model.accel import attention_backend
 from antimatter.model.decode import DecodeOptions
 from antimatter.model.generate import generate
 from antimatter.model.gpt import GPT
+from antimatter.model.quantize import int8_copy
 from antimatter.provenance import provenance
 
 
@@ -54,15 +56,13 @@ def print_table(title: str, rows: list[dict], wall_us: float | None = None) -> N
 def profile_decode(preset: str, batch: int, new_tokens: int, weights: str = "bf16", path: str = "compiled",
                    options: DecodeOptions | None = None) -> dict:
     """Kernel table of the compiled decode step; `weights` int8: the blocks' Linears in weight-only int8;
-    `path` kernels: batch-1 steps through model/triton_decode.py instead of torch.compile's step."""
+    `path` kernels: batch-1 steps through model/triton_decoder.py instead of torch.compile's step."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = preset_model(preset)
     torch.manual_seed(0)
     model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
     if weights == "int8":
-        from antimatter.model.quantize import int8_copy
-
         model = int8_copy(model)
     prompts = torch.randint(0, cfg.vocab_size, (batch, 16)).tolist()
     kernels = path == "kernels"
@@ -92,8 +92,6 @@ def profile_decode(preset: str, batch: int, new_tokens: int, weights: str = "bf1
 
 def profile_train(preset: str, micro_batch: int, seq: int, attn: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
-
-    from antimatter.model.accel import attention_backend
 
     cfg = preset_model(preset)
     with attention_backend(attn):
@@ -247,11 +245,11 @@ def bench_gemv() -> list[dict]:
 
 
 def bench_triton_decode(preset: str, batch: int = 1) -> dict:
-    """The Triton decode kernels alone (model/triton_decode.py), each timed as CUDA-graph replays of all 24
+    """The Triton decode kernels alone (model/decode_kernels.py), each timed as CUDA-graph replays of all 24
     layers' instances back to back (no host launch time; weights stream from memory as in a real step): each
     matrix shape's block-shape candidates (us and GB/s), attention by split count at several cache fills, and
     the whole step."""
-    from antimatter.model.triton_decode import TritonDecoder, graph_time_us
+    from antimatter.model.triton_decoder import TritonDecoder, graph_time_us  # here: Triton is optional
 
     cfg = preset_model(preset)
     torch.manual_seed(0)
@@ -284,7 +282,7 @@ def bench_triton_decode(preset: str, batch: int = 1) -> dict:
             for splits in (1, 2, 4, 8, 16):  # every layer's attention (+ combine) back to back in one CUDA graph
                 dec.splits = splits
                 dec.pos.fill_(fill)
-                us = graph_time_us(lambda: [dec._attend(a) for a in attns]) / len(attns)
+                us = graph_time_us(lambda: [dec.attend(a) for a in attns]) / len(attns)
                 out["attention"].append({"block_s": block_s, "fill": fill, "splits": splits, "us_per_layer": us})
                 print(f"attention block {block_s} fill {fill} splits {splits}: {us:.2f} us per layer", flush=True)
     dec.start(torch.ones(batch, dtype=torch.long, device="cuda"), 272, torch.zeros_like(dec.seen))
@@ -309,9 +307,9 @@ def bench_triton_decode(preset: str, batch: int = 1) -> dict:
 
 
 def bench_attention_tuning(preset: str, batch: int, prompt: int = 16, new_tokens: int = 256) -> dict:
-    """What `TritonDecoder.tune_attention` measures, alone: each of ATTN_CANDIDATES at the fill it tunes for
+    """What `TritonDecoder.tune_attention` measures, alone: each of ATTN_CONFIGS at the fill it tunes for
     in `generate`'s cache for this prompt and length (the matrices keep their untuned first block shape)."""
-    from antimatter.model.triton_decode import TritonDecoder
+    from antimatter.model.triton_decoder import TritonDecoder  # here: Triton is optional
 
     cfg = preset_model(preset)
     torch.manual_seed(0)

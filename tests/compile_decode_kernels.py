@@ -20,7 +20,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from antimatter.model import triton_decode as td  # noqa: E402
+from antimatter.model import decode_kernels as dk  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"eps", "scale"}  # scalar arguments that are floats; the other scalars are ints
@@ -59,21 +59,21 @@ def variants() -> list[tuple]:
     QK-norm, split and not; the combine, embedding and greedy kernels."""
     out = []
     products = [  # (NORM, HAS_BIAS, ACT, HAS_RES)
-        (td.NORM_LAYER, True, td.ACT_NONE, False), (td.NORM_NONE, True, td.ACT_NONE, True),
-        (td.NORM_LAYER, True, td.ACT_GELU, False), (td.NORM_LAYER, False, td.ACT_NONE, False),
-        (td.NORM_RMS, False, td.ACT_NONE, False), (td.NORM_RMS, False, td.ACT_SWIGLU, False),
-        (td.NORM_NONE, False, td.ACT_NONE, True)]
+        (dk.NORM_LAYER, True, dk.ACT_NONE, False), (dk.NORM_NONE, True, dk.ACT_NONE, True),
+        (dk.NORM_LAYER, True, dk.ACT_GELU, False), (dk.NORM_LAYER, False, dk.ACT_NONE, False),
+        (dk.NORM_RMS, False, dk.ACT_NONE, False), (dk.NORM_RMS, False, dk.ACT_SWIGLU, False),
+        (dk.NORM_NONE, False, dk.ACT_NONE, True)]
     for i, (norm, bias, act, res) in enumerate(products):
         flags = dict(NORM=norm, HAS_BIAS=bias, ACT=act, HAS_RES=res, PDL=True)
-        out.append((td._matvec_kernel, {**flags, "BLOCK_N": 4, "BLOCK_K": 512}, 4))
-        out.append((td._matmul_kernel, {**flags, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 256, "STAGES": 3,
+        out.append((dk.matvec_kernel, {**flags, "BLOCK_N": 4, "BLOCK_K": 512}, 4))
+        out.append((dk.matmul_kernel, {**flags, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 256, "STAGES": 3,
                                         "SPLIT_K": 1 if i % 2 else 4}, 4))
     for rope, qk_norm, splits in ((False, False, 1), (False, False, 8), (True, True, 8)):
-        out.append((td._attend_kernel, dict(Q_DIM=1024, KV_DIM=1024 if not rope else 256, GROUP=1 if not rope else 4,
+        out.append((dk.attend_kernel, dict(Q_DIM=1024, KV_DIM=1024 if not rope else 256, GROUP=1 if not rope else 4,
                                             D=64, ROPE=rope, QK_NORM=qk_norm, SPLITS=splits, BLOCK_S=64, PDL=True), 4))
-    out.append((td._combine_kernel, dict(Q_DIM=1024, D=64, SPLITS=8, PDL=True), 1))
-    out.append((td._embed_kernel, dict(D=1024, BLOCK=1024, POS_EMB=True, PDL=True), 4))
-    out.append((td._greedy_kernel, dict(BLOCK=4096, PDL=True), 8))
+    out.append((dk.combine_kernel, dict(Q_DIM=1024, D=64, SPLITS=8, PDL=True), 1))
+    out.append((dk.embed_kernel, dict(D=1024, BLOCK=1024, POS_EMB=True, PDL=True), 4))
+    out.append((dk.greedy_kernel, dict(BLOCK=4096, PDL=True), 8))
     return out
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from antimatter.config import preset_model
-from antimatter.model.generate import generate
-from antimatter.model.gpt import GPT
+from antimatter.model.decode import DecodeOptions, NormLinear, single_row_matmuls
+from antimatter.model.generate import generate, kv_blocks
+from antimatter.model.gpt import GPT, RMSNorm
 
 
 def make_model(preset: str = "tiny", seed: int = 0, **over) -> GPT:
@@ -187,9 +188,6 @@ def test_attention_over_the_filled_part_of_the_cache_only(preset):
 def test_small_kv_blocks_change_nothing(preset):
     """With 4-slot blocks a 30-token generation crosses many block boundaries: the tokens still equal
     the naive loop, alone and batched with prompts of other lengths."""
-    from antimatter.model.decode import DecodeOptions
-    from antimatter.model.generate import kv_blocks
-
     assert kv_blocks(5, 40, 4) == 8 and kv_blocks(40, 40, 4) == 40 and kv_blocks(39, 38, 4) == 38
     opts = DecodeOptions(kv_block=4)
     model = make_model(preset)
@@ -201,8 +199,6 @@ def test_small_kv_blocks_change_nothing(preset):
 def test_compiled_decode_equals_eager_across_kv_blocks():
     """The compiled path (inductor; CUDA graphs on a GPU) with 8-slot blocks: one compilation of the decode
     step serves every kv_len, and its tokens equal the eager ones, batched with padding too."""
-    from antimatter.model.decode import DecodeOptions
-
     opts = DecodeOptions(kv_block=8)
     model = make_model()
     prompts = [prompt(5, seed=1), prompt(2, seed=2)]
@@ -215,8 +211,6 @@ def test_single_row_gemv_path_equals_the_matmul():
     """decode.single_row_matmuls: under torch.compile a single-row matmul is a multiply-and-sum reduction; the
     compiled batch-1 tokens equal the eager ones (where F.linear always runs), and the plain modules are back
     afterwards."""
-    from antimatter.model.decode import NormLinear, single_row_matmuls
-
     model = make_model()
     p = [prompt(6, seed=5)]
     eager = generate(model, p, 12)
@@ -241,9 +235,6 @@ def test_norm_folded_into_single_row_matmul(norm_kind):
     (the variance is E[x^2] - mean^2 in float32 there), and one generated kernel fewer than with the norm as
     its own step."""
     from torch._inductor import metrics
-
-    from antimatter.model.decode import NormLinear
-    from antimatter.model.gpt import RMSNorm
 
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(64) if norm_kind == "layernorm" else RMSNorm(64, 1e-5)

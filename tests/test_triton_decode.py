@@ -1,20 +1,29 @@
-"""The Triton batch-1 decode kernels (model/triton_decode.py) against the model's own forward. Without a GPU
-they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before Triton is imported)."""
+"""The Triton decode kernels (model/decode_kernels.py) and their decoder (model/triton_decoder.py) against the
+model's own forward. Without a GPU they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before Triton is imported)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 
 import pytest
 import torch
 
 from antimatter.config import preset_model
+from antimatter.model.decode import DecodeOptions, DecodeTuning
 from antimatter.model.generate import generate
 from antimatter.model.gpt import GPT
 
 pytest.importorskip("triton")
-from antimatter.model.triton_decode import TritonDecoder, unsupported_reason  # noqa: E402
+from antimatter.model.decode_kernels import (  # noqa: E402
+    ATTN_CONFIGS,
+    MAX_SPLITS,
+    attention_splits,
+    greedy_kernel,
+)
+from antimatter.model.triton_decoder import TritonDecoder, unsupported_reason  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -38,18 +47,17 @@ def prompt(n: int, seed: int) -> list[int]:
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
 @pytest.mark.parametrize("splits", [1, 4])
-def test_one_step_equals_the_model_forward(preset, splits, monkeypatch):
+def test_one_step_equals_the_model_forward(preset, splits):
     """One kernel step after a 12-token prefill: logits equal a plain forward over all 13 tokens, and cache
     slot 12 holds the key and value the model's own cached forward writes there. Attention blocks of 4 slots,
     so the 12 cached slots span several blocks per split (and some splits get none); the combine kernel
     merges the splits."""
-    monkeypatch.setattr(TritonDecoder, "ATTN_BLOCK_S", 4)
     model = make_model(preset)
     ids = torch.tensor([prompt(13, seed=1)], device=DEVICE)
     model.setup_caches(1, 32)
     with torch.no_grad():
         model(ids[:, :12], input_pos=torch.arange(12, device=DEVICE))
-        dec = TritonDecoder(model, sample=lambda logits, seen: logits.argmax(-1), attn_splits=splits)
+        dec = TritonDecoder(model, sample=lambda logits, seen: logits.argmax(-1), attn_splits=splits, attn_block=4)
         dec.refresh()
         dec.start(ids[0, 12], 12, torch.zeros_like(dec.seen))
         dec.run_step()
@@ -87,13 +95,12 @@ def test_generate_with_kernels_equals_the_torch_path(preset):
 
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
 @pytest.mark.parametrize("splits,split_k", [(1, 1), (4, 1), (1, 3)])
-def test_batched_step_with_left_padding_equals_the_model(preset, splits, split_k, monkeypatch):
+def test_batched_step_with_left_padding_equals_the_model(preset, splits, split_k):
     """Three prompts of 12, 9 and 5 tokens, left-padded as `generate` lays them out: one kernel step gives
     each row the logits and the cache slot of the model's own cached step (which masks the padding and
     shifts each row's positions). Attention blocks of 4 slots, so some blocks are all padding. With split-K
     the matmuls cut K (32 and 128) into 3 pieces of whole 16-wide tiles: uneven pieces, an empty one for
     K = 32, and every arrival count back at zero after the step."""
-    monkeypatch.setattr(TritonDecoder, "ATTN_BLOCK_S", 4)
     model = make_model(preset)
     lengths, T = [12, 9, 5], 12
     ids = torch.zeros(3, T + 1, dtype=torch.long)
@@ -104,7 +111,7 @@ def test_batched_step_with_left_padding_equals_the_model(preset, splits, split_k
     model.setup_caches(3, 32)
     with torch.no_grad():
         model(ids[:, :T], input_pos=torch.arange(T, device=DEVICE), left_pad=left_pad)
-        dec = TritonDecoder(model, sample=None, attn_splits=splits, greedy=True)  # argmax in a kernel
+        dec = TritonDecoder(model, sample=None, attn_splits=splits, attn_block=4, greedy=True)  # argmax in a kernel
         for mv in dec.matvecs():
             mv.config = (16, 16, 4, 2, split_k)
         dec.refresh()
@@ -167,8 +174,6 @@ def test_tuning_in_whole_steps_changes_no_token():
     """The in-step pass replays whole steps (each writes the cache slot at the position and advances it):
     generation afterwards gives the torch path's tokens, at batch 1 and for a batch of three, and the pass
     timed more than one block shape of some matrix."""
-    from antimatter.model.decode import DecodeOptions, DecodeTuning
-
     opts = DecodeOptions(tune_in_step=True, tuning=DecodeTuning())  # tunes from scratch, whatever ran before
     model = make_model("tiny")
     reports = []
@@ -178,6 +183,19 @@ def test_tuning_in_whole_steps_changes_no_token():
     batch_1 = reports[0]  # K = 32: two single-row block shapes fit each matrix (the batched ones, one)
     assert any(v["kind"] == "step" and len(v["us"]) == 2 for v in batch_1.values()), batch_1
     assert {v["kind"] for v in batch_1.values()} == {"matrix", "attention", "step"}  # what profile_kernels.py sorts
+
+
+def test_tuning_results_belong_to_the_model_or_the_caller():
+    """Options without a DecodeTuning: a model's decoders share the model's tuning results (a later call
+    times no candidate again), another model's decoders have their own; one passed in the options is used."""
+    model, other = make_model("tiny"), make_model("tiny")
+    for m in (model, other):
+        m.setup_caches(1, 16)
+    first, again, elsewhere = (TritonDecoder(m, sample=None, greedy=True) for m in (model, model, other))
+    assert first.tuning is again.tuning and first.tuning is not elsewhere.tuning
+    mine = DecodeTuning()
+    assert TritonDecoder(model, sample=None, greedy=True, options=DecodeOptions(tuning=mine)).tuning is mine
+    assert DecodeOptions().tuning is None
 
 
 def test_unsupported_models_say_why():
@@ -241,13 +259,8 @@ def test_the_interpreter_runs_only_when_asked():
 
 def test_kernels_without_triton_say_how_to_get_it(monkeypatch):
     """kernels=True with Triton not importable: an error that names the fix; kernels=None falls back."""
-    import sys
-
-    import antimatter.model
-
     model = make_model("tiny")
-    monkeypatch.delattr(antimatter.model, "triton_decode", raising=False)
-    monkeypatch.setitem(sys.modules, "antimatter.model.triton_decode", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "antimatter.model.triton_decoder", None)  # import now raises ImportError
     with pytest.raises(ValueError, match="pip install triton"):
         generate(model, [prompt(3, 1)], 4, kernels=True)
     assert generate(model, [prompt(3, 1)], 4, kernels=None) == generate(model, [prompt(3, 1)], 4, kernels=False)
@@ -256,8 +269,6 @@ def test_kernels_without_triton_say_how_to_get_it(monkeypatch):
 def test_greedy_kernel_picks_the_first_of_equal_maxima_as_torch_argmax():
     """Equal top logits in two blocks of the kernel's loop, and twice inside one block: the first index wins,
     as torch.argmax picks; the token is marked seen and the position advances once for all rows."""
-    from antimatter.model.triton_decode import _greedy_kernel
-
     V = 10_000
     logits = torch.randn(3, V + 6, device=DEVICE)  # rows padded past the vocabulary, as the head writes them
     logits[0, [5000, 9000]] = 7.0  # blocks 1 and 2 of 4,096
@@ -266,7 +277,7 @@ def test_greedy_kernel_picks_the_first_of_equal_maxima_as_torch_argmax():
     token = torch.zeros(3, dtype=torch.long, device=DEVICE)
     seen = torch.zeros(3, V, dtype=torch.bool, device=DEVICE)
     pos = torch.tensor([41], device=DEVICE)
-    _greedy_kernel[(3,)](logits, token, seen.view(torch.uint8), pos, V, logits.stride(0), BLOCK=4096, PDL=False)
+    greedy_kernel[(3,)](logits, token, seen.view(torch.uint8), pos, V, logits.stride(0), BLOCK=4096, PDL=False)
     assert token.tolist() == logits[:, :V].argmax(-1).tolist() and token.tolist()[:2] == [5000, 100]
     assert seen.sum().item() == 3 and seen[torch.arange(3, device=DEVICE), token].all() and pos.item() == 42
 
@@ -288,12 +299,12 @@ def test_every_matrix_has_a_block_shape_to_tune(preset, batch):
 
 def test_attention_splits_follow_the_block_size():
     """One split per block of the cache (at most 16), fewer where the batch's heads already make ~512
-    programs: the split count each of `ATTN_CANDIDATES` is timed with."""
-    assert TritonDecoder.default_splits(512, 16) == 8  # 64-slot blocks
-    assert TritonDecoder.default_splits(512, 16, block=32) == 16
-    assert TritonDecoder.default_splits(512, 16, block=128) == 4
-    assert TritonDecoder.default_splits(2048, 16, block=32) == TritonDecoder.MAX_SPLITS
-    assert TritonDecoder.default_splits(2048, 32 * 16) == 1  # batch 32
-    assert TritonDecoder.default_splits(100, 16, block=128) == 1
-    for block, warps in TritonDecoder.ATTN_CANDIDATES:
+    programs: the split count each of `ATTN_CONFIGS` is timed with."""
+    assert attention_splits(512, 16) == 8  # 64-slot blocks
+    assert attention_splits(512, 16, block=32) == 16
+    assert attention_splits(512, 16, block=128) == 4
+    assert attention_splits(2048, 16, block=32) == MAX_SPLITS
+    assert attention_splits(2048, 32 * 16) == 1  # batch 32
+    assert attention_splits(100, 16, block=128) == 1
+    for block, warps in ATTN_CONFIGS:
         assert block & (block - 1) == 0 and warps in (1, 2, 4, 8, 16)

@@ -33,8 +33,9 @@ KV_BLOCK = 128  # decode attention reads the cache in whole blocks of this many 
 class DecodeTuning:
     """The Triton decoder's tuning results: (GPU, what was tuned, ...) -> the fastest launch shape (`best`)
     and every shape that ran, fastest first (`ranked`). Kept across decoders because timing the candidates
-    again costs seconds per call; `PROCESS_TUNING` is the one every call shares unless given another (an A/B
-    run passes a fresh one per variant, so each tunes its own candidates)."""
+    again costs seconds per call. Whoever holds one decides how far it is shared: `DecodeOptions.tuning`
+    passes it to every decoder of a call (an A/B run passes a fresh one per variant, so each tunes its own
+    candidates); without one, a decoder uses its model's (`triton_decoder.model_tuning`)."""
 
     def __init__(self) -> None:
         self.best: dict[tuple, tuple | dict] = {}
@@ -45,9 +46,6 @@ class DecodeTuning:
         self.ranked.clear()
 
 
-PROCESS_TUNING = DecodeTuning()
-
-
 @dataclass(frozen=True)
 class DecodeOptions:
     """How compiled decoding runs. The defaults are the fastest measured (docs/RESULTS.md); the switches
@@ -56,14 +54,14 @@ class DecodeOptions:
     compile_mode: str = "reduce-overhead"  # CUDA graphs; "max-autotune" also tunes Triton matmuls (slow start)
     coordinate_descent: bool = False  # inductor's coordinate-descent tuning of the step (gpt-fast's setting):
     # a little faster, but a cold compile can take minutes
-    auto_kernels: bool = True  # compiled decoding on a GPU uses model/triton_decode.py when it can
+    auto_kernels: bool = True  # compiled decoding on a GPU uses model/triton_decoder.py when it can
     fold_norm: bool = True  # single-row matmuls: the preceding norm folded into the reduction (else its own kernel)
     kv_block: int = KV_BLOCK  # the torch step's attention reads whole blocks of this many cache slots
     split_k: bool = True  # Triton decoder: try split-K block shapes (False: only whole-K ones)
     pdl: bool = True  # Triton decoder: programmatic dependent launch where the GPU has it (False: plain launches)
     tune_attention: bool = True  # Triton decoder: time attention's launch shapes too (False: its defaults)
     tune_in_step: bool = True  # Triton decoder: re-pick block shapes among the fastest alone by timing whole steps
-    tuning: DecodeTuning = field(default=PROCESS_TUNING, compare=False)
+    tuning: DecodeTuning | None = field(default=None, compare=False)  # Triton decoder: None = the model's
 
 
 class NormLinear(nn.Module):

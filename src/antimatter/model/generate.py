@@ -13,7 +13,7 @@ only the filled part of the cache (whole blocks of `kv_block` slots; one compila
 at batch 1 the matmuls run as inductor reductions (`decode.single_row_matmuls`), faster than cuBLAS at one row. With
 `kernels=True` (the default for compiled decoding on a GPU up to KERNELS_MAX_BATCH rows, when Triton is there)
 the step runs instead as AntiMatter's own Triton kernels, five a layer, replayed as one CUDA graph
-(`model/triton_decode.py`).
+(`model/triton_decoder.py`, kernels in `model/decode_kernels.py`).
 """
 
 from __future__ import annotations
@@ -128,13 +128,13 @@ def _triton_decoder(model: GPT, kernels: bool | None, compile: bool | str, batch
     auto = compile and options.auto_kernels and on_gpu and batch <= KERNELS_MAX_BATCH
     if kernels is False or (kernels is None and not auto):
         return None
-    try:  # Triton is optional: imported only when the kernels may run
-        from antimatter.model import triton_decode
+    try:  # here, not at the top: Triton is optional (CPU installs of torch lack it)
+        import antimatter.model.triton_decoder as triton_decoder
     except ImportError:
         if kernels:
             raise ValueError("kernels=True needs Triton: pip install triton (CUDA builds of torch bring it)") from None
         return None
-    reason = triton_decode.unsupported_reason(model)
+    reason = triton_decoder.unsupported_reason(model)
     if reason:
         if kernels:
             raise ValueError(f"kernels=True: {reason}")
@@ -149,7 +149,7 @@ def _triton_decoder(model: GPT, kernels: bool | None, compile: bool | str, batch
     cached = model.__dict__.get("_antimatter_triton_decoder")
     if cached is None or cached[0] != key:  # new cache buffers, sampling settings or options: a new graph
         greedy = temperature <= 0.0 and penalty == 1.0
-        cached = (key, triton_decode.TritonDecoder(model, sample, greedy=greedy, options=options))
+        cached = (key, triton_decoder.TritonDecoder(model, sample, greedy=greedy, options=options))
         model.__dict__["_antimatter_triton_decoder"] = cached
     cached[1].refresh()
     return cached[1]

@@ -1,9 +1,9 @@
-"""Decoding as a few hand-written Triton kernels, replayed as one CUDA graph.
+"""The Triton kernels of the decode step, their launch shapes, and one thin launch wrapper per kernel.
 
 At batch 1 each new token reads every weight once, so the step is bound by memory bandwidth, in principle. The
-compiled step (torch.compile, CUDA graphs) ran 230 generated kernels of 2-9 us a token, each reading a few MB
-at about 30% of the bandwidth (docs/RESULTS.md). Here a layer is five kernels, each issuing the loads of its
-whole weight matrix at once:
+compiled step (torch.compile, CUDA graphs) runs hundreds of small generated kernels a token, each reading a few
+MB far below the bandwidth (see docs/RESULTS.md#decode). Here a layer is five kernels, each issuing the loads
+of its whole weight matrix at once:
 
   1. norm_1 folded into the QKV matrix-vector product (+ bias)                          -> qkv
   2. attention of the new token: QK-norm and RoPE (llama), its key and value written to
@@ -12,32 +12,33 @@ whole weight matrix at once:
   4. norm_2 folded into the MLP up projection (+ bias), GELU or SwiGLU                  -> h
   5. MLP down projection (+ bias) + residual, in place                                  -> x
 
-then the final norm folded into the output head, and sampling with `generate`'s own torch code. The norm folds
-as in `decode.folded_norm_gemv`: W @ ((x - mean) * rstd * g + b) = rstd * (W@(g*x) - mean * W@g) + W@b, with W@g
-and W@b precomputed per output row (`refresh`) and the statistics of x summed in the loop that reads W, so no
-program waits for a statistics pass before its first weight load. The position of the new token lives in
-device memory, so one graph serves every step. A batch of left-padded prompts runs the same five kernels:
-the products as small tensor-core matmuls (`_matmul_kernel`), attention one program per row and head, each
-row masking its padding. Without a GPU the same kernels run in Triton's interpreter (TRITON_INTERPRET=1),
+then the final norm folded into the output head, and greedy sampling in `greedy_kernel` (other sampling is
+`generate`'s own torch code). The norm folds as in `decode.folded_norm_gemv`:
+W @ ((x - mean) * rstd * g + b) = rstd * (W@(g*x) - mean * W@g) + W@b, with W@g and W@b precomputed per output
+row (`MatVec.refresh`) and the statistics of x summed in the loop that reads W, so no program waits for a
+statistics pass before its first weight load. A batch of left-padded prompts runs the same five kernels: the
+products as small tensor-core matmuls (`matmul_kernel`), attention one program per row and head, each row
+masking its padding.
+
+What lives here is everything that knows a kernel's arguments: the @triton.jit functions, the launch shapes
+tuned among (block shapes, attention's slots per iteration and splits), and the wrappers that launch each
+kernel from tensors (grids, constexpr flags, placeholders for absent tensors, scratch buffers). Which tensors
+a step passes, which shape wins and the CUDA graph that replays the step are `triton_decoder.py`'s. Apart,
+the kernels can be compiled for Hopper on a machine without a GPU (tests/compile_decode_kernels.py) and
+launched alone (tests, benchmarks). Without a GPU they run in Triton's interpreter (TRITON_INTERPRET=1),
 which is how the tests check them against the model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import statistics
-from collections.abc import Callable, Iterator
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from antimatter.model.decode import DecodeOptions, DecodeTuning
-from antimatter.model.gpt import GPT, RMSNorm
-from antimatter.model.quantize import is_int8
+from antimatter.model.gpt import RMSNorm
 
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 ACT_NONE, ACT_GELU, ACT_SWIGLU = 0, 1, 2
@@ -64,10 +65,11 @@ def _row_constants(rows, row_ok, bias_ptr, wg_ptr, wb_ptr, N, NORM: tl.constexpr
     return wg, wb, wg_up, wb_up, bias, bias_up
 
 
+# One body: its loads before the PDL wait and the next weight tile carried across iterations, in order.
 @triton.jit
-def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, N, K, eps, NORM: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, N, K, eps, NORM: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out[n] = act(W[n] . norm(x) + bias[n]) (+ res[n]) for the BLOCK_N rows n of this program.
     SwiGLU reads rows n (gate) and n + N (up) of W: silu(gate) * up. `out` may be `res` (in place): each
     program reads and writes only its own rows. With PDL (programmatic dependent launch) the program lets the
@@ -137,7 +139,7 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_p
 @triton.jit
 def _matmul_epilogue(y, y_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, res_ptr, wg, wb, wg_up, wb_up, bias,
                      bias_up, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr):
-    """_matmul_kernel's end, on out^T (BLOCK_N, BLOCK_M) summed over all of K: the norm fold with the row
+    """matmul_kernel's end, on out^T (BLOCK_N, BLOCK_M) summed over all of K: the norm fold with the row
     statistics s1 = sum x, s2 = sum x^2 and the column constants of `_row_constants`, bias, activation,
     residual, store."""
     if NORM == 1:  # LayerNorm, per row of x: rstd * (W@(g*x) - mean * W@g) + W@b
@@ -165,7 +167,7 @@ def _matmul_epilogue(y, y_up, s1, s2, rows, cols, row_ok, col_ok, out_ptr, res_p
 @triton.jit
 def _matmul_tile(acc, acc_up, s1, s2, w, x_ptr, w_ptr, g_ptr, rows, cols, row_ok, col_ok, kk, k_hi, N, K,
                  NORM: tl.constexpr, ACT: tl.constexpr):
-    """One BLOCK_K slice kk of _matmul_kernel's product: acc += W[cols, kk] @ norm-scaled x[rows, kk]^T (and
+    """One BLOCK_K slice kk of matmul_kernel's product: acc += W[cols, kk] @ norm-scaled x[rows, kk]^T (and
     SwiGLU's up rows into acc_up), the row statistics of x summed into s1, s2."""
     xt = tl.load(x_ptr + rows[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk < k_hi)[:, None],
                  other=0.0).to(tl.float32)  # x^T (BLOCK_K, BLOCK_M)
@@ -193,12 +195,13 @@ def _matmul_tile(acc, acc_up, s1, s2, w, x_ptr, w_ptr, g_ptr, rows, cols, row_ok
     return acc, acc_up, s1, s2
 
 
+# One body: the PDL wait, the peeled first split-K tile and the arrival count share its registers and order.
 @triton.jit
-def _matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, part_ptr, count_ptr, M, N, K,
-                   K_SPLIT, eps, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                   HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   STAGES: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr = 1):
-    """_matvec_kernel for a few rows at once (batched decoding): out[m, n] for the rows m of x (M, K) in
+def matmul_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, g_ptr, wg_ptr, wb_ptr, part_ptr, count_ptr, M, N, K,
+                  K_SPLIT, eps, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                  HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  STAGES: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr = 1):
+    """matvec_kernel for a few rows at once (batched decoding): out[m, n] for the rows m of x (M, K) in
     program_id(1)'s block and the BLOCK_N columns n of program_id(0), with the same norm fold, bias,
     activation and in-place residual. Computed transposed, W (BLOCK_N, K) @ x^T (K, BLOCK_M), so the weight
     rows fill the tensor cores' large M side and the few rows of x their small N side. The products run in
@@ -303,19 +306,20 @@ def _head_vector(ptr, pos, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr, ROPE: 
     return x
 
 
+# One body: the cache block loaded before the PDL wait feeds the softmax loop, which loads each next one ahead.
 @triton.jit
-def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, pad_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qn_ptr, kn_ptr,
-                   cos_ptr, sin_ptr, kv_stride, batch_stride, head_stride, slot_stride, scale, eps,
-                   Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                   ROPE: tl.constexpr, QK_NORM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                   PDL: tl.constexpr):
+def attend_kernel(qkv_ptr, kv_ptr, pos_ptr, pad_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qn_ptr, kn_ptr,
+                  cos_ptr, sin_ptr, kv_stride, batch_stride, head_stride, slot_stride, scale, eps,
+                  Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                  ROPE: tl.constexpr, QK_NORM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                  PDL: tl.constexpr):
     """Attention of the new token of row program_id(2) for query head program_id(0), over the cache slots of
     split program_id(1) (every SPLITS-th block of BLOCK_S slots below `pos`) plus, in split 0, the new token
     itself. Rows are left-padded: the row's first `pad` slots are masked out and its positions count from
     there. The first query head of each key/value group writes the new key and value into cache slot `pos`;
     no program reads that slot in this step, so there is no race. Slots below `pos` were written by earlier
     steps, so with PDL the first block is loaded before waiting for the QKV kernel. With SPLITS > 1 each
-    split writes its partial softmax (max, sum, weighted values) and _combine_kernel merges them."""
+    split writes its partial softmax (max, sum, weighted values) and combine_kernel merges them."""
     h = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -370,8 +374,8 @@ def _attend_kernel(qkv_ptr, kv_ptr, pos_ptr, pad_ptr, out_ptr, part_m_ptr, part_
 
 
 @triton.jit
-def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, Q_DIM: tl.constexpr, D: tl.constexpr,
-                    SPLITS: tl.constexpr, PDL: tl.constexpr):
+def combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, Q_DIM: tl.constexpr, D: tl.constexpr,
+                   SPLITS: tl.constexpr, PDL: tl.constexpr):
     """Merge the SPLITS partial softmaxes of query head program_id(0) of row program_id(1): the weighted sum
     of the splits' values, each split weighed by e^(its max - the max of all); a split with no slots has
     max -inf and weighs nothing."""
@@ -391,8 +395,8 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, Q_DIM: tl.con
 
 
 @triton.jit
-def _embed_kernel(token_ptr, pos_ptr, pad_ptr, wte_ptr, wpe_ptr, x_ptr, D: tl.constexpr, BLOCK: tl.constexpr,
-                  POS_EMB: tl.constexpr, PDL: tl.constexpr):
+def embed_kernel(token_ptr, pos_ptr, pad_ptr, wte_ptr, wpe_ptr, x_ptr, D: tl.constexpr, BLOCK: tl.constexpr,
+                 POS_EMB: tl.constexpr, PDL: tl.constexpr):
     """The step's input for row program_id(0): x = wte[token] (+ wpe[pos - pad], GPT-2), one kernel where
     the indexing, subtraction and sum in torch were four."""
     if PDL:
@@ -409,8 +413,8 @@ def _embed_kernel(token_ptr, pos_ptr, pad_ptr, wte_ptr, wpe_ptr, x_ptr, D: tl.co
 
 
 @triton.jit
-def _greedy_kernel(logits_ptr, token_ptr, seen_ptr, pos_ptr, V, logits_stride, BLOCK: tl.constexpr,
-                   PDL: tl.constexpr):
+def greedy_kernel(logits_ptr, token_ptr, seen_ptr, pos_ptr, V, logits_stride, BLOCK: tl.constexpr,
+                  PDL: tl.constexpr):
     """Greedy sampling's tail for row program_id(0): the next token is the first index of the row's largest
     logit (as torch.argmax picks), written to `token` and marked in `seen`; program 0 advances `pos`. One
     kernel where argmax, scatter, copy and the increment in torch were five."""
@@ -433,18 +437,18 @@ def _greedy_kernel(logits_ptr, token_ptr, seen_ptr, pos_ptr, V, logits_stride, B
         tl.store(pos_ptr, tl.load(pos_ptr) + 1)
 
 
-# ------------------------------------------------------------------------------------------------ host side
+# ------------------------------------------------------------------------------------- launch shapes
 
 # (BLOCK_N, BLOCK_K, num_warps) tried per matrix shape on the GPU (those with BLOCK_K <= K); the first that
-# fits is used until tuned. The four fastest of each seed-300m shape out of 16 candidates on an H200
-# (see docs/RESULTS.md#decode-speed): fewer compilations in the first call.
+# fits is used until tuned. Only the fastest few of each seed-300m shape from a wider sweep on Hopper (see
+# docs/RESULTS.md#decode): fewer compilations in the first call.
 MATVEC_CONFIGS = [(4, 512, 4), (4, 1024, 4), (8, 512, 4), (16, 512, 8), (2, 1024, 2), (2, 1024, 4),
                   (2, 2048, 8), (2, 4096, 8), (16, 256, 4), (8, 256, 4)]
 # (BLOCK_N, BLOCK_K, num_warps, stages, split-K) for the batched kernel (BLOCK_M follows the batch):
-# tensor-core tiles. Without split-K: the four fastest of ten at batch 32 on an H200
-# (see docs/RESULTS.md#decode-speed); split-K ones are tried for matrices of few column blocks,
-# also with one stage: a split of one or two tiles gains nothing from a pipeline, and a smaller
-# shared-memory footprint lets the next kernel's programs start beside this one's (programmatic launch).
+# tensor-core tiles. Without split-K: the fastest few of a wider sweep at batch 32 on Hopper (see
+# docs/RESULTS.md#decode); split-K ones are tried for matrices of few column blocks, also with one stage: a
+# split of one or two tiles gains nothing from a pipeline, and a smaller shared-memory footprint lets the next
+# kernel's programs start beside this one's (programmatic launch).
 MATMUL_CONFIGS = [(64, 256, 4, 3, 1), (16, 256, 4, 3, 1), (128, 128, 8, 3, 1), (64, 128, 4, 4, 1),
                   (128, 128, 8, 4, 1), (64, 256, 4, 3, 4), (64, 128, 4, 3, 4), (16, 256, 4, 3, 4),
                   (32, 256, 4, 3, 8), (64, 128, 4, 3, 8), (16, 128, 4, 3, 8), (16, 256, 4, 3, 16),
@@ -452,33 +456,37 @@ MATMUL_CONFIGS = [(64, 256, 4, 3, 1), (16, 256, 4, 3, 1), (128, 128, 8, 3, 1), (
                   (16, 128, 4, 1, 8), (32, 128, 4, 1, 8), (64, 256, 4, 1, 16)]
 MATMUL_SMALL = (16, 64, 4, 2, 1)  # for matrices narrower than every candidate's BLOCK_K (tiny test models)
 SPLIT_K_MAX_BLOCKS = 256  # split K only for matrices of fewer column blocks than this (not the output head)
-STEP_TUNE_TOP = 4  # how many of a matrix shape's fastest-alone block shapes the in-step pass times
+
+ATTN_BLOCK_S = 64  # cache slots an attention program reads per iteration, until tuned
+ATTN_WARPS = 4  # and its warps, until tuned
+MAX_SPLITS = 16  # attention programs per head, at most
+# (cache slots per iteration, warps) tried for attention on a GPU, each with attention_splits' split count.
+# A program holds its block of keys and values in registers: at batch 32 (512 programs) the register
+# footprint decides how many programs fit on the GPU at once, at batch 1 (16 heads) the splits do.
+ATTN_CONFIGS = [(64, 4), (64, 8), (32, 4), (32, 2), (128, 4), (128, 8)]
 
 
-def unsupported_reason(model: GPT) -> str | None:
-    """Why this model cannot decode through these kernels (None: it can)."""
-    cfg = model.cfg
-    device = model.lm_head.weight.device
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "the Triton decode kernels need a CUDA GPU (or TRITON_INTERPRET=1)"
-    if not cfg.is_family_standard:
-        return "the kernels know GPT-2 and Llama blocks only (this model sets norm/position/activation/softcap)"
-    if cfg.head_dim & (cfg.head_dim - 1):
-        return f"head_dim {cfg.head_dim} is not a power of two"
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and (type(m) is not torch.nn.Linear or is_int8(m.weight)):
-            return "int8 or converted Linear layers (the kernels read plain weights)"
-    return None
+def attention_splits(max_seq: int, heads: int = 16, block: int = ATTN_BLOCK_S) -> int:
+    """Programs per head in attention: enough that each reads one block of the cache up to 1,024 slots,
+    at most MAX_SPLITS (a power of two), and not more than make ~512 programs over all `heads` (rows x query
+    heads) of a batch. Splits with no slot below the position return at once. This count was the fastest at
+    batch 1 and at batch 32 on Hopper (see docs/RESULTS.md#decode)."""
+    n = max(1, math.ceil(max_seq / block))
+    by_length = min(MAX_SPLITS, 1 << (n - 1).bit_length())
+    return max(1, min(by_length, 1 << max(0, (512 // heads).bit_length() - 1)))
 
 
-def _pdl_launch(device: torch.device, on: bool = True) -> dict:
-    """Launch options for programmatic dependent launch: Hopper and newer GPUs (not the interpreter)."""
+# ------------------------------------------------------------------------------------- launch wrappers
+
+def pdl_launch(device: torch.device, on: bool = True) -> dict:
+    """Launch options for programmatic dependent launch: Hopper and newer GPUs (not the interpreter). Every
+    wrapper below takes them as `launch`; an empty dict launches plainly."""
     if on and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
         return {"launch_pdl": True}
     return {}
 
 
-class _SplitScratch:
+class SplitScratch:
     """The fp32 partial sums and per-block arrival counts of split-K matmuls. One per decoder: its kernels run
     one after another, and each leaves every count at zero when it ends."""
 
@@ -494,15 +502,17 @@ class _SplitScratch:
             self.count = torch.zeros(blocks, dtype=torch.int32, device=self.count.device)
 
 
-class _MatVec:
+class MatVec:
     """One fused matrix-vector product: a norm folded in front (optional), bias, activation, residual; for
-    each of the M rows of x (M, K) -> out (M, N), one row by _matvec_kernel, several by _matmul_kernel."""
+    each of the M rows of x (M, K) -> out (M, N), one row by matvec_kernel, several by matmul_kernel. Holds
+    the per-row norm folds (W@g, W@b) the kernels read, and its block shape `config` (the first candidate
+    until `TritonDecoder.tune` has timed them)."""
 
     def __init__(self, linear: torch.nn.Linear, x: torch.Tensor, out: torch.Tensor, launch: dict,
                  norm: torch.nn.Module | None = None, act: int = ACT_NONE, residual: torch.Tensor | None = None,
-                 scratch: _SplitScratch | None = None, split_k: bool = True):
-        self.launch = launch  # _pdl_launch's options, shared by the decoder's kernels
-        self.scratch = scratch or _SplitScratch(x.device)
+                 scratch: SplitScratch | None = None, split_k: bool = True):
+        self.launch = launch  # pdl_launch's options, shared by the decoder's kernels
+        self.scratch = scratch or SplitScratch(x.device)
         self.split_k = split_k  # try split-K block shapes (False: only whole-K ones)
         self.w, self.x, self.out = linear.weight, x, out
         self.bias, self.res, self.norm, self.act = linear.bias, residual, norm, act
@@ -515,7 +525,8 @@ class _MatVec:
         rows = self.w.shape[0]
         self.wg = torch.zeros(rows, dtype=torch.float32, device=self.w.device)  # W @ g (LayerNorm's mean term)
         self.wb = torch.zeros(rows, dtype=torch.float32, device=self.w.device)  # W @ b (LayerNorm's bias term)
-        if self.w.is_cuda:  # until `TritonDecoder.tune` has timed the candidates
+        self._versions: tuple | None = None  # the weights' versions the folds were computed from
+        if self.w.is_cuda:
             self.config = self.candidates()[0]
         else:  # the interpreter (tests): few, large programs
             self.config = (64, min(1024, triton.next_power_of_2(self.K)), 4) if self.M == 1 else (32, 64, 4, 2, 1)
@@ -528,7 +539,7 @@ class _MatVec:
             return
         tensors = [t for t in (self.w, self.norm.weight, self.norm.bias) if t is not None]
         versions = None if any(t.is_inference() for t in tensors) else tuple(t._version for t in tensors)
-        if versions is not None and versions == getattr(self, "_versions", None):
+        if versions is not None and versions == self._versions:
             return
         self._versions = versions
         w = self.w
@@ -556,6 +567,8 @@ class _MatVec:
         return self.M, self.N, self.K, self.kind, self.act, self.bias is not None, self.res is not None
 
     def __call__(self, config: tuple[int, ...] | None = None) -> None:
+        """Launch at `config` (None: at `self.config`). Absent tensors are passed as placeholders the flags
+        tell the kernel never to read."""
         block_n, block_k, warps, *stages = config or self.config
         g = self.norm.weight if self.norm is not None else self.w
         args = (self.x, self.w, self.out, self.bias if self.bias is not None else self.w,
@@ -563,308 +576,65 @@ class _MatVec:
         flags = dict(NORM=self.kind, HAS_BIAS=self.bias is not None, ACT=self.act, HAS_RES=self.res is not None,
                      BLOCK_N=block_n, BLOCK_K=block_k, PDL=bool(self.launch), num_warps=warps, **self.launch)
         if self.M == 1:
-            _matvec_kernel[(triton.cdiv(self.N, block_n),)](*args, self.N, self.K, self.eps, **flags)
+            matvec_kernel[(triton.cdiv(self.N, block_n),)](*args, self.N, self.K, self.eps, **flags)
         else:
             stages, split = stages
             k_split, floats, blocks = self.split_layout(config or self.config)
             if split > 1:
                 self.scratch.reserve(floats, blocks)
             grid = (triton.cdiv(self.N, block_n), triton.cdiv(self.M, self.block_m), split)
-            _matmul_kernel[grid](*args, self.scratch.part, self.scratch.count, self.M, self.N, self.K, k_split,
-                                 self.eps, BLOCK_M=self.block_m, STAGES=stages, SPLIT_K=split, **flags)
+            matmul_kernel[grid](*args, self.scratch.part, self.scratch.count, self.M, self.N, self.K, k_split,
+                                self.eps, BLOCK_M=self.block_m, STAGES=stages, SPLIT_K=split, **flags)
 
 
-class TritonDecoder:
-    """The decode step of one GPT over its KV cache (set up by `GPT.setup_caches(batch, max_seq)`).
+class AttentionPartials:
+    """The partial softmaxes (max, sum, weighted values) that split attention's programs write and
+    combine_kernel merges: room for MAX_SPLITS splits of each of `heads` (rows x query heads), so any split
+    count runs (profile_kernels.py tries several)."""
 
-    `start(token, pos, seen, left_pad)` loads the state; each `step()` feeds each row's token at cache slot
-    `pos` (rows are left-padded by `left_pad` slots, as `generate` lays out a batch), writes the next tokens
-    into `token`, and advances `pos`. On a GPU the step is captured once as a CUDA graph (after one tuning
-    pass over the matrix block shapes and attention's launch shape) and replayed. `options` holds the switches
-    of the launches and tuning, and the tuning results this decoder reads and adds to."""
-
-    ATTN_BLOCK_S = 64  # cache slots an attention program reads per iteration, until tuned
-    MAX_SPLITS = 16
-    # (cache slots per iteration, warps) tried for attention on a GPU, each with default_splits' split count.
-    # A program holds its block of keys and values in registers: at batch 32 (512 programs) the register
-    # footprint decides how many programs fit on the GPU at once, at batch 1 (16 heads) the splits do.
-    ATTN_CANDIDATES = [(64, 4), (64, 8), (32, 4), (32, 2), (128, 4), (128, 8)]
-
-    def __init__(self, model: GPT, sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 attn_splits: int | None = None, greedy: bool = False, options: DecodeOptions | None = None):
-        reason = unsupported_reason(model)
-        if reason:
-            raise ValueError(f"Triton decode: {reason}")
-        cfg = model.cfg
-        self.model, self.sample = model, sample
-        self.options = options = options or DecodeOptions()
-        self.tuning: DecodeTuning = options.tuning
-        self.greedy = greedy  # `sample` is a plain argmax: _greedy_kernel does it (and the bookkeeping)
-        w = model.lm_head.weight
-        dev, dt = w.device, w.dtype
-        self.q_dim, self.kv_dim = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-        B, _, max_seq, _ = model.transformer.h[0].attn.kv_cache.k.shape  # (B, H_kv, max_seq, D)
-        self.batch = B
-        self.token = torch.zeros(B, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.left_pad = torch.zeros(B, dtype=torch.long, device=dev)
-        self.seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=dev)
-        self.x = torch.zeros(B, cfg.d_model, dtype=dt, device=dev)
-        self.qkv = torch.zeros(B, self.q_dim + 2 * self.kv_dim, dtype=dt, device=dev)
-        self.y = torch.zeros(B, self.q_dim, dtype=dt, device=dev)
-        self.h = torch.zeros(B, cfg.ffn_dim, dtype=dt, device=dev)
-        self.logits = torch.zeros(B, cfg.padded_vocab_size, dtype=torch.float32, device=dev)
-        act = ACT_SWIGLU if cfg.arch == "llama" else ACT_GELU
-        self.launch = launch = _pdl_launch(dev, options.pdl)
-        self.layers = []
-        self.scratch = sc = _SplitScratch(dev)
-        kw = dict(scratch=sc, split_k=options.split_k)
-        for block in model.transformer.h:
-            a, m = block.attn, block.mlp
-            self.layers.append((
-                _MatVec(a.c_attn, self.x, self.qkv, launch, norm=block.ln_1, **kw),
-                a,
-                _MatVec(a.c_proj, self.y, self.x, launch, residual=self.x, **kw),
-                _MatVec(m.c_fc, self.x, self.h, launch, norm=block.ln_2, act=act, **kw),
-                _MatVec(m.c_proj, self.h, self.x, launch, residual=self.x, **kw),
-            ))
-        self.head = _MatVec(model.lm_head, self.x, self.logits, launch, norm=model.transformer.ln_f, **kw)
-        n = B * cfg.n_head * self.MAX_SPLITS  # room for any split count (profile_kernels.py tries several)
-        self.part_m = torch.zeros(n, dtype=torch.float32, device=dev)
-        self.part_l = torch.zeros(n, dtype=torch.float32, device=dev)
-        self.part_acc = torch.zeros(n, cfg.head_dim, dtype=torch.float32, device=dev)
-        self.max_seq = max_seq
-        self.attn_block, self.attn_warps = self.ATTN_BLOCK_S, 4
-        self.fixed_splits = attn_splits is not None  # the caller's count: tune() leaves attention alone
-        self.splits = attn_splits or self.default_splits(max_seq, B * cfg.n_head)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.tuned = False
-        self.tune_report: dict = {}
-
-    @classmethod
-    def default_splits(cls, max_seq: int, heads: int = 16, block: int | None = None) -> int:
-        """Programs per head in attention: enough that each reads one block of the cache up to 1,024 slots,
-        at most 16 (a power of two), and not more than make ~512 programs over all `heads` (rows x query
-        heads) of a batch. Splits with no slot below the position return at once. On an H200 this picked the
-        fastest count at batch 1 for 272 and 1,024-2,000 filled slots (8 and 16), and at batch 32 (1; 4 splits
-        were 9-37% slower; docs/RESULTS.md)."""
-        n = max(1, math.ceil(max_seq / (block or cls.ATTN_BLOCK_S)))
-        by_length = min(cls.MAX_SPLITS, 1 << (n - 1).bit_length())
-        return max(1, min(by_length, 1 << max(0, (512 // heads).bit_length() - 1)))
-
-    def matvecs(self) -> list[_MatVec]:
-        return [mv for layer in self.layers for mv in (layer[0], *layer[2:])] + [self.head]
-
-    def refresh(self) -> None:
-        """Re-read what depends on the weights' values (they may have changed since the last call)."""
-        for mv in self.matvecs():
-            mv.refresh()
-
-    def start(self, token: torch.Tensor, pos: int, seen: torch.Tensor, left_pad: torch.Tensor | None = None) -> None:
-        self.token.copy_(token.view(self.batch))
-        self.pos.fill_(pos)
-        self.seen.copy_(seen)
-        self.left_pad.copy_(left_pad if left_pad is not None else torch.zeros_like(self.left_pad))
-
-    def _attend(self, attn) -> None:
-        cfg, kv = self.model.cfg, attn.kv_cache.kv
-        rope = cfg.arch == "llama"
-        cos, sin = (self.model.rope_cos, self.model.rope_sin) if rope else (self.x, self.x)
-        qn = attn.q_norm.weight if attn.q_norm is not None else self.x
-        kn = attn.k_norm.weight if attn.k_norm is not None else self.x
-        D, launch = cfg.head_dim, self.launch
-        _attend_kernel[(cfg.n_head, self.splits, self.batch)](
-            self.qkv, kv, self.pos, self.left_pad, self.y, self.part_m, self.part_l, self.part_acc, qn, kn, cos, sin,
-            kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D),
-            cfg.norm_eps, Q_DIM=self.q_dim, KV_DIM=self.kv_dim, GROUP=cfg.n_head // cfg.kv_heads, D=D, ROPE=rope,
-            QK_NORM=attn.q_norm is not None, SPLITS=self.splits, BLOCK_S=self.attn_block, PDL=bool(launch),
-            num_warps=self.attn_warps, **launch)
-        if self.splits > 1:
-            _combine_kernel[(cfg.n_head, self.batch)](self.part_m, self.part_l, self.part_acc, self.y,
-                                                      Q_DIM=self.q_dim, D=D, SPLITS=self.splits, PDL=bool(launch),
-                                                      num_warps=1, **launch)
-
-    def run_step(self) -> None:
-        """One decode step as kernel launches (what the CUDA graph records)."""
-        t, cfg, launch = self.model.transformer, self.model.cfg, self.launch
-        gpt2 = cfg.arch == "gpt2"
-        _embed_kernel[(self.batch,)](self.token, self.pos, self.left_pad, t.wte.weight,
-                                     t.wpe.weight if gpt2 else self.x, self.x, D=cfg.d_model,
-                                     BLOCK=triton.next_power_of_2(cfg.d_model), POS_EMB=gpt2, PDL=bool(launch),
-                                     num_warps=4, **launch)
-        for qkv, attn, proj, up, down in self.layers:
-            qkv()
-            self._attend(attn)
-            proj()
-            up()
-            down()
-        self.head()
-        if self.greedy:
-            _greedy_kernel[(self.batch,)](self.logits, self.token, self.seen.view(torch.uint8), self.pos,
-                                          cfg.vocab_size, self.logits.stride(0), BLOCK=4096, PDL=bool(launch),
-                                          num_warps=8, **launch)
-            return
-        nxt = self.sample(self.logits[:, : cfg.vocab_size], self.seen)
-        self.seen.scatter_(1, nxt.view(self.batch, 1), True)
-        self.token.copy_(nxt)
-        self.pos += 1
-
-    def tune(self) -> dict:
-        """Pick each matrix shape's fastest block shape (report entries of kind "matrix"), then attention's
-        launch shape ("attention") and the in-step picks ("step"), as switched on. Each candidate runs every
-        layer's instance of that shape back to back, captured as a CUDA graph and timed by its replays: the
-        weights stream from memory as in a real step (24 layers' worth do not fit in L2), with no host launch
-        time in the figure. Writes only into the decoder's own buffers, whose contents the next step
-        recomputes."""
-        gpu = torch.cuda.get_device_name(self.x.device)
-        groups: dict[tuple, list[_MatVec]] = {}
-        for mv in self.matvecs():
-            groups.setdefault(mv.signature(), []).append(mv)
-        report = {}
-        tuned, ranked = self.tuning.best, self.tuning.ranked
-        for sig, mvs in groups.items():
-            key = (gpu, sig, bool(self.launch))
-            if key not in tuned:
-                times, failed = {}, {}
-                for c in mvs[0].candidates():
-                    try:
-                        times[c] = graph_time_us(lambda c=c, mvs=mvs: [mv(c) for mv in mvs]) / len(mvs)
-                    except triton.runtime.errors.OutOfResources as e:  # e.g. shared memory: try the next shape
-                        failed[str(c)] = str(e)[:200]
-                if not times:
-                    raise RuntimeError(f"Triton decode: no block shape fits this GPU for {sig}: {failed}")
-                ranked[key] = sorted(times, key=times.get)
-                tuned[key] = ranked[key][0]
-                report[str(sig)] = {"kind": "matrix", "signature": sig, "instances": len(mvs), "best": tuned[key],
-                                    "us": {str(c): t for c, t in times.items()}, "failed": failed}
-            for mv in mvs:
-                mv.config = tuned[key]
-        if self.options.tune_attention and not self.fixed_splits:
-            report.update(self.tune_attention(gpu))
-        if self.options.tune_in_step:
-            report.update(self.tune_in_step(gpu, groups))
-        self.tuned = True
-        self.tune_report = report
-        return report
-
-    def tune_attention(self, gpu: str) -> dict:
-        """Pick attention's (slots per iteration, warps, splits) from ATTN_CANDIDATES, timed as `tune` times
-        the matrices (every layer back to back as a CUDA graph) at a cache filled halfway from the position
-        to the cache's end, a guess at the mean fill of the tokens to come. That writes each layer's cache
-        slot at the guessed fill, which a later step writes again before any step reads it."""
-        heads = self.batch * self.model.cfg.n_head
-        pos = self.pos.clone()
-        fill = min(self.max_seq - 1, (int(pos.item()) + self.max_seq) // 2)
-        key = (gpu, "attention", heads, self.max_seq, fill, self.model.cfg.head_dim, bool(self.launch))
-        attns = [block[1] for block in self.layers]
-        tuned = self.tuning.best
-        if key not in tuned:
-            times = {}
-            self.pos.fill_(fill)
-            for block, warps in self.ATTN_CANDIDATES:
-                c = (block, warps, self.default_splits(self.max_seq, heads, block))
-                self.attn_block, self.attn_warps, self.splits = c
-                times[c] = graph_time_us(lambda: [self._attend(a) for a in attns]) / len(attns)
-            self.pos.copy_(pos)
-            tuned[key] = min(times, key=times.get)
-            report = {"attention": {"kind": "attention", "signature": key[1:], "fill": fill, "best": tuned[key],
-                                    "us": {str(c): t for c, t in times.items()}}}
-        else:
-            report = {}
-        self.attn_block, self.attn_warps, self.splits = tuned[key]
-        return report
-
-    def tune_in_step(self, gpu: str, groups: dict[tuple, list[_MatVec]]) -> dict:
-        """Re-pick each matrix shape's block shape among its STEP_TUNE_TOP fastest alone, by timing the whole
-        step with each (one shape at a time, the others as chosen so far). Alone, a kernel follows copies of
-        itself; in a step it follows attention or another matrix, and with programmatic launch how much of its
-        weight stream overlaps that kernel depends on its block shape (how much it loads before its wait)."""
-        key = (gpu, "step", tuple(groups), self.attn_block, self.attn_warps, self.splits, bool(self.launch))
-        tuned, ranked = self.tuning.best, self.tuning.ranked
-        if key in tuned:
-            for sig, mvs in groups.items():
-                for mv in mvs:
-                    mv.config = tuned[key][sig]
-            return {}
-        report = {}
-        for sig, mvs in groups.items():
-            top = ranked[(gpu, sig, bool(self.launch))][:STEP_TUNE_TOP]
-            if len(top) < 2:
-                continue
-            times = {}
-            for c in top:
-                for mv in mvs:
-                    mv.config = c
-                times[c] = self._step_time_us()
-            best = min(times, key=times.get)
-            for mv in mvs:
-                mv.config = best
-            report[f"step {sig}"] = {"kind": "step", "signature": sig, "best": best,
-                                     "us": {str(c): t for c, t in times.items()}}
-        tuned[key] = {sig: mvs[0].config for sig, mvs in groups.items()}
-        return report
-
-    def _step_time_us(self, replays: int = 25) -> float:
-        """Median device time of one whole step as a CUDA graph, every replay from the same token and position.
-        Each replay writes the cache slot at the position, which the real step writes again before reading it."""
-        with self._state_kept() as (token, pos, _):
-            return graph_time_us(self.run_step, replays, rewind=lambda: (self.token.copy_(token), self.pos.copy_(pos)))
-
-    @contextlib.contextmanager
-    def _state_kept(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Steps run inside (warm-up, timing) leave the token, position, seen tokens and random-number state as
-        they were: the first real step samples as it would have without them."""
-        state = (self.token.clone(), self.pos.clone(), self.seen.clone())
-        rng = torch.cuda.get_rng_state(self.x.device)
-        try:
-            yield state
-        finally:
-            for buf, saved in zip((self.token, self.pos, self.seen), state):
-                buf.copy_(saved)
-            torch.cuda.set_rng_state(rng, self.x.device)
-
-    def step(self) -> None:
-        if self.token.device.type != "cuda":
-            self.run_step()
-            return
-        if self.graph is None:
-            self.capture()
-        self.graph.replay()
-
-    def capture(self) -> None:
-        """Tune, warm up (compiles the kernels), then record the step as a CUDA graph. The warm-up step runs on
-        the real cache: it writes slot `pos` with what the real step writes there, and the state is restored."""
-        with self._state_kept():
-            if not self.tuned:
-                self.tune()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.run_step()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records without running: the state is the warm-up's until restored
-                self.run_step()
+    def __init__(self, heads: int, head_dim: int, device: torch.device):
+        n = heads * MAX_SPLITS
+        self.maxima = torch.zeros(n, dtype=torch.float32, device=device)
+        self.sums = torch.zeros(n, dtype=torch.float32, device=device)
+        self.values = torch.zeros(n, head_dim, dtype=torch.float32, device=device)
 
 
-def graph_time_us(fn: Callable[[], object], replays: int = 5, rewind: Callable[[], object] | None = None) -> float:
-    """Median device time of `fn` captured once as a CUDA graph (after one eager call that compiles). `rewind`,
-    if given, runs before each replay, untimed: for an `fn` that advances the state it reads."""
-    rewind = rewind or (lambda: None)
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    rewind()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        rewind()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return statistics.median(times)
+def launch_attention(qkv: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor, left_pad: torch.Tensor,
+                     out: torch.Tensor, partials: AttentionPartials, q_gain: torch.Tensor | None,
+                     k_gain: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None, *, heads: int,
+                     eps: float, shape: tuple[int, int, int], launch: dict) -> None:
+    """One layer's attention of each row's new token: attend_kernel, then combine_kernel when split.
+    `qkv` (B, Q + 2 KV) is the QKV product, `kv` the layer's cache (2, B, H_kv, slots, D), `out` (B, Q);
+    `q_gain`, `k_gain`: QK-norm's gains (None: no QK-norm); `rope`: the (cos, sin) tables (None: no RoPE);
+    `shape`: (cache slots per iteration, warps, splits)."""
+    block, warps, splits = shape
+    batch, q_dim = out.shape
+    D = kv.shape[-1]
+    cos, sin = rope if rope is not None else (out, out)  # placeholders: the flags say they are never read
+    qn = q_gain if q_gain is not None else out
+    kn = k_gain if k_gain is not None else out
+    attend_kernel[(heads, splits, batch)](
+        qkv, kv, pos, left_pad, out, partials.maxima, partials.sums, partials.values, qn, kn, cos, sin,
+        kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), 1.0 / math.sqrt(D), eps, Q_DIM=q_dim,
+        KV_DIM=kv.shape[2] * D, GROUP=heads // kv.shape[2], D=D, ROPE=rope is not None,
+        QK_NORM=q_gain is not None, SPLITS=splits, BLOCK_S=block, PDL=bool(launch), num_warps=warps, **launch)
+    if splits > 1:
+        combine_kernel[(heads, batch)](partials.maxima, partials.sums, partials.values, out, Q_DIM=q_dim, D=D,
+                                       SPLITS=splits, PDL=bool(launch), num_warps=1, **launch)
+
+
+def launch_embed(token: torch.Tensor, pos: torch.Tensor, left_pad: torch.Tensor, wte: torch.Tensor,
+                 wpe: torch.Tensor | None, x: torch.Tensor, launch: dict) -> None:
+    """x (B, D) = wte[token] (+ wpe[pos - left_pad] where `wpe` is given: GPT-2), one program per row."""
+    batch, D = x.shape
+    embed_kernel[(batch,)](token, pos, left_pad, wte, wpe if wpe is not None else x, x, D=D,
+                           BLOCK=triton.next_power_of_2(D), POS_EMB=wpe is not None, PDL=bool(launch), num_warps=4,
+                           **launch)
+
+
+def launch_greedy(logits: torch.Tensor, token: torch.Tensor, seen: torch.Tensor, pos: torch.Tensor, vocab: int,
+                  launch: dict) -> None:
+    """Each row's next token, the argmax of its first `vocab` logits, into `token` and `seen` (bool); `pos`
+    advances by one."""
+    greedy_kernel[(token.shape[0],)](logits, token, seen.view(torch.uint8), pos, vocab, logits.stride(0),
+                                     BLOCK=4096, PDL=bool(launch), num_warps=8, **launch)
