@@ -21,7 +21,7 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
     prefers cuDNN on Hopper and leaves SDPA's default order elsewhere."""
     if name not in ATTENTION_BACKENDS:
         raise UserError(f"unknown attention backend '{name}': choose one of {', '.join(ATTENTION_BACKENDS)}")
-    if name == "auto":  # cuDNN on Hopper: faster than flash's backward there, see docs/RESULTS.md#training-throughput
+    if name == "auto":  # cuDNN on Hopper: faster than flash's backward there, see docs/RESULTS.md#training-speed
         if not prefers_cudnn_attention():
             return contextlib.nullcontext()
         name = "cudnn"

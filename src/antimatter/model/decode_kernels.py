@@ -2,7 +2,7 @@
 
 At batch 1 each new token reads every weight once, so the step is bound by memory bandwidth, in principle. The
 compiled step (torch.compile, CUDA graphs) runs hundreds of small generated kernels a token, each reading a few
-MB far below the bandwidth (see docs/RESULTS.md#decode). Here a layer is five kernels, each issuing the loads
+MB far below the bandwidth (see docs/RESULTS.md#decode-speed). Here a layer is five kernels, each issuing the loads
 of its whole weight matrix at once:
 
   1. norm_1 folded into the QKV matrix-vector product (+ bias)                          -> qkv
@@ -441,12 +441,12 @@ def greedy_kernel(logits_ptr, token_ptr, seen_ptr, pos_ptr, V, logits_stride, BL
 
 # (BLOCK_N, BLOCK_K, num_warps) tried per matrix shape on the GPU (those with BLOCK_K <= K); the first that
 # fits is used until tuned. Only the fastest few of each seed-300m shape from a wider sweep on Hopper (see
-# docs/RESULTS.md#decode): fewer compilations in the first call.
+# docs/RESULTS.md#decode-speed): fewer compilations in the first call.
 MATVEC_CONFIGS = [(4, 512, 4), (4, 1024, 4), (8, 512, 4), (16, 512, 8), (2, 1024, 2), (2, 1024, 4),
                   (2, 2048, 8), (2, 4096, 8), (16, 256, 4), (8, 256, 4)]
 # (BLOCK_N, BLOCK_K, num_warps, stages, split-K) for the batched kernel (BLOCK_M follows the batch):
 # tensor-core tiles. Without split-K: the fastest few of a wider sweep at batch 32 on Hopper (see
-# docs/RESULTS.md#decode); split-K ones are tried for matrices of few column blocks, also with one stage: a
+# docs/RESULTS.md#decode-speed); split-K ones are tried for matrices of few column blocks, also with one stage: a
 # split of one or two tiles gains nothing from a pipeline, and a smaller shared-memory footprint lets the next
 # kernel's programs start beside this one's (programmatic launch).
 MATMUL_CONFIGS = [(64, 256, 4, 3, 1), (16, 256, 4, 3, 1), (128, 128, 8, 3, 1), (64, 128, 4, 4, 1),
@@ -470,7 +470,7 @@ def attention_splits(max_seq: int, heads: int = 16, block: int = ATTN_BLOCK_S) -
     """Programs per head in attention: enough that each reads one block of the cache up to 1,024 slots,
     at most MAX_SPLITS (a power of two), and not more than make ~512 programs over all `heads` (rows x query
     heads) of a batch. Splits with no slot below the position return at once. This count was the fastest at
-    batch 1 and at batch 32 on Hopper (see docs/RESULTS.md#decode)."""
+    batch 1 and at batch 32 on Hopper (see docs/RESULTS.md#decode-speed)."""
     n = max(1, math.ceil(max_seq / block))
     by_length = min(MAX_SPLITS, 1 << (n - 1).bit_length())
     return max(1, min(by_length, 1 << max(0, (512 // heads).bit_length() - 1)))
