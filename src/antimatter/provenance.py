@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from antimatter import __version__
+
 
 @functools.cache
 def git_commit() -> str:
@@ -71,8 +73,6 @@ def versions() -> dict[str, str]:
         mod = sys.modules.get(name)
         if mod is not None:
             out[name] = getattr(mod, "__version__", "?")
-    from antimatter import __version__
-
     out["antimatter"] = __version__
     return out
 

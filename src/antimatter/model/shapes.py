@@ -13,7 +13,6 @@ import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -21,9 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from antimatter.config import ACTIVATIONS, NORMS, POSITIONS, ModelConfig
 from antimatter.errors import UserError, shorten
-
-if TYPE_CHECKING:
-    from antimatter.model.gpt import GPT
+from antimatter.model.gpt import GPT
 
 MAX_SIZE = 2**31 - 1  # any one dimension; keeps products of sizes within int64 on the meta device
 MAX_ROPE_BYTES = 1 << 30  # the cos/sin tables are precomputed for every position and sized by no tensor
@@ -127,8 +124,6 @@ class _SkipInit(TorchFunctionMode):
 def meta_model(cfg: ModelConfig, source: str, fix: str, error: type[UserError] = UserError) -> GPT:
     """GPT(cfg) on the meta device: every parameter's name and shape, no memory. Call it only once the
     layer count is known to match the weights (a meta model still costs Python objects per layer)."""
-    from antimatter.model.gpt import GPT
-
     try:
         with torch.device("meta"), _SkipInit():
             return GPT(cfg)
