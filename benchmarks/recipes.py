@@ -12,8 +12,9 @@ the shared corpus's). Plans:
   ablate  each change of the modern recipe alone on top of the tuned baseline
   seeds   the baseline and the modern recipe again with another seed (run-to-run noise)
   muonlr  the modern recipe at two other Muon learning rates
-  leaveout  the modern recipe without each of its optional parts (soft-cap, QK-norm, untied head, zero-init,
-          ReLU² -> SwiGLU): does each still pay inside the recipe?
+  leaveout  the modern recipe, and without each of its optional parts (soft-cap, QK-norm, untied head,
+          zero-init, ReLU² -> SwiGLU; and SwiGLU without soft-cap, the variant transformers can load): does
+          each still pay inside the recipe?
   sizes   the modern recipe at three model sizes (8 layers d512, 12 layers d768, 24 layers d1024) for the same
           budget (train.max_minutes=5 or 15 as an override): which size wins for that many minutes
 Runs already in OUT/results.jsonl are skipped, so a plan cut short (a time limit) continues where it stopped.
@@ -56,6 +57,8 @@ LEAVE_OUT = {
     "-untied": ["model.tie_embeddings=true"],
     "-zero_init": ["model.zero_init_proj=false"],
     "-relu2+swiglu": ["model.activation=swiglu"],
+    # SwiGLU and no soft-cap: the modern recipe that transformers can load (exported as Qwen3ForCausalLM)
+    "-softcap-relu2+swiglu": ["model.logit_softcap=0", "model.activation=swiglu"],
 }
 
 # model sizes for a budget: (layers, d_model, heads, micro-batch at context 1,024 on an 80 GB card)
@@ -77,8 +80,8 @@ def plan_runs(plan: str, minutes: float, best_lr: str | None) -> list[tuple[str,
         return [("gpt2-seed2", "gpt2", base + ["train.seed=2024"]), ("modern-seed2", "modern", ["train.seed=2024"])]
     if plan == "muonlr":
         return [(f"modern-muon{lr}", "modern", [f"train.muon_lr={lr}"]) for lr in ("0.01", "0.04")]
-    if plan == "leaveout":
-        return [(f"modern{name}", "modern", ov) for name, ov in LEAVE_OUT.items()]
+    if plan == "leaveout":  # with the full recipe at the same budget, on the same device, to compare with
+        return [("modern", "modern", []), *((f"modern{name}", "modern", ov) for name, ov in LEAVE_OUT.items())]
     if plan == "sizes":
         return [(f"size-{size}-{minutes:g}min", "modern",
                  [f"model.n_layer={n}", f"model.d_model={d}", f"model.n_head={h}", f"train.micro_batch_size={mb}"])
