@@ -14,6 +14,7 @@ from antimatter.errors import UserError
 from antimatter.tokenizer import (
     EOT,
     EOT_ID,
+    adopt_tokenizer,
     load_tokenizer,
     new_byte_level_bpe,
     train_tokenizer,
@@ -183,3 +184,76 @@ def test_foreign_tokenizer_uses_the_configured_eos(tmp_path):
     tok = load_tokenizer(tmp_path)
     assert tok.eot_token == "</s>" and tok.eot_id == 1
     assert tok.decode(tok.encode("plain </s> text")) == "plain </s> text"
+
+
+# ------------------------------------------------------------------------------- tokenizer.from
+
+
+def test_adopt_copies_the_file_and_writes_the_transformers_files(trained, tmp_path):
+    root = trained[0]
+    source = root / "tokenizer" / "tokenizer.json"
+    for given in (source, root / "tokenizer", root):  # the file, a folder holding it, a run folder
+        out = tmp_path / "adopted"
+        cfg = load_config(None, ["model=tiny", f"tokenizer.from={given}"])
+        summary = adopt_tokenizer(cfg, out)
+        assert (out / "tokenizer.json").read_bytes() == source.read_bytes()
+        assert sorted(p.name for p in out.iterdir()) == sorted(summary["files"])
+        assert summary["source"] == str(source.resolve()) and summary["vocab_size"] == 512
+        assert summary["eot_id"] == EOT_ID and len(summary["sha256"]) == 64
+        assert load_tokenizer(out).vocab_size == 512
+
+
+def test_adopt_takes_a_foreign_eos_from_the_config_beside_it(tmp_path):
+    from tokenizers import pre_tokenizers, trainers
+
+    hf = new_byte_level_bpe()
+    hf.train_from_iterator(TEXTS * 3, trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "hf").mkdir()
+    hf.save(str(tmp_path / "hf" / "tokenizer.json"))
+    cfg = load_config(None, ["model=tiny", f"tokenizer.from={tmp_path / 'hf'}"])
+    with pytest.raises(UserError, match=r"^tokenizer.from: .*tokenizer.json has no end-of-text token: neither "
+                                        r"<\|endoftext\|> nor an eos_token named in a tokenizer_config.json"):
+        adopt_tokenizer(cfg, tmp_path / "out")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert adopt_tokenizer(cfg, tmp_path / "out")["eot_token"] == "</s>"
+    tok = load_tokenizer(tmp_path / "out")  # the run's folder names it too
+    assert (tok.eot_token, tok.eot_id) == ("</s>", 1)
+
+
+def test_adopt_errors_are_one_line_each(trained, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    source = trained[0] / "tokenizer" / "tokenizer.json"
+
+    def refused(path: Path, pattern: str, *extra: str) -> None:
+        cfg = load_config(None, ["model=tiny", f"tokenizer.from={path}", *extra])
+        with pytest.raises(UserError, match=pattern) as e:
+            adopt_tokenizer(cfg, tmp_path / "out")
+        assert "\n" not in str(e.value)
+
+    refused(tmp_path / "nowhere", r"^tokenizer.from: .*nowhere does not exist: give a tokenizer.json, a Hugging "
+                                  r"Face folder holding one, or a run folder$")
+    (tmp_path / "empty").mkdir()
+    refused(tmp_path / "empty", r"^tokenizer.from: .*empty is a folder without tokenizer.json \(nor "
+                                r"tokenizer/tokenizer.json\)")
+    (tmp_path / "bad.json").write_text("{not json")
+    refused(tmp_path / "bad.json", r"^tokenizer.from: .*bad.json is not a tokenizer.json \(invalid JSON at line 1")
+    (tmp_path / "bytes.json").write_bytes(b"\xff\xfe\x00garbage")
+    refused(tmp_path / "bytes.json", r"^tokenizer.from: .*bytes.json is not a tokenizer.json \(not UTF-8 text\)$")
+    broken = json.loads(source.read_text())
+    del broken["model"]["vocab"]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    refused(tmp_path / "broken.json", r"^tokenizer.from: .*broken.json is not a valid tokenizers file \(")
+    wordlevel = Tokenizer(models.WordLevel({"a": 0, EOT: 1}, unk_token="a"))
+    wordlevel.save(str(tmp_path / "wordlevel.json"))
+    refused(tmp_path / "wordlevel.json", r"^tokenizer.from: .*wordlevel.json has no BPE model \(model.type is "
+                                         r"'WordLevel'\): AntiMatter uses byte-level BPE")
+    metaspace = json.loads(source.read_text())
+    metaspace["pre_tokenizer"] = json.loads(pre_tokenizers.Metaspace().__getstate__())
+    (tmp_path / "metaspace.json").write_text(json.dumps(metaspace))
+    refused(tmp_path / "metaspace.json", r"^tokenizer.from: .*metaspace.json has no ByteLevel pre-tokenizer: not a "
+                                         r"byte-level BPE")
+    refused(source, r"^tokenizer.from: .*tokenizer.json has 512 tokens but model.vocab_size is 500: set "
+                    r"model.vocab_size=512", "model.vocab_size=500")
+    assert not (tmp_path / "out").exists()  # nothing written by a refused adoption

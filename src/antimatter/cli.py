@@ -28,7 +28,7 @@ _RUN = ("--run", dict(help="run folder (default: RUNS_DIR/NAME)"))
 COMMANDS: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
     "prepare": ("clean, filter, deduplicate and split raw text into train/val",
                 [("--out", dict(help="output folder (default: RUN/data)"))]),
-    "tokenizer": ("train a byte-level BPE tokenizer on the train split", []),
+    "tokenizer": ("train a byte-level BPE tokenizer on the train split (or adopt tokenizer.from=PATH)", []),
     "tokenize": ("encode the splits into binary token shards", []),
     "train": ("train the model (one process, or many under torchrun)", []),
     "eval": ("perplexity, bits per byte, BLEU/ROUGE-L, speed, size, plots", [

@@ -299,6 +299,11 @@ class TokenizerConfig:
     min_frequency: int = 2
     train_bytes: int = 200_000_000  # bounded deterministic sample of the train split used to learn merges (0 = all)
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
+    # `tokenizer.from: PATH` (the YAML key is `from`): adopt this tokenizer instead of learning one. PATH is a
+    # tokenizer.json, a Hugging Face folder holding one, or a run folder (RUN/tokenizer/tokenizer.json, e.g.
+    # one `antimatter import` made). It must be a byte-level BPE with an end-of-text token; the vocab size is
+    # its own (the keys above are unused) and must fit model.vocab_size. "" = learn a BPE on the train split.
+    from_: str = ""
 
 
 @dataclass
@@ -595,7 +600,7 @@ def check_field(cls: type, name: str, value: Any, key: str) -> None:
 def check_fields(section: Any, prefix: str = "") -> None:
     """`check_field` for every setting of a section and of the sections (and lists of them) inside it."""
     for f in dataclasses.fields(section):
-        value, key = getattr(section, f.name), f"{prefix}{f.name}"
+        value, key = getattr(section, f.name), f"{prefix}{key_name(f.name)}"
         if dataclasses.is_dataclass(value):
             check_fields(value, f"{key}.")
         elif isinstance(value, list) and any(dataclasses.is_dataclass(v) for v in value):
@@ -609,13 +614,13 @@ def setting(key: str) -> tuple[type, str]:
     """(the section class, the field name) of a dotted key such as `generate.top_k`."""
     cls, parts = RunConfig, key.split(".")
     for i, part in enumerate(parts):
-        if part not in {f.name for f in dataclasses.fields(cls)}:
+        if field_name(part) not in {f.name for f in dataclasses.fields(cls)}:
             raise _unknown_key(cls, part, "".join(f"{p}." for p in parts[:i]))
         if i < len(parts) - 1:
-            cls = _plain(_hints(cls)[part])
+            cls = _plain(_hints(cls)[field_name(part)])
             if not dataclasses.is_dataclass(cls):
                 raise ConfigError(f"'{'.'.join(parts[:i + 1])}' is not a section")
-    return cls, parts[-1]
+    return cls, field_name(parts[-1])
 
 
 def setting_type(key: str) -> Any:
@@ -726,8 +731,24 @@ def _to_str(value: Any, key: str) -> str:
 _SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
+# settings whose key is a Python keyword: the field is named with a trailing underscore, the YAML and dotted
+# key without it (`tokenizer.from`)
+KEYWORD_FIELDS = {"from": "from_"}
+_KEY_OF_FIELD = {v: k for k, v in KEYWORD_FIELDS.items()}
+
+
+def field_name(key: str) -> str:
+    """The dataclass field of a config key (`from` -> `from_`)."""
+    return KEYWORD_FIELDS.get(key, key)
+
+
+def key_name(name: str) -> str:
+    """The config key of a dataclass field (`from_` -> `from`)."""
+    return _KEY_OF_FIELD.get(name, name)
+
+
 def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [key_name(f.name) for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
     hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
     return ConfigError(f"unknown config key '{prefix}{key}': {hint}")
@@ -738,9 +759,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     field_names = {f.name for f in dataclasses.fields(cls)}
     for k, v in data.items():
-        if k not in field_names:
+        name = field_name(k) if isinstance(k, str) else k
+        if name not in field_names:
             raise _unknown_key(cls, k, f"{prefix}." if prefix else "")
-        kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k)
+        kwargs[name] = _coerce(v, hints[name], f"{prefix}.{k}" if prefix else k)
     return cls(**kwargs)
 
 
@@ -777,7 +799,16 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """A config (or one section) as plain data under its YAML keys (`from_` is written `from`)."""
+    return _keys_of_fields(dataclasses.asdict(cfg))
+
+
+def _keys_of_fields(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key_name(k): _keys_of_fields(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_keys_of_fields(v) for v in value]
+    return value
 
 
 # an override: "a.b.c=VALUE" (VALUE read as YAML: 3e-4, true, [1, 2]) or a (dotted key, value) pair, as the CLI
@@ -909,6 +940,8 @@ EOT = "<|endoftext|>"  # the document separator every tokenizer has (tokenizer.E
 
 
 def _check_tokenizer(cfg: RunConfig) -> None:
+    if cfg.tokenizer.from_:  # the adopted file decides the vocab: the tokenizer stage checks it against the model
+        return
     vocab, model_vocab = cfg.tokenizer_vocab_size, cfg.model.vocab_size
     if vocab > model_vocab:
         raise ConfigError(f"tokenizer.vocab_size ({vocab}) exceeds model.vocab_size ({model_vocab})")

@@ -49,12 +49,28 @@ def _stage_io(stage: str, cfg: RunConfig) -> tuple[Path, dict[str, str], dict[st
     run = cfg.run_dir
     if stage == "prepare":
         return run / "data", _source_fingerprints(cfg), config_to_dict(cfg.data)
+    if stage == "tokenizer" and cfg.tokenizer.from_:  # adopted: the file (source and sha256) is the input
+        return run / "tokenizer", _adopted_source(cfg), {"from": cfg.tokenizer.from_}
     if stage == "tokenizer":
         conf = {**config_to_dict(cfg.tokenizer), "vocab_size": cfg.tokenizer_vocab_size}
+        del conf["from"]  # learned: the manifests of runs made before `tokenizer.from` existed still match
         return run / "tokenizer", hash_paths([run / "data"], run), conf
     if stage == "tokenize":
         return run / "tokens", hash_paths([run / "data", run / "tokenizer"], run), config_to_dict(cfg.tokenize)
     raise ValueError(stage)
+
+
+def _adopted_source(cfg: RunConfig) -> dict[str, str]:
+    """{the tokenizer.json that tokenizer.from names (absolute): its sha256}; refused when it lies in the
+    run's own tokenizer folder, which the stage clears before it copies."""
+    from antimatter.tokenizer import tokenizer_source  # here: the tokenizers library
+
+    src = tokenizer_source(cfg.tokenizer.from_).resolve()
+    own = (cfg.run_dir / "tokenizer").resolve()
+    if src.is_relative_to(own):
+        raise UserError(f"tokenizer.from: {src} is this run's own tokenizer, which the tokenizer stage rewrites: "
+                        f"name the original (the folder or file it came from)")
+    return hash_paths([src])
 
 
 def _source_paths(path: str) -> list[Path]:
@@ -100,7 +116,7 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False) -> dict[str, Any]
         from antimatter.eval.report import run_eval  # here: torch
 
         return run_eval(cfg, run)
-    if stage == "tokenizer":
+    if stage == "tokenizer" and not cfg.tokenizer.from_:  # an adopted tokenizer reads no data
         _require(run / "data" / "train", "prepared data", "prepare")
         verify_outputs(run / "data", "prepare")
     if stage == "tokenize":
@@ -123,6 +139,10 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False) -> dict[str, Any]
         from antimatter.data.prepare import run_prepare  # here: 2 s of imports
 
         counts = run_prepare(cfg, out)
+    elif stage == "tokenizer" and cfg.tokenizer.from_:
+        from antimatter.tokenizer import adopt_tokenizer  # here: the tokenizers library
+
+        counts = adopt_tokenizer(cfg, out)
     elif stage == "tokenizer":
         from antimatter.tokenizer import train_tokenizer  # here: the tokenizers library
 

@@ -13,6 +13,10 @@ Files written to the tokenizer folder: `tokenizer.json` (loads in `tokenizers.To
 `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`) plus `tokenizer_config.json` and
 `special_tokens_map.json`, so the folder also loads with `AutoTokenizer.from_pretrained(folder)`.
 `write_hf_tokenizer_files(src, dst)` writes the same three files into an export folder.
+
+`tokenizer.from: PATH` adopts an existing tokenizer instead (`adopt_tokenizer`): the tokenizer.json is copied
+byte for byte (so a model exported with it, used as `train.init_from`, is recognised as the run's) and the two
+transformers files are written beside it. It must be a byte-level BPE with an end-of-text token, like ours.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from antimatter.data.records import count_input_bytes, iter_records, train_files, valid_unicode
-from antimatter.errors import UserError
+from antimatter.errors import UserError, shorten
 
 EOT = "<|endoftext|>"
 EOT_ID = 0  # special tokens come first in the vocab; EOT is always the first of them
@@ -250,6 +254,99 @@ def load_tokenizer(path: Path) -> Tokenizer:
                             f"beside it: retrain it with `antimatter tokenizer` or add the eos_token")
         eot = eos
     return Tokenizer(hf, file, eot)
+
+
+# ------------------------------------------------------------------------------------- adopting one
+
+
+def tokenizer_source(path: str | Path) -> Path:
+    """The tokenizer.json that `tokenizer.from` names: the file itself, a (Hugging Face) folder holding it, or
+    a run folder (RUN/tokenizer/tokenizer.json). A missing path or a folder without one is one line."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"tokenizer.from: {path} does not exist: give a tokenizer.json, a Hugging Face folder "
+                        f"holding one, or a run folder")
+    if not path.is_dir():
+        return path
+    for candidate in (path / "tokenizer.json", path / "tokenizer" / "tokenizer.json"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"tokenizer.from: {path} is a folder without tokenizer.json (nor tokenizer/tokenizer.json): "
+                    f"give a Hugging Face folder with a fast tokenizer, a run folder, or the file itself")
+
+
+def _has_byte_level(component: Any) -> bool:
+    """A pre-tokenizer or decoder that is ByteLevel or a Sequence holding one."""
+    if not isinstance(component, dict):
+        return False
+    if component.get("type") == "ByteLevel":
+        return True
+    parts = component.get("pretokenizers") or component.get("decoders") or []
+    return isinstance(parts, list) and any(_has_byte_level(p) for p in parts)
+
+
+def check_adoptable(file: Path) -> Tokenizer:
+    """`file` loaded as the run's tokenizer, or one line naming what it lacks: readable JSON of the tokenizers
+    library, a BPE model, ByteLevel pre-tokenizer and decoder (every byte representable, exact decoding),
+    and an end-of-text token (`<|endoftext|>`, or the eos_token of a tokenizer_config.json beside it)."""
+    file = Path(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"tokenizer.from: cannot read {file} ({e.strerror or e}): check the path and its "
+                        f"permissions") from None
+    except UnicodeDecodeError:
+        raise UserError(f"tokenizer.from: {file} is not a tokenizer.json (not UTF-8 text)") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        where = f" at line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else ""
+        raise UserError(f"tokenizer.from: {file} is not a tokenizer.json (invalid JSON{where})") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    kind = model.get("type") if isinstance(model, dict) else None
+    if kind != "BPE":
+        raise UserError(f"tokenizer.from: {file} has no BPE model (model.type is {shorten(repr(kind))}): "
+                        f"AntiMatter uses byte-level BPE tokenizers (GPT-2, Llama 3, Qwen style)")
+    for part in ("pre_tokenizer", "decoder"):
+        if not _has_byte_level(data.get(part)):
+            raise UserError(f"tokenizer.from: {file} has no ByteLevel {part.replace('_', '-')}: not a "
+                            f"byte-level BPE (a SentencePiece-style BPE such as Llama 2's is not supported)")
+    try:
+        hf = HFTokenizer.from_str(text)
+    except Exception as e:  # the Rust side raises a bare Exception on malformed files
+        raise UserError(f"tokenizer.from: {file} is not a valid tokenizers file "
+                        f"({str(e).splitlines()[0][:120]})") from None
+    eot = EOT
+    if hf.token_to_id(EOT) is None:
+        eos = _configured_eos(file.with_name("tokenizer_config.json"))
+        if eos is None or hf.token_to_id(eos) is None:
+            raise UserError(f"tokenizer.from: {file} has no end-of-text token: neither {EOT} nor an eos_token "
+                            f"named in a tokenizer_config.json beside it")
+        eot = eos
+    return Tokenizer(hf, file, eot)
+
+
+def adopt_tokenizer(cfg: Any, out_dir: Path) -> dict[str, Any]:
+    """`tokenizer.from`: copy that tokenizer.json into `out_dir` (+ the transformers files) instead of learning
+    one. Refused in one line when it is not usable (see `check_adoptable`) or has more ids than the model."""
+    out_dir = Path(out_dir)
+    src = tokenizer_source(cfg.tokenizer.from_)
+    tok = check_adoptable(src)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"tokenizer.from: {src} has {tok.vocab_size:,} tokens but model.vocab_size is "
+                        f"{cfg.model.vocab_size:,}: set model.vocab_size={tok.vocab_size} (or the size of the "
+                        f"model made with this tokenizer)")
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "tokenizer.json.tmp"
+    shutil.copyfile(src, tmp)
+    tmp.replace(out_dir / "tokenizer.json")
+    for name, content in hf_tokenizer_config(tok.eot_id, cfg.model.block_size, tok.eot_token).items():
+        (out_dir / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    print(f"tokenizer: adopted {src} (vocab {tok.vocab_size:,}, eot {tok.eot_token} id {tok.eot_id}, sha256 "
+          f"{sha[:12]}) -> {out_dir / 'tokenizer.json'}", file=sys.stderr)
+    return {"source": str(src.resolve()), "sha256": sha, "vocab_size": tok.vocab_size,
+            "eot_token": tok.eot_token, "eot_id": tok.eot_id, "files": list(HF_FILES)}
 
 
 def _configured_eos(config_file: Path) -> str | None:
