@@ -19,9 +19,9 @@ from antimatter.pipeline import run_pipeline, run_stage
 DATA_STAGES = ("prepare", "tokenizer", "tokenize")
 
 
-def write_corpus(folder: Path, docs: int = 40) -> Path:
+def write_corpus(folder: Path, docs: int = 40, seed: int = 0) -> Path:
     """Short English documents from a seeded grammar: varied enough to pass the quality rules and dedup."""
-    rng = random.Random(0)
+    rng = random.Random(seed)
     subj = ["The cat", "A small dog", "My old friend", "The teacher", "Every student", "The river", "A quiet town",
             "The engineer", "Our neighbour", "The bird"]
     verb = ["walked to", "looked at", "thought about", "wrote a letter to", "sang near", "painted", "visited",
@@ -171,3 +171,97 @@ def test_prepare_accepts_an_absolute_glob(tmp_path):
     cfg = tiny_run_config(tmp_path / "runs", corpus, f"data.sources=[{{path: '{corpus}/*.txt'}}]")
     stats = run_stage("prepare", cfg)
     assert stats["docs_in"] == 12
+
+
+def _continue_config(tmp_path: Path, tokenizer_from: Path, init_from: Path, corpus: Path, **model: int) -> Path:
+    """A YAML config for a new run on `corpus` that adopts a tokenizer and starts from an exported model."""
+    import yaml
+
+    cfg = {"name": "continued", "runs_dir": str(tmp_path / "runs"), "model": {"preset": "tiny", **model},
+           "data": {"sources": [{"path": str(corpus)}], "val_fraction": 0.2, "workers": 1},
+           "tokenizer": {"from": str(tokenizer_from)}, "tokenize": {"workers": 1},
+           "train": {"init_from": str(init_from), "device": "cpu", "dtype": "fp32", "max_steps": 2, "seq_len": 32,
+                     "micro_batch_size": 4, "warmup_steps": 0, "lr": 1e-9, "eval_interval": 2, "eval_steps": 1,
+                     "ckpt_interval": 2, "log_interval": 1, "tensorboard": False},
+           "eval": {"device": "cpu", "max_eval_tokens": 256, "batch_size": 4, "continuation_docs": 2,
+                    "prefix_tokens": 8, "continuation_tokens": 8, "speed": False, "plots": False,
+                    "sample": {"max_new_tokens": 8}}}
+    path = tmp_path / "continue.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_continued_pretraining_of_an_exported_model_in_one_command(finished_run, tmp_path, capfd):
+    """Export a trained run, then one `antimatter pipeline` on other text with `tokenizer.from` and
+    `train.init_from` both naming that folder: the run adopts its tokenizer, starts from its weights, and a
+    re-run skips the tokenizer stage."""
+    from safetensors.torch import load_file
+
+    from antimatter.cli import main
+
+    runs, _, _ = finished_run
+    source = runs / "tiny"
+    hf = tmp_path / "hf"
+    assert main(["export", "--run", str(source), "--out", str(hf)]) == 0
+    corpus = write_corpus(tmp_path / "other", docs=30, seed=7)
+    config = _continue_config(tmp_path, hf, hf, corpus)
+    capfd.readouterr()
+    assert main(["pipeline", "--config", str(config)]) == 0
+    err = capfd.readouterr().err
+    run = tmp_path / "runs" / "continued"
+    assert "tokenizer: adopted" in err and "initialised weights from" in (run / "logs" / "train.log").read_text()
+    assert (run / "tokenizer" / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    manifest = json.loads((run / "tokenizer" / "manifest.json").read_text())
+    assert manifest["config"] == {"from": str(hf)}
+    assert manifest["inputs"] == {str((hf / "tokenizer.json").resolve()): manifest["counts"]["sha256"]}
+    assert json.loads((run / "tokens" / "meta.json").read_text())["vocab_size"] == 300
+    # the weights it started from are the exported run's (lr 1e-9: two steps move nothing measurably)
+    exported = load_file(str(source / "checkpoints" / (source / "checkpoints" / "best").read_text().strip()
+                             / "model.safetensors"))
+    trained = load_file(str(run / "checkpoints" / "step_000002" / "model.safetensors"))
+    assert max((v - trained[k]).abs().max().item() for k, v in exported.items()) < 1e-5
+    assert (run / "results" / "evaluations" / "final_evaluation.json").is_file()
+
+    assert main(["pipeline", "--config", str(config)]) == 0  # the same command again: nothing to redo
+    err = capfd.readouterr().err
+    for stage in DATA_STAGES:
+        assert f"[{stage}] up to date" in err, stage
+
+
+def test_tokenizer_from_a_plain_file_is_redone_when_the_file_changes(finished_run, tmp_path, capfd):
+    from tokenizers import Tokenizer
+
+    runs, _, _ = finished_run
+    plain = tmp_path / "elsewhere" / "tokenizer.json"
+    plain.parent.mkdir()
+    plain.write_bytes((runs / "tiny" / "tokenizer" / "tokenizer.json").read_bytes())
+    corpus = write_corpus(tmp_path / "other", docs=30, seed=7)
+    cfg = load_config(_continue_config(tmp_path, plain, runs / "tiny", corpus))
+    results = run_pipeline(cfg, stages=(*DATA_STAGES, "train"))
+    run = cfg.run_dir
+    assert results["tokenizer"]["sha256"] and (run / "tokenizer" / "tokenizer.json").read_bytes() == plain.read_bytes()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    capfd.readouterr()
+    assert run_stage("tokenizer", cfg) == {"skipped": True}
+    Tokenizer.from_file(str(plain)).save(str(plain), pretty=False)  # other bytes: the stage is redone
+    again = run_stage("tokenizer", cfg)
+    assert again["sha256"] != results["tokenizer"]["sha256"]
+    assert (run / "tokenizer" / "tokenizer.json").read_bytes() == plain.read_bytes()
+
+
+def test_tokenizer_from_refuses_a_model_vocab_too_small(finished_run, tmp_path):
+    runs, _, _ = finished_run
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "tokenizer.json").write_bytes((runs / "tiny" / "tokenizer" / "tokenizer.json").read_bytes())
+    corpus = write_corpus(tmp_path / "other", docs=30, seed=7)
+    cfg = load_config(_continue_config(tmp_path, hf, hf, corpus, vocab_size=299))
+    with pytest.raises(UserError, match=r"^tokenizer.from: .*tokenizer.json has 300 tokens but model.vocab_size "
+                                        r"is 299: set model.vocab_size=300"):
+        run_pipeline(cfg)
+    own = load_config(_continue_config(tmp_path, cfg.run_dir, hf, corpus))  # the run's own folder
+    (own.run_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(hf / "tokenizer.json", own.run_dir / "tokenizer" / "tokenizer.json")
+    with pytest.raises(UserError, match=r"is this run's own tokenizer, which the tokenizer stage rewrites"):
+        run_stage("tokenizer", own)
+    assert (own.run_dir / "tokenizer" / "tokenizer.json").is_file()  # refused before anything was cleared
