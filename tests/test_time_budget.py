@@ -69,7 +69,8 @@ def _check_decision(run, s, minutes: float, budget_evals: int) -> None:
     parts = s["compile_seconds"] + s["train_seconds"] + s["eval_checkpoint_seconds"]
     assert abs(s["seconds"] - parts) <= 0.05 + 0.02 * s["seconds"], (s["seconds"], parts)
     assert s["eval_checkpoint_seconds"] > 0  # evaluations happened and were not counted as training
-    assert train_rows[-1]["train_s"] == pytest.approx(s["train_seconds"], abs=0.011)
+    # the last log line is written before the final evaluation pauses the clock: a busy machine adds ms
+    assert train_rows[-1]["train_s"] == pytest.approx(s["train_seconds"], abs=0.05)
 
 
 def test_budget_run_ends_when_the_budget_does(tmp_path):
