@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from antimatter.cli import FLAGS, STAGES, build_parser, flag_overrides
+from antimatter.cli import FLAGS, STAGES, build_parser, flag_overrides, resolve
 from antimatter.config import load_config, setting_type
 
 
@@ -175,29 +175,29 @@ def test_a_bad_option_value_is_named_as_typed(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_options_and_keys_reach_the_commands(monkeypatch, tmp_path):
+def test_options_and_keys_reach_the_commands(tmp_path):
     """An option given wins over its dotted key; generate and export take their settings from their sections
-    (generate.device null: the run's train.device, as before the section existed)."""
-    import antimatter.export
-    import antimatter.generate_cli
-    from antimatter import pipeline
-    from antimatter.cli import main
+    (generate.device null: the run's train.device, as before the section existed); a run's own config.yaml is
+    the config of the commands that read that run. Resolved, not run: dispatch hands exactly this config on."""
 
-    monkeypatch.chdir(tmp_path)
-    seen: dict = {}
-    monkeypatch.setattr(pipeline, "cmd_prepare", lambda cfg, paths, out, force: seen.update(w=cfg.data.workers))
-    monkeypatch.setattr(pipeline, "run_stage", lambda stage, cfg, force: seen.update(resume=cfg.train.resume))
-    monkeypatch.setattr(antimatter.generate_cli, "run_generate",
-                        lambda cfg, run_dir, **kw: seen.update(kw, k=cfg.generate.top_k))
-    monkeypatch.setattr(antimatter.export, "export_hf", lambda run, out, **kw: seen.update(kw))
-    assert main(["prepare", "--workers", "2", "data.workers=5"]) == 0 and seen["w"] == 2
-    assert main(["prepare", "data.workers=5"]) == 0 and seen["w"] == 5
-    assert main(["train", "--resume", "none"]) == 0 and seen["resume"] == "none"
-    assert main(["generate", "--run", "r", "--device", "cpu", "--top-k", "3", "--compile"]) == 0
-    assert (seen["device"], seen["k"], seen["compile"], seen["checkpoint"]) == ("cpu", 3, True, "best")
-    assert seen["int8"] is False
-    assert main(["generate", "--run", "r", "generate.device=cpu", "generate.checkpoint=latest"]) == 0
-    assert (seen["device"], seen["checkpoint"]) == ("cpu", "latest")
-    assert main(["generate", "--run", "r", "train.device=cpu"]) == 0 and seen["device"] is None
-    assert main(["export", "--out", "o", "export.dtype=bf16", "--checkpoint", "latest"]) == 0
-    assert (seen["dtype"], seen["checkpoint"]) == ("bf16", "latest")
+    def resolved(*argv: str):
+        return resolve(build_parser().parse_args(list(argv))).cfg
+
+    assert resolved("prepare", "--workers", "2", "data.workers=5").data.workers == 2
+    assert resolved("prepare", "data.workers=5").data.workers == 5
+    assert resolved("train", "--resume", "none").train.resume == "none"
+    g = resolved("generate", "--run", "r", "--device", "cpu", "--top-k", "3", "--compile").generate
+    assert (g.device, g.top_k, g.compile, g.checkpoint, g.int8) == ("cpu", 3, True, "best", False)
+    g = resolved("generate", "--run", "r", "generate.device=cpu", "generate.checkpoint=latest").generate
+    assert (g.device, g.checkpoint) == ("cpu", "latest")
+    cfg = resolved("generate", "--run", "r", "train.device=cpu")
+    assert (cfg.generate.device, cfg.train.device) == (None, "cpu")
+    e = resolved("export", "--out", "o", "export.dtype=bf16", "--checkpoint", "latest").export
+    assert (e.dtype, e.checkpoint) == ("bf16", "latest")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("generate:\n  top_k: 9\n  temperature: 0.5\n")
+    g = resolved("generate", "--run", str(run), "--top-k", "4").generate
+    assert (g.top_k, g.temperature) == (4, 0.5)
+    inv = resolve(build_parser().parse_args(["prepare", "a.txt", "data.workers=3", "--out", "o"]))
+    assert (inv.command, inv.paths, inv.args.out, inv.cfg.data.workers) == ("prepare", ["a.txt"], "o", 3)

@@ -8,7 +8,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import antimatter.data.sources as sources
 from antimatter.config import RunConfig, SourceConfig
 from antimatter.data.prepare import run_prepare
 from antimatter.data.sample import SENTENCES
@@ -116,16 +115,17 @@ def test_default_corpus_is_deterministic_and_bounded():
     assert any("LICENSE" in it.id or "LICENCE" in it.id for it in items)
 
 
-def test_small_files_grouped_into_units(tmp_path, monkeypatch):
+def test_small_files_grouped_into_units(tmp_path):
     for i in range(7):
         (tmp_path / f"n{i}.txt").write_text(f"note {i} " * 50)
     (tmp_path / "big.jsonl").write_text(json.dumps({"text": "x " * 500}) + "\n")
-    monkeypatch.setattr(sources, "UNIT_BYTES", 1300)
-    units = expand_sources([SourceConfig(path=str(tmp_path), name="notes")], 0)
+    src = SourceConfig(path=str(tmp_path), name="notes")
+    units = expand_sources([src], 0, unit_bytes=1300)
     assert [u.format for u in units] == ["jsonl", "text", "text", "text"]
     assert [len(u.paths) for u in units] == [1, 3, 3, 1]  # 3 x 400 bytes fit in 1300
-    docs = docs_of(SourceConfig(path=str(tmp_path), name="notes"))
+    docs = [d for u in units for d in read_unit(u, src, strict=False, max_doc_bytes=10**7) if isinstance(d, RawDoc)]
     assert len(docs) == 8
+    assert [len(u.paths) for u in expand_sources([src], 0)] == [1, 7]  # the default unit holds all the notes
 
 
 def read_all(path, max_doc_bytes: int) -> list:

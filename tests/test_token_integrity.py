@@ -5,6 +5,7 @@ byte, and a flipped byte gives an IndexError mid-training or a silently differen
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -16,7 +17,6 @@ import xxhash
 from test_tokenizer import make_corpus
 from train_helpers import make_tokens, one_thread, tiny_config
 
-import antimatter.tokens as tokens_mod
 from antimatter.config import load_config
 from antimatter.errors import UserError
 from antimatter.eval.report import run_eval
@@ -211,15 +211,25 @@ def test_old_shards_without_checksum_still_load(tmp_path: Path) -> None:
     assert train(tiny_config(run, max_steps=4), run)["steps"] == 4
 
 
-def test_shards_are_verified_once_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_shard(tmp_path / "00000.bin", np.arange(1000, dtype=np.uint16), vocab_size=1000, eot_id=0)
-    calls = []
-    scan = tokens_mod._scan_shard
-    monkeypatch.setattr(tokens_mod, "_scan_shard", lambda path, h: calls.append(path) or scan(path, h))
-    for _ in range(3):
+def test_shards_are_verified_once_per_process(tmp_path: Path) -> None:
+    """A shard's bytes are read once per process: a later TokenShards of the same file, unchanged by its key
+    (path, inode, size, mtime), trusts the first check; a file with a new mtime or inode is checked again."""
+    shard = tmp_path / "00000.bin"
+    write_shard(shard, np.arange(1000, dtype=np.uint16), vocab_size=1000, eot_id=0)
+    TokenShards(tmp_path)
+    st = shard.stat()
+    with open(shard, "r+b") as f:  # damage token 5 in place (same inode and size), then restore the mtime
+        f.seek(HEADER_BYTES + 5 * 2)
+        f.write((6).to_bytes(2, "little"))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for _ in range(2):  # not read again: the damage goes unseen, as only a second scan could see it
+        assert TokenShards(tmp_path).read(5, 1)[0] == 6
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a write now: checked again
+    with pytest.raises(UserError, match="checksum"):
         TokenShards(tmp_path)
-    assert len(calls) == 1
-    flip_token(tmp_path / "00000.bin")  # a rewritten file is checked again
+    write_shard(shard, np.arange(1000, dtype=np.uint16), vocab_size=1000, eot_id=0)
+    TokenShards(tmp_path)
+    flip_token(shard)  # a rewritten file (new inode) is checked again
     with pytest.raises(UserError, match="checksum"):
         TokenShards(tmp_path)
 

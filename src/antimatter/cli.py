@@ -153,7 +153,23 @@ def _exists(path: str) -> bool:
         return False
 
 
-def dispatch(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class Invocation:
+    """What a command line asks for, before anything runs: the command, the config it runs with (config file,
+    then dotted keys, then the options that stand for keys), its input paths (prepare's) and the parsed
+    arguments (the options that are not settings: --run, --out, ...)."""
+
+    command: str
+    cfg: RunConfig
+    paths: list[str]
+    args: argparse.Namespace
+
+
+def resolve(args: argparse.Namespace) -> Invocation:
+    """The parsed arguments resolved into the config a command will run with. Apart from dispatch so that
+    which setting wins (an option over its key, a run's own config.yaml) can be seen without running the
+    command; it reads the config files, and raises UserError for a bad input as the command would."""
+    args = argparse.Namespace(**vars(args))  # the caller's stays as parsed
     paths, overrides = split_paths_and_overrides(args.args)
     if paths and args.command != "prepare":
         raise UserError(f"unexpected argument '{shorten(paths[0])}': overrides look like section.key=value")
@@ -162,12 +178,17 @@ def dispatch(args: argparse.Namespace) -> int:
         args.data = [d for d in args.data if d not in overrides]
     settings = [*overrides, *flag_overrides(args)]  # an option given wins over the dotted key it stands for
     if args.command == "quickstart":
-        return pipeline.quickstart(settings, config_path=args.config, force=args.force)
+        args.config = args.config or str(pipeline.quickstart_config_path())
     run_arg = getattr(args, "run", None)
     if run_arg and not args.config and (Path(run_arg) / "config.yaml").is_file():
         args.config = str(Path(run_arg) / "config.yaml")  # evaluate / sample a run with its own settings
-    cfg = load_config(args.config, settings)
-    return HANDLERS[args.command](args, cfg, paths) or 0
+    return Invocation(args.command, load_config(args.config, settings), paths, args)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the command the arguments ask for, with the config they resolve to."""
+    inv = resolve(args)
+    return HANDLERS[inv.command](inv.args, inv.cfg, inv.paths) or 0
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -194,6 +215,10 @@ def _stage(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
 def _pipeline(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
     pipeline.run_pipeline(cfg, force=args.force)
     return 0
+
+
+def _quickstart(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
+    return pipeline.quickstart(cfg, force=args.force)
 
 
 def _run_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
@@ -233,7 +258,8 @@ def _import(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
 
 
 HANDLERS = {"info": _info, "prepare": _prepare, "tokenizer": _stage, "tokenize": _stage, "train": _stage,
-            "pipeline": _pipeline, "eval": _eval, "generate": _generate, "export": _export, "import": _import}
+            "pipeline": _pipeline, "quickstart": _quickstart, "eval": _eval, "generate": _generate,
+            "export": _export, "import": _import}
 
 
 # import names of dependencies whose pip name differs

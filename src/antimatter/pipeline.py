@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from antimatter.config import RunConfig, config_to_dict, load_config, save_config
+from antimatter.config import RunConfig, config_to_dict, save_config
 from antimatter.errors import UserError
 from antimatter.manifest import claim, hash_paths, is_current, owned_by, verify_outputs, write_manifest
 
@@ -206,10 +206,10 @@ def quickstart_config_path() -> Path:
     return Path(str(resources.files("antimatter") / "presets" / "quickstart.yaml"))
 
 
-def quickstart(overrides: list[str], config_path: str | None = None, force: bool = False) -> int:
-    """The whole pipeline on the embedded corpus with a tiny model, then a short summary."""
+def quickstart(cfg: RunConfig, force: bool = False) -> int:
+    """The whole pipeline, then a short summary; `cfg` is loaded from quickstart_config_path() (the embedded
+    corpus, a tiny model) unless the user named another config."""
     started = time.time()
-    cfg = load_config(config_path or quickstart_config_path(), overrides)
     results = run_pipeline(cfg, force=force)
     if "eval" not in results:
         return 1

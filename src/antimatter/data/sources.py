@@ -200,8 +200,9 @@ def _files_of(src: SourceConfig) -> list[tuple[Path, str]]:
     return out
 
 
-def expand_sources(sources: list[SourceConfig], default_corpus_bytes: int) -> list[Unit]:
-    """All units of all sources, in config order then path order: the canonical order of the corpus."""
+def expand_sources(sources: list[SourceConfig], default_corpus_bytes: int, unit_bytes: int = UNIT_BYTES) -> list[Unit]:
+    """All units of all sources, in config order then path order: the canonical order of the corpus. Files
+    smaller than `unit_bytes` are grouped into units of about that size (at most UNIT_FILES files)."""
     if not sources:
         raise UserError("no data sources: set data.sources (or pass paths: antimatter prepare PATH... --out DIR)")
     units: list[Unit] = []
@@ -224,7 +225,7 @@ def expand_sources(sources: list[SourceConfig], default_corpus_bytes: int) -> li
         group_fmt = ""
         for f, fmt in [*_files_of(src), (None, "")]:
             size = f.stat().st_size if f is not None else 0
-            if group and (f is None or fmt != group_fmt or sum(n for _, n in group) + size > UNIT_BYTES
+            if group and (f is None or fmt != group_fmt or sum(n for _, n in group) + size > unit_bytes
                           or len(group) >= UNIT_FILES):
                 units.append(Unit(len(units), si, name, str(group[0][0]), group_fmt, sum(n for _, n in group),
                                   paths=tuple(str(p) for p, _ in group)))
