@@ -6,6 +6,7 @@ tiny corpus written here, no mocks."""
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from antimatter.config import RunConfig
 from antimatter.data.prepare import run_prepare
 from antimatter.data.sample import write_sample_corpus
 from antimatter.data.sources import sources_from_paths
+from antimatter.errors import UserError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TIMEOUT_S = 120
@@ -27,6 +29,7 @@ PLAIN_SCRIPT = """\
 from antimatter.config import load_config
 from antimatter.data.prepare import run_prepare
 from antimatter.data.sources import sources_from_paths
+from antimatter.errors import UserError
 
 cfg = load_config(None, ["data.workers=2", "data.val_fraction=0.2"])
 cfg.data.sources = sources_from_paths([{corpus!r}])
@@ -114,3 +117,19 @@ def test_a_worker_that_dies_ends_prepare_with_one_line(corpus_and_reference, tmp
     assert last.startswith("error: a prepare worker process stopped (exit code 3) while reading "), last
     assert "data.workers" in last
     assert not (tmp_path / "out" / ".prepare-tmp").exists()
+
+
+def test_a_worker_error_is_raised_in_the_main_process(corpus_and_reference, tmp_path):
+    """An error in a worker (here a malformed line under data.strict) is raised by `run_prepare` as it was
+    raised in the worker, with the file named, and the workers and temporary files are gone."""
+    corpus, _ = corpus_and_reference
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a fine document of several words"}\n{broken\n')
+    cfg = RunConfig()
+    cfg.data.sources = sources_from_paths([str(corpus / "books"), str(bad)])
+    cfg.data.workers = 2
+    cfg.data.strict = True
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: malformed JSON"):
+        run_prepare(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / ".prepare-tmp").exists()
+    assert not [p for p in multiprocessing.active_children() if p.name == "antimatter-prepare"]
