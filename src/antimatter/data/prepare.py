@@ -17,14 +17,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue as queue_mod
+import pickle
 import resource
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Iterator
+import traceback
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -86,17 +92,14 @@ class UnitResult:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(data: DataConfig, tmp: str, progress_queue) -> None:
-    _STATE.update(data=data, tmp=Path(tmp), queue=progress_queue, filter=QualityFilter(data.filters),
+def _init_worker(data: DataConfig, tmp: str, report: Callable[[int, int, int], None]) -> None:
+    """`report(disk bytes, documents, text bytes)` takes the worker's progress."""
+    _STATE.update(data=data, tmp=Path(tmp), report=report, filter=QualityFilter(data.filters),
                   signer=Signer(data.dedup) if data.dedup.near else None)
 
 
 def _report(disk: int, docs: int, text: int) -> None:
-    q = _STATE["queue"]
-    if callable(q):
-        q(disk, docs, text)
-    elif q is not None:
-        q.put((disk, docs, text))
+    _STATE["report"](disk, docs, text)
 
 
 class _Meter:
@@ -252,35 +255,131 @@ def _run_workers(units: list[Unit], data: DataConfig, tmp: Path, workers: int) -
 
 
 def _run_pool(units: list[Unit], data: DataConfig, tmp: Path, workers: int, update) -> list[UnitResult]:
-    """`process_unit` of every unit in `workers` processes; the results in unit order."""
+    """`process_unit` of every unit in `workers` spawned processes; the results in unit order.
+
+    Each worker has a pipe to the main process, which hands it the next unit (largest first keeps every
+    worker busy to the end) and receives its progress and results. A worker that dies ends the run with
+    one line; it is never replaced (a replacement that dies the same way would loop forever). The workers
+    are started with the calling script hidden from them (`_calling_script_hidden`)."""
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    results: dict[int, Any] = {}
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(data, str(tmp), q)) as pool:
-        # largest first keeps every worker busy to the end; results are collected in unit order anyway
-        for u in sorted(units, key=lambda u: (-u.nbytes, u.index)):
-            results[u.index] = pool.apply_async(process_unit, (u,))
-        while True:
-            try:
-                while True:
-                    update(*q.get(timeout=0.2))
-            except queue_mod.Empty:
-                pass
-            done = [r for r in results.values() if r.ready()]
-            for r in done:
-                if not r.successful():
-                    r.get()  # re-raises the worker's error (e.g. a UserError under --strict)
-            if len(done) == len(results):
-                break
-        out = [results[u.index].get() for u in units]
-        pool.close()
-        pool.join()
-    while True:
+    todo = sorted(units, key=lambda u: (-u.nbytes, u.index))
+    todo.reverse()  # pop() gives the largest next
+    by_index = {u.index: u for u in units}
+    results: dict[int, UnitResult] = {}
+    procs: list[Any] = []
+    conns: list[Connection] = []
+    busy: dict[Connection, Unit | None] = {}  # open connection -> the unit its worker is on (None: stopping)
+    try:
+        with _calling_script_hidden():
+            for _ in range(workers):
+                here, there = ctx.Pipe()
+                p = ctx.Process(target=_worker, args=(data, str(tmp), there), name="antimatter-prepare",
+                                daemon=True)
+                p.start()
+                there.close()  # the worker holds the only other end: its death reads as EOF here
+                procs.append(p)
+                conns.append(here)
+        for c in conns:
+            busy[c] = _hand_out(c, todo)
+        while busy:
+            for c in mp_connection.wait(list(busy)):
+                assert isinstance(c, Connection)
+                try:
+                    msg = c.recv()
+                except (EOFError, OSError):  # the worker's end closed: it exited or died
+                    if busy[c] is not None:
+                        raise _worker_died(procs[conns.index(c)], busy[c]) from None
+                    del busy[c]  # told to stop, and stopped
+                    continue
+                if msg[0] == "progress":
+                    update(*msg[1:])
+                elif msg[0] == "done":
+                    results[msg[1].index] = msg[1]
+                    busy[c] = _hand_out(c, todo)
+                else:  # "error": the worker's exception (e.g. a UserError under --strict), raised here
+                    _, index, exc, tb = msg
+                    exc.__cause__ = _RemoteTraceback(f"\nin the worker, on {by_index[index].path}:\n{tb}")
+                    raise exc
+    finally:
+        for c in conns:
+            c.close()
+        for p in procs:
+            p.join(timeout=5 if len(results) == len(units) else 0)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    return [results[u.index] for u in units]
+
+
+class _RemoteTraceback(Exception):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _hand_out(conn: Connection, todo: list[Unit]) -> Unit | None:
+    """Send the worker at `conn` its next unit, or None (stop) when none is left; returns what was sent."""
+    unit = todo.pop() if todo else None
+    try:
+        conn.send(unit)
+    except OSError:
+        pass  # the worker is dead: its connection reads as closed next, and its death is reported then
+    return unit
+
+
+def _worker_died(proc: Any, unit: Unit) -> UserError:
+    proc.join(timeout=5)
+    code = proc.exitcode
+    if code is not None and code < 0:
         try:
-            update(*q.get_nowait())
-        except queue_mod.Empty:
-            break
-    return out
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exit code {code}"
+    return UserError(f"a prepare worker process stopped ({how}) while reading {unit.path}: if it ran out of "
+                     f"memory, lower data.workers; data.workers=1 runs everything in this process and shows "
+                     f"any error there")
+
+
+def _worker(data: DataConfig, tmp: str, conn: Connection) -> None:
+    """A worker process: units from `conn` until None, answering each with its progress and its result (or
+    the exception that stopped it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it stops the workers
+    _init_worker(data, tmp, lambda *m: conn.send(("progress", *m)))
+    try:
+        while (unit := conn.recv()) is not None:
+            try:
+                res = process_unit(unit)
+            except Exception as e:  # noqa: BLE001 - every error goes to the main process, which raises it
+                conn.send(("error", unit.index, _sendable(e), traceback.format_exc()))
+                return
+            conn.send(("done", res))
+    except (EOFError, OSError):
+        return  # the main process is gone (or stopped early): nothing to report to
+
+
+def _sendable(e: Exception) -> Exception:
+    """`e`, or a RuntimeError with its text where `e` would not survive the trip to the main process."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+@contextmanager
+def _calling_script_hidden() -> Iterator[None]:
+    """While starting worker processes: the spawn start method makes each new process run the calling
+    script (`__main__`) again unless the script is guarded by `if __name__ == "__main__":`, so a plain
+    script would start prepare again inside every worker (which dies at start), and a script piped on stdin
+    has no file to run (the worker dies too). The workers need nothing from that script, so they are
+    started with a blank `__main__` in its place."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 # ------------------------------------------------------------------------------------ pass 2: dedup, split
