@@ -17,8 +17,9 @@ CPU_WARN_SECONDS = 3600.0  # a CPU run estimated past this is warned about (or, 
 # the commands that fit on a CPU, named by the warning and the refusal
 FITS_ON_CPU = ("`antimatter quickstart` (a 4-layer model, about 3 minutes), or choose a model and a time: "
                "model=quickstart train.max_minutes=10")
-# a CPU's training matmuls reach about this fraction of the probe's rate (GPT-2 124M forward and backward at
-# 1 x 1024 tokens against one 1024^2 fp32 matmul on a 2-core EPYC: 0.6 to 0.8)
+# a CPU's training steps reach about this fraction of the probe's rate: GPT-2 124M, one step of 1 x 1024 tokens
+# (forward, backward, AdamW) against 1024^2 fp32 matmuls on a 2-core CPU gave 0.59 on the first step, 0.81 on
+# the second; the estimate is rough (within 2x), enough to tell minutes from days
 CPU_TRAIN_EFFICIENCY = 0.7
 
 
