@@ -3,7 +3,10 @@ on int8 weights, and the message when torchao is missing."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +49,16 @@ def test_missing_torchao_says_how_to_install(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
     with pytest.raises(UserError, match=r"needs torchao: pip install 'antimatter\[quant\]'"):
         int8_weight_only(make_model())
+
+
+def test_commands_that_may_never_quantise_do_not_import_torchao():
+    """torchao prints warnings when imported (on a CPU build of torch among others): the modules every eval,
+    generate and command-line run loads import it only in the function that quantises."""
+    mods = ["antimatter.cli", "antimatter.eval.report", "antimatter.model.generate", "antimatter.generate_cli",
+            "antimatter.train.trainer", "antimatter.model.accel", "antimatter.model.quantize"]
+    code = f"import importlib, sys\nfor m in {mods!r}: importlib.import_module(m)\n" \
+           "print(sorted(k for k in sys.modules if k.split('.')[0] == 'torchao'))"
+    src = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's code, not an installed copy
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": src})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -257,3 +257,23 @@ def test_adopt_errors_are_one_line_each(trained, tmp_path):
     refused(source, r"^tokenizer.from: .*tokenizer.json has 512 tokens but model.vocab_size is 500: set "
                     r"model.vocab_size=512", "model.vocab_size=500")
     assert not (tmp_path / "out").exists()  # nothing written by a refused adoption
+
+def test_a_corpus_too_small_for_the_vocab_says_so(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """Fewer tokens learned than asked: a log line and the stage summary (the manifest's counts) say how many,
+    out of how many, and why (no pair left that occurs min_frequency times)."""
+    write_split(tmp_path / "data" / "train", TEXTS)
+    cfg = load_config(None, ["model=tiny", "model.vocab_size=4096", "tokenizer.vocab_size=4096"])
+    info = train_tokenizer(cfg, tmp_path / "data", tmp_path / "tokenizer")
+    assert info["vocab_size"] < 4096 == info["requested_vocab_size"]
+    note = info["note"]
+    assert f"learned {info['vocab_size']:,} of the 4,096 tokens asked by tokenizer.vocab_size" in note
+    assert "too small for that many merges" in note and "add text" in note
+    assert f"tokenizer.vocab_size={info['vocab_size']}" in note
+    assert f"tokenizer: note: {note}" in capsys.readouterr().err
+
+
+def test_a_vocab_the_corpus_supports_has_no_note(trained):
+    tiny = load_config(None, ["model=tiny", "tokenizer.vocab_size=300"])
+    root = trained[0]
+    info = train_tokenizer(tiny, root / "data", root / "tok300")
+    assert info["vocab_size"] == 300 and "note" not in info

@@ -97,8 +97,9 @@ def _require(path: Path, what: str, command: str) -> None:
         raise UserError(f"{what} not found at {path}: run `antimatter {command}` first (or `antimatter pipeline`)")
 
 
-def run_stage(stage: str, cfg: RunConfig, force: bool = False) -> dict[str, Any]:
-    """Run one stage of the run `cfg.run_dir`, unless its outputs are already current."""
+def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bool = False) -> dict[str, Any]:
+    """Run one stage of the run `cfg.run_dir`, unless its outputs are already current (`model_checked`: the
+    pipeline already checked the run's model against the device)."""
     run = cfg.run_dir
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if stage != "train" and world > 1:
@@ -109,6 +110,8 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False) -> dict[str, Any]
         save_config(cfg, run / "config.yaml")
     if stage == "train":
         _require(run / "tokens" / "meta.json", "token shards", "tokenize")
+        if not model_checked:
+            _check_default_model(cfg)
         from antimatter.train.trainer import train  # here: torch
 
         return train(cfg, run)
@@ -163,10 +166,21 @@ def _summary_counts(counts: Any) -> dict[str, Any]:
     return {k: v for k, v in counts.items() if isinstance(v, int | float | str | bool)}
 
 
+def _check_default_model(cfg: RunConfig) -> None:
+    """No model chosen and a CPU: refused before any stage runs when it would take hours (train/estimate.py)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from antimatter.train.estimate import check_default_model  # here: torch
+
+    check_default_model(cfg, log=_log)
+
+
 def run_pipeline(cfg: RunConfig, force: bool = False, stages: tuple[str, ...] = STAGE_ORDER) -> dict[str, Any]:
     results: dict[str, Any] = {}
+    if "train" in stages:  # before the data stages: a 50k-token tokenizer for a model that will not train
+        _check_default_model(cfg)
     for stage in stages:
-        results[stage] = run_stage(stage, cfg, force=force)
+        results[stage] = run_stage(stage, cfg, force=force, model_checked=True)
         stopped = results[stage].get("stopped") if isinstance(results[stage], dict) else None
         if stage == "train" and stopped == "signal":
             _log("[pipeline] training was interrupted and saved a checkpoint; run the same command to resume")

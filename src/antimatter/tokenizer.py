@@ -178,6 +178,23 @@ def new_byte_level_bpe() -> HFTokenizer:
     return tok
 
 
+def short_vocab_note(cfg: Any, reached: int, asked: int, stats: dict[str, Any]) -> str:
+    """Why BPE stopped before `asked` tokens, and what would fix it. The trainer stops when no pair of
+    tokens occurs min_frequency times in the sample any more: the text is too small for that many merges."""
+    source = "tokenizer.vocab_size" if cfg.tokenizer.vocab_size else "model.vocab_size (tokenizer.vocab_size unset)"
+    used, total = stats.get("bytes_used", 0), stats.get("bytes_total", 0)
+
+    def size(n: int) -> str:
+        return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n:,} bytes"
+
+    more = (f"raise tokenizer.train_bytes (the sample used {size(used)} of {size(total)})" if used < total
+            else "add text")
+    return (f"learned {reached:,} of the {asked:,} tokens asked by {source}: the {size(used)} of training "
+            f"text has no more pairs seen {cfg.tokenizer.min_frequency}+ times, too small for that many "
+            f"merges; {more}, or ask for tokenizer.vocab_size={reached}. The model keeps vocab "
+            f"{cfg.model.vocab_size:,} (the unused rows are never trained)")
+
+
 def train_tokenizer(cfg: Any, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Learn merges on a bounded sample of `data_dir/train`, write `out_dir/tokenizer.json` (+ HF files)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -211,8 +228,8 @@ def train_tokenizer(cfg: Any, data_dir: Path, out_dir: Path) -> dict[str, Any]:
         **stats, "seconds": round(seconds, 2), "files": list(HF_FILES),
     }
     if wrapped.vocab_size < vocab_size:
-        summary["note"] = (f"the sample only supports {wrapped.vocab_size} tokens at min_frequency "
-                           f"{cfg.tokenizer.min_frequency}; the model keeps vocab {cfg.model.vocab_size}")
+        summary["note"] = short_vocab_note(cfg, wrapped.vocab_size, vocab_size, stats)
+        print(f"tokenizer: note: {summary['note']}", file=sys.stderr)
     print(f"tokenizer: vocab {wrapped.vocab_size:,} (eot id {wrapped.eot_id}) learned from "
           f"{stats['docs_used']:,}/{stats['docs_total']:,} docs, {stats['bytes_used'] / 1e6:.1f}/"
           f"{stats['bytes_total'] / 1e6:.1f} MB in {seconds:.1f}s -> {out_dir / 'tokenizer.json'}",

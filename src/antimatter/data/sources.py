@@ -452,7 +452,7 @@ def _read_arrow(path: Path, name: str, text_field: str, strict: bool) -> Iterato
 def html_to_text(html: str) -> str:
     """Main text of an HTML page: trafilatura when installed (boilerplate removal), else the visible text."""
     try:
-        import trafilatura  # optional: `pip install trafilatura`
+        import trafilatura  # optional: `pip install 'antimatter[html]'`
 
         text = trafilatura.extract(html, include_comments=False, include_tables=True)
         if text:

@@ -60,7 +60,8 @@ def enable_fp8_training(model: nn.Module, recipe: str = "tensorwise") -> int:
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
-        raise UserError("fp8 training needs torchao: pip install torchao (or set train.fp8=false)") from None
+        raise UserError("fp8 training needs torchao: pip install 'antimatter[quant]' (or pip install torchao), "
+                        "or set train.fp8=false") from None
     config = Float8LinearConfig.from_recipe_name(recipe)
     convert_to_float8_training(model, config=config, module_filter_fn=_fp8_filter)
     return sum(type(m).__name__ == "Float8Linear" for m in model.modules())

@@ -64,6 +64,7 @@ from antimatter.train.distributed import (
     init_distributed,
     shutdown,
 )
+from antimatter.train.estimate import estimate_message
 from antimatter.train.metrics import Meter, StepStats, TrainClock, trim_metrics
 from antimatter.train.optim import build_optimizers, lr_factor, set_lr
 from antimatter.train.parallelize import parallelize
@@ -72,6 +73,9 @@ UNDECIDED = 2**62  # the step count of a time-budgeted run before its first step
 # A budgeted run times CALIBRATION_STEPS steps one by one, after the compiling step and CALIBRATION_SKIP more
 # (the first steps run slower: allocator and cache warm-up); their median fixes the step count
 CALIBRATION_SKIP, CALIBRATION_STEPS = 5, 10
+# A step-count run logs its estimated time to finish after ESTIMATE_STEPS timed steps past the compiling one,
+# or sooner once ESTIMATE_SECONDS of them have passed (a slow CPU run learns it after one or two steps)
+ESTIMATE_STEPS, ESTIMATE_SECONDS = 3, 20.0
 
 
 def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -529,12 +533,24 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
 
     def _time_step(self) -> None:
-        """The first step of this process compiles: training time starts after it. A time-budgeted run then
-        times each step alone (a sync each) until its step count is fixed."""
+        """The first step of this process compiles: training time starts after it. A step-count run then
+        times its next few steps (a sync each) and logs its estimated time to finish; a time-budgeted run
+        times each step alone until its step count is fixed."""
         if self.step == self.start_step + 1:
             self.clock.start()
             self.compile_seconds = time.perf_counter() - self.loop_started
             self.step_ends = [self.clock.started_at]
+            self.estimate_from = self.clock.now()
+            self.estimated = self.max_steps == UNDECIDED  # a time budget logs its own line
+        elif not self.estimated:
+            self.clock.sync()
+            timed, seconds = self.step - self.start_step - 1, self.clock.now() - self.estimate_from
+            if timed >= ESTIMATE_STEPS or seconds >= ESTIMATE_SECONDS:
+                self.estimated = True
+                if self.step < self.max_steps:
+                    for line in estimate_message(self.step, self.max_steps, seconds / timed, timed,
+                                                 on_cpu=self.device.type == "cpu"):
+                        self.log(line)
         elif self.max_steps == UNDECIDED:
             self.clock.sync()
             self.step_ends.append(time.perf_counter())
