@@ -73,16 +73,18 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def _history_stem(run_dir: Path, step: Any) -> str:
-    """A new history name, STAMP_stepNNNNNN (UTC), with -1, -2 ... added when that second is taken."""
+def _history_name(run_dir: Path, step: Any, suffix: str = "") -> str:
+    """A new history name, STAMP_stepNNNNNN{suffix} (UTC), with -1, -2 ... added when that second is taken
+    (in results/evaluations or results/generated_samples)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     base = f"{stamp}_step{step:06d}" if isinstance(step, int) else f"{stamp}_step-unknown"
-    taken = {p.name.split(".")[0].removesuffix("_files")
-             for d in (run_dir / EVAL_DIR, run_dir / SAMPLES_DIR) if d.is_dir() for p in d.glob(f"{base}*.json")}
+    def name(n: int) -> str:
+        return f"{base}{f'-{n}' if n else ''}{suffix}"
+
     n = 0
-    while (stem := base if n == 0 else f"{base}-{n}") in taken:
+    while any((run_dir / d / f"{name(n)}.json").exists() for d in (EVAL_DIR, SAMPLES_DIR)):
         n += 1
-    return stem
+    return name(n)
 
 
 def _model_shape(model_cfg) -> dict:
@@ -392,7 +394,7 @@ def run_eval(cfg: RunConfig, run_dir: Path, checkpoint: str | None = None,
     result.update(_speed_size_plots(e, qmodel, val, score))
     prov = provenance(e.device)
     result.update(_provenance_section(e, result, prov))
-    stem = _history_stem(e.run_dir, result["checkpoint"]["step"])
+    stem = _history_name(e.run_dir, result["checkpoint"]["step"])
     result["outputs"] = {"evaluation": str(e.run_dir / EVAL_FILE), "history": str(e.run_dir / EVAL_DIR / f"{stem}.json"),
                          "samples": str(e.run_dir / SAMPLES_FILE),
                          "samples_history": str(e.run_dir / SAMPLES_DIR / f"{stem}.json"),
@@ -418,7 +420,7 @@ def score_data_files(cfg: RunConfig, run_dir: Path, data_files: list[str], check
     result["files"] = score_files(e.model, e.tok, data_files, e.seq_len, e.stride, e.byte_lens,
                                   batch_size=e.ev.batch_size, dtype=e.ev.dtype, text_field=e.ev.text_field)
     result.update(_provenance_section(e, result, provenance(e.device)))
-    path = e.run_dir / EVAL_DIR / f"{_history_stem(e.run_dir, result['checkpoint']['step'])}_files.json"
+    path = e.run_dir / EVAL_DIR / f"{_history_name(e.run_dir, result['checkpoint']['step'], '_files')}.json"
     result["outputs"] = {"evaluation": str(path)}
     result["seconds"] = round(time.time() - started, 2)
     result = {k: result[k] for k in RESULT_ORDER if k in result}
