@@ -8,6 +8,7 @@ import importlib
 import inspect
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -284,7 +285,7 @@ def test_run_eval_writes_report(tiny_run: Path, tmp_path: Path, capsys: pytest.C
     assert (tiny_run / EVAL_FILE).read_bytes() == final_bytes
     assert (tiny_run / SAMPLES_FILE).read_bytes() == samples_bytes
     entry = Path(scored["outputs"]["evaluation"])
-    assert entry.parent == tiny_run / EVAL_DIR and entry.name.endswith("_step000120_files.json")
+    assert entry.parent == tiny_run / EVAL_DIR and re.fullmatch(r"\d{8}T\d{6}Z_step000120(_\d+)?_files\.json", entry.name)
     assert json.loads(entry.read_text()) == scored and scored["kind"] == "files" and "val" not in scored
     assert scored["checkpoint"]["manifest_sha256"] == res["checkpoint"]["manifest_sha256"]
 

@@ -4,7 +4,7 @@ Every evaluation keeps its own files; nothing earlier is deleted. Under RUN/resu
   * evaluations/STAMP_stepNNNNNN.json - one full evaluation: val loss / perplexity / bits per byte, the
     unigram baseline, continuation quality, speed, size, and provenance (command, git commit, checkpoint and
     the sha256 of its weights and manifest, tokenizer hash, the scored val tokens' hash, device, versions,
-    date); STAMP is the UTC time it started (20261124T101530Z);
+    date); STAMP is the UTC time it was written (20261124T101530Z);
   * evaluations/final_evaluation.json - a copy of the latest full evaluation (what the pipeline, export and
     the docs read), replaced atomically;
   * evaluations/STAMP_stepNNNNNN_files.json - `eval --data FILE ...`: loss / perplexity / bits per byte of
@@ -74,12 +74,12 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _history_name(run_dir: Path, step: Any, suffix: str = "") -> str:
-    """A new history name, STAMP_stepNNNNNN{suffix} (UTC), with -1, -2 ... added when that second is taken
-    (in results/evaluations or results/generated_samples)."""
+    """A new history name, STAMP_stepNNNNNN{suffix} (UTC), with _2, _3 ... added when that second is taken
+    (in results/evaluations or results/generated_samples), so that names sort in the order they were made."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     base = f"{stamp}_step{step:06d}" if isinstance(step, int) else f"{stamp}_step-unknown"
     def name(n: int) -> str:
-        return f"{base}{f'-{n}' if n else ''}{suffix}"
+        return f"{base}{f'_{n + 1}' if n else ''}{suffix}"
 
     n = 0
     while any((run_dir / d / f"{name(n)}.json").exists() for d in (EVAL_DIR, SAMPLES_DIR)):
