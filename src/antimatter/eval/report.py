@@ -18,6 +18,7 @@ Every evaluation keeps its own files; nothing earlier is deleted. Under RUN/resu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ def _history_name(run_dir: Path, step: Any, suffix: str = "") -> str:
     (in results/evaluations or results/generated_samples), so that names sort in the order they were made."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     base = f"{stamp}_step{step:06d}" if isinstance(step, int) else f"{stamp}_step-unknown"
+
     def name(n: int) -> str:
         return f"{base}{f'_{n + 1}' if n else ''}{suffix}"
 
@@ -310,8 +312,6 @@ def _manifest(ckpt: Path) -> dict:
 def tokens_sha256(stream: np.ndarray) -> str:
     """The sha256 of scored token ids (as little-endian uint32, whatever the shards' dtype): two evaluations
     scored the same val targets exactly when these match."""
-    import hashlib
-
     return hashlib.sha256(np.asarray(stream, dtype="<u4").tobytes()).hexdigest()
 
 
