@@ -8,6 +8,8 @@ import importlib
 import inspect
 import json
 import math
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from antimatter.eval.perplexity import (
     unigram_score,
 )
 from antimatter.eval.plots import plot_training
-from antimatter.eval.report import compare_runs, run_eval
+from antimatter.eval.report import EVAL_DIR, EVAL_FILE, SAMPLES_DIR, SAMPLES_FILE, compare_runs, run_eval
 from antimatter.model.gpt import GPT
 
 STDLIB = ["json", "os", "re", "collections", "functools", "itertools", "pathlib", "argparse", "logging",
@@ -57,14 +59,14 @@ def write_split(path: Path, texts: list[str], prefix: str) -> None:
     (path / "00000.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(("\n".join(lines) + "\n").encode()))
 
 
-def build_tiny_run(root: Path, steps: int = 120, name: str = "tiny") -> Path:
+def build_tiny_run(root: Path, steps: int = 120, name: str = "tiny", vocab_size: int = 400) -> Path:
     """A real run folder: stdlib docstrings -> real BPE tokenizer -> real token shards -> the tiny GPT trained
     a hundred steps on CPU -> a real checkpoint and logs/metrics.jsonl."""
     from antimatter.checkpoint import save_checkpoint
     from antimatter.tokenizer import train_tokenizer
     from antimatter.tokens import TokenWindows, run_tokenize
 
-    cfg = load_config(None, ["model=tiny", f"name={name}", f"runs_dir={root}", "tokenizer.vocab_size=400",
+    cfg = load_config(None, ["model=tiny", f"name={name}", f"runs_dir={root}", f"tokenizer.vocab_size={vocab_size}",
                              "train.device=cpu", "train.micro_batch_size=16", f"train.max_steps={steps}"])
     run = cfg.run_dir
     docs = stdlib_docs()
@@ -268,9 +270,24 @@ def test_run_eval_writes_report(tiny_run: Path, tmp_path: Path, capsys: pytest.C
     jl = tmp_path / "docs.jsonl.zst"
     jl.write_bytes(zstandard.ZstdCompressor().compress(
         "\n".join(json.dumps({"text": d}) for d in stdlib_docs()[3:8]).encode()))
-    res = run_eval(eval_cfg(tiny_run, "eval.stride=32"), tiny_run, data_files=[str(text), str(jl)])
+    res = run_eval(eval_cfg(tiny_run, "eval.stride=32"), tiny_run)
     out = capsys.readouterr().out
     assert "val perplexity" in out and "final_evaluation.json" in out
+    final_bytes = (tiny_run / EVAL_FILE).read_bytes()
+    samples_bytes = (tiny_run / SAMPLES_FILE).read_bytes()
+    assert Path(res["outputs"]["history"]).read_bytes() == final_bytes  # the latest full evaluation, as kept
+    assert Path(res["outputs"]["samples_history"]).read_bytes() == samples_bytes
+
+    # --data: only those files, into a history entry of their own; the full evaluation stays byte-identical
+    scored = run_eval(eval_cfg(tiny_run, "eval.stride=32"), tiny_run, data_files=[str(text), str(jl)])
+    out = capsys.readouterr().out
+    assert "essay.md" in out and "docs.jsonl.zst" in out and "val perplexity" not in out
+    assert (tiny_run / EVAL_FILE).read_bytes() == final_bytes
+    assert (tiny_run / SAMPLES_FILE).read_bytes() == samples_bytes
+    entry = Path(scored["outputs"]["evaluation"])
+    assert entry.parent == tiny_run / EVAL_DIR and re.fullmatch(r"\d{8}T\d{6}Z_step000120(_\d+)?_files\.json", entry.name)
+    assert json.loads(entry.read_text()) == scored and scored["kind"] == "files" and "val" not in scored
+    assert scored["checkpoint"]["manifest_sha256"] == res["checkpoint"]["manifest_sha256"]
 
     saved = json.loads((tiny_run / "results/evaluations/final_evaluation.json").read_text())
     assert saved["val"] == res["val"]
@@ -282,7 +299,7 @@ def test_run_eval_writes_report(tiny_run: Path, tmp_path: Path, capsys: pytest.C
     by_source = v["by_source"]
     assert sorted(by_source) == ["even", "odd"] and sum(x["tokens"] for x in by_source.values()) <= 2000
     assert all(x["documents"] > 0 and x["bits_per_byte"] > 0 for x in by_source.values())
-    files = {Path(f["path"]).name: f for f in saved["files"]}
+    files = {Path(f["path"]).name: f for f in scored["files"]}
     assert files["essay.md"]["bytes"] == files["essay.md"]["text_bytes"]  # every byte scored once
     assert files["docs.jsonl.zst"]["documents"] == 5 and len(files["docs.jsonl.zst"]["sha256"]) == 64
     c = saved["continuation"]
@@ -302,8 +319,48 @@ def test_run_eval_writes_report(tiny_run: Path, tmp_path: Path, capsys: pytest.C
     assert [x["prompt"] for x in samples["samples"]][0] == "The future of artificial intelligence"
     assert samples["seed"] == 42 and samples["settings"]["max_new_tokens"] == 12
 
-    table = compare_runs([tiny_run, tiny_run])
+    table = compare_runs([tiny_run, tiny_run])  # files scored with --data against this checkpoint get rows
     assert "val perplexity" in table and "essay.md bits/byte" in table and "val odd bits/byte" in table and f"{v['perplexity']:.2f}" in table
+    assert f"{files['essay.md']['bits_per_byte']:.4f}" in table and "warning" not in table
+
+
+def test_evaluations_keep_a_history(tiny_run: Path) -> None:
+    """Two evaluations: two history files (and their samples), nothing earlier deleted, and
+    final_evaluation.json is the later one."""
+    def full_entries() -> set[Path]:
+        return {p for p in (tiny_run / EVAL_DIR).glob("*_step*.json") if not p.name.endswith("_files.json")}
+
+    before = full_entries()
+    quick = ("eval.speed=false", "eval.plots=false", "eval.unigram=false", "eval.continuation_docs=1")
+    first = run_eval(eval_cfg(tiny_run, *quick), tiny_run)
+    second = run_eval(eval_cfg(tiny_run, *quick, "eval.max_eval_tokens=1000"), tiny_run)
+    new = full_entries() - before
+    assert new == {Path(first["outputs"]["history"]), Path(second["outputs"]["history"])} and before <= full_entries()
+    assert json.loads(Path(first["outputs"]["history"]).read_text())["val"]["tokens"] == 2000
+    assert json.loads((tiny_run / EVAL_FILE).read_text()) == second and second["val"]["tokens"] == 1000
+    assert {Path(first["outputs"]["samples_history"]), Path(second["outputs"]["samples_history"])} <= set(
+        (tiny_run / SAMPLES_DIR).glob("*_step000120*.json"))
+
+
+def test_compare_warns_when_tokenizers_or_val_sets_differ(tiny_run: Path, tmp_path: Path) -> None:
+    quick = ("eval.speed=false", "eval.plots=false", "eval.unigram=false", "eval.by_source=false",
+             "eval.continuation_docs=1")
+    if not (tiny_run / EVAL_FILE).is_file():
+        run_eval(eval_cfg(tiny_run, *quick), tiny_run)
+    assert "warning" not in compare_runs([tiny_run, tiny_run])
+
+    same = tmp_path / "same"  # the same checkpoint scored on fewer val tokens
+    shutil.copytree(tiny_run, same)
+    run_eval(eval_cfg(same, *quick, "eval.max_eval_tokens=500"), same)
+    first = compare_runs([tiny_run, same]).splitlines()[0]
+    assert first.startswith("warning: these runs used different val sets") and "500 tokens" in first
+    assert "tokenizers" not in first
+
+    other = build_tiny_run(tmp_path, steps=5, name="other", vocab_size=360)  # another tokenizer
+    run_eval(eval_cfg(other, *quick), other)
+    first = compare_runs([tiny_run, other]).splitlines()[0]
+    assert first.startswith("warning: these runs used different tokenizers") and "not comparable" in first
+    assert "val sets" in first  # other ids for the same text
 
 
 def test_non_overlapping_val_matches_eval_windows(tiny_run: Path) -> None:

@@ -142,6 +142,34 @@ def test_rerun_skips_the_data_stages(finished_run, tmp_path, capfd):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000004"  # nothing left to train
 
 
+def test_eval_reruns_only_when_the_checkpoint_or_its_settings_change(finished_run, tmp_path, capfd):
+    runs = copy_run(finished_run, tmp_path)
+    run, corpus = runs / "tiny", finished_run[1]
+    final = run / "results" / "evaluations" / "final_evaluation.json"
+
+    def history() -> list[Path]:
+        return sorted(p for p in final.parent.glob("*_step*.json") if not p.name.endswith("_files.json"))
+
+    assert len(history()) == 1 and json.loads(history()[0].read_text()) == json.loads(final.read_text())
+    before = final.read_bytes()
+    capfd.readouterr()
+    results = run_pipeline(tiny_run_config(runs, corpus))  # nothing changed: the evaluation still holds
+    assert results["eval"] == {"skipped": True} and "[eval] up to date" in capfd.readouterr().err
+    assert final.read_bytes() == before and len(history()) == 1
+
+    latest = ("eval.checkpoint=latest",)
+    results = run_pipeline(tiny_run_config(runs, corpus, *latest))  # other eval settings: evaluate again
+    assert not results["eval"].get("skipped") and len(history()) == 2
+    capfd.readouterr()
+    results = run_pipeline(tiny_run_config(runs, corpus, *latest))
+    assert results["eval"] == {"skipped": True} and "[eval] up to date" in capfd.readouterr().err
+
+    results = run_pipeline(tiny_run_config(runs, corpus, *latest, "train.max_steps=6"))  # a new checkpoint
+    assert not results["eval"].get("skipped") and "[eval] up to date" not in capfd.readouterr().err
+    ev = json.loads(final.read_text())
+    assert ev["checkpoint"]["step"] == 6 and len(history()) == 3 and history()[-1].name.endswith("_step000006.json")
+
+
 def test_tokenizer_change_redoes_tokenizer_and_tokenize_only(finished_run, tmp_path, capfd):
     runs = copy_run(finished_run, tmp_path)
     run = runs / "tiny"

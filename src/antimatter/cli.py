@@ -33,8 +33,10 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
     "train": ("train the model (one process, or many under torchrun)", []),
     "eval": ("perplexity, bits per byte, BLEU/ROUGE-L, speed, size, plots", [
         ("--run", dict(help="run folder to evaluate (default: RUNS_DIR/NAME)")),
-        ("--data", dict(nargs="+", help="score these files (txt, md, jsonl[.gz|.zst]) too")),
-        ("--compare", dict(nargs="+", metavar="RUN", help="print a table comparing these runs"))]),
+        ("--data", dict(nargs="+", help="score only these files (txt, md, jsonl[.gz|.zst]) into the run's "
+                                        "evaluation history; final_evaluation.json stays as it is")),
+        ("--compare", dict(nargs="+", metavar="RUN", help="print a table comparing these runs (a warning line "
+                                                          "when their tokenizers or val sets differ)"))]),
     "generate": ("sample text: one-shot with --prompt, else an interactive prompt", [
         _RUN, ("--prompt", dict(help="prompt text; without it an interactive session starts"))]),
     "export": ("write a Hugging Face folder (config.json, safetensors, tokenizer)", [

@@ -1,7 +1,8 @@
 """Stage orchestration: each stage reads the previous stage's folder, writes its own and a manifest.
 
 A stage whose manifest matches its inputs (hashes) and config is skipped, so `antimatter pipeline` resumes
-where it stopped; `--force` redoes it. Training resumes from its own checkpoints instead.
+where it stopped; `--force` redoes it. Training resumes from its own checkpoints instead; eval is skipped
+while final_evaluation.json belongs to the checkpoint it would evaluate (and the same eval settings).
 
 The CLI imports this module for every command, `--help` included: each stage's module (torch, or a second or
 two of imports) is imported by the function that runs it.
@@ -116,8 +117,12 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bo
 
         return train(cfg, run)
     if stage == "eval":
-        from antimatter.eval.report import run_eval  # here: torch
+        from antimatter.eval.report import EVAL_FILE, evaluation_is_current, run_eval  # here: torch
 
+        current = None if force else evaluation_is_current(cfg, run)
+        if current:
+            _log(f"[eval] up to date ({run / EVAL_FILE}: {current}); use --force to redo")
+            return {"skipped": True}
         return run_eval(cfg, run)
     if stage == "tokenizer" and not cfg.tokenizer.from_:  # an adopted tokenizer reads no data
         _require(run / "data" / "train", "prepared data", "prepare")

@@ -1,19 +1,28 @@
 """`antimatter eval`: turn a run (or one of its checkpoints) into the evidence a user shows.
 
-Writes, under RUN/results/:
-  * evaluations/final_evaluation.json - val loss / perplexity / bits per byte (and those of any --data
-    files), the unigram baseline, continuation quality, speed, size, and provenance (command, git commit,
-    checkpoint and its sha256, tokenizer hash, data hashes, device, versions, date);
-  * generated_samples/sample_generations.json - the config's prompts, sampling settings, seed, outputs;
-  * plots/*.png - training curves from logs/metrics.jsonl.
+Every evaluation keeps its own files; nothing earlier is deleted. Under RUN/results/:
+  * evaluations/STAMP_stepNNNNNN.json - one full evaluation: val loss / perplexity / bits per byte, the
+    unigram baseline, continuation quality, speed, size, and provenance (command, git commit, checkpoint and
+    the sha256 of its weights and manifest, tokenizer hash, the scored val tokens' hash, device, versions,
+    date); STAMP is the UTC time it was written (20261124T101530Z);
+  * evaluations/final_evaluation.json - a copy of the latest full evaluation (what the pipeline, export and
+    the docs read), replaced atomically;
+  * evaluations/STAMP_stepNNNNNN_files.json - `eval --data FILE ...`: loss / perplexity / bits per byte of
+    those files only; final_evaluation.json and the samples stay as they are;
+  * generated_samples/STAMP_stepNNNNNN.json and sample_generations.json (the latest) - the config's
+    prompts, sampling settings, seed, outputs;
+  * plots/*.png - training curves from logs/metrics.jsonl (redrawn by each full evaluation).
+`evaluation_is_current` tells the pipeline whether final_evaluation.json still belongs to the checkpoint;
 `compare_runs` prints several runs' final_evaluation.json side by side.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from antimatter.checkpoint import check_checkpoint_tokenizer, load_model
+from antimatter.checkpoint import CheckpointError, check_checkpoint_tokenizer, load_model, resolve_checkpoint
 from antimatter.config import EvalConfig, RunConfig, config_to_dict, load_config
 from antimatter.data.records import iter_records, split_files
 from antimatter.device import pick_device, resolve_dtype
@@ -49,11 +58,13 @@ from antimatter.provenance import provenance, sha256_file
 from antimatter.tokenizer import Tokenizer, load_tokenizer
 from antimatter.tokens import TokenShards, check_tokenizer
 
-EVAL_FILE = Path("results/evaluations/final_evaluation.json")
-SAMPLES_FILE = Path("results/generated_samples/sample_generations.json")
+EVAL_DIR = Path("results/evaluations")
+EVAL_FILE = EVAL_DIR / "final_evaluation.json"
+SAMPLES_DIR = Path("results/generated_samples")
+SAMPLES_FILE = SAMPLES_DIR / "sample_generations.json"
 PLOTS_DIR = Path("results/plots")
 CONTINUATION_SCAN_TOKENS = 4_000_000
-RESULT_ORDER = ("run", "checkpoint", "model", "tokenizer", "val", "files", "continuation", "speed", "speed_int8",
+RESULT_ORDER = ("kind", "run", "checkpoint", "model", "tokenizer", "val", "files", "continuation", "speed", "speed_int8",
                 "size", "plots", "data", "settings", "outputs", "provenance", "seconds")
 BYTE_COUNT_METHOD = ("sum of the UTF-8 byte lengths of the scored tokens (byte-level BPE: each token is a fixed "
                      "byte string; <|endoftext|> counts 0 bytes)")
@@ -61,6 +72,21 @@ BYTE_COUNT_METHOD = ("sum of the UTF-8 byte lengths of the scored tokens (byte-l
 
 def _write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _history_name(run_dir: Path, step: Any, suffix: str = "") -> str:
+    """A new history name, STAMP_stepNNNNNN{suffix} (UTC), with _2, _3 ... added when that second is taken
+    (in results/evaluations or results/generated_samples), so that names sort in the order they were made."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    base = f"{stamp}_step{step:06d}" if isinstance(step, int) else f"{stamp}_step-unknown"
+
+    def name(n: int) -> str:
+        return f"{base}{f'_{n + 1}' if n else ''}{suffix}"
+
+    n = 0
+    while any((run_dir / d / f"{name(n)}.json").exists() for d in (EVAL_DIR, SAMPLES_DIR)):
+        n += 1
+    return name(n)
 
 
 def _model_shape(model_cfg) -> dict:
@@ -156,7 +182,7 @@ class Evaluation:
     seq_len: int
     stride: int
     byte_lens: np.ndarray
-    shards: TokenShards
+    shards: TokenShards | None  # None: only --data files are scored
     stream: np.ndarray
 
     @property
@@ -168,8 +194,9 @@ class Evaluation:
                                batch_size=self.ev.batch_size, dtype=self.ev.dtype, desc=desc)
 
 
-def _start(ev: EvalConfig, run_dir: Path, which: str, data_files: list[str] | None) -> Evaluation:
-    """Load and check the checkpoint, its tokenizer and every --data file; read the val tokens to score."""
+def _start(ev: EvalConfig, run_dir: Path, which: str, data_files: list[str] | None, val: bool = True) -> Evaluation:
+    """Load and check the checkpoint, its tokenizer and every --data file; read the val tokens to score
+    (`val`: False when only the --data files are scored)."""
     check_settings(ev)
     device = pick_device(ev.device, setting="eval.device")
     model, run_cfg, ckpt, tok = load_for_eval(run_dir, which, device)
@@ -179,14 +206,18 @@ def _start(ev: EvalConfig, run_dir: Path, which: str, data_files: list[str] | No
     byte_lens = token_byte_lengths(tok)
     if len(byte_lens) < model.cfg.vocab_size:
         byte_lens = np.pad(byte_lens, (0, model.cfg.vocab_size - len(byte_lens)))
+    stride = min(ev.stride or seq_len, seq_len)
+    if not val:
+        return Evaluation(run_dir, ev, which, device, model, tok, ckpt, seq_len, stride, byte_lens, None,
+                          np.zeros(0, dtype=np.int64))
     val_dir = run_dir / "tokens" / "val"
     shards = TokenShards(val_dir, model.cfg.vocab_size)
     n = shards.num_tokens if ev.max_eval_tokens <= 0 else min(shards.num_tokens, ev.max_eval_tokens + 1)
     if n < 2:
         raise UserError(f"{val_dir} holds {shards.num_tokens} tokens, too few to evaluate: add data or raise "
                         f"data.val_fraction, then re-run prepare and tokenize")
-    return Evaluation(run_dir, ev, which, device, model, tok, ckpt, seq_len, min(ev.stride or seq_len, seq_len),
-                      byte_lens, shards, shards.read(0, n))
+    return Evaluation(run_dir, ev, which, device, model, tok, ckpt, seq_len, stride, byte_lens, shards,
+                      shards.read(0, n))
 
 
 def _int8_scores(e: Evaluation, score: Score) -> tuple[dict, GPT]:
@@ -218,6 +249,7 @@ def _val_section(e: Evaluation) -> tuple[dict, Score, GPT | None]:
     val: dict[str, Any] = {**score.to_dict(), "seq_len": e.seq_len, "stride": e.stride,
                            "dtype": resolve_dtype(e.ev.dtype, e.device, "eval.dtype"),
                            "tokens_available": e.shards.num_tokens, "complete_split": e.complete_split,
+                           "tokens_sha256": tokens_sha256(e.stream),
                            "byte_count_method": BYTE_COUNT_METHOD}
     qmodel = None
     if e.ev.int8:
@@ -277,53 +309,137 @@ def _manifest(ckpt: Path) -> dict:
     return json.loads(path.read_text("utf-8")) if path.is_file() else {}
 
 
+def tokens_sha256(stream: np.ndarray) -> str:
+    """The sha256 of scored token ids (as little-endian uint32, whatever the shards' dtype): two evaluations
+    scored the same val targets exactly when these match."""
+    return hashlib.sha256(np.asarray(stream, dtype="<u4").tobytes()).hexdigest()
+
+
+def _checkpoint_identity(ckpt: Path) -> dict:
+    """The step and the sha256 of the manifest (which lists every file's sha256): what the pipeline compares
+    to decide whether final_evaluation.json still belongs to the checkpoint."""
+    path = ckpt / "manifest.json"
+    return {"step": _manifest(ckpt).get("step"), "manifest_sha256": sha256_file(path) if path.is_file() else None}
+
+
 def _provenance_section(e: Evaluation, result: dict, prov: dict) -> dict:
-    """Which checkpoint, model, tokenizer, data and settings the figures belong to, and where they are."""
+    """Which checkpoint, model, tokenizer, data and settings the figures belong to."""
     manifest, weights = _manifest(e.ckpt), e.ckpt / "model.safetensors"
     meta_path = e.run_dir / "tokens" / "meta.json"
     tok = e.tok
+    data: dict[str, Any] = {}
+    if e.shards is not None:
+        data["val_shards"] = {f.name: sha256_file(f) for f in e.shards.files}
+    data["tokens_meta_sha256"] = sha256_file(meta_path) if meta_path.is_file() else None
+    data["files"] = {f["path"]: f["sha256"] for f in result.get("files", [])}
     return {
         "checkpoint": {"path": str(e.ckpt), "requested": e.which, "step": manifest.get("step"),
                        "tokens_seen": manifest.get("tokens_seen"), "train_val_loss": manifest.get("val_loss"),
-                       "sha256": sha256_file(weights) if weights.is_file() else None},
+                       "sha256": sha256_file(weights) if weights.is_file() else None,
+                       "manifest_sha256": _checkpoint_identity(e.ckpt)["manifest_sha256"]},
         "model": {**_model_shape(e.model.cfg), "preset": e.model.cfg.preset, "seq_len": e.seq_len},
         "tokenizer": {"path": str(tok.path), "sha256": sha256_file(tok.path) if tok.path else None,
                       "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
-        "data": {"val_shards": {f.name: sha256_file(f) for f in e.shards.files},
-                 "tokens_meta_sha256": sha256_file(meta_path) if meta_path.is_file() else None,
-                 "files": {f["path"]: f["sha256"] for f in result.get("files", [])}},
+        "data": data,
         "settings": config_to_dict(e.ev),
-        "outputs": {"evaluation": str(e.run_dir / EVAL_FILE), "samples": str(e.run_dir / SAMPLES_FILE),
-                    "plots": result.get("plots", {}).get("plots", [])},
         "provenance": {**prov, "torch": torch.__version__},
     }
 
 
+def _json_round_trip(d: Any) -> Any:
+    return json.loads(json.dumps(d, ensure_ascii=False))
+
+
+def evaluation_is_current(cfg: RunConfig, run_dir: Path) -> str | None:
+    """Why the run's final_evaluation.json still holds, in a few words (None: evaluate again): it was made from
+    the checkpoint `cfg.eval.checkpoint` names now (same step and manifest sha256), with the same eval settings
+    and the same tokens/meta.json. Reads only small files: deciding costs milliseconds."""
+    run_dir = Path(run_dir)
+    try:
+        done = json.loads((run_dir / EVAL_FILE).read_text("utf-8"))
+        ckpt = resolve_checkpoint(run_dir, cfg.eval.checkpoint)
+        now = _checkpoint_identity(ckpt)
+    except (OSError, ValueError, RecursionError, CheckpointError):
+        return None
+    if not isinstance(done, dict) or now["manifest_sha256"] is None:
+        return None
+    meta = run_dir / "tokens" / "meta.json"
+    if (_dig(done, ("checkpoint", "manifest_sha256")) != now["manifest_sha256"]
+            or _dig(done, ("checkpoint", "step")) != now["step"]
+            or done.get("settings") != _json_round_trip(config_to_dict(cfg.eval))
+            or _dig(done, ("data", "tokens_meta_sha256")) != (sha256_file(meta) if meta.is_file() else None)):
+        return None
+    return f"checkpoint {ckpt.name} was evaluated on {_dig(done, ('provenance', 'date'))}"
+
+
 def run_eval(cfg: RunConfig, run_dir: Path, checkpoint: str | None = None,
              data_files: list[str] | None = None) -> dict:
-    """Evaluate a run; returns the final_evaluation.json content. `cfg.eval` holds the settings; the model
-    shape, tokenizer and context come from the checkpoint."""
+    """Evaluate a run and return what was written. `cfg.eval` holds the settings; the model shape, tokenizer
+    and context come from the checkpoint.
+
+    Without `data_files`: the full evaluation, kept as its own history file and copied to
+    final_evaluation.json (and its samples to sample_generations.json). With `data_files`: only those files
+    are scored, into a history file of their own; final_evaluation.json and the samples are not touched."""
+    if data_files:
+        return score_data_files(cfg, run_dir, data_files, checkpoint)
     started = time.time()
-    e = _start(cfg.eval, Path(run_dir), checkpoint or cfg.eval.checkpoint, data_files)
+    e = _start(cfg.eval, Path(run_dir), checkpoint or cfg.eval.checkpoint, None)
     val, score, qmodel = _val_section(e)
-    result: dict[str, Any] = {"run": str(e.run_dir), "val": val}
+    result: dict[str, Any] = {"kind": "full", "run": str(e.run_dir), "val": val}
     if e.ev.by_source and (by_source := _by_source(e)) is not None:
         val["by_source"] = by_source
-    if data_files:
-        result["files"] = score_files(e.model, e.tok, data_files, e.seq_len, e.stride, e.byte_lens,
-                                      batch_size=e.ev.batch_size, dtype=e.ev.dtype, text_field=e.ev.text_field)
     torch.manual_seed(e.ev.seed)
     result["continuation"] = _continuation_section(e)
     samples = sample_generations(e.model, e.tok, cfg)
     result.update(_speed_size_plots(e, qmodel, val, score))
     prov = provenance(e.device)
     result.update(_provenance_section(e, result, prov))
+    stem = _history_name(e.run_dir, result["checkpoint"]["step"])
+    result["outputs"] = {"evaluation": str(e.run_dir / EVAL_FILE), "history": str(e.run_dir / EVAL_DIR / f"{stem}.json"),
+                         "samples": str(e.run_dir / SAMPLES_FILE),
+                         "samples_history": str(e.run_dir / SAMPLES_DIR / f"{stem}.json"),
+                         "plots": result.get("plots", {}).get("plots", [])}
     result["seconds"] = round(time.time() - started, 2)
     result = {k: result[k] for k in RESULT_ORDER if k in result}
-    _write_json(e.run_dir / SAMPLES_FILE, {**samples, "checkpoint": str(e.ckpt), "provenance": prov})
+    samples = {**samples, "checkpoint": str(e.ckpt), "provenance": prov}
+    # the history first, then the latest copies: a crash in between leaves the earlier latest whole
+    _write_json(e.run_dir / SAMPLES_DIR / f"{stem}.json", samples)
+    _write_json(e.run_dir / EVAL_DIR / f"{stem}.json", result)
+    _write_json(e.run_dir / SAMPLES_FILE, samples)
     _write_json(e.run_dir / EVAL_FILE, result)
     print_eval_summary(result)
     return result
+
+
+def score_data_files(cfg: RunConfig, run_dir: Path, data_files: list[str], checkpoint: str | None = None) -> dict:
+    """`antimatter eval --data FILE ...`: loss, perplexity and bits per byte of those files under the
+    checkpoint, written to a history file of their own (STAMP_stepNNNNNN_files.json) and printed."""
+    started = time.time()
+    e = _start(cfg.eval, Path(run_dir), checkpoint or cfg.eval.checkpoint, data_files, val=False)
+    result: dict[str, Any] = {"kind": "files", "run": str(e.run_dir)}
+    result["files"] = score_files(e.model, e.tok, data_files, e.seq_len, e.stride, e.byte_lens,
+                                  batch_size=e.ev.batch_size, dtype=e.ev.dtype, text_field=e.ev.text_field)
+    result.update(_provenance_section(e, result, provenance(e.device)))
+    path = e.run_dir / EVAL_DIR / f"{_history_name(e.run_dir, result['checkpoint']['step'], '_files')}.json"
+    result["outputs"] = {"evaluation": str(path)}
+    result["seconds"] = round(time.time() - started, 2)
+    result = {k: result[k] for k in RESULT_ORDER if k in result}
+    _write_json(path, result)
+    print_files_summary(result)
+    return result
+
+
+def print_files_summary(result: dict) -> None:
+    """The scores of `eval --data` files and where they were saved, for the terminal."""
+    t = Table(title=f"{result['run']} (step {result['checkpoint']['step']}) on --data files")
+    for col in ("file", "loss", "perplexity", "bits per byte", "tokens"):
+        t.add_column(col, justify="left" if col == "file" else "right")
+    for f in result["files"]:
+        t.add_row(Path(f["path"]).name, f"{f['loss']:.4f}", f"{f['perplexity']:.2f}", f"{f['bits_per_byte']:.4f}",
+                  f"{f['tokens']:,}")
+    console = Console(stderr=False)
+    console.print(t)
+    console.print(f"results: {result['outputs']['evaluation']}", soft_wrap=True, markup=False, highlight=False)
 
 
 def print_eval_summary(result: dict) -> None:
@@ -435,9 +551,53 @@ def _malformed(result: Any) -> str | None:
     return None
 
 
+def _history_files(run_dir: Path, result: dict) -> list[dict]:
+    """The files scored by `eval --data` (history entries *_files.json) against the checkpoint `result` was
+    made from, oldest first; a file scored twice appears twice (the later entry wins in the table)."""
+    ident = _dig(result, ("checkpoint", "manifest_sha256"))
+    if not ident or not (run_dir / EVAL_DIR).is_dir():
+        return []
+    out = []
+    for path in sorted((run_dir / EVAL_DIR).glob("*_files.json")):
+        try:
+            entry = json.loads(path.read_text("utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue  # the table shows what it can read; a damaged history entry does not hide the run
+        if (isinstance(entry, dict) and _dig(entry, ("checkpoint", "manifest_sha256")) == ident
+                and _malformed({"files": entry.get("files")}) is None):
+            out += entry.get("files") or []
+    return out
+
+
+def _short(v: Any) -> str:
+    return str(v)[:12] if v is not None else "unknown"
+
+
+def comparability_warning(evals: list[tuple[str, dict]]) -> str | None:
+    """One line naming what differs between the runs' val sets (the scored tokens' sha256 and count) or
+    tokenizers (sha256), or None when they match: then their figures are measured on the same thing."""
+    parts = []
+    toks = [(name, _dig(e, ("tokenizer", "sha256"))) for name, e in evals]
+    if len({str(t) for _, t in toks}) > 1:
+        parts.append("tokenizers (" + ", ".join(f"{n} sha256 {_short(t)}" for n, t in toks) + ")")
+    hashed = all(isinstance(_dig(e, ("val", "tokens_sha256")), str) for _, e in evals)
+    # an evaluation written before the scored tokens were hashed: its val shards' hashes stand in
+    vals = [(name, _dig(e, ("val", "tokens_sha256")) if hashed else
+             json.dumps(_dig(e, ("data", "val_shards")), sort_keys=True), _dig(e, ("val", "tokens")))
+            for name, e in evals]
+    if len({(str(h), str(n)) for _, h, n in vals}) > 1:
+        parts.append("val sets (" + ", ".join(
+            f"{name} {n:,} tokens" if isinstance(n, int) else f"{name} ? tokens" for name, _, n in vals)
+            + (", " + " vs ".join(f"sha256 {_short(h)}" for _, h, _ in vals) if hashed else "") + ")")
+    if not parts:
+        return None
+    return f"warning: these runs used different {' and '.join(parts)}: their figures are not comparable"
+
+
 def compare_runs(run_dirs: list[Path]) -> str:
-    """A plain-text table with one column per run's final_evaluation.json (files scored with --data get a
-    bits-per-byte row each). Bits per byte compares fairly across tokenizers; perplexity does not."""
+    """A plain-text table with one column per run's final_evaluation.json (files scored with --data against
+    the same checkpoint get a bits-per-byte row each), under one warning line when the runs used different
+    tokenizers or val sets. Bits per byte compares fairly across tokenizers; perplexity does not."""
     if not run_dirs:
         raise UserError("no runs to compare: pass --compare RUN_A RUN_B ...")
     evals = []
@@ -452,7 +612,10 @@ def compare_runs(run_dirs: list[Path]) -> str:
         problem = _malformed(result)
         if problem:
             raise UserError(f"{path} is not an evaluation result ({problem}): re-run `antimatter eval --run {r}`")
-        evals.append((r.name if r.is_dir() else r.parent.parent.parent.name, result))
+        run_dir = r if r.is_dir() else r.parent.parent.parent
+        result["files"] = [*result.get("files", []), *_history_files(run_dir, result)]
+        evals.append((run_dir.name, result))
+    warning = comparability_warning(evals)
     rows = [["metric", *[name for name, _ in evals]]]
     for label, keys, fmt in COMPARE_ROWS:
         vals = [_dig(e, keys) for _, e in evals]
@@ -465,11 +628,11 @@ def compare_runs(run_dirs: list[Path]) -> str:
         rows.append([f"val {src} bits/byte", *["-" if v is None else f"{v:.4f}" for v in vals]])
     file_names = sorted({Path(f["path"]).name for _, e in evals for f in e.get("files", [])})
     for fname in file_names:
-        vals = [next((f["bits_per_byte"] for f in e.get("files", []) if Path(f["path"]).name == fname), None)
-                for _, e in evals]
+        vals = [next((f["bits_per_byte"] for f in reversed(e.get("files", [])) if Path(f["path"]).name == fname),
+                     None) for _, e in evals]
         rows.append([f"{fname} bits/byte", *["-" if v is None else f"{v:.4f}" for v in vals]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join([warning, *lines] if warning else lines)
