@@ -263,14 +263,20 @@ def load_tokenizer(path: Path) -> Tokenizer:
     except Exception as e:  # the Rust side raises a bare Exception on malformed files
         raise UserError(f"{file} is not a valid tokenizers file ({str(e).splitlines()[0][:120]}): "
                         f"retrain it with `antimatter tokenizer`") from None
-    eot = EOT
-    if hf.token_to_id(EOT) is None:
-        eos = _configured_eos(file.with_name("tokenizer_config.json"))
-        if eos is None or hf.token_to_id(eos) is None:
-            raise UserError(f"tokenizer {file} has no {EOT} token and no eos_token in a tokenizer_config.json "
-                            f"beside it: retrain it with `antimatter tokenizer` or add the eos_token")
-        eot = eos
+    eot = _end_of_text(hf, file)
+    if eot is None:
+        raise UserError(f"tokenizer {file} has no {EOT} token and no eos_token in a tokenizer_config.json "
+                        f"beside it: retrain it with `antimatter tokenizer` or add the eos_token")
     return Tokenizer(hf, file, eot)
+
+
+def _end_of_text(hf: HFTokenizer, file: Path) -> str | None:
+    """`<|endoftext|>` if the vocabulary has it, else the eos_token a tokenizer_config.json beside the file
+    names (foreign tokenizers), else None."""
+    if hf.token_to_id(EOT) is not None:
+        return EOT
+    eos = _configured_eos(file.with_name("tokenizer_config.json"))
+    return eos if eos is not None and hf.token_to_id(eos) is not None else None
 
 
 # ------------------------------------------------------------------------------------- adopting one
@@ -333,13 +339,10 @@ def check_adoptable(file: Path) -> Tokenizer:
     except Exception as e:  # the Rust side raises a bare Exception on malformed files
         raise UserError(f"tokenizer.from: {file} is not a valid tokenizers file "
                         f"({str(e).splitlines()[0][:120]})") from None
-    eot = EOT
-    if hf.token_to_id(EOT) is None:
-        eos = _configured_eos(file.with_name("tokenizer_config.json"))
-        if eos is None or hf.token_to_id(eos) is None:
-            raise UserError(f"tokenizer.from: {file} has no end-of-text token: neither {EOT} nor an eos_token "
-                            f"named in a tokenizer_config.json beside it")
-        eot = eos
+    eot = _end_of_text(hf, file)
+    if eot is None:
+        raise UserError(f"tokenizer.from: {file} has no end-of-text token: neither {EOT} nor an eos_token "
+                        f"named in a tokenizer_config.json beside it")
     return Tokenizer(hf, file, eot)
 
 
