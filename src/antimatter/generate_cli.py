@@ -19,7 +19,7 @@ from antimatter.model.quantize import int8_weight_only, require_torchao
 from antimatter.tokenizer import load_tokenizer
 
 HELP = """commands: /temp X  /top_k N  /top_p X  /max N  /rep X  /seed N  /settings  /help  /quit
-(an empty line or Ctrl-D quits)"""
+(Ctrl-D or /quit ends the session; an empty line is ignored)"""
 COMMANDS = {"temp": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
             "max": ("max_new_tokens", int), "rep": ("repetition_penalty", float), "seed": ("seed", int)}
 
@@ -85,6 +85,7 @@ def _apply_command(line: str, s: SampleConfig) -> bool:
             print(e)
             return True
         setattr(s, attr, value)
+        print(f"{attr} = {value}")  # said back: a typo in a value shows before the next prompt uses it
     elif name == "settings":
         print(s)
     else:
@@ -93,7 +94,8 @@ def _apply_command(line: str, s: SampleConfig) -> bool:
 
 
 def _interactive(model, tokenizer, s: SampleConfig, compile: bool) -> int:
-    """Prompts and /commands from stdin until an empty line, /quit or end of input."""
+    """Prompts and /commands from stdin until /quit or end of input (Ctrl-D); an empty line (an Enter
+    pressed twice) is not a reason to lose the loaded model."""
     while True:
         try:
             line = input("\n>>> ")
@@ -101,7 +103,7 @@ def _interactive(model, tokenizer, s: SampleConfig, compile: bool) -> int:
             print()
             return 0
         if not line.strip():
-            return 0
+            continue
         if line.startswith("/"):
             if not _apply_command(line, s):
                 return 0
