@@ -240,9 +240,7 @@ def _eval(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
 def _generate(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
     from antimatter.generate_cli import run_generate  # here: torch
 
-    g = cfg.generate
-    return run_generate(cfg, _run_dir(args, cfg), prompt=args.prompt, checkpoint=g.checkpoint, device=g.device,
-                        compile=g.compile, int8=g.int8)
+    return run_generate(cfg, _run_dir(args, cfg), prompt=args.prompt)
 
 
 def _export(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:

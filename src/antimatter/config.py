@@ -293,12 +293,15 @@ class DataConfig:
 # -------------------------------------------------------------------------------------------- tokens
 
 
+EOT = "<|endoftext|>"  # the document separator every tokenizer has, listed in special_tokens or not
+
+
 @dataclass
 class TokenizerConfig:
     vocab_size: int = 0  # 0 = model.vocab_size
     min_frequency: int = 2
     train_bytes: int = 200_000_000  # bounded deterministic sample of the train split used to learn merges (0 = all)
-    special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
+    special_tokens: list[str] = field(default_factory=lambda: [EOT])
     # `tokenizer.from: PATH` (the YAML key is `from`): adopt this tokenizer instead of learning one. PATH is a
     # tokenizer.json, a Hugging Face folder holding one, or a run folder (RUN/tokenizer/tokenizer.json, e.g.
     # one `antimatter import` made). It must be a byte-level BPE with an end-of-text token; the vocab size is
@@ -755,7 +758,7 @@ def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     field_names = {f.name for f in dataclasses.fields(cls)}
     for k, v in data.items():
@@ -934,9 +937,6 @@ def _check_lengths(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.seq_len ({cfg.seq_len}) is longer than the model's context model.block_size "
             f"({cfg.model.block_size}): lower train.seq_len or raise model.block_size")
-
-
-EOT = "<|endoftext|>"  # the document separator every tokenizer has (tokenizer.EOT), listed or not
 
 
 def _check_tokenizer(cfg: RunConfig) -> None:

@@ -113,23 +113,24 @@ def _interactive(model, tokenizer, s: SampleConfig, compile: bool) -> int:
         print(f"\n[{r['new_tokens']} tokens, {r['tokens_per_s']:.1f} tokens/s]")
 
 
-def run_generate(cfg: RunConfig, run_dir: Path, prompt: str | None = None, checkpoint: str = "best",
-                 device: str | None = None, compile: bool = False, int8: bool = False) -> int:
+def run_generate(cfg: RunConfig, run_dir: Path, prompt: str | None = None) -> int:
+    """One prompt, or an interactive session, with the settings of `cfg.generate` (checkpoint, device, compile,
+    int8 and sampling); a null generate.device runs where the run trained (train.device)."""
+    g = cfg.generate
     if not Path(run_dir).is_dir():
         raise UserError(f"run folder {run_dir} does not exist: pass --run PATH of a trained run "
                         f"(or train one with `antimatter quickstart`)")
-    if int8:
+    if g.int8:
         require_torchao()  # before the checkpoint loads
-    dev = pick_device(device or cfg.train.device, setting="--device" if device else "train.device")
-    model, tokenizer, ckpt = load_for_generation(Path(run_dir), checkpoint, dev)
-    if int8:
+    dev = pick_device(g.device or cfg.train.device, setting="--device" if g.device else "train.device")
+    model, tokenizer, ckpt = load_for_generation(Path(run_dir), g.checkpoint, dev)
+    if g.int8:
         int8_weight_only(model)
-    s = cfg.generate
     if prompt is None:
         print(f"AntiMatter: {ckpt} on {dev}. Type a prompt and press Enter. {HELP}")
-        return _interactive(model, tokenizer, s, compile)
+        return _interactive(model, tokenizer, g, g.compile)
     sys.stdout.write(prompt)
-    r = complete(model, tokenizer, prompt, s, compile, stream=sys.stdout)
+    r = complete(model, tokenizer, prompt, g, g.compile, stream=sys.stdout)
     print()
     print(f"[{r['new_tokens']} tokens in {r['seconds']:.2f}s, {r['tokens_per_s']:.1f} tokens/s on {dev}]",
           file=sys.stderr)

@@ -33,10 +33,10 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from antimatter.config import EOT
 from antimatter.data.records import count_input_bytes, iter_records, train_files, valid_unicode
 from antimatter.errors import UserError, shorten
 
-EOT = "<|endoftext|>"
 EOT_ID = 0  # special tokens come first in the vocab; EOT is always the first of them
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
