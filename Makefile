@@ -24,12 +24,12 @@ quickstart: venv
 	$(BIN)/antimatter quickstart
 
 test: venv
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks || true
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts || true
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

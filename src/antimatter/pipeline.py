@@ -32,12 +32,14 @@ def _log(msg: str) -> None:
 
 
 def _source_fingerprints(cfg: RunConfig) -> dict[str, str]:
-    """What the prepare stage reads. The embedded corpus is named by interpreter version and budget: hashing
-    the whole standard library on every run would cost more than it protects."""
+    """What the prepare stage reads. The embedded corpus is named by interpreter, budget and the shipped
+    books' hash: hashing the whole standard library on every run would cost more than it protects."""
+    from antimatter.data import default_corpus  # here: the stage's modules load when a stage runs
+
     out: dict[str, str] = {}
     for src in cfg.data.sources:
         if src.path == "default" or src.format == "default":
-            out["default"] = f"python-{sys.version.split()[0]}:{sys.prefix}:{cfg.data.default_corpus_bytes}"
+            out["default"] = default_corpus.fingerprint(cfg.data.default_corpus_bytes)
             continue
         files = _source_paths(src.path)
         if not files:

@@ -1,7 +1,8 @@
 """Readers: turn each configured source into a stream of raw documents, with bounded memory.
 
 A source (a file, folder, glob, Hugging Face `save_to_disk` folder, or `default`) expands into *units*, one
-per input file (the default corpus is cut into slices); a unit is the piece of work one worker process
+per input file (the default corpus is cut into slices, each of one part: default/prose, default/meta,
+default/stdlib, which are also their source names); a unit is the piece of work one worker process
 reads. Readers yield `RawDoc`s, or `BadInput` records for what could not be read (malformed JSON line,
 missing text field, binary file): those are counted as removed documents and logged with file:line, never
 silently dropped. Everything streams: JSON Lines line by line, Parquet and Arrow batch by batch.
@@ -208,16 +209,18 @@ def expand_sources(sources: list[SourceConfig], default_corpus_bytes: int, unit_
     units: list[Unit] = []
     for si, src in enumerate(sources):
         if src.path == "default" or src.format == "default":
+            # one source name per part (default/prose, default/meta, default/stdlib): the statistics, the
+            # val split and eval's per-source scores keep the parts apart
             name = src.name or "default"
             items = default_corpus.default_items(default_corpus_bytes)
             chunk: list[default_corpus.DefaultItem] = []
             size = 0
-            for item in [*items, None]:
-                if item is not None:
-                    chunk.append(item)
-                    size += item.nbytes
-                if chunk and (item is None or size >= DEFAULT_SLICE_BYTES):
-                    units.append(Unit(len(units), si, name, "default", "default", size, tuple(chunk)))
+            for item, nxt in zip(items, [*items[1:], None]):
+                chunk.append(item)
+                size += item.nbytes
+                if nxt is None or nxt.group != item.group or size >= DEFAULT_SLICE_BYTES:
+                    units.append(Unit(len(units), si, f"{name}/{item.group}", "default", "default", size,
+                                      tuple(chunk)))
                     chunk, size = [], 0
             continue
         name = src.name or source_name(src.path)
