@@ -280,7 +280,7 @@ class FilterConfig:
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     default_corpus_bytes: int = 16_000_000  # byte budget of the embedded corpus
-    val_fraction: float = 0.02
+    val_fraction: float = 0.02  # of each source's bytes, held out for validation (data/split.py)
     seed: int = 1234
     workers: int = 0  # 0 = all cores
     shard_docs: int = 50_000

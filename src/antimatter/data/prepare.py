@@ -5,10 +5,10 @@ Three passes, memory bounded by the per-document metadata (no text is held):
    survivors go to a temporary zstd file per unit, and each worker returns only per-document metadata
    (size, removal reason, exact key, MinHash signature);
 2. the main process walks that metadata in the canonical order (source, file, position): source byte
-   caps, exact and near dedup (across sources, before the split), then the train/val split by document
-   hash;
+   caps, exact and near dedup (across sources, before the split), then the train/val split, a share of
+   each source's bytes (`data.split` says how);
 3. the main process streams the temporary files again, writes `train/` and `val/` shards (the format of
-   `data.records`) and the statistics.
+   `data.records`; a long document's tail goes to val) and the statistics.
 The output depends only on the input and the config, never on the number of workers.
 """
 
@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xxhash
 from tqdm import tqdm
 
 from antimatter.config import DataConfig, RunConfig, SourceConfig
@@ -45,6 +44,14 @@ from antimatter.data.dedup import Deduper, Signer, exact_key
 from antimatter.data.filters import QualityFilter, guess_kind
 from antimatter.data.records import SHARD_GLOB, RecordShardWriter, RecordWriter, iter_records
 from antimatter.data.sources import BadInput, RawDoc, ReadProgress, Unit, expand_sources, read_unit
+from antimatter.data.split import (
+    TAIL_MIN_BYTES,
+    TAIL_SUFFIX,
+    InterleavedVal,
+    choose_val,
+    cut_tail,
+    hash_fraction,
+)
 from antimatter.data.stats import SourceStats, check_invariant, summary_table
 from antimatter.errors import UserError
 from antimatter.provenance import provenance
@@ -52,7 +59,8 @@ from antimatter.provenance import provenance
 TMP_DIR = ".prepare-tmp"
 MAX_LOG_LINES_PER_UNIT = 1000
 KEPT = "kept"  # pass 2's decision for a document dedup keeps, until the split names its split
-Decision = tuple[str, Any]  # ("train" | "val" | "capped" | removal reason, key of the kept original or None)
+TAIL = "train+tail"  # the split's decision for a long document: its head to train, its tail to val
+Decision = tuple[str, Any]  # ("train" | "val" | TAIL | "capped" | removal reason, key of the kept original or None)
 
 
 @dataclass
@@ -441,23 +449,31 @@ def _dedup_unit(unit: Unit, res: UnitResult, src: SourceConfig, st: SourceStats,
     return dec
 
 
-def _split_of(exact: bytes, seed: int, val_fraction: float) -> tuple[str, float]:
-    u = xxhash.xxh64_intdigest(exact, seed=seed) / 2**64
-    return ("val" if u < val_fraction else "train"), u
-
-
 def _split(units: list[Unit], results: list[UnitResult], plan: Plan, data: DataConfig) -> None:
-    """Replace each KEPT decision by its split, train or val by a hash of the document's exact key."""
+    """Replace each KEPT decision by its split (`data.split`): TAIL for a long document; train or val for
+    the others, so that each source's val holds its share of their bytes."""
     decisions = plan.decisions
     kept: list[tuple[float, int, int]] = []  # (hash fraction, unit, survivor) to guarantee a non-empty val
+    short: dict[str, list[tuple[float, int]]] = {}  # source -> (hash fraction, bytes) of its short documents
+    where: dict[str, list[tuple[int, int]]] = {}  # source -> (unit, survivor) of the same documents
     for unit, res, dec in zip(units, results, decisions):
         survivors = [m for m in res.docs if m.reason is None]
         for k, (what, _) in enumerate(dec):
-            if what == KEPT:
-                split, u = _split_of(survivors[k].exact, data.seed, data.val_fraction)
-                dec[k] = (split, None)
-                kept.append((u, unit.index, k))
-    if not any(what == "val" for dec in decisions for what, _ in dec) and len(kept) >= 2:
+            if what != KEPT:
+                continue
+            u = hash_fraction(survivors[k].exact, data.seed)
+            kept.append((u, unit.index, k))
+            if survivors[k].nbytes >= TAIL_MIN_BYTES:
+                dec[k] = (TAIL, None)
+                continue
+            dec[k] = ("train", None)
+            short.setdefault(unit.name, []).append((u, survivors[k].nbytes))
+            where.setdefault(unit.name, []).append((unit.index, k))
+    for name, docs in short.items():
+        for i in choose_val(docs, data.val_fraction):
+            ui, k = where[name][i]
+            decisions[ui][k] = ("val", None)
+    if not any(what in ("val", TAIL) for dec in decisions for what, _ in dec) and len(kept) >= 2:
         _, ui, k = min(kept)  # tiny corpus: the lowest hash goes to val
         decisions[ui][k] = ("val", None)
     plan.kept = len(kept)
@@ -479,6 +495,7 @@ def _write(units: list[Unit], results: list[UnitResult], plan: Plan, data: DataC
            ) -> dict[str, list[str]]:
     """Write the splits (and the rejects) from the temporary files; returns the shard names per split."""
     writers = {s: RecordShardWriter(out_dir / s, s, data.shard_docs) for s in SPLITS}
+    val = InterleavedVal(tmp)
     rejects = RecordShardWriter(out_dir / "rejects", "rejects", data.shard_docs) if data.keep_rejects else None
     id_of: dict[tuple[int, int], str] = {}  # survivor key -> id, to name what a rejected duplicate copies
     bar = tqdm(total=plan.kept, desc="prepare: write", unit="doc", file=sys.stderr, dynamic_ncols=True)
@@ -492,18 +509,36 @@ def _write(units: list[Unit], results: list[UnitResult], plan: Plan, data: DataC
             what, dup_of = dec[k]
             if rejects is not None:
                 id_of[(unit.index, k)] = rec["id"]
-            if what in SPLITS:
-                st.keep(metas[k].nbytes, metas[k].nchars, what)
-                writers[what].write({"id": rec["id"], "source": unit.name, "text": rec["text"]})
+            if what in (*SPLITS, TAIL):
+                _write_kept(what, rec["id"], rec["text"], metas[k], unit.name, st, writers["train"], val,
+                            data.val_fraction)
                 bar.update(1)
             elif rejects is not None and what != "capped":
                 rejects.write({"id": rec["id"], "source": unit.name, "reason": what,
                                "duplicate_of": id_of.get(dup_of, str(dup_of)), "text": rec["text"]})
         unit_file(tmp, unit.index, "keep").unlink(missing_ok=True)
     bar.close()
+    val.finish(writers["val"])
     for w in [*writers.values(), *([rejects] if rejects else [])]:
         w.close()
     return {s: writers[s].shards for s in SPLITS}
+
+
+def _write_kept(what: str, doc_id: str, text: str, meta: DocMeta, source: str, st: SourceStats,
+                train: RecordShardWriter, val: InterleavedVal, val_fraction: float) -> None:
+    """One kept document to its split, or (TAIL) its head to train and its tail to val."""
+    if what == TAIL:
+        head, tail = cut_tail(text, val_fraction)
+        st.keep_cut((len(head.encode("utf-8")), len(head)), (len(tail.encode("utf-8")), len(tail)))
+        train.write({"id": doc_id, "source": source, "text": head})
+        val.write(source, {"id": doc_id + TAIL_SUFFIX, "source": source, "text": tail})
+        return
+    st.keep(meta.nbytes, meta.nchars, what)
+    rec = {"id": doc_id, "source": source, "text": text}
+    if what == "train":
+        train.write(rec)
+    else:
+        val.write(source, rec)
 
 
 def _temp_records(path: Path) -> Iterator[tuple[dict[str, Any], int]]:

@@ -1,6 +1,8 @@
 """Statistics of a prepare run: per source and total, every document accounted for.
 
 Invariant (tested): docs_in == kept_docs + sum(removed[reason].docs) for every source and the total.
+`splits` count records: a long document kept as a train head and a val tail (`tail_docs`) is one kept
+document and one record in each split.
 Removal reasons carry their stage as a prefix: read.* (could not be read), clean.empty, filter.<rule>,
 dedup.exact, dedup.near.
 """
@@ -26,6 +28,7 @@ class SourceStats:
         self.kept_docs = 0
         self.kept_bytes = 0
         self.kept_chars = 0
+        self.tail_docs = 0  # long documents kept as a train head and a val tail (data/split.py)
         self.lengths: list[int] = []
         self.splits = {s: Counter() for s in SPLITS}
         self.rule_sets: Counter[str] = Counter()
@@ -48,6 +51,18 @@ class SourceStats:
         self.splits[split]["bytes"] += nbytes
         self.splits[split]["chars"] += nchars
 
+    def keep_cut(self, head: tuple[int, int], tail: tuple[int, int]) -> None:
+        """One document kept as two records, (bytes, chars) of its head in train and of its tail in val."""
+        self.kept_docs += 1
+        self.tail_docs += 1
+        self.kept_bytes += head[0] + tail[0]
+        self.kept_chars += head[1] + tail[1]
+        self.lengths.append(head[1] + tail[1])
+        for split, (nbytes, nchars) in (("train", head), ("val", tail)):
+            self.splits[split]["docs"] += 1
+            self.splits[split]["bytes"] += nbytes
+            self.splits[split]["chars"] += nchars
+
     def merge(self, other: SourceStats) -> None:
         self.docs_in += other.docs_in
         self.bytes_in += other.bytes_in
@@ -56,6 +71,7 @@ class SourceStats:
         self.kept_docs += other.kept_docs
         self.kept_bytes += other.kept_bytes
         self.kept_chars += other.kept_chars
+        self.tail_docs += other.tail_docs
         self.lengths.extend(other.lengths)
         for s in SPLITS:
             self.splits[s].update(other.splits[s])
@@ -93,6 +109,7 @@ class SourceStats:
             "kept_docs": self.kept_docs, "kept_bytes": self.kept_bytes, "kept_chars": self.kept_chars,
             "kept_pct_docs": pct(self.kept_docs, self.docs_in), "kept_pct_bytes": pct(self.kept_bytes, self.bytes_in),
             "splits": {s: {k: int(self.splits[s][k]) for k in ("docs", "bytes", "chars")} for s in SPLITS},
+            "tail_docs": self.tail_docs,
             "rule_sets": dict(sorted(self.rule_sets.items())), "cleaned": dict(sorted(self.clean.items())),
             "length": dist,
         }
