@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -243,6 +247,87 @@ def test_cli_export_and_import(tokenizer_file, tmp_path, capsys):
     assert (tmp_path / "back" / "checkpoints" / "best").is_file()
     assert main(["import", "--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "Hugging Face folder not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- import from a Hugging Face Hub id
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+def tiny_hf_folder(path: Path, tokenizer_file: Path, n_layer: int) -> Path:
+    """A GPT-2 folder as transformers saves it (tiny sizes), with a tokenizer."""
+    cfg = transformers.GPT2Config(vocab_size=320, n_positions=32, n_embd=32, n_layer=n_layer, n_head=2)
+    torch.manual_seed(n_layer)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    shutil.copyfile(tokenizer_file, path / "tokenizer.json")
+    return path
+
+
+def hub_cache(root: Path, repo_id: str, folder: Path) -> Path:
+    """`root` laid out as HF_HUB_CACHE after a download of `repo_id`: models--ORG--NAME/snapshots/REV/...
+    and refs/main naming REV."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / REV)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REV)
+    return root
+
+
+def offline_cli(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    """`antimatter ARGS` in a fresh process that may not use the network, with its own Hub cache."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cwd / "hf_home"),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "antimatter.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_import_a_hub_id_from_the_cache_offline(tokenizer_file, tmp_path):
+    from antimatter.checkpoint import load_model
+
+    cache = hub_cache(tmp_path / "cache", "tiny-org/tiny-gpt2", tiny_hf_folder(tmp_path / "m", tokenizer_file, 1))
+    r = offline_cli("import", "--hf", "tiny-org/tiny-gpt2", "--out", "runs/hub", cwd=tmp_path, cache=cache)
+    assert r.returncode == 0, r.stderr
+    snapshot = cache / "models--tiny-org--tiny-gpt2" / "snapshots" / REV
+    assert r.stdout.startswith(f"imported tiny-org/tiny-gpt2 ({snapshot}) (")
+    model, cfg, _ = load_model(tmp_path / "runs" / "hub", "best")
+    assert (cfg.model.n_layer, cfg.model.vocab_size) == (1, 320)
+    assert (tmp_path / "runs" / "hub" / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(snapshot).eval()
+    x = torch.randint(0, 320, (1, 16))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() < 1e-4
+
+
+def test_a_local_folder_wins_over_the_hub_id_of_the_same_name(tokenizer_file, tmp_path):
+    from antimatter.checkpoint import load_model
+
+    cache = hub_cache(tmp_path / "cache", "tiny-org/tiny-gpt2", tiny_hf_folder(tmp_path / "m", tokenizer_file, 1))
+    (tmp_path / "tiny-org").mkdir()
+    tiny_hf_folder(tmp_path / "tiny-org" / "tiny-gpt2", tokenizer_file, 2)
+    r = offline_cli("import", "--hf", "tiny-org/tiny-gpt2", "--out", "runs/local", cwd=tmp_path, cache=cache)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("imported tiny-org/tiny-gpt2 (")
+    assert load_model(tmp_path / "runs" / "local", "best")[1].model.n_layer == 2
+
+
+def test_an_id_neither_local_nor_cached_offline_is_one_line(tmp_path):
+    (tmp_path / "cache").mkdir()
+    r = offline_cli("import", "--hf", "tiny-org/missing", "--out", "runs/x", cwd=tmp_path, cache=tmp_path / "cache")
+    assert "Traceback" not in r.stderr and r.returncode == 2
+    assert r.stderr.strip() == (
+        f"antimatter import: error: tiny-org/missing is neither a local folder nor a model in the Hugging Face "
+        f"cache ({tmp_path / 'cache'}), and HF_HUB_OFFLINE=1 keeps the Hub out of reach: check the path, or fetch "
+        f"the model once with network access")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_hub_id_without_huggingface_hub_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as in an environment without it
+    monkeypatch.chdir(tmp_path)  # no such local folder
+    with pytest.raises(UserError) as e:
+        import_hf("tiny-org/tiny-gpt2", tmp_path / "run")
+    assert str(e.value) == ("tiny-org/tiny-gpt2 is not a local folder, and fetching it as a Hugging Face Hub id "
+                            "needs huggingface_hub: pip install 'antimatter[hf]'")
 
 
 def test_init_weights_from_hf_folder(tokenizer_file, tmp_path):

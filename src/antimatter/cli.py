@@ -41,8 +41,10 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]] = {
         _RUN, ("--prompt", dict(help="prompt text; without it an interactive session starts"))]),
     "export": ("write a Hugging Face folder (config.json, safetensors, tokenizer)", [
         _RUN, ("--out", dict(required=True, help="output folder"))]),
-    "import": ("load a local Hugging Face model folder into a new run", [
-        ("--hf", dict(required=True, help="local folder with config.json and weights")),
+    "import": ("load a Hugging Face model (a local folder or a Hub id) into a new run", [
+        ("--hf", dict(required=True, help="local folder with config.json and weights, or a Hugging Face Hub id "
+                                          "(gpt2, org/name) found in the Hub cache or downloaded into it; a "
+                                          "local path that exists wins")),
         ("--out", dict(required=True, help="run folder to create"))]),
     "pipeline": ("run every stage in order, skipping those already current", []),
     "quickstart": ("the whole pipeline on the embedded corpus, tiny model, CPU", []),
@@ -253,7 +255,7 @@ def _export(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
 def _import(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
     from antimatter.export import import_hf  # here: torch
 
-    import_hf(Path(args.hf), Path(args.out))
+    import_hf(args.hf, Path(args.out))
     return 0
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -896,10 +897,48 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best"
     return out
 
 
-def import_hf(hf_dir: str | Path, out_run_dir: str | Path) -> Path:
-    """`antimatter import`: a local Hugging Face folder -> a run folder (checkpoint, tokenizer, config.yaml)
-    that eval, generate, export and `train.init_from` / resume can use."""
-    hf_dir, out = Path(hf_dir), Path(out_run_dir)
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+# what a Hub snapshot needs for import: the config, the weights (safetensors, else the legacy .bin), the tokenizer
+_HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "*.safetensors", "*.safetensors.index.json"]
+_HUB_LEGACY_WEIGHTS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
+
+
+def resolve_hf_source(source: str | Path) -> Path:
+    """The local folder of `source`. A path that exists is that folder, always; otherwise a Hugging Face Hub
+    id (`gpt2`, `org/name`) is found in the Hub cache or downloaded into it by huggingface_hub (which reads
+    HF_HUB_CACHE and HF_HUB_OFFLINE), fetching only what import reads. Anything else is returned as it is,
+    for the folder checks to name."""
+    path = Path(source)
+    if path.exists() or not _HUB_ID.fullmatch(str(source)):
+        return path
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.utils import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+    except ImportError:
+        raise UserError(f"{source} is not a local folder, and fetching it as a Hugging Face Hub id needs "
+                        f"huggingface_hub: pip install 'antimatter[hf]'") from None
+    try:
+        snap = Path(snapshot_download(repo_id=str(source), allow_patterns=_HUB_FILES))
+        if not any(snap.glob("*.safetensors")):
+            snap = Path(snapshot_download(repo_id=str(source), allow_patterns=_HUB_FILES + _HUB_LEGACY_WEIGHTS))
+        return snap
+    except LocalEntryNotFoundError:
+        why = ("HF_HUB_OFFLINE=1 keeps the Hub out of reach" if constants.HF_HUB_OFFLINE
+               else "the Hub cannot be reached")
+        raise UserError(f"{source} is neither a local folder nor a model in the Hugging Face cache "
+                        f"({constants.HF_HUB_CACHE}), and {why}: check the path, or fetch the model once with "
+                        f"network access") from None
+    except (HfHubHTTPError, HFValidationError) as e:
+        raise UserError(f"{source} is neither a local folder nor a model the Hugging Face Hub gives "
+                        f"({type(e).__name__}: {shorten(str(e).splitlines()[0], 80)}): check the path or the id "
+                        f"(org/name); a private model needs `hf auth login`") from None
+
+
+def import_hf(hf_source: str | Path, out_run_dir: str | Path) -> Path:
+    """`antimatter import`: a local Hugging Face folder or a Hub id (`resolve_hf_source`) -> a run folder
+    (checkpoint, tokenizer, config.yaml) that eval, generate, export and `train.init_from` / resume can use."""
+    hf_dir, out = resolve_hf_source(hf_source), Path(out_run_dir)
     model = load_hf_model(hf_dir)
     if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise UserError(f"{out} already has checkpoints: choose a new --out folder")
@@ -915,6 +954,7 @@ def import_hf(hf_dir: str | Path, out_run_dir: str | Path) -> Path:
     state = {"step": 0, "tokens_seen": 0, "imported_from": str(hf_dir.resolve()),
              "tokenizer_sha256": sha256_file(tok) if tok.is_file() else None}  # pairs the run with its tokenizer
     ckpt = save_checkpoint(out / "checkpoints", 0, model.state_dict(), state, cfg, best=True)
-    print(f"imported {hf_dir} ({model.num_params():,} params, {cfg.model.arch}) -> {out} "
+    where = str(hf_source) if Path(hf_source) == hf_dir else f"{hf_source} ({hf_dir})"
+    print(f"imported {where} ({model.num_params():,} params, {cfg.model.arch}) -> {out} "
           f"[{ckpt.relative_to(out)}{', tokenizer' if tok.is_file() else ''}]")
     return out
