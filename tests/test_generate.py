@@ -1,5 +1,6 @@
 """Generation: batched left-padded prompts equal each prompt alone, greedy equals a naive argmax loop, seeds
-reproduce, top-k / top-p limits, the repetition penalty, EOT, streaming and the context limits."""
+reproduce, top-k / top-p limits, the repetition penalty, EOT, streaming, the context limits, and the CPU thread
+choice."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from antimatter.config import preset_model
 from antimatter.model.decode import DecodeOptions, NormLinear, single_row_matmuls
-from antimatter.model.generate import generate, kv_blocks
+from antimatter.model.generate import decode_threads, generate, kv_blocks
 from antimatter.model.gpt import GPT, RMSNorm
 
 
@@ -266,3 +267,41 @@ def test_seed_reproduces_compiled_sampling():
     first = generate(model, p, 10, **kw)
     assert generate(model, p, 10, **kw) == first
     assert generate(model, p, 10, **{**kw, "seed": 4}) != first
+
+
+# ------------------------------------------------------------------------------------ on the CPU
+
+
+def test_a_small_model_decodes_on_one_thread_and_torchs_setting_comes_back():
+    """Auto (threads=0): one thread while a small model decodes a few rows, torch's own setting before and
+    after; a number given is used as it is; a step too large for one thread keeps torch's setting."""
+    model = make_model()
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = generate(model, [[1, 2, 3]], 6, on_token=lambda step, t: seen.append(torch.get_num_threads()))
+        assert seen == [1] * 6 and torch.get_num_threads() == 2
+        seen.clear()
+        assert generate(model, [[1, 2, 3]], 6, threads=2, on_token=lambda s, t: seen.append(torch.get_num_threads())
+                        ) == out
+        assert seen == [2] * 6 and torch.get_num_threads() == 2
+        assert decode_threads(model, 1) == 1
+        assert decode_threads(model, rows=10**6) == 2  # rows x parameters past SMALL_STEP: torch's setting
+        assert decode_threads(model, 1, threads=3) == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_eager_decoding_does_not_import_dynamo():
+    """torch._dynamo takes 1.5 s to import: a plain (eager) call must not wait for it before its first token."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from antimatter.config import preset_model; from antimatter.model.gpt import GPT; "
+            "from antimatter.model.generate import generate; "
+            "generate(GPT(preset_model('tiny')).eval(), [[1, 2, 3]], 4, temperature=0.8, seed=0); "
+            "print('torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
