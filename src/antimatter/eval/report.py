@@ -51,7 +51,7 @@ from antimatter.eval.plots import plot_training
 from antimatter.eval.size import model_size
 from antimatter.eval.speed import measure_speed
 from antimatter.files import atomic_write_text
-from antimatter.model.generate import continue_texts, new_token_limit
+from antimatter.model.generate import continue_texts
 from antimatter.model.gpt import GPT
 from antimatter.model.quantize import INT8_METHOD, int8_copy, require_torchao
 from antimatter.provenance import provenance, sha256_file
@@ -156,7 +156,7 @@ def sample_generations(model, tok, cfg: RunConfig) -> dict:
     prompts = [p for p in cfg.eval.prompts if p]
     outs = continue_texts(model, tok, prompts, s)
     return {
-        "settings": {"max_new_tokens": new_token_limit(model, s), "temperature": s.temperature, "top_k": s.top_k,
+        "settings": {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_k": s.top_k,
                      "top_p": s.top_p, "repetition_penalty": s.repetition_penalty},
         "seed": s.seed,
         "samples": [{"prompt": p, "completion": tok.decode(o), "new_tokens": len(o)}

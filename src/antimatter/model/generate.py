@@ -16,7 +16,7 @@ the step runs instead as AntiMatter's own Triton kernels, five a layer, replayed
 (`model/triton_decoder.py`, kernels in `model/decode_kernels.py`).
 
 On the CPU a small model decodes on one thread (`decode_threads`): a step of a few rows is too little work
-to split.
+to split. `continue_ids` / `continue_texts` go past the context by sliding a window over the text.
 """
 
 from __future__ import annotations
@@ -310,9 +310,56 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     return tokens
 
 
-def new_token_limit(model: GPT, s: SampleConfig) -> int:
-    """`s.max_new_tokens`, capped so that a one-token prompt and its continuation fit the context."""
-    return min(s.max_new_tokens, model.cfg.block_size - 1)
+def slide_window(ctx: int) -> int:
+    """Tokens a sliding window keeps when generation runs past the context: half of it, so each re-read of
+    the window (a prefill) is followed by as many new tokens."""
+    return max(1, ctx // 2)
+
+
+def continue_ids(model: GPT, prompts: list[list[int]], s: SampleConfig, eot_id: int, *,
+                 on_token: Callable[[int, torch.Tensor], None] | None = None, compile: bool | str = False,
+                 threads: int = 0) -> list[list[int]]:
+    """Continue each prompt by `s.max_new_tokens` tokens with `s`'s sampling settings (cut before EOT).
+    Below the context that is one `generate` call (long prompts cropped from the left to make room). At or
+    past it the window slides: each round reads the last `slide_window(ctx)` tokens of the text so far (the
+    first round: of the prompt) and adds `ctx - slide_window(ctx)` tokens, the same in every row whatever its
+    length (so a row's output does not depend on its batch), until every row has its tokens or its EOT.
+    `on_token` numbers steps across rounds and sees EOT for the rows that already ended."""
+    ctx = model.cfg.block_size
+    kw = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+              eot_id=eot_id, compile=compile, threads=threads)
+    if s.max_new_tokens < ctx:
+        return generate(model, prompts, s.max_new_tokens, seed=s.seed, on_token=on_token, **kw)
+    keep = slide_window(ctx)
+    out: list[list[int]] = [[] for _ in prompts]
+    active, seed, done = list(range(len(prompts))), s.seed, 0
+    while active:
+        windows = [(prompts[i] + out[i])[-keep:] for i in active]
+        n = min(s.max_new_tokens - done, ctx - keep)
+        if n <= 0:  # a context of one token: nothing fits after the window
+            break
+        new = generate(model, windows, n, seed=seed, on_token=_spread(on_token, active, len(prompts), done, eot_id),
+                       **kw)
+        seed, done = None, done + n  # later rounds go on drawing from the same seeded stream
+        for i, row in zip(active, new):
+            out[i] += row
+        active = [i for i, row in zip(active, new) if len(row) == n and done < s.max_new_tokens]
+    return out
+
+
+def _spread(on_token, active: list[int], rows: int, offset: int, eot_id: int):
+    """`on_token` for a round of some rows: step numbers go on from `offset`, rows that ended read EOT."""
+    if on_token is None:
+        return None
+    if len(active) == rows:
+        return lambda step, t: on_token(offset + step, t)
+
+    def call(step: int, t: torch.Tensor) -> None:
+        full = torch.full((rows,), eot_id, dtype=t.dtype, device=t.device)
+        full[active] = t
+        on_token(offset + step, full)
+
+    return call
 
 
 def continue_texts(model: GPT, tokenizer, texts: list[str], s: SampleConfig, *,
@@ -323,6 +370,4 @@ def continue_texts(model: GPT, tokenizer, texts: list[str], s: SampleConfig, *,
     if not texts:
         return []
     prompts = [tokenizer.encode(t) or [tokenizer.eot_id] for t in texts]
-    return generate(model, prompts, new_token_limit(model, s), temperature=s.temperature, top_k=s.top_k,
-                    top_p=s.top_p, repetition_penalty=s.repetition_penalty, eot_id=tokenizer.eot_id, seed=s.seed,
-                    on_token=on_token, compile=compile, threads=threads)
+    return continue_ids(model, prompts, s, tokenizer.eot_id, on_token=on_token, compile=compile, threads=threads)
