@@ -44,6 +44,7 @@ from antimatter.eval.perplexity import (
     score_by_source,
     score_files,
     score_sequences,
+    score_windows,
     token_byte_lengths,
     unigram_score,
 )
@@ -202,11 +203,8 @@ def _start(ev: EvalConfig, run_dir: Path, which: str, data_files: list[str] | No
     model, run_cfg, ckpt, tok = load_for_eval(run_dir, which, device)
     for path in data_files or []:  # check every file before the long work starts
         read_documents(path, ev.text_field)
-    seq_len = min(run_cfg.seq_len, model.cfg.block_size)
-    byte_lens = token_byte_lengths(tok)
-    if len(byte_lens) < model.cfg.vocab_size:
-        byte_lens = np.pad(byte_lens, (0, model.cfg.vocab_size - len(byte_lens)))
-    stride = min(ev.stride or seq_len, seq_len)
+    seq_len, stride = score_windows(run_cfg, model.cfg.block_size, ev)
+    byte_lens = token_byte_lengths(tok, model.cfg.vocab_size)
     if not val:
         return Evaluation(run_dir, ev, which, device, model, tok, ckpt, seq_len, stride, byte_lens, None,
                           np.zeros(0, dtype=np.int64))
