@@ -299,13 +299,17 @@ def test_every_choice_setting_refuses_another_value_naming_key_value_and_choices
 
 def test_the_generate_section_keeps_the_old_behaviour_by_default():
     """Generation borrowed train.device before it had a section: null still means that, and the sampling
-    settings keep their old defaults and keys."""
+    settings keep their old defaults and keys, but for the seed: null, a new one drawn for each sample (eval's
+    samples keep 42). threads 0 = automatic."""
     from antimatter.config import GenerateConfig, SampleConfig
 
     g = load_config().generate
     assert isinstance(g, GenerateConfig) and isinstance(g, SampleConfig)
-    assert (g.checkpoint, g.device, g.compile, g.int8) == ("best", None, False, False)
-    assert SampleConfig(**{k: getattr(g, k) for k in SampleConfig.__dataclass_fields__}) == SampleConfig()
+    assert (g.checkpoint, g.device, g.compile, g.int8, g.threads, g.seed) == ("best", None, False, False, 0, None)
+    assert SampleConfig(**{k: getattr(g, k) for k in SampleConfig.__dataclass_fields__} | {"seed": 42}) == SampleConfig()
+    assert load_config().eval.sample.seed == 42
+    assert error_of(None, ["generate.threads=-1"]) == "generate.threads must be >= 0 (0 = auto), got -1"
+    assert load_config(None, ["generate.seed=7"]).generate.seed == 7
     assert load_config().export.dtype == "fp32" and load_config().export.checkpoint == "best"
     cfg = load_config(None, ["generate.device=cuda:1", "generate.top_k=7", "generate.compile=true",
                              "export.dtype=bf16"])

@@ -84,7 +84,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--top-p", "generate.top_p", ("generate",), "nucleus sampling threshold"),
     Flag("--repetition-penalty", "generate.repetition_penalty", ("generate",),
          "penalty on tokens already in the text (1 = off)"),
-    Flag("--seed", "generate.seed", ("generate",), "sampling seed"),
+    Flag("--seed", "generate.seed", ("generate",), "sampling seed (default: a new one for each sample, printed)"),
+    Flag("--threads", "generate.threads", ("generate",), "CPU threads while decoding (0 = auto: one for a small "
+         "model's few rows, else torch's default)"),
     Flag("--checkpoint", "export.checkpoint", ("export",), "best, latest, or a checkpoint folder"),
     Flag("--dtype", "export.dtype", ("export",), "precision of the exported weights"),
 )

@@ -386,10 +386,12 @@ class SampleConfig:
 class GenerateConfig(SampleConfig):
     """`antimatter generate`: the sampling settings, and where and how the model runs."""
 
+    seed: int | None = None  # null: a new seed for each sample, printed with it (eval's samples keep theirs)
     checkpoint: str = "best"  # best | latest | PATH
     device: Device | None = None  # null: train.device, as for the run's training
     compile: bool = False  # compile the decode step (CUDA graphs on GPUs)
     int8: bool = False  # weight-only int8 block matmuls (torchao): half their bytes per token
+    threads: int = 0  # CPU threads while decoding; 0 = auto (one for a small model's few rows, else torch's)
 
 
 @dataclass
@@ -543,7 +545,7 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         seed=SEED, continuation_temperature=Bound(0, note="0 = greedy"), speed_batch=COUNT,
         speed_prompt_tokens=Bound(0, note="0 = default"), speed_new_tokens=COUNT),
 }
-BOUNDS[GenerateConfig] = BOUNDS[SampleConfig]  # its own fields are no numbers
+BOUNDS[GenerateConfig] = {**BOUNDS[SampleConfig], "threads": Bound(0, note="0 = auto")}
 
 
 _hints = functools.cache(typing.get_type_hints)

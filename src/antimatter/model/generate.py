@@ -1,5 +1,5 @@
 """Generation: static KV cache, prefill then one token at a time, sampling on the device. The library that
-`antimatter generate` (generate_cli.py, the shell) and eval call: `generate` over token ids, and
+`antimatter generate`, the Python API (llm.py) and eval call: `generate` over token ids, and
 `continue_texts` over text with a config's sampling settings.
 
 Batched prompts of different lengths are left-padded; the model masks the padding slots and shifts each
