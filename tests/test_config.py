@@ -333,3 +333,13 @@ def test_typed_overrides_are_set_as_given_and_a_preset_still_comes_first():
     cfg = load_config(None, ["model.n_layer=3", ("model", "tiny"), ("train.resume", "a: b/[c]")])
     assert cfg.model.preset == "tiny" and cfg.model.n_layer == 3 and cfg.model.d_model == 32
     assert cfg.train.resume == "a: b/[c]"
+
+
+def test_a_dict_of_sections_loads_as_a_yaml_file_does():
+    """From Python a config may be a dict of the YAML file's sections; overrides go on top of it and the
+    caller's dict stays as it was."""
+    data = {"model": "tiny", "train": {"lr": 1e-3}}
+    cfg = load_config(data, ["train.lr=2e-3", "train.max_steps=5"])
+    assert (cfg.model.preset, cfg.train.lr, cfg.train.max_steps) == ("tiny", 2e-3, 5)
+    assert data == {"model": "tiny", "train": {"lr": 1e-3}}
+    assert error_of({"train": {"lrr": 1}}, []) == "unknown config key 'train.lrr': did you mean 'train.lr'?"

@@ -3,7 +3,8 @@
 From Python (docs in README.md, "From Python"):
 
     import antimatter
-    llm = antimatter.LLM.load("runs/quickstart")           # a run folder, or a Hugging Face folder
+    run = antimatter.run_pipeline("configs/my.yaml")      # prepare -> tokenizer -> tokenize -> train -> eval
+    llm = antimatter.LLM.load(run.run_dir)                 # or a Hugging Face folder
     llm.generate("Once upon a time", max_new_tokens=50, seed=1)
     llm.score("Some text.")                                # loss, perplexity, bits_per_byte, tokens
     llm.export("out/hf")
@@ -18,8 +19,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY = {"LLM": "antimatter.llm", "Completion": "antimatter.llm", "load_config": "antimatter.config",
-         "RunConfig": "antimatter.config", "UserError": "antimatter.errors"}
+_LAZY = {"LLM": "antimatter.llm", "Completion": "antimatter.llm", "run_pipeline": "antimatter.api",
+         "PipelineRun": "antimatter.api", "load_config": "antimatter.config", "RunConfig": "antimatter.config",
+         "UserError": "antimatter.errors"}
 __all__ = [*_LAZY, "__version__"]
 
 

@@ -217,7 +217,9 @@ def _stage(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
 
 
 def _pipeline(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
-    pipeline.run_pipeline(cfg, force=args.force)
+    from antimatter.api import run_pipeline  # the Python API's call: one code path
+
+    run_pipeline(cfg, force=args.force)
     return 0
 
 

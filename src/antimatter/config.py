@@ -13,6 +13,7 @@ prints it without a traceback.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import functools
@@ -821,9 +822,13 @@ def _keys_of_fields(value: Any) -> Any:
 Override = str | tuple[str, Any]
 
 
-def load_config(path: str | Path | None = None, overrides: list[Override] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- overrides, then validation."""
-    data = read_config_file(path) if path is not None else {}
+def load_config(path: str | Path | dict[str, Any] | None = None, overrides: list[Override] | None = None
+                ) -> RunConfig:
+    """Defaults <- YAML file (or a dict of the same sections) <- overrides, then validation."""
+    if isinstance(path, dict):
+        data = copy.deepcopy(path)  # overrides write into nested sections: the caller's dict stays as given
+    else:
+        data = read_config_file(path) if path is not None else {}
     # `model=NAME` (or `model.preset=NAME`) first, so a dotted `model.x=...` is never thrown away by a preset
     # given after it
     for item in sorted(overrides or [], key=lambda o: _override_key(o) not in ("model", "model.preset")):
