@@ -299,13 +299,17 @@ def test_every_choice_setting_refuses_another_value_naming_key_value_and_choices
 
 def test_the_generate_section_keeps_the_old_behaviour_by_default():
     """Generation borrowed train.device before it had a section: null still means that, and the sampling
-    settings keep their old defaults and keys."""
+    settings keep their old defaults and keys, but for the seed: null, a new one drawn for each sample (eval's
+    samples keep 42). threads 0 = automatic."""
     from antimatter.config import GenerateConfig, SampleConfig
 
     g = load_config().generate
     assert isinstance(g, GenerateConfig) and isinstance(g, SampleConfig)
-    assert (g.checkpoint, g.device, g.compile, g.int8) == ("best", None, False, False)
-    assert SampleConfig(**{k: getattr(g, k) for k in SampleConfig.__dataclass_fields__}) == SampleConfig()
+    assert (g.checkpoint, g.device, g.compile, g.int8, g.threads, g.seed) == ("best", None, False, False, 0, None)
+    assert SampleConfig(**{k: getattr(g, k) for k in SampleConfig.__dataclass_fields__} | {"seed": 42}) == SampleConfig()
+    assert load_config().eval.sample.seed == 42
+    assert error_of(None, ["generate.threads=-1"]) == "generate.threads must be >= 0 (0 = auto), got -1"
+    assert load_config(None, ["generate.seed=7"]).generate.seed == 7
     assert load_config().export.dtype == "fp32" and load_config().export.checkpoint == "best"
     cfg = load_config(None, ["generate.device=cuda:1", "generate.top_k=7", "generate.compile=true",
                              "export.dtype=bf16"])
@@ -329,3 +333,13 @@ def test_typed_overrides_are_set_as_given_and_a_preset_still_comes_first():
     cfg = load_config(None, ["model.n_layer=3", ("model", "tiny"), ("train.resume", "a: b/[c]")])
     assert cfg.model.preset == "tiny" and cfg.model.n_layer == 3 and cfg.model.d_model == 32
     assert cfg.train.resume == "a: b/[c]"
+
+
+def test_a_dict_of_sections_loads_as_a_yaml_file_does():
+    """From Python a config may be a dict of the YAML file's sections; overrides go on top of it and the
+    caller's dict stays as it was."""
+    data = {"model": "tiny", "train": {"lr": 1e-3}}
+    cfg = load_config(data, ["train.lr=2e-3", "train.max_steps=5"])
+    assert (cfg.model.preset, cfg.train.lr, cfg.train.max_steps) == ("tiny", 2e-3, 5)
+    assert data == {"model": "tiny", "train": {"lr": 1e-3}}
+    assert error_of({"train": {"lrr": 1}}, []) == "unknown config key 'train.lrr': did you mean 'train.lr'?"

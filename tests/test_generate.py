@@ -1,5 +1,6 @@
 """Generation: batched left-padded prompts equal each prompt alone, greedy equals a naive argmax loop, seeds
-reproduce, top-k / top-p limits, the repetition penalty, EOT, streaming and the context limits."""
+reproduce, top-k / top-p limits, the repetition penalty, EOT, streaming, the context limits and the sliding
+window past them, and the CPU thread choice."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import dataclasses
 import pytest
 import torch
 
-from antimatter.config import preset_model
+from antimatter.config import SampleConfig, preset_model
 from antimatter.model.decode import DecodeOptions, NormLinear, single_row_matmuls
-from antimatter.model.generate import generate, kv_blocks
+from antimatter.model.generate import continue_ids, decode_threads, generate, kv_blocks, slide_window
 from antimatter.model.gpt import GPT, RMSNorm
 
 
@@ -266,3 +267,92 @@ def test_seed_reproduces_compiled_sampling():
     first = generate(model, p, 10, **kw)
     assert generate(model, p, 10, **kw) == first
     assert generate(model, p, 10, **{**kw, "seed": 4}) != first
+
+
+# ------------------------------------------------------------------------------------ on the CPU
+
+
+def test_a_small_model_decodes_on_one_thread_and_torchs_setting_comes_back():
+    """Auto (threads=0): one thread while a small model decodes a few rows, torch's own setting before and
+    after; a number given is used as it is; a step too large for one thread keeps torch's setting."""
+    model = make_model()
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = generate(model, [[1, 2, 3]], 6, on_token=lambda step, t: seen.append(torch.get_num_threads()))
+        assert seen == [1] * 6 and torch.get_num_threads() == 2
+        seen.clear()
+        assert generate(model, [[1, 2, 3]], 6, threads=2, on_token=lambda s, t: seen.append(torch.get_num_threads())
+                        ) == out
+        assert seen == [2] * 6 and torch.get_num_threads() == 2
+        assert decode_threads(model, 1) == 1
+        assert decode_threads(model, rows=10**6) == 2  # rows x parameters past SMALL_STEP: torch's setting
+        assert decode_threads(model, 1, threads=3) == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_eager_decoding_does_not_import_dynamo():
+    """torch._dynamo takes 1.5 s to import: a plain (eager) call must not wait for it before its first token."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from antimatter.config import preset_model; from antimatter.model.gpt import GPT; "
+            "from antimatter.model.generate import generate; "
+            "generate(GPT(preset_model('tiny')).eval(), [[1, 2, 3]], 4, temperature=0.8, seed=0); "
+            "print('torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+# ------------------------------------------------------------------------------------ past the context
+
+
+def naive_sliding_greedy(model: GPT, ids: list[int], n: int) -> list[int]:
+    """The sliding window written out without a cache: each round starts from the last `slide_window`
+    tokens (the first from the prompt's) and feeds its own new tokens until it holds a context's worth."""
+    ctx, keep, out = model.cfg.block_size, slide_window(model.cfg.block_size), []
+    while len(out) < n:
+        window = (ids + out)[-keep:]
+        for _ in range(min(n - len(out), ctx - keep)):
+            out.append(naive_greedy(model, window, 1)[0])
+            window.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_past_the_context_the_window_slides(preset):
+    """max_new_tokens at or past the context (64): every token asked for, each predicted from the sliding
+    window, streamed once with steps numbered across the rounds."""
+    model = make_model(preset)
+    s = SampleConfig(max_new_tokens=150, temperature=0.0)
+    p = prompt(40, seed=3)
+    steps: list[int] = []
+    out = continue_ids(model, [p], s, eot_id=-1, on_token=lambda step, t: steps.append(step))[0]
+    assert len(out) == 150 and steps == list(range(150))
+    assert out == naive_sliding_greedy(model, p, 150)
+    # below the context nothing changes: one call, the prompt cropped from the left
+    assert continue_ids(model, [p], SampleConfig(max_new_tokens=30, temperature=0.0), eot_id=-1) == \
+        generate(model, [p], 30)
+
+
+def test_sliding_rows_end_at_their_own_eot():
+    """In a batch past the context, a row that ends (EOT) in a later round stops there; the others go on,
+    each equal to its own run alone, and the stream shows EOT for the ended row."""
+    model = make_model()
+    s = SampleConfig(max_new_tokens=120, temperature=0.0)
+    prompts = [prompt(5, seed=5), prompt(9, seed=6)]
+    free = continue_ids(model, prompts, s, eot_id=-1)
+    # a token that first appears in row 0 after the first round (32 tokens) and never in row 1's output
+    k = next(i for i in range(40, 120) if free[0][i] not in free[0][:i] and free[0][i] not in free[1])
+    eot = free[0][k]
+    streamed: list[list[int]] = []
+    both = continue_ids(model, prompts, s, eot_id=eot, on_token=lambda step, t: streamed.append(t.tolist()))
+    assert both == [free[0][:k], free[1]] == [continue_ids(model, [p], s, eot_id=eot)[0] for p in prompts]
+    # row 0's stream: its tokens, its EOT; rounds after the one it ended in show it EOT (within that round the
+    # row runs on with its batch, as in any `generate` call: a reader stops at a row's EOT)
+    row0, next_round = [row[0] for row in streamed], (k // 32 + 1) * 32
+    assert len(streamed) == 120 and row0[: k + 1] == free[0][:k] + [eot]
+    assert row0[next_round:] == [eot] * (120 - next_round)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import xxhash
 from test_tokenizer import make_corpus
 from train_helpers import make_tokens, one_thread, tiny_config
@@ -140,12 +139,12 @@ def test_generate_and_export_refuse_a_checkpoint_trained_with_another_tokenizer(
     """Sampling or exporting a checkpoint with a tokenizer it was not trained with would decode its ids
     into the wrong text (or ship a mismatched tokenizer): both refuse, like eval."""
     from antimatter.export import export_hf
-    from antimatter.generate_cli import load_for_generation
+    from antimatter.llm import LLM
 
     run = clone(base, tmp_path / "run")
     swap_tokenizer(run, base)
     with pytest.raises(UserError, match=r"checkpoint .*step_000004 was trained with another tokenizer .*generate"):
-        load_for_generation(run, "latest", torch.device("cpu"))
+        LLM.load(run, checkpoint="latest", device="cpu")
     with pytest.raises(UserError, match=r"checkpoint .*step_000004 was trained with another tokenizer .*export"):
         export_hf(run, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

@@ -86,7 +86,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--top-p", "generate.top_p", ("generate",), "nucleus sampling threshold"),
     Flag("--repetition-penalty", "generate.repetition_penalty", ("generate",),
          "penalty on tokens already in the text (1 = off)"),
-    Flag("--seed", "generate.seed", ("generate",), "sampling seed"),
+    Flag("--seed", "generate.seed", ("generate",), "sampling seed (default: a new one for each sample, printed)"),
+    Flag("--threads", "generate.threads", ("generate",), "CPU threads while decoding (0 = auto: one for a small "
+         "model's few rows, else torch's default)"),
     Flag("--checkpoint", "export.checkpoint", ("export",), "best, latest, or a checkpoint folder"),
     Flag("--dtype", "export.dtype", ("export",), "precision of the exported weights"),
 )
@@ -217,7 +219,9 @@ def _stage(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
 
 
 def _pipeline(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
-    pipeline.run_pipeline(cfg, force=args.force)
+    from antimatter.api import run_pipeline  # the Python API's call: one code path
+
+    run_pipeline(cfg, force=args.force)
     return 0
 
 

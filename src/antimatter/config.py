@@ -13,6 +13,7 @@ prints it without a traceback.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import functools
@@ -386,10 +387,12 @@ class SampleConfig:
 class GenerateConfig(SampleConfig):
     """`antimatter generate`: the sampling settings, and where and how the model runs."""
 
+    seed: int | None = None  # null: a new seed for each sample, printed with it (eval's samples keep theirs)
     checkpoint: str = "best"  # best | latest | PATH
     device: Device | None = None  # null: train.device, as for the run's training
     compile: bool = False  # compile the decode step (CUDA graphs on GPUs)
     int8: bool = False  # weight-only int8 block matmuls (torchao): half their bytes per token
+    threads: int = 0  # CPU threads while decoding; 0 = auto (one for a small model's few rows, else torch's)
 
 
 @dataclass
@@ -543,7 +546,7 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         seed=SEED, continuation_temperature=Bound(0, note="0 = greedy"), speed_batch=COUNT,
         speed_prompt_tokens=Bound(0, note="0 = default"), speed_new_tokens=COUNT),
 }
-BOUNDS[GenerateConfig] = BOUNDS[SampleConfig]  # its own fields are no numbers
+BOUNDS[GenerateConfig] = {**BOUNDS[SampleConfig], "threads": Bound(0, note="0 = auto")}
 
 
 _hints = functools.cache(typing.get_type_hints)
@@ -819,9 +822,13 @@ def _keys_of_fields(value: Any) -> Any:
 Override = str | tuple[str, Any]
 
 
-def load_config(path: str | Path | None = None, overrides: list[Override] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- overrides, then validation."""
-    data = read_config_file(path) if path is not None else {}
+def load_config(path: str | Path | dict[str, Any] | None = None, overrides: list[Override] | None = None
+                ) -> RunConfig:
+    """Defaults <- YAML file (or a dict of the same sections) <- overrides, then validation."""
+    if isinstance(path, dict):
+        data = copy.deepcopy(path)  # overrides write into nested sections: the caller's dict stays as given
+    else:
+        data = read_config_file(path) if path is not None else {}
     # `model=NAME` (or `model.preset=NAME`) first, so a dotted `model.x=...` is never thrown away by a preset
     # given after it
     for item in sorted(overrides or [], key=lambda o: _override_key(o) not in ("model", "model.preset")):

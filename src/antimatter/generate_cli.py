@@ -1,70 +1,39 @@
-"""`antimatter generate`: the command-line shell around `model.generate` - load a run's checkpoint and
-tokenizer, then answer one `--prompt` or an interactive session, streaming tokens as they come. The sampling
-itself (settings, prompt encoding, decoding) is `model.generate.continue_texts`; nothing here samples."""
+"""`antimatter generate`: the command-line shell around `llm.LLM` - load a run's checkpoint and tokenizer,
+then answer one `--prompt` or an interactive session, streaming tokens as they come, and say how it went:
+the time to the first token, the rate after it, the seed that reproduces the sample, and what the model's
+context did to the prompt or the output. Loading, sampling and timing are the Python API's (`LLM.complete`);
+nothing here samples."""
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from antimatter.checkpoint import check_checkpoint_tokenizer, load_model
-from antimatter.config import ConfigError, RunConfig, SampleConfig, check_value
-from antimatter.device import DTYPES, pick_device, resolve_dtype
+from antimatter.config import ConfigError, GenerateConfig, RunConfig, check_value
 from antimatter.errors import UserError, shorten
-from antimatter.model.generate import continue_texts
-from antimatter.model.quantize import int8_weight_only, require_torchao
-from antimatter.tokenizer import load_tokenizer
+from antimatter.llm import LLM, Completion
 
-HELP = """commands: /temp X  /top_k N  /top_p X  /max N  /rep X  /seed N  /settings  /help  /quit
+HELP = """commands: /temp X  /top_k N  /top_p X  /max N  /rep X  /seed N|random  /settings  /help  /quit
 (Ctrl-D or /quit ends the session; an empty line is ignored)"""
 COMMANDS = {"temp": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
             "max": ("max_new_tokens", int), "rep": ("repetition_penalty", float), "seed": ("seed", int)}
 
 
-class StreamPrinter:
-    """Decode the growing token list and print only the new text. Byte-level BPE can split one character
-    over several tokens, so text ending in an incomplete character (U+FFFD) is held back until it completes."""
-
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tok, self.out, self.ids, self.printed = tokenizer, out, [], ""
-
-    def __call__(self, step: int, tokens: torch.Tensor) -> None:
-        tid = int(tokens[0])
-        if tid == self.tok.eot_id:
-            return
-        self.ids.append(tid)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
-        self.out.write(text[len(self.printed):])
-        self.out.flush()
-        self.printed = text
+def stats(r: Completion, device: str, seed_option: str) -> str:
+    """How an answer went, for the line after it: tokens, the first token's time and the rate after it
+    (the first is the prefill: apart, it would hide the rate), the device, and the seed to repeat it."""
+    where = f"{device}, {r.threads} thread{'s' if r.threads != 1 else ''}" if device == "cpu" else device
+    if r.new_tokens > 1 and r.tokens_per_s:
+        line = (f"{r.new_tokens} tokens: first after {r.first_token_s * 1000:.0f} ms, then {r.tokens_per_s:.1f} "
+                f"tokens/s on {where}")
+    else:
+        line = f"{r.new_tokens} token{'s' if r.new_tokens != 1 else ''} in {r.seconds * 1000:.0f} ms on {where}"
+    if r.seed is not None:
+        line += f"; seed {r.seed} ({seed_option} {r.seed} repeats this sample)"
+    return line
 
 
-def load_for_generation(run_dir: Path, checkpoint: str, device: torch.device):
-    model, run_cfg, ckpt = load_model(run_dir, which=checkpoint, device=str(device))
-    tokenizer = load_tokenizer(run_dir)
-    check_checkpoint_tokenizer(ckpt, tokenizer.path, "generate with")
-    dtype = resolve_dtype("auto", device)
-    if dtype != "fp32":  # a GPU serves a half-precision copy; elsewhere the weights stay as loaded
-        model = model.to(DTYPES[dtype])
-    return model.eval(), tokenizer, ckpt
-
-
-def complete(model, tokenizer, prompt: str, s: SampleConfig, compile: bool = False, stream=None) -> dict:
-    """Answer one prompt, streaming the text to `stream` when given; returns the text and timing."""
-    printer = StreamPrinter(tokenizer, stream) if stream is not None else None
-    t0 = time.perf_counter()
-    new = continue_texts(model, tokenizer, [prompt], s, on_token=printer, compile=compile)[0]
-    dt = time.perf_counter() - t0
-    return {"prompt": prompt, "completion": tokenizer.decode(new), "new_tokens": len(new),
-            "seconds": dt, "tokens_per_s": len(new) / dt if dt > 0 else 0.0}
-
-
-def _apply_command(line: str, s: SampleConfig) -> bool:
+def _apply_command(line: str, s: GenerateConfig) -> bool:
     """Handle a /command; returns False to quit."""
     parts = line[1:].split()
     if not parts:
@@ -74,13 +43,17 @@ def _apply_command(line: str, s: SampleConfig) -> bool:
         return False
     if name in COMMANDS and len(args) == 1:
         attr, typ = COMMANDS[name]
+        if attr == "seed" and args[0].lower() in ("random", "none"):
+            s.seed = None
+            print("seed = random (a new one for each sample)")
+            return True
         try:
             value = typ(args[0])
         except ValueError:
             print(f"/{name} needs a {typ.__name__}, got '{shorten(args[0])}'")
             return True
         try:  # a bad value keeps the old one and the session: the mistake is one line
-            check_value(SampleConfig, attr, value, f"/{name}")
+            check_value(GenerateConfig, attr, value, f"/{name}")
         except ConfigError as e:
             print(e)
             return True
@@ -93,9 +66,9 @@ def _apply_command(line: str, s: SampleConfig) -> bool:
     return True
 
 
-def _interactive(model, tokenizer, s: SampleConfig, compile: bool) -> int:
+def _interactive(llm: LLM, s: GenerateConfig) -> int:
     """Prompts and /commands from stdin until /quit or end of input (Ctrl-D); an empty line (an Enter
-    pressed twice) is not a reason to lose the loaded model."""
+    pressed twice) is not a reason to lose the loaded model. Each sample draws a new seed unless one is set."""
     while True:
         try:
             line = input("\n>>> ")
@@ -109,29 +82,28 @@ def _interactive(model, tokenizer, s: SampleConfig, compile: bool) -> int:
                 return 0
             continue
         sys.stdout.write(line)
-        r = complete(model, tokenizer, line, s, compile, stream=sys.stdout)
-        print(f"\n[{r['new_tokens']} tokens, {r['tokens_per_s']:.1f} tokens/s]")
+        r = llm.complete(line, s, stream=sys.stdout)
+        print(f"\n[{stats(r, llm.device.type, '/seed')}]")
+        if r.note:
+            print(f"[{r.note}]")
 
 
 def run_generate(cfg: RunConfig, run_dir: Path, prompt: str | None = None) -> int:
     """One prompt, or an interactive session, with the settings of `cfg.generate` (checkpoint, device, compile,
-    int8 and sampling); a null generate.device runs where the run trained (train.device)."""
-    g = cfg.generate
+    int8, threads and sampling); a null generate.device runs where the run trained (train.device)."""
     if not Path(run_dir).is_dir():
         raise UserError(f"run folder {run_dir} does not exist: pass --run PATH of a trained run "
                         f"(or train one with `antimatter quickstart`)")
-    if g.int8:
-        require_torchao()  # before the checkpoint loads
-    dev = pick_device(g.device or cfg.train.device, setting="--device" if g.device else "train.device")
-    model, tokenizer, ckpt = load_for_generation(Path(run_dir), g.checkpoint, dev)
-    if g.int8:
-        int8_weight_only(model)
+    llm = LLM.from_config(run_dir, cfg, device_setting="--device" if cfg.generate.device else None)
+    s = llm.settings
     if prompt is None:
-        print(f"AntiMatter: {ckpt} on {dev}. Type a prompt and press Enter. {HELP}")
-        return _interactive(model, tokenizer, g, g.compile)
+        seeds = "a new seed for each sample" if s.seed is None else f"seed {s.seed} for every sample"
+        print(f"AntiMatter: {llm.checkpoint} on {llm.device} ({seeds}). Type a prompt and press Enter. {HELP}")
+        return _interactive(llm, s)
     sys.stdout.write(prompt)
-    r = complete(model, tokenizer, prompt, g, g.compile, stream=sys.stdout)
+    r = llm.complete(prompt, s, stream=sys.stdout)
     print()
-    print(f"[{r['new_tokens']} tokens in {r['seconds']:.2f}s, {r['tokens_per_s']:.1f} tokens/s on {dev}]",
-          file=sys.stderr)
+    print(f"[{stats(r, llm.device.type, '--seed')}]", file=sys.stderr)
+    if r.note:
+        print(f"[{r.note}]", file=sys.stderr)
     return 0

@@ -89,10 +89,18 @@ def sliding_windows(n: int, seq_len: int, stride: int) -> Iterator[tuple[int, in
         last = b
 
 
-def token_byte_lengths(tok) -> np.ndarray:
-    """UTF-8 byte length of each token id (0 for special tokens). Byte-level BPE writes each byte as one
-    character of a 256-character alphabet, so a token's byte length is its string length; any other
-    token is measured by decoding it alone."""
+def score_windows(run_cfg, block_size: int, ev) -> tuple[int, int]:
+    """(seq_len, stride) of scoring: the run's training length (at most the model's context) and
+    `eval.stride` (0: the same length, non-overlapping windows as the training loop's val loss)."""
+    seq_len = min(run_cfg.seq_len, block_size)
+    return seq_len, min(ev.stride or seq_len, seq_len)
+
+
+def token_byte_lengths(tok, vocab_size: int = 0) -> np.ndarray:
+    """UTF-8 byte length of each token id (0 for special tokens), at least `vocab_size` entries (a model's
+    vocabulary may be larger than its tokenizer's). Byte-level BPE writes each byte as one character of a
+    256-character alphabet, so a token's byte length is its string length; any other token is measured by
+    decoding it alone."""
     alphabet = set(ByteLevel.alphabet())
     hf = tok.hf
     specials = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
@@ -104,7 +112,7 @@ def token_byte_lengths(tok) -> np.ndarray:
             out[i] = len(s)
         else:
             out[i] = len(hf.decode([i], skip_special_tokens=False).encode("utf-8"))
-    return out
+    return np.pad(out, (0, max(0, vocab_size - len(out))))
 
 
 # ----------------------------------------------------------------------------------------- scoring
@@ -112,9 +120,10 @@ def token_byte_lengths(tok) -> np.ndarray:
 
 @torch.inference_mode()
 def score_sequences(model, seqs: list[np.ndarray], seq_len: int, stride: int, byte_lens: np.ndarray, *,
-                    batch_size: int = 8, dtype: str = "auto", desc: str = "scoring") -> Score:
+                    batch_size: int = 8, dtype: str = "auto", desc: str = "scoring", progress: bool = True) -> Score:
     """Sum the next-token loss of every target (index >= 1) of every sequence, by sliding windows.
-    Windows of all sequences are batched together (right-padded; padding targets are ignored)."""
+    Windows of all sequences are batched together (right-padded; padding targets are ignored). `progress`:
+    a progress bar on stderr."""
     device = next(model.parameters()).device
     ctx = autocast(device, resolve_dtype(dtype, device, "eval.dtype"))
     jobs = [(k, a, b, s) for k, x in enumerate(seqs) for a, b, s in sliding_windows(len(x), seq_len, stride)]
@@ -123,7 +132,7 @@ def score_sequences(model, seqs: list[np.ndarray], seq_len: int, stride: int, by
     n_targets = sum(max(0, len(x) - 1) for x in seqs)
     # the attention kernel training prefers (cuDNN on Hopper): the same function, faster there
     with attention_backend("auto"), tqdm(total=n_targets, desc=desc, unit="tok", unit_scale=True,
-                                         leave=False) as bar:
+                                         leave=False, disable=not progress) as bar:
         for i in range(0, len(jobs), batch_size):
             batch = jobs[i: i + batch_size]
             width = max(b - a for _, a, b, _ in batch)
@@ -230,15 +239,22 @@ def read_documents(path: str | Path, text_field: str = "text") -> tuple[list[str
     return docs, fmt
 
 
+def score_documents(model, tok, docs: list[str], seq_len: int, stride: int, byte_lens: np.ndarray, *,
+                    batch_size: int = 8, dtype: str = "auto", desc: str = "scoring", progress: bool = True) -> Score:
+    """The summed score of documents, each read as <|endoftext|> + its tokens (the way documents follow each
+    other in training), so its first token is scored too."""
+    seqs = [np.asarray([tok.eot_id, *ids], dtype=np.int64) for ids in tok.encode_batch(docs)]
+    return score_sequences(model, seqs, seq_len, stride, byte_lens, batch_size=batch_size, dtype=dtype, desc=desc,
+                           progress=progress)
+
+
 def score_files(model, tok, paths: list[str], seq_len: int, stride: int, byte_lens: np.ndarray, *,
                 batch_size: int = 8, dtype: str = "auto", text_field: str = "text") -> list[dict]:
-    """Score each file's documents separately: every document is read as <|endoftext|> + its tokens (the
-    way documents follow each other in training), so its first token is scored too."""
+    """Score each file's documents separately (`score_documents`)."""
     results = []
     for path in paths:
         docs, fmt = read_documents(path, text_field)
-        seqs = [np.asarray([tok.eot_id, *ids], dtype=np.int64) for ids in tok.encode_batch(docs)]
-        score = score_sequences(model, seqs, seq_len, stride, byte_lens, batch_size=batch_size, dtype=dtype,
+        score = score_documents(model, tok, docs, seq_len, stride, byte_lens, batch_size=batch_size, dtype=dtype,
                                 desc=Path(path).name)
         text_bytes = sum(len(d.encode("utf-8")) for d in docs)
         results.append({"path": str(path), "sha256": sha256_file(path), "format": fmt, "documents": len(docs),

@@ -44,6 +44,7 @@ from antimatter.eval.perplexity import (
     score_by_source,
     score_files,
     score_sequences,
+    score_windows,
     token_byte_lengths,
     unigram_score,
 )
@@ -51,7 +52,7 @@ from antimatter.eval.plots import plot_training
 from antimatter.eval.size import model_size
 from antimatter.eval.speed import measure_speed
 from antimatter.files import atomic_write_text
-from antimatter.model.generate import continue_texts, new_token_limit
+from antimatter.model.generate import continue_texts
 from antimatter.model.gpt import GPT
 from antimatter.model.quantize import INT8_METHOD, int8_copy, require_torchao
 from antimatter.provenance import provenance, sha256_file
@@ -156,7 +157,7 @@ def sample_generations(model, tok, cfg: RunConfig) -> dict:
     prompts = [p for p in cfg.eval.prompts if p]
     outs = continue_texts(model, tok, prompts, s)
     return {
-        "settings": {"max_new_tokens": new_token_limit(model, s), "temperature": s.temperature, "top_k": s.top_k,
+        "settings": {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_k": s.top_k,
                      "top_p": s.top_p, "repetition_penalty": s.repetition_penalty},
         "seed": s.seed,
         "samples": [{"prompt": p, "completion": tok.decode(o), "new_tokens": len(o)}
@@ -202,11 +203,8 @@ def _start(ev: EvalConfig, run_dir: Path, which: str, data_files: list[str] | No
     model, run_cfg, ckpt, tok = load_for_eval(run_dir, which, device)
     for path in data_files or []:  # check every file before the long work starts
         read_documents(path, ev.text_field)
-    seq_len = min(run_cfg.seq_len, model.cfg.block_size)
-    byte_lens = token_byte_lengths(tok)
-    if len(byte_lens) < model.cfg.vocab_size:
-        byte_lens = np.pad(byte_lens, (0, model.cfg.vocab_size - len(byte_lens)))
-    stride = min(ev.stride or seq_len, seq_len)
+    seq_len, stride = score_windows(run_cfg, model.cfg.block_size, ev)
+    byte_lens = token_byte_lengths(tok, model.cfg.vocab_size)
     if not val:
         return Evaluation(run_dir, ev, which, device, model, tok, ckpt, seq_len, stride, byte_lens, None,
                           np.zeros(0, dtype=np.int64))

@@ -1,5 +1,5 @@
 """Generation: static KV cache, prefill then one token at a time, sampling on the device. The library that
-`antimatter generate` (generate_cli.py, the shell) and eval call: `generate` over token ids, and
+`antimatter generate`, the Python API (llm.py) and eval call: `generate` over token ids, and
 `continue_texts` over text with a config's sampling settings.
 
 Batched prompts of different lengths are left-padded; the model masks the padding slots and shifts each
@@ -14,6 +14,9 @@ at batch 1 the matmuls run as inductor reductions (`decode.single_row_matmuls`),
 `kernels=True` (the default for compiled decoding on a GPU up to KERNELS_MAX_BATCH rows, when Triton is there)
 the step runs instead as AntiMatter's own Triton kernels, five a layer, replayed as one CUDA graph
 (`model/triton_decoder.py`, kernels in `model/decode_kernels.py`).
+
+On the CPU a small model decodes on one thread (`decode_threads`): a step of a few rows is too little work
+to split. `continue_ids` / `continue_texts` go past the context by sliding a window over the text.
 """
 
 from __future__ import annotations
@@ -155,11 +158,13 @@ def _triton_decoder(model: GPT, kernels: bool | None, compile: bool | str, batch
     return cached[1]
 
 
-def _slots(n: int, device: torch.device, table: dict[int, torch.Tensor]) -> torch.Tensor:
-    """arange(n) on the device, made once per length (no host-to-device copy per token)."""
+def _slots(n: int, device: torch.device, table: dict[int, torch.Tensor], compiled: bool) -> torch.Tensor:
+    """arange(n) on the device, made once per length (no host-to-device copy per token); marked dynamic for
+    compiled steps only, since importing torch._dynamo costs an eager call 1.5 s before its first token."""
     if n not in table:
         table[n] = torch.arange(n, device=device)
-        torch._dynamo.maybe_mark_dynamic(table[n], 0)
+        if compiled:
+            torch._dynamo.maybe_mark_dynamic(table[n], 0)
     return table[n]
 
 
@@ -183,14 +188,14 @@ def _seen_tokens(idx: torch.Tensor, prompts: list[list[int]], vocab_size: int, p
 
 
 def _decode(model: GPT, steps: tuple, decoder, idx: torch.Tensor, left_pad: torch.Tensor, seen: torch.Tensor,
-            max_new_tokens: int, max_seq: int, args: tuple, eot_id: int | None, on_token, kv_block: int
-            ) -> list[torch.Tensor]:
+            max_new_tokens: int, max_seq: int, args: tuple, eot_id: int | None, on_token, kv_block: int,
+            compiled: bool) -> list[torch.Tensor]:
     """Prefill, then one token a step (the Triton decoder's graph, else the `steps` pair's decode step) until
     `max_new_tokens` or every row has ended; returns the new (B,) token tensors in order."""
     prefill, decode = steps
     (B, T), device = idx.shape, idx.device
     slots: dict[int, torch.Tensor] = {}
-    prompt_slots = _slots(T, device, slots)  # the prompt's cache slots, and the length attention reads
+    prompt_slots = _slots(T, device, slots, compiled)  # the prompt's cache slots, and the length attention reads
     nxt, seen = prefill(model, idx, prompt_slots, left_pad, seen, prompt_slots, *args)
     out = [nxt]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -208,7 +213,7 @@ def _decode(model: GPT, steps: tuple, decoder, idx: torch.Tensor, left_pad: torc
             decoder.step()
             nxt = decoder.token.clone()  # the graph overwrites its token on the next replay
         else:
-            kv = _slots(kv_blocks(T + step, max_seq, kv_block), device, slots)
+            kv = _slots(kv_blocks(T + step, max_seq, kv_block), device, slots, compiled)
             nxt, seen = decode(model, nxt.view(B, 1), pos, left_pad, seen, kv, *args)
             nxt, seen = nxt.clone(), seen.clone()  # graph outputs are overwritten by the next replay
             pos += 1
@@ -218,19 +223,52 @@ def _decode(model: GPT, steps: tuple, decoder, idx: torch.Tensor, left_pad: torc
     return out
 
 
+# A decode step of at most this many rows x parameters runs faster on one CPU thread than on several: the
+# work is too little to split, and threads wait on each other, most of all on a machine others are using
+# (docs/RESULTS.md, "Threads" under decode speed on 2 CPU cores).
+SMALL_STEP = 1 << 25
+
+
+def decode_threads(model: GPT, rows: int, threads: int = 0) -> int:
+    """The CPU threads to decode `rows` rows with: `threads` when given, else one for a small step (rows x
+    parameters up to SMALL_STEP: the quickstart model up to about 16 rows), else torch's current setting.
+    Off the CPU, torch's setting (it is not used)."""
+    if threads:
+        return threads
+    on_cpu = model.lm_head.weight.device.type == "cpu"
+    if on_cpu and rows * sum(p.numel() for p in model.parameters()) <= SMALL_STEP:
+        return 1
+    return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to `n` for the block, and put back after it."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
+
+
 @torch.inference_mode()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, eot_id: int | None = None,
              seed: int | None = None, on_token: Callable[[int, torch.Tensor], None] | None = None,
              compile: bool | str = False, pad_id: int = 0, gemv: bool | None = None,
-             kernels: bool | None = None, options: DecodeOptions | None = None) -> list[list[int]]:
+             kernels: bool | None = None, options: DecodeOptions | None = None, threads: int = 0
+             ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens of each row, cut
     before the first EOT. `on_token(step, tokens)` is called with each new (B,) tensor, for streaming.
     `compile`: True compiles prefill and the decode step (`options.compile_mode`); a string names the
     torch.compile mode of the decode step. `gemv` (compiled only): single-row matmuls as reductions;
     None = at batch 1. `kernels`: decode steps as AntiMatter's Triton kernels in one CUDA graph (True:
     required; None: when compiled on a GPU, the batch at most KERNELS_MAX_BATCH and the model supported;
-    False: never). `options`: the switches of compiled decoding (None: `DecodeOptions()`, the defaults)."""
+    False: never). `options`: the switches of compiled decoding (None: `DecodeOptions()`, the defaults).
+    `threads`: CPU threads while decoding (0: `decode_threads` decides; torch's setting is restored after)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
@@ -260,9 +298,9 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     single_row = bool(compile) and (B == 1 if gemv is None else gemv)
     swap = single_row_matmuls(model, options.fold_norm) if single_row else contextlib.nullcontext()
     try:
-        with swap:
+        with swap, torch_threads(decode_threads(model, B, threads)):
             out = _decode(model, steps, decoder, idx, left_pad, seen, max_new_tokens, max_seq, args, eot_id,
-                          on_token, options.kv_block)
+                          on_token, options.kv_block, bool(compile))
     finally:
         if not compile:  # compiled graphs hold the cache buffers: keep them for the next call
             model.clear_caches()
@@ -272,19 +310,64 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     return tokens
 
 
-def new_token_limit(model: GPT, s: SampleConfig) -> int:
-    """`s.max_new_tokens`, capped so that a one-token prompt and its continuation fit the context."""
-    return min(s.max_new_tokens, model.cfg.block_size - 1)
+def slide_window(ctx: int) -> int:
+    """Tokens a sliding window keeps when generation runs past the context: half of it, so each re-read of
+    the window (a prefill) is followed by as many new tokens."""
+    return max(1, ctx // 2)
+
+
+def continue_ids(model: GPT, prompts: list[list[int]], s: SampleConfig, eot_id: int, *,
+                 on_token: Callable[[int, torch.Tensor], None] | None = None, compile: bool | str = False,
+                 threads: int = 0) -> list[list[int]]:
+    """Continue each prompt by `s.max_new_tokens` tokens with `s`'s sampling settings (cut before EOT).
+    Below the context that is one `generate` call (long prompts cropped from the left to make room). At or
+    past it the window slides: each round reads the last `slide_window(ctx)` tokens of the text so far (the
+    first round: of the prompt) and adds `ctx - slide_window(ctx)` tokens, the same in every row whatever its
+    length (so a row's output does not depend on its batch), until every row has its tokens or its EOT.
+    `on_token` numbers steps across rounds and sees EOT for the rows that already ended."""
+    ctx = model.cfg.block_size
+    kw = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+              eot_id=eot_id, compile=compile, threads=threads)
+    if s.max_new_tokens < ctx:
+        return generate(model, prompts, s.max_new_tokens, seed=s.seed, on_token=on_token, **kw)
+    keep = slide_window(ctx)
+    out: list[list[int]] = [[] for _ in prompts]
+    active, seed, done = list(range(len(prompts))), s.seed, 0
+    while active:
+        windows = [(prompts[i] + out[i])[-keep:] for i in active]
+        n = min(s.max_new_tokens - done, ctx - keep)
+        if n <= 0:  # a context of one token: nothing fits after the window
+            break
+        new = generate(model, windows, n, seed=seed, on_token=_spread(on_token, active, len(prompts), done, eot_id),
+                       **kw)
+        seed, done = None, done + n  # later rounds go on drawing from the same seeded stream
+        for i, row in zip(active, new):
+            out[i] += row
+        active = [i for i, row in zip(active, new) if len(row) == n and done < s.max_new_tokens]
+    return out
+
+
+def _spread(on_token, active: list[int], rows: int, offset: int, eot_id: int):
+    """`on_token` for a round of some rows: step numbers go on from `offset`, rows that ended read EOT."""
+    if on_token is None:
+        return None
+    if len(active) == rows:
+        return lambda step, t: on_token(offset + step, t)
+
+    def call(step: int, t: torch.Tensor) -> None:
+        full = torch.full((rows,), eot_id, dtype=t.dtype, device=t.device)
+        full[active] = t
+        on_token(offset + step, full)
+
+    return call
 
 
 def continue_texts(model: GPT, tokenizer, texts: list[str], s: SampleConfig, *,
                    on_token: Callable[[int, torch.Tensor], None] | None = None,
-                   compile: bool | str = False) -> list[list[int]]:
+                   compile: bool | str = False, threads: int = 0) -> list[list[int]]:
     """Continue each text with the sampling settings of a config's `generate:` or `eval.sample:` section;
     returns the new token ids of each (cut before EOT). An empty text starts a new document (EOT alone)."""
     if not texts:
         return []
     prompts = [tokenizer.encode(t) or [tokenizer.eot_id] for t in texts]
-    return generate(model, prompts, new_token_limit(model, s), temperature=s.temperature, top_k=s.top_k,
-                    top_p=s.top_p, repetition_penalty=s.repetition_penalty, eot_id=tokenizer.eot_id, seed=s.seed,
-                    on_token=on_token, compile=compile)
+    return continue_ids(model, prompts, s, tokenizer.eot_id, on_token=on_token, compile=compile, threads=threads)
