@@ -46,7 +46,7 @@ def test_help_lists_every_stage(tmp_path):
 
 
 def test_info_prints_the_seed_model_count(tmp_path):
-    r = cli("info", "--model", "seed-300m", cwd=tmp_path)
+    r = cli("info", "--model", "seed-300m", "recipe=gpt2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "355,871,744" in r.stdout  # total
     assert "302,311,424" in r.stdout and "53,560,320" in r.stdout  # non-embedding, embedding

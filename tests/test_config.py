@@ -43,8 +43,11 @@ def error_of(path=None, overrides=None) -> str:
 def test_defaults_load():
     cfg = load_config()
     assert isinstance(cfg, RunConfig)
-    assert cfg == RunConfig()
-    assert cfg.model.arch == "gpt2" and cfg.model.preset is None
+    assert cfg.recipe == "modern" and cfg.model.preset is None  # a new run gets the modern recipe
+    assert (cfg.model.arch, cfg.model.activation_type, cfg.model.tie_embeddings, cfg.model.logit_softcap) == (
+        "llama", "swiglu", False, 0.0)
+    assert (cfg.train.optimizer, cfg.train.schedule) == ("muon", "wsd")
+    assert load_config(None, ["recipe=gpt2"]) == RunConfig()  # the dataclasses' own defaults are gpt2's
     assert cfg.seq_len == cfg.model.block_size  # train.seq_len 0 = the model's context
     assert cfg.tokenizer_vocab_size == cfg.model.vocab_size  # tokenizer.vocab_size 0 = the model's vocab
     assert cfg.run_dir == Path("runs") / "default"
@@ -77,7 +80,7 @@ def test_preset_override_on_a_saved_config_changes_the_shape(tmp_path):
     saved = tmp_path / "config.yaml"
     save_config(load_config(None, ["model=seed-300m"]), saved)
     cfg = load_config(saved, ["model.preset=tiny"])
-    assert cfg.model == preset_model("tiny")
+    assert cfg.model == preset_model("tiny", "modern")
     cfg = load_config(saved, ["model.n_layer=3", "model.preset=tiny"])
     assert cfg.model.preset == "tiny" and cfg.model.n_layer == 3 and cfg.model.d_model == preset_model("tiny").d_model
 
@@ -91,7 +94,8 @@ def test_model_section_with_preset_key_in_yaml(tmp_path):
 def test_every_preset_loads_and_validates():
     for name in MODEL_PRESETS:
         cfg = load_config(None, [f"model={name}"])
-        assert cfg.model == preset_model(name)
+        assert cfg.model == preset_model(name, "modern")
+        assert load_config(None, [f"model={name}", "recipe=gpt2"]).model == preset_model(name)
 
 
 def test_type_coercion():
@@ -138,7 +142,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path):
-    assert load_config(write(tmp_path, "# nothing here\n")) == RunConfig()
+    assert load_config(write(tmp_path, "# nothing here\n")) == load_config()
 
 
 # ------------------------------------------------------------------------------------------- errors

@@ -60,7 +60,7 @@ def test_no_model_chosen_on_a_cpu_is_refused_with_the_estimate(slow_cpu):
     with pytest.raises(UserError) as e:
         check_default_model(cfg)
     msg = str(e.value)
-    assert "\n" not in msg and "no model was chosen, so the default is GPT-2 124M" in msg
+    assert "\n" not in msg and "no model was chosen, so the default is the gpt2-124m size" in msg
     assert "for 1,000 steps: about " in msg and " h on this CPU" in msg
     assert "antimatter quickstart" in msg and "model=quickstart train.max_minutes=10" in msg
     assert "model=gpt2-124m" in msg
@@ -77,7 +77,7 @@ def test_a_chosen_model_or_a_time_budget_is_trained_as_given(slow_cpu, overrides
 def test_a_short_default_run_says_which_model_it_trains(slow_cpu):
     logged = []
     check_default_model(load_config(None, ["train.max_steps=2"]), log=logged.append)
-    assert len(logged) == 1 and logged[0].startswith("note: no model was chosen, so the default is GPT-2 124M")
+    assert len(logged) == 1 and logged[0].startswith("note: no model was chosen, so the default is the gpt2-124m size")
 
 
 def test_a_gpu_trains_the_default_as_before(monkeypatch: pytest.MonkeyPatch):

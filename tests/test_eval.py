@@ -307,7 +307,7 @@ def test_run_eval_writes_report(tiny_run: Path, tmp_path: Path, capsys: pytest.C
     s = saved["speed"]
     assert s["prefill_tokens_per_s"] > 0 and s["decode_tokens_per_s_batch4"] > 0 and s["peak_memory_bytes"] > 0
     z = saved["size"]
-    assert z["params_total"] == GPT(preset_model("tiny")).num_params() and z["bytes_bf16"] == 2 * z["params_total"]
+    assert z["params_total"] == GPT(preset_model("tiny", "modern")).num_params() and z["bytes_bf16"] == 2 * z["params_total"]
     assert z["disk_bytes_weights"] > 0
     assert saved["checkpoint"]["step"] == 120 and len(saved["checkpoint"]["sha256"]) == 64
     assert len(saved["tokenizer"]["sha256"]) == 64 and saved["data"]["val_shards"]

@@ -209,7 +209,7 @@ def _continue_config(tmp_path: Path, tokenizer_from: Path, init_from: Path, corp
            "data": {"sources": [{"path": str(corpus)}], "val_fraction": 0.2, "workers": 1},
            "tokenizer": {"from": str(tokenizer_from)}, "tokenize": {"workers": 1},
            "train": {"init_from": str(init_from), "device": "cpu", "dtype": "fp32", "max_steps": 2, "seq_len": 32,
-                     "micro_batch_size": 4, "warmup_steps": 0, "lr": 1e-9, "eval_interval": 2, "eval_steps": 1,
+                     "micro_batch_size": 4, "warmup_steps": 0, "lr": 1e-9, "muon_lr": 1e-9, "embed_lr": 1e-9, "eval_interval": 2, "eval_steps": 1,
                      "ckpt_interval": 2, "log_interval": 1, "tensorboard": False},
            "eval": {"device": "cpu", "max_eval_tokens": 256, "batch_size": 4, "continuation_docs": 2,
                     "prefix_tokens": 8, "continuation_tokens": 8, "speed": False, "plots": False,

@@ -52,14 +52,15 @@ def make_tokens(run_dir: Path, n_train: int = 40_000, n_val: int = 4_000, seed: 
     return run_dir
 
 
-def tiny_config(run_dir: Path, **train) -> RunConfig:
-    """The `tiny` preset on the CPU, fp32, small batches; `train` overrides TrainConfig fields."""
+def tiny_config(run_dir: Path, recipe: str = "gpt2", **train) -> RunConfig:
+    """The `tiny` preset on the CPU, fp32, small batches; `train` overrides TrainConfig fields. GPT-2's recipe
+    unless told (AdamW: what most loop, resume and fault tests were written against)."""
     base = dict(device="cpu", dtype="fp32", micro_batch_size=4, seq_len=32, max_steps=8, warmup_steps=2,
                 lr=3e-3, eval_interval=4, eval_steps=2, log_interval=1, ckpt_interval=4, tensorboard=False,
                 keep_last=2)
     base.update(train)
-    return config_from_dict({"name": run_dir.name, "runs_dir": str(run_dir.parent), "model": "tiny",
-                             "train": base})
+    return config_from_dict({"recipe": recipe, "name": run_dir.name, "runs_dir": str(run_dir.parent),
+                             "model": "tiny", "train": base})
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> Path:

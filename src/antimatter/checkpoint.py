@@ -316,7 +316,8 @@ def load_config_from_checkpoint(ckpt: str | Path) -> RunConfig:
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint config {path} holds {type(data).__name__}, not a mapping of sections "
                               f"(model:, train:, ...): {fix}")
-    try:
+    data.setdefault("recipe", "gpt2")  # saved before recipes existed: every setting is written out, on GPT-2's
+    try:  # defaults
         cfg = config_from_dict(data)
     except UserError as e:
         raise CheckpointError(f"checkpoint config {path} is invalid ({e}): {fix}") from None

@@ -84,6 +84,7 @@ Parallel = Literal["ddp", "fsdp"]
 Optimizer = Literal["adamw", "muon"]  # muon: Muon for the blocks' matrices, AdamW for everything else
 Schedule = Literal["cosine", "linear", "constant", "wsd"]
 Attention = Literal["auto", "flash", "cudnn", "efficient", "math"]  # the preferred SDPA kernel
+Recipe = Literal["modern", "gpt2"]  # the defaults a config starts from (RECIPES)
 
 NORMS, POSITIONS, ACTIVATIONS = typing.get_args(Norm), typing.get_args(Position), typing.get_args(Activation)
 ATTENTION_BACKENDS = typing.get_args(Attention)
@@ -182,19 +183,38 @@ class ModelConfig:
         return ((self.vocab_size + m - 1) // m) * m
 
 
+# Model sizes. A preset fixes the shape; the recipe (RECIPES) fills in the blocks' kind unless the preset names it.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # for unit tests: runs in milliseconds
     "tiny": dict(n_layer=2, n_head=2, d_model=32, block_size=64, vocab_size=512),
     # for `antimatter quickstart` on 2 CPU cores: learns real structure in about two minutes
     "quickstart": dict(n_layer=4, n_head=4, d_model=128, block_size=128, vocab_size=4096),
     "gpt2-124m": dict(n_layer=12, n_head=12, d_model=768, block_size=1024, vocab_size=50257),
-    # the seed project's model: 24 layers, d 1024, 16 heads, vocab 50,257, context 2,048, tied, GELU, pre-LN
+    # the seed project's model: 24 layers, d 1024, 16 heads, vocab 50,257, context 2,048 (with recipe=gpt2:
+    # tied, GELU, pre-LN LayerNorm, exactly the seed's)
     "seed-300m": dict(n_layer=24, n_head=16, d_model=1024, block_size=2048, vocab_size=50257),
     "llama-tiny": dict(arch="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=64,
                        vocab_size=512, bias=False, tie_embeddings=False, qk_norm=True),
     "llama-300m": dict(arch="llama", n_layer=24, n_head=16, n_kv_head=8, d_model=1024, block_size=2048,
                        vocab_size=50257, bias=False, tie_embeddings=False),
     "seed-1.3b": dict(n_layer=24, n_head=16, d_model=2048, block_size=2048, vocab_size=50257),
+}
+
+
+# The defaults a config starts from, under its model preset and its own settings (`recipe: gpt2` for the seed's).
+# gpt2: the dataclasses' own defaults: GPT-2 blocks (LayerNorm, learned positions, GELU, biases, tied
+#   embeddings), AdamW, warm-up + cosine.
+# modern: what won per GPU-minute (docs/RESULTS.md, "Recipes"): Llama blocks (RMSNorm, RoPE, SwiGLU, no biases)
+#   with QK-norm, zero-initialised residual projections and an untied head, Muon for the blocks' matrices with
+#   AdamW for the rest, warm-up / stable / decay. SwiGLU without logit soft-capping: the variant a
+#   transformers class (Qwen3) loads, so `antimatter export` works for every default run.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "gpt2": {"model": {}, "train": {}},
+    "modern": {
+        "model": dict(arch="llama", bias=False, qk_norm=True, zero_init_proj=True, tie_embeddings=False),
+        "train": dict(optimizer="muon", muon_lr=0.02, lr=0.004, embed_lr=0.2, schedule="wsd", warmup_steps=10,
+                      decay_fraction=0.4, min_lr_ratio=0.0, weight_decay=0.0, beta1=0.8, grad_clip=0.0),
+    },
 }
 
 
@@ -436,6 +456,9 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
+    # the defaults the model and train sections start from (RECIPES). A loaded config (load_config,
+    # config_from_dict) starts from `modern` unless it names gpt2; these dataclasses' own defaults are gpt2's
+    recipe: Recipe = "gpt2"
     name: str = "default"
     runs_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -772,33 +795,52 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _model_from_dict(data: dict[str, Any] | str | None) -> ModelConfig:
-    """A model section may be a preset name (`model: seed-300m`) or a mapping with optional `preset`."""
+def _model_from_dict(data: dict[str, Any] | str | None, recipe: str = "gpt2") -> ModelConfig:
+    """A model section may be a preset name (`model: seed-300m`) or a mapping with optional `preset`; it
+    starts from the recipe's model defaults, then the preset's fields, then its own."""
     if data is None:
-        return ModelConfig()
+        data = {}
     if isinstance(data, str):
         data = {"preset": data}
     data = dict(data)
     preset = data.get("preset")
-    base: dict[str, Any] = {}
+    base: dict[str, Any] = dict(RECIPES[recipe]["model"])
     if preset is not None:
-        base = dict(preset_model(preset).__dict__)
+        preset_model(preset)  # a one-line error for an unknown name
+        base.update(MODEL_PRESETS[preset], preset=preset)
     base.update(data)
     return _build(ModelConfig, base, "model")
 
 
-def preset_model(name: str) -> ModelConfig:
-    """The named model preset, or a ConfigError that lists the valid names."""
+def default_model(recipe: str = "modern") -> ModelConfig:
+    """The model a config of this recipe gets when it names none."""
+    return _model_from_dict(None, recipe)
+
+
+def recipe_of(data: dict[str, Any]) -> str:
+    """The `recipe` of a config mapping (default modern), checked before it picks any defaults."""
+    recipe = data.get("recipe", "modern")
+    check_field(RunConfig, "recipe", recipe, "recipe")
+    return recipe
+
+
+def preset_model(name: str, recipe: str = "gpt2") -> ModelConfig:
+    """The named model preset with a recipe's blocks (default: GPT-2's, what the benchmarks compare with
+    nanoGPT and transformers), or a ConfigError that lists the valid names."""
     if name not in MODEL_PRESETS:
         close = difflib.get_close_matches(name, list(MODEL_PRESETS), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise ConfigError(f"unknown model preset '{name}': {hint}choose one of {', '.join(MODEL_PRESETS)}")
-    return ModelConfig(preset=name, **MODEL_PRESETS[name])
+    return ModelConfig(**{**RECIPES[recipe]["model"], "preset": name, **MODEL_PRESETS[name]})
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     data = dict(data or {})
-    model = _model_from_dict(data.pop("model", None))
+    recipe = data["recipe"] = recipe_of(data)
+    model = _model_from_dict(data.pop("model", None), recipe)
+    train = data.get("train")
+    if RECIPES[recipe]["train"] and (train is None or isinstance(train, dict)):
+        data["train"] = {**RECIPES[recipe]["train"], **(train or {})}
     cfg = _build(RunConfig, data)
     cfg.model = model
     return cfg

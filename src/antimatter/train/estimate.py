@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from antimatter.config import ModelConfig, RunConfig
+from antimatter.config import RunConfig, default_model
 from antimatter.errors import UserError
 
 CPU_WARN_SECONDS = 3600.0  # a CPU run estimated past this is warned about (or, with no model chosen, refused)
@@ -75,9 +75,9 @@ def cpu_seconds_estimate(cfg: RunConfig) -> float:
 
 
 def model_chosen(cfg: RunConfig) -> bool:
-    """False when the model section is the built-in default untouched: no preset and no field set (no config
+    """False when the model section is its recipe's default untouched: no preset and no field set (no config
     file gave one and no model.* override did). `model=gpt2-124m` chooses the same shape explicitly."""
-    return cfg.model != ModelConfig()
+    return cfg.model != default_model(cfg.recipe)
 
 
 def check_default_model(cfg: RunConfig, log=print) -> None:
@@ -85,7 +85,7 @@ def check_default_model(cfg: RunConfig, log=print) -> None:
     hour, with one line giving the estimate and what fits; else log which model it trains.
 
     Why refuse rather than quietly train a smaller model: nanoGPT's train.py and litgpt both train exactly
-    the model they are given (nanoGPT's default is this same GPT-2 124M; its CPU recipe passes a small
+    the model they are given (nanoGPT's default is this same 124M shape; its CPU recipe passes a small
     config), so a user of either expects the model named in the config, on every machine. Swapping in a
     smaller one on a CPU would make the same command produce different architectures, vocabularies and
     checkpoints on a laptop and on a GPU box. The refusal comes before the data stages, so nothing is spent
@@ -99,8 +99,8 @@ def check_default_model(cfg: RunConfig, log=print) -> None:
     if pick_device(cfg.train.device).type != "cpu":
         return
     seconds = cpu_seconds_estimate(cfg)
-    what = (f"no model was chosen, so the default is GPT-2 124M ({cfg.model.n_layer} layers, d {cfg.model.d_model},"
-            f" vocab {cfg.model.vocab_size:,}) for {cfg.train.max_steps:,} steps")
+    what = (f"no model was chosen, so the default is the gpt2-124m size ({cfg.model.n_layer} layers, d "
+            f"{cfg.model.d_model}, vocab {cfg.model.vocab_size:,}; {cfg.recipe} recipe) for {cfg.train.max_steps:,} steps")
     if seconds > CPU_WARN_SECONDS:
         raise UserError(f"{what}: about {format_duration(seconds)} on this CPU. Run {FITS_ON_CPU} (to train "
                         f"the default anyway, name it: model=gpt2-124m)")
