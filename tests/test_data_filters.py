@@ -38,6 +38,12 @@ def test_clean_steps_are_switchable():
     assert clean_text(code, SourceConfig(), "code")[0] == "def f():\n    return  1"  # indentation kept
 
 
+def test_markdown_code_blocks_keep_their_spacing():
+    text = "Some   prose.\n\n```python\nx = 1      # aligned\ny = 22     # aligned\n```\n\nMore   prose."
+    cleaned, _ = clean_text(text, SourceConfig(), "prose")
+    assert cleaned == text.replace("Some   prose", "Some prose").replace("More   prose", "More prose")
+
+
 def test_guess_kind():
     assert guess_kind(CODE.format(i=0)) == "code"
     assert guess_kind(PROSE) == "prose"

@@ -4,7 +4,8 @@ Steps (each switchable per source in SourceConfig): decode UTF-8 (invalid bytes 
 document is counted), Unicode NFC, mojibake repair with ftfy (only where ftfy's own badness check fires:
 running the full fixer on clean text is slow and changes nothing), control characters out, whitespace:
 line endings to LF, trailing spaces, runs of blank lines, and for prose runs of spaces inside a line.
-Code and reference text keep their inner spacing: indentation and column alignment carry meaning there.
+Code and reference text keep their inner spacing: indentation and column alignment carry meaning there, as
+they do in the code blocks of markdown prose.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]")
 _UNICODE_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _INNER_SPACES = re.compile(r"(\S)[ \t]{2,}(?=\S)")
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")  # a markdown code block starts (or ends) here
 # only the encoding repair: quotes, controls and normalisation are other steps (or left alone)
 _FTFY_CONFIG = ftfy.TextFixerConfig(unescape_html=False, remove_control_chars=False, uncurl_quotes=False,
                                     normalization=None, explain=False)
@@ -43,6 +45,25 @@ def decode(data: bytes | str) -> tuple[str, bool]:
         return data.decode("utf-8"), False
     except UnicodeDecodeError:
         return data.decode("utf-8", errors="replace"), True
+
+
+def _collapse_inner_spaces(text: str) -> str:
+    """Runs of spaces inside prose lines become one space; markdown code blocks keep theirs (a comment aligned
+    in an example, the columns of printed output)."""
+    if "```" not in text and "~~~" not in text:
+        return _INNER_SPACES.sub(r"\1 ", text)
+    out, fence = [], ""
+    for line in text.split("\n"):
+        m = _FENCE.match(line)
+        if fence:
+            if m and m.group(1).startswith(fence) and not line.strip().strip(fence[0]):
+                fence = ""
+        elif m:
+            fence = m.group(1)
+        else:
+            line = _INNER_SPACES.sub(r"\1 ", line)
+        out.append(line)
+    return "\n".join(out)
 
 
 def clean_text(text: str, src: SourceConfig, kind: str) -> tuple[str, list[str]]:
@@ -68,7 +89,7 @@ def clean_text(text: str, src: SourceConfig, kind: str) -> tuple[str, list[str]]
         new = "\n".join([line.rstrip() for line in new.split("\n")])
         new = _BLANK_RUNS.sub("\n\n", new)
         if kind == "prose":
-            new = _INNER_SPACES.sub(r"\1 ", new)
+            new = _collapse_inner_spaces(new)
         new = new.lstrip("\n").rstrip()
         if new != text:
             changed.append("whitespace")
