@@ -299,6 +299,9 @@ class DataConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     keep_rejects: bool = False
     strict: bool = False
+    # a folder `antimatter prepare PATH... --out DIR` wrote: the tokenizer, tokenize and eval stages read it
+    # instead of RUN/data, and the pipeline does not prepare (the folder is only read). "" = RUN/data
+    prepared: str = ""
 
 
 # -------------------------------------------------------------------------------------------- tokens
@@ -458,6 +461,15 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+    @property
+    def data_dir(self) -> Path:
+        """The prepared data the later stages read: `data.prepared`, or the run's own data folder."""
+        return self.data_dir_of(self.run_dir)
+
+    def data_dir_of(self, run_dir: str | Path) -> Path:
+        """The prepared data of this run when it lives at `run_dir` (a run folder may have been moved)."""
+        return Path(self.data.prepared) if self.data.prepared else Path(run_dir) / "data"
 
     @property
     def seq_len(self) -> int:
