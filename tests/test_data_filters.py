@@ -14,6 +14,7 @@ from antimatter.data.dedup import Deduper, Signer, exact_key
 from antimatter.data.filters import (
     RULE_SETS,
     QualityFilter,
+    code_block_lines,
     describe,
     dup_ngram_char_frac,
     guess_kind,
@@ -204,6 +205,16 @@ def test_markdown_prose_leaves_out_code_tables_and_markup():
     assert "name" not in repetition and "continued" not in repetition and "The end." in repetition
     assert markdown_views("Plain text, two lines.\nNo markdown here.") is None
     assert markdown_views("<nick> hello there\n<other> hi") is None  # a chat log's <nick> is no HTML tag
+
+
+def test_a_code_block_needs_its_closing_fence_and_rst_underlines_are_no_fences():
+    rst = "Title\n~~~~~\n\nText of the first section.\n\nOther\n~~~~~\n\nMore text, in prose."
+    assert code_block_lines(rst.split("\n")) == set()
+    assert markdown_views(rst)[0].split("\n\n") == ["Title", "Text of the first section.", "Other",
+                                                     "More text, in prose."]
+    typo = "Intro.\n\n```\nx = 1\n\nThe rest of the page is prose."  # an opened block nobody closes
+    assert "The rest of the page is prose." in markdown_views(typo)[0]
+    assert code_block_lines("a\n\n```py\nx = 1\n```\n\n~~~\ny\n~~~~".split("\n")) == {2, 3, 4, 6, 7, 8}
 
 
 @pytest.mark.parametrize("text, rule", [

@@ -17,12 +17,12 @@ import ftfy
 import ftfy.badness
 
 from antimatter.config import SourceConfig
+from antimatter.data.filters import code_block_lines
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]")
 _UNICODE_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _INNER_SPACES = re.compile(r"(\S)[ \t]{2,}(?=\S)")
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")  # a markdown code block starts (or ends) here
 # only the encoding repair: quotes, controls and normalisation are other steps (or left alone)
 _FTFY_CONFIG = ftfy.TextFixerConfig(unescape_html=False, remove_control_chars=False, uncurl_quotes=False,
                                     normalization=None, explain=False)
@@ -52,18 +52,9 @@ def _collapse_inner_spaces(text: str) -> str:
     in an example, the columns of printed output)."""
     if "```" not in text and "~~~" not in text:
         return _INNER_SPACES.sub(r"\1 ", text)
-    out, fence = [], ""
-    for line in text.split("\n"):
-        m = _FENCE.match(line)
-        if fence:
-            if m and m.group(1).startswith(fence) and not line.strip().strip(fence[0]):
-                fence = ""
-        elif m:
-            fence = m.group(1)
-        else:
-            line = _INNER_SPACES.sub(r"\1 ", line)
-        out.append(line)
-    return "\n".join(out)
+    lines = text.split("\n")
+    code = code_block_lines(lines)
+    return "\n".join(ln if i in code else _INNER_SPACES.sub(r"\1 ", ln) for i, ln in enumerate(lines))
 
 
 def clean_text(text: str, src: SourceConfig, kind: str) -> tuple[str, list[str]]:

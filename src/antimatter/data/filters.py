@@ -73,7 +73,7 @@ _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 _TABLE_SEP = re.compile(r"^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)+\|?\s*$")
 _STRUCTURE_LINE = re.compile(
     r"^ {0,3}(#{1,6}(\s|$)"  # an ATX heading
-    r"|([-=*_]\s*){3,}$"  # a setext underline or a thematic break
+    r"|([-=*_~]\s*){3,}$"  # a setext (or RST) underline, a thematic break
     r"|\[[^\]]+\]:\s*\S"  # a link reference definition
     r"|\|)")  # a table row
 _LIST_ITEM = re.compile(r"^\s*([*+-]|\d{1,9}[.)])\s+\S")
@@ -154,21 +154,12 @@ def markdown_views(text: str) -> tuple[str, str] | None:
     if not _MARKDOWN_HINT.search(text):
         return None
     lines = _COMMENT.sub("", text).split("\n")
-    table = _table_lines(lines)
+    left_out = _table_lines(lines) | code_block_lines(lines)
     prose: list[str] = []
     repetition: list[str] = []
-    fence = ""
     in_list = False
     for i, ln in enumerate(lines):
-        if fence:  # inside a code block until the fence that closes it
-            stripped = ln.strip()
-            if stripped.startswith(fence) and not stripped.strip(fence[0]):
-                fence = ""
-            continue
-        if m := _FENCE.match(ln):
-            fence = m.group(1)
-            continue
-        if i in table or _STRUCTURE_LINE.match(ln):
+        if i in left_out or _STRUCTURE_LINE.match(ln):
             continue
         if ln.strip():
             # a list item, and the indented lines that continue it
@@ -178,6 +169,27 @@ def markdown_views(text: str) -> tuple[str, str] | None:
         if not in_list:
             repetition.append(ln)
     return _BLANK_RUNS.sub("\n\n", "\n".join(prose)), _BLANK_RUNS.sub("\n\n", "\n".join(repetition))
+
+
+def code_block_lines(lines: list[str]) -> set[int]:
+    """Indexes of the lines of fenced code blocks, fences included. A fence opens a block only where a fence
+    closes it (an unclosed one is a typo, not a block that swallows the rest), and a line of tildes right under a
+    line of text is a reStructuredText heading underline, not a fence."""
+    fences = [(i, m.group(1)) for i, ln in enumerate(lines) if (m := _FENCE.match(ln))]
+    out: set[int] = set()
+    k = 0
+    while k < len(fences):
+        i, fence = fences[k]
+        underline = fence[0] == "~" and not lines[i].strip().strip("~") and i > 0 and bool(lines[i - 1].strip())
+        close = None if underline else next(
+            (j for j in range(k + 1, len(fences)) if fences[j][1].startswith(fence)
+             and not lines[fences[j][0]].strip().strip(fence[0])), None)
+        if close is None:
+            k += 1
+            continue
+        out.update(range(i, fences[close][0] + 1))
+        k = close + 1
+    return out
 
 
 def _inline_text(line: str) -> str:
