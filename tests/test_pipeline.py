@@ -386,4 +386,4 @@ def test_a_folder_that_is_not_a_prepared_folder_is_one_line(finished_run, prepar
             assert message in lines[0], (message, lines[0])
         assert (_files(folder) if folder.exists() else None) == before
     assert "run `antimatter prepare PATH... --out" in lines[0] and "again" in lines[0]
-    assert not (tmp_path / "runs" / "bad" / "tokenizer").exists()
+    assert not (tmp_path / "runs" / "bad").exists()  # refused before the run folder is made

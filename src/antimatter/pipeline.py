@@ -148,6 +148,8 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bo
     if stage != "train" and world > 1:
         raise UserError(f"the {stage} stage runs in one process: run `antimatter pipeline` (or the data stages) "
                         f"without torchrun first, then `torchrun ... -m antimatter.cli train`")
+    if cfg.data.prepared and stage in ("prepare", "tokenizer", "tokenize"):
+        check_prepared_folder(cfg.data_dir)  # refused before the run folder is made
     if int(os.environ.get("RANK", "0")) == 0:
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.yaml")
@@ -167,8 +169,7 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bo
             return {"skipped": True}
         return run_eval(cfg, run)
     if stage == "prepare" and cfg.data.prepared:
-        _log(f"[prepare] reading the prepared folder {check_prepared_folder(cfg.data_dir)} (data.prepared); "
-             f"nothing to prepare here")
+        _log(f"[prepare] reading the prepared folder {cfg.data_dir} (data.prepared); nothing to prepare here")
         return {"skipped": True}
     if stage == "tokenizer" and not cfg.tokenizer.from_:  # an adopted tokenizer reads no data
         _require_prepared(cfg)
