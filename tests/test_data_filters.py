@@ -11,8 +11,18 @@ import pytest
 from antimatter.config import DedupConfig, FilterConfig, SourceConfig, load_config
 from antimatter.data.clean import clean_text, decode
 from antimatter.data.dedup import Deduper, Signer, exact_key
-from antimatter.data.filters import RULE_SETS, QualityFilter, dup_ngram_char_frac, guess_kind
-from antimatter.data.sample import CODE, SENTENCES
+from antimatter.data.filters import (
+    RULE_SETS,
+    QualityFilter,
+    code_block_lines,
+    describe,
+    dup_ngram_char_frac,
+    guess_kind,
+    keep_setting,
+    markdown_views,
+)
+from antimatter.data.sample import CODE, SENTENCES, write_tech_docs
+from antimatter.data.sources import kind_from_name
 from antimatter.errors import UserError
 
 PROSE = "\n\n".join(" ".join(SENTENCES[i: i + 4]) for i in range(0, 24, 4))
@@ -36,6 +46,12 @@ def test_clean_steps_are_switchable():
     assert clean_text(raw, off, "prose")[0] == raw.replace("\r\n", "\n")
     code = "def f():\n    return  1   \n"
     assert clean_text(code, SourceConfig(), "code")[0] == "def f():\n    return  1"  # indentation kept
+
+
+def test_markdown_code_blocks_keep_their_spacing():
+    text = "Some   prose.\n\n```python\nx = 1      # aligned\ny = 22     # aligned\n```\n\nMore   prose."
+    cleaned, _ = clean_text(text, SourceConfig(), "prose")
+    assert cleaned == text.replace("Some   prose", "Some prose").replace("More   prose", "More prose")
 
 
 def test_guess_kind():
@@ -66,8 +82,9 @@ def test_prose_rules_each_named():
 def test_code_and_reference_are_not_judged_as_prose():
     qf = QualityFilter(FilterConfig())
     code = CODE.format(i=1)
-    assert qf.check(code, "prose") is not None  # prose rules would throw code away ...
-    assert qf.check(code, "code") is None  # ... code rules keep it
+    module = "\n\n".join(CODE.format(i=i) for i in range(3))  # methods that repeat lines of each other
+    assert qf.check(module, "prose") is not None  # prose rules would throw code away ...
+    assert qf.check(module, "code") is None and qf.check(code, "code") is None  # ... code rules keep it
     assert qf.check(GLOSSARY, "reference") is None
     minified = "var a=1;" * 300
     assert qf.check(minified, "code") == "code_max_line_len"
@@ -128,11 +145,14 @@ def test_hard_wrapped_books_judged_by_paragraph_and_window():
     assert QualityFilter(FilterConfig(short_doc_words=0, min_terminal_punct_lines=0.5)).check(
         unwrapped_no_stop, "prose") == "fineweb_terminal_punct"
     # the repetition rules average over windows: a long text is judged like several web pages
-    windowed = FilterConfig(repetition_window_words=50, disable=["gopher_dup_lines", "gopher_dup_paras",
-                                                                 "gopher_dup_line_chars", "gopher_dup_para_chars"])
+    # (with the line rules off, and the n-gram rules counting repeated lines as Gopher does)
+    windowed = FilterConfig(repetition_window_words=50, ngram_distinct_lines=False, disable=[
+        "gopher_dup_lines", "gopher_dup_paras", "gopher_dup_line_chars", "gopher_dup_para_chars"])
     twice = book + "\n\n" + book  # every n-gram repeated: fails whole, and in the second half's windows
-    assert QualityFilter(FilterConfig(disable=windowed.disable)).check(twice, "prose") == "gopher_dup_ngrams"
+    whole = FilterConfig(ngram_distinct_lines=False, disable=windowed.disable)
+    assert QualityFilter(whole).check(twice, "prose") == "gopher_dup_ngrams"
     assert QualityFilter(windowed).check(book, "prose") is None
+    assert QualityFilter(FilterConfig()).check(twice, "prose") == "gopher_dup_lines"  # the defaults
 
 
 def test_top_ngram_rule_is_the_same_in_every_process():
@@ -150,3 +170,107 @@ def test_top_ngram_rule_is_the_same_in_every_process():
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         seen.add(float(out.stdout))
     assert seen == {2 * 12 / 31}
+
+
+# ---------------------------------------------------------------------------------- technical markdown
+
+OLD = FilterConfig(markdown_aware=False, ngram_distinct_lines=False, max_short_line_chars=0)  # the rules as written
+
+
+@pytest.mark.parametrize("page, old_rule", [
+    ("README.md", "gopher_mean_word_len"),  # badge and link URLs are long "words"
+    ("reference.md", "gopher_dup_lines"),  # the same parameter list under every function
+    ("options.md", "gopher_alpha_words"),  # a table of names, numbers and defaults
+    ("errors.md", "gopher_alpha_words"),  # a short reference page: one table
+    ("close.md", "gopher_alpha_words"),  # a short reference page: one signature and its example
+])
+def test_technical_markdown_is_kept(tmp_path, page, old_rule):
+    """Each page of a folder of API docs: kept by the defaults, removed by the rule it failed when the prose
+    rules read markdown as plain text."""
+    text = (write_tech_docs(tmp_path) / page).read_text()
+    kind = guess_kind(text, kind_from_name(page))
+    assert kind == "prose"
+    assert QualityFilter(FilterConfig()).judge(text, kind) == (None, None)
+    assert QualityFilter(OLD).check(text, kind) == old_rule
+
+
+def test_markdown_prose_leaves_out_code_tables_and_markup():
+    text = ("# Title\n\nSee [the guide](https://example.org/a/very/long/path) and ![logo](x.png).\n\n"
+            "```python\n# a comment, not a heading\nx = 1\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+            "<p align=\"center\"><b>Bold</b></p>\n<!-- a comment\nover lines -->\n"
+            "* `name` {str} the name\n  continued here\n\nThe end.\n")
+    prose, repetition = markdown_views(text)
+    assert prose.split() == ["See", "the", "guide", "and", "logo.", "Bold", "*", "name", "{str}", "the", "name",
+                             "continued", "here", "The", "end."]
+    assert "name" not in repetition and "continued" not in repetition and "The end." in repetition
+    assert markdown_views("Plain text, two lines.\nNo markdown here.") is None
+    assert markdown_views("<nick> hello there\n<other> hi") is None  # a chat log's <nick> is no HTML tag
+
+
+def test_a_code_block_needs_its_closing_fence_and_rst_underlines_are_no_fences():
+    rst = "Title\n~~~~~\n\nText of the first section.\n\nOther\n~~~~~\n\nMore text, in prose."
+    assert code_block_lines(rst.split("\n")) == set()
+    assert markdown_views(rst)[0].split("\n\n") == ["Title", "Text of the first section.", "Other",
+                                                     "More text, in prose."]
+    typo = "Intro.\n\n```\nx = 1\n\nThe rest of the page is prose."  # an opened block nobody closes
+    assert "The rest of the page is prose." in markdown_views(typo)[0]
+    assert code_block_lines("a\n\n```py\nx = 1\n```\n\n~~~\ny\n~~~~".split("\n")) == {2, 3, 4, 6, 7, 8}
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("# Notes\n\nSee [home](/).\n", "min_words"),  # tiny
+    ("# Contents\n\n" + "\n".join(f"* [Part {n} of the guide to connection pools](part{i}.md)" for i, n in
+                                  enumerate("one two three four five six seven eight nine ten".split())),
+     "gopher_bullet_lines"),  # a table of contents
+    ("# Blog\n\n" + "\n\n".join([SENTENCES[0], "Posted by admin on Monday. Share this post on every network."] * 8),
+     "gopher_dup_lines"),  # boilerplate repeated in the prose
+    ("# Words\n\n" + " ".join("xq zzv kkpt wrrb qoo plk" for _ in range(20)), "gopher_stop_words"),  # gibberish
+    ("# Demo\n\n" + PROSE + "\n\nLorem ipsum dolor sit amet, consectetur adipiscing elit.", "c4_lorem_ipsum"),
+])
+def test_markdown_still_removes_what_the_rules_are_for(text, rule):
+    assert QualityFilter(FilterConfig()).check(text, "prose") == rule
+
+
+def test_ngram_rules_read_each_line_once():
+    """API docs repeat whole lines ("Availability: Unix.") after every function: the line rules judge those
+    lines (with their own thresholds), the n-gram rules the repetition inside lines; a repeated line is not
+    counted by both."""
+    page = "\n\n".join(f"{SENTENCES[i]} {SENTENCES[i + 12]}\nAvailability: Unix, not WebAssembly, on every platform."
+                        for i in range(12))
+    lines_off = dict(max_dup_line_chars=1.0, max_dup_line_frac=1.0, max_dup_para_chars=1.0, max_dup_para_frac=1.0)
+    assert QualityFilter(FilterConfig(ngram_distinct_lines=False, **lines_off)).check(page, "prose") in (
+        "gopher_top_ngrams", "gopher_dup_ngrams")
+    assert QualityFilter(FilterConfig(**lines_off)).check(page, "prose") is None
+    assert QualityFilter(FilterConfig()).check(page, "prose") == "gopher_dup_lines"  # half its lines repeat
+
+
+def test_short_lines_must_also_hold_most_characters():
+    """A reference page of option names (short lines) each with a long description is kept; a menu of short
+    lines only is removed."""
+    options = "\n".join(f"--opt-{i}\n-o{i}\ndefault: {i}\n{SENTENCES[i]}" for i in range(10))
+    menu = "\n".join([f"{a} {b}" for a in ("Home", "News", "Shop", "Blog", "Help")
+                      for b in ("page", "archive", "contact", "search")] + SENTENCES[:2])
+    assert QualityFilter(FilterConfig(max_short_line_chars=0)).check(options, "prose") == "fineweb_short_lines"
+    assert QualityFilter(FilterConfig()).check(options, "prose") is None
+    assert QualityFilter(FilterConfig()).check(menu, "prose") == "fineweb_short_lines"
+
+
+def test_keep_setting_keeps_the_document_and_describe_says_why():
+    """The setting the summary names keeps the documents it is named for (from that rule), and the reason
+    line of a removed document names what was measured against which setting."""
+    cfg = FilterConfig()
+    lists = "\n".join(f"- {SENTENCES[i]}" for i in range(12))
+    spam = "\n".join([SENTENCES[0]] * 10 + SENTENCES[1:6])
+    for text in (lists, spam, " ".join(str(i) for i in range(200)) + " " + SENTENCES[0]):
+        rule, measure = QualityFilter(cfg).judge(text, "prose")
+        setting = keep_setting(rule, [measure], cfg)
+        key, value = setting.split("=", 1)
+        assert key.startswith("data.filters.") and " " not in setting
+        looser = load_config(None, [setting]).data.filters
+        assert QualityFilter(looser).check(text, "prose") != rule, setting
+        why = describe(rule, measure, cfg)
+        assert why.startswith(f"{rule}: ") and f"data.filters.{key.removeprefix('data.filters.')}=" in why
+    assert keep_setting("c4_lorem_ipsum", [True], cfg) == "data.filters.disable=[c4_lorem_ipsum]"
+    assert keep_setting("gopher_dup_ngrams", [[0.2, 0.1, 0.1, 0.1, 0.1, 0.1]], cfg) == \
+        "data.filters.max_dup_ngram_chars=[0.2,0.14,0.13,0.12,0.11,0.1]"
+    assert keep_setting("min_words", [3], cfg) == "data.filters.min_words=3"

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from antimatter.config import RunConfig, SourceConfig
+from antimatter.config import RunConfig, SourceConfig, load_config
 from antimatter.data.prepare import run_prepare
-from antimatter.data.sample import write_sample_corpus
+from antimatter.data.sample import SENTENCES, write_sample_corpus, write_tech_docs
 from antimatter.data.sources import sources_from_paths
 from antimatter.data.stats import check_invariant
 
@@ -83,13 +83,24 @@ def test_every_document_accounted_for(prepared):
     assert stats["sources"]["code"]["kept_docs"] == 1  # code judged by code rules: kept, once
 
 
-def test_keep_rejects_writes_every_removed_doc(prepared):
+def test_keep_rejects_writes_every_removed_doc_as_plain_json_lines(prepared):
+    """One plain (uncompressed) JSON Lines file per removal reason, each record saying why, readable with
+    nothing but open() (or less, grep, jq)."""
     stats, out = prepared
-    rejects = read_split(out / "rejects")
-    removed_with_text = stats["total"]["removed_docs"]
-    assert len(rejects) == removed_with_text
+    files = sorted((out / "rejects").iterdir())
+    assert [f.name for f in files] == sorted(f"{r}.jsonl" for r in stats["total"]["removed"])
+    rejects = []
+    for f in files:
+        for line in f.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            assert f.name == f"{rec['reason']}.jsonl" and rec["why"] and rec["id"] and "text" in rec
+            rejects.append(rec)
+    assert len(rejects) == stats["total"]["removed_docs"]
     near = [r for r in rejects if r["reason"] == "dedup.near"]
-    assert any(r["id"] == "web/near-copy" and r["duplicate_of"] for r in near)
+    assert any(r["id"] == "web/near-copy" and r["duplicate_of"] and r["duplicate_of"] in r["why"] for r in near)
+    bullets = next(r for r in rejects if r["id"] == "web/list-page")
+    assert bullets["why"].startswith(f"{bullets['reason'].removeprefix('filter.')}: ")
+    assert "data.filters." in bullets["why"]
 
 
 def test_deterministic_across_worker_counts(corpus, tmp_path):
@@ -143,6 +154,41 @@ def test_summary_table_printed(corpus, tmp_path, capsys):
     run_prepare(make_cfg([str(corpus / "books")]), tmp_path / "out")
     printed = capsys.readouterr().out
     assert "documents by source" in printed and "books" in printed and "TOTAL" in printed
+
+
+MENU = "\n".join([f"{a} {b}" for a in ("Home", "News", "Shop", "Blog", "Help")
+                  for b in ("page", "archive", "contact", "search")] + SENTENCES[:2])
+
+
+def test_technical_markdown_folder_is_kept_whole(tmp_path):
+    stats = run_prepare(make_cfg([str(write_tech_docs(tmp_path / "api-docs"))]), tmp_path / "out")
+    s = stats["sources"]["api-docs"]
+    assert s["docs_in"] == 5 and s["kept_docs"] == 5 and s["rule_sets"] == {"prose": 5}
+
+
+def test_summary_names_bytes_per_rule_the_files_and_the_setting_that_keeps_them(tmp_path, capsys):
+    """Per source, the bytes each rule removed, its largest files, and the one setting that keeps them: a
+    second run with that setting keeps the file."""
+    docs = write_tech_docs(tmp_path / "docs")
+    (docs / "menu.txt").write_text(MENU, encoding="utf-8")
+    stats = run_prepare(make_cfg([str(docs)]), tmp_path / "out")
+    printed = capsys.readouterr().out
+    removed = stats["sources"]["docs"]["removed"]["filter.fineweb_short_lines"]
+    assert removed["largest"] == [{"id": "docs/menu.txt", "bytes": len(MENU.encode())}]
+    setting = removed["keep"]
+    assert setting.startswith("data.filters.max_short_line_chars=")
+    lines = printed.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("fineweb_short_lines "))
+    assert lines[at - 1].startswith(f"docs: {len(MENU.encode())} B of ")  # the source, then its rules
+    assert f"{len(MENU.encode())} B" in lines[at] and f"keep: {setting}" in lines[at]
+    assert "docs/menu.txt" in lines[at + 1]
+    on_disk = json.loads((tmp_path / "out" / "dataset_statistics.json").read_text())
+    assert on_disk["sources"]["docs"]["removed"]["filter.fineweb_short_lines"]["keep"] == setting
+
+    cfg = make_cfg([str(docs)])
+    cfg.data.filters = load_config(None, [setting]).data.filters
+    again = run_prepare(cfg, tmp_path / "again")
+    assert again["sources"]["docs"]["kept_docs"] == 6
 
 
 def test_prepare_gives_the_same_output_in_every_process(tmp_path):

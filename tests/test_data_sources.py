@@ -59,7 +59,7 @@ def test_text_folder_and_glob_in_sorted_order(tmp_path):
     (tmp_path / "d" / ".hidden").write_text("skip me")
     docs = docs_of(SourceConfig(path=str(tmp_path / "d"), name="d"))
     assert [d.data for d in docs] == [b"first", b"second", b"x = 1"]
-    assert [d.kind for d in docs] == ["", "", "code"]
+    assert [d.kind for d in docs] == ["prose", "", "code"]  # markdown is prose (with code blocks and tables)
     glob_docs = docs_of(SourceConfig(path=str(tmp_path / "d" / "*.txt"), name="g"))
     assert [d.data for d in glob_docs] == [b"second"]
 

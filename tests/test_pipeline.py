@@ -39,7 +39,11 @@ def write_corpus(folder: Path, docs: int = 40, seed: int = 0) -> Path:
 
 
 def tiny_run_config(runs_dir: Path, corpus: Path, *extra: str) -> RunConfig:
-    return load_config(None, [
+    return load_config(None, tiny_overrides(runs_dir, corpus, *extra))
+
+
+def tiny_overrides(runs_dir: Path, corpus: Path, *extra: str) -> list[str]:
+    return [
         f"runs_dir={runs_dir}", "name=tiny", "model=tiny", f"data.sources=[{{path: '{corpus}'}}]",
         "data.val_fraction=0.2", "data.workers=1", "tokenizer.vocab_size=300", "tokenize.workers=1",
         "train.device=cpu", "train.dtype=fp32", "train.max_steps=4", "train.seq_len=32", "train.micro_batch_size=4",
@@ -47,7 +51,7 @@ def tiny_run_config(runs_dir: Path, corpus: Path, *extra: str) -> RunConfig:
         "train.log_interval=1", "train.tensorboard=true",
         "eval.device=cpu", "eval.max_eval_tokens=256", "eval.batch_size=4", "eval.continuation_docs=2",
         "eval.prefix_tokens=8", "eval.continuation_tokens=8", "eval.speed=false", "eval.sample.max_new_tokens=8",
-        *extra])
+        *extra]
 
 
 @pytest.fixture(scope="module")
@@ -293,3 +297,93 @@ def test_tokenizer_from_refuses_a_model_vocab_too_small(finished_run, tmp_path):
     with pytest.raises(UserError, match=r"is this run's own tokenizer, which the tokenizer stage rewrites"):
         run_stage("tokenizer", own)
     assert (own.run_dir / "tokenizer" / "tokenizer.json").is_file()  # refused before anything was cleared
+
+
+# ------------------------------------------------------------------------------ a prepared folder (--prepared)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def prepared_folder(finished_run, tmp_path_factory) -> Path:
+    """`antimatter prepare --out DIR` on the corpus and settings of the finished run."""
+    from antimatter.cli import main
+
+    runs, corpus, _ = finished_run
+    out = tmp_path_factory.mktemp("prepared") / "api-docs-prepared"
+    assert main(["prepare", "--out", str(out), *tiny_overrides(runs, corpus)]) == 0
+    return out
+
+
+def test_a_prepared_folder_gives_the_tokens_of_the_runs_own_data(finished_run, prepared_folder, tmp_path, capfd):
+    """prepare --out DIR, then tokenizer and tokenize --prepared DIR in another run: the same tokenizer and
+    token shards as the pipeline made from its own data folder; DIR is read, never written."""
+    from antimatter.cli import main
+
+    runs, corpus, _ = finished_run
+    before = _files(prepared_folder)
+    other = tiny_overrides(tmp_path / "runs", corpus, "name=from-prepared")
+    for stage in ("tokenizer", "tokenize"):
+        assert main([stage, "--prepared", str(prepared_folder), *other]) == 0
+    run, own = tmp_path / "runs" / "from-prepared", runs / "tiny"
+    assert not (run / "data").exists()
+    assert (run / "tokenizer" / "tokenizer.json").read_bytes() == (own / "tokenizer" / "tokenizer.json").read_bytes()
+    shards = {p.relative_to(run / "tokens") for p in (run / "tokens").rglob("*.bin")}
+    assert shards and shards == {p.relative_to(own / "tokens") for p in (own / "tokens").rglob("*.bin")}
+    for rel in shards:
+        assert (run / "tokens" / rel).read_bytes() == (own / "tokens" / rel).read_bytes(), rel
+    assert _files(prepared_folder) == before
+    capfd.readouterr()
+    assert main(["tokenize", "--prepared", str(prepared_folder), *other]) == 0  # nothing changed: up to date
+    assert "[tokenize] up to date" in capfd.readouterr().err
+
+
+def test_pipeline_with_a_prepared_folder_skips_its_prepare(prepared_folder, tmp_path, capfd):
+    """The sources named in the config do not even exist: the pipeline reads the prepared folder instead of
+    preparing, and leaves it as it was."""
+    before = _files(prepared_folder)
+    cfg = tiny_run_config(tmp_path / "runs", tmp_path / "no-such-corpus", f"data.prepared={prepared_folder}")
+    capfd.readouterr()
+    results = run_pipeline(cfg, stages=DATA_STAGES)
+    err = capfd.readouterr().err
+    assert results["prepare"] == {"skipped": True}
+    assert f"[prepare] reading the prepared folder {prepared_folder} (data.prepared)" in err
+    assert not (cfg.run_dir / "data").exists() and (cfg.run_dir / "tokens" / "meta.json").is_file()
+    assert _files(prepared_folder) == before
+
+
+def test_a_folder_that_is_not_a_prepared_folder_is_one_line(finished_run, prepared_folder, tmp_path, capfd):
+    """Not a folder, no manifest, a damaged manifest, another stage's folder, a shard cut after prepare wrote
+    it: each is one line saying what to run, and nothing in the folder is touched."""
+    from antimatter.cli import main
+
+    runs, corpus, _ = finished_run
+    empty, damaged, cut = tmp_path / "empty", tmp_path / "damaged", tmp_path / "cut"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("my own file")
+    shutil.copytree(prepared_folder, damaged)
+    (damaged / "manifest.json").write_text("{not json")
+    shutil.copytree(prepared_folder, cut)
+    shard = sorted((cut / "train").glob("*.jsonl.zst"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    cases = [
+        (tmp_path / "nope", "is not a folder: run `antimatter prepare PATH... --out"),
+        (empty, "is not a prepared folder (its manifest.json is missing): run `antimatter prepare PATH... --out"),
+        (damaged, "is not a prepared folder (its manifest.json is damaged): run `antimatter prepare"),
+        (runs / "tiny" / "tokens", "was written by `antimatter tokenize`, not by `antimatter prepare`"),
+        (cut, f"{shard} is {shard.stat().st_size:,} bytes where its manifest says"),
+    ]
+    other = tiny_overrides(tmp_path / "runs", corpus, "name=bad")
+    for folder, message in cases:
+        before = _files(folder) if folder.exists() else None
+        for command in ("tokenizer", "pipeline"):
+            capfd.readouterr()
+            assert main([command, "--prepared", str(folder), *other]) == 2
+            lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+            assert len(lines) == 1 and lines[0].startswith(f"antimatter {command}: error: "), lines
+            assert message in lines[0], (message, lines[0])
+        assert (_files(folder) if folder.exists() else None) == before
+    assert "run `antimatter prepare PATH... --out" in lines[0] and "again" in lines[0]
+    assert not (tmp_path / "runs" / "bad").exists()  # refused before the run folder is made

@@ -73,6 +73,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--workers", "data.workers", ("prepare",), "worker processes (default: all cores)"),
     Flag("--keep-rejects", "data.keep_rejects", ("prepare",), "write removed documents for inspection"),
     Flag("--strict", "data.strict", ("prepare",), "stop at the first malformed input line"),
+    Flag("--prepared", "data.prepared", ("tokenizer", "tokenize", "pipeline"),
+         "a folder `antimatter prepare PATH... --out DIR` wrote: read it instead of preparing RUN/data"),
     Flag("--resume", "train.resume", ("train",), "auto (continue from latest), none, or a checkpoint folder"),
     Flag("--checkpoint", "eval.checkpoint", ("eval",), "best, latest, or a checkpoint folder"),
     Flag("--checkpoint", "generate.checkpoint", ("generate",), "best, latest, or a checkpoint folder"),

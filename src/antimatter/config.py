@@ -266,6 +266,12 @@ class FilterConfig:
     # Gopher's thresholds were set on web pages; in a whole book common phrases repeat by chance, so the
     # n-gram repetition rules judge long documents window by window (mean over windows of this many words)
     repetition_window_words: int = 10_000
+    # technical documentation: in markdown the prose rules judge the prose (fenced code blocks go to the code
+    # rules; tables, headings, link targets and HTML tags are structure), and the n-gram repetition rules read
+    # each distinct line once (API docs repeat "Availability: Unix" after every function: whole repeated
+    # lines are the line rules' to judge, not counted again as repeated n-grams)
+    markdown_aware: bool = True
+    ngram_distinct_lines: bool = True
     # prose: Gopher quality
     min_mean_word_len: float = 3.0
     max_mean_word_len: float = 10.0
@@ -285,6 +291,10 @@ class FilterConfig:
     # prose: C4 / FineWeb
     min_terminal_punct_lines: float = 0.12
     max_short_lines: float = 0.67
+    # ... and those short lines hold more than this share of the characters: a menu or an index is short
+    # lines only, a reference page's tables and option names are short lines beside long descriptions
+    # (0 = the share of lines alone decides, as in FineWeb)
+    max_short_line_chars: float = 0.5
     max_newline_word_ratio: float = 0.3
     # code (StarCoder / Codex style)
     code_max_line_len: int = 1000  # 0 = no limit
@@ -293,6 +303,7 @@ class FilterConfig:
     code_max_dup_line_frac: float = 0.7
     # reference (dictionaries, glossaries, manuals)
     ref_min_alpha_words: float = 0.5
+    ref_min_mean_word_len: float = 2.0
     ref_max_mean_word_len: float = 15.0
     ref_max_dup_line_frac: float = 0.6
 
@@ -309,6 +320,9 @@ class DataConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     keep_rejects: bool = False
     strict: bool = False
+    # a folder `antimatter prepare PATH... --out DIR` wrote: the tokenizer, tokenize and eval stages read it
+    # instead of RUN/data, and the pipeline does not prepare (the folder is only read). "" = RUN/data
+    prepared: str = ""
 
 
 # -------------------------------------------------------------------------------------------- tokens
@@ -475,6 +489,15 @@ class RunConfig:
         return Path(self.runs_dir) / self.name
 
     @property
+    def data_dir(self) -> Path:
+        """The prepared data the later stages read: `data.prepared`, or the run's own data folder."""
+        return self.data_dir_of(self.run_dir)
+
+    def data_dir_of(self, run_dir: str | Path) -> Path:
+        """The prepared data of this run when it lives at `run_dir` (a run folder may have been moved)."""
+        return Path(self.data.prepared) if self.data.prepared else Path(run_dir) / "data"
+
+    @property
     def seq_len(self) -> int:
         return self.train.seq_len or self.model.block_size
 
@@ -541,9 +564,9 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         min_stop_words=NONNEG, max_dup_line_frac=FRACTION, max_dup_para_frac=FRACTION,
         max_dup_line_chars=FRACTION, max_dup_para_chars=FRACTION, max_top_ngram_chars=FRACTION,
         max_dup_ngram_chars=FRACTION, min_terminal_punct_lines=FRACTION, max_short_lines=FRACTION,
-        max_newline_word_ratio=NONNEG, code_max_line_len=NO_LIMIT, code_max_mean_line_len=NONNEG,
-        code_min_alnum_frac=FRACTION, code_max_dup_line_frac=FRACTION, ref_min_alpha_words=FRACTION,
-        ref_max_mean_word_len=NONNEG, ref_max_dup_line_frac=FRACTION),
+        max_short_line_chars=FRACTION, max_newline_word_ratio=NONNEG, code_max_line_len=NO_LIMIT,
+        code_max_mean_line_len=NONNEG, code_min_alnum_frac=FRACTION, code_max_dup_line_frac=FRACTION, ref_min_alpha_words=FRACTION,
+        ref_min_mean_word_len=NONNEG, ref_max_mean_word_len=NONNEG, ref_max_dup_line_frac=FRACTION),
     DataConfig: dict(
         default_corpus_bytes=COUNT, val_fraction=Bound(0, 1, open_low=True, open_high=True), seed=SEED,
         workers=Bound(0, note="0 = all cores"), shard_docs=COUNT),

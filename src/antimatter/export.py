@@ -876,9 +876,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best"
     if checkpoint in ("best", "latest"):
         if not run_dir.is_dir():
             raise UserError(f"run folder not found: {run_dir} (pass --run RUN or --name NAME)")
-        model, _, ckpt_dir = load_model(run_dir, checkpoint)
+        model, run_cfg, ckpt_dir = load_model(run_dir, checkpoint)
     else:
-        model, _, ckpt_dir = load_model(Path(checkpoint))
+        model, run_cfg, ckpt_dir = load_model(Path(checkpoint))
         if not run_dir.is_dir():  # a checkpoint folder lives at RUN/checkpoints/step_N
             run_dir = Path(ckpt_dir).parent.parent
     tok = run_dir / "tokenizer" / "tokenizer.json"
@@ -886,7 +886,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best"
     ev = _read_json(run_dir / "results" / "evaluations" / "final_evaluation.json")
     card = {"name": run_dir.name, "source": f"{run_dir}/checkpoints/{Path(ckpt_dir).name}",
             "checkpoint": Path(ckpt_dir).name,
-            "data_statistics": _read_json(run_dir / "data" / "dataset_statistics.json"), "evaluation": ev}
+            "data_statistics": _read_json(run_cfg.data_dir_of(run_dir) / "dataset_statistics.json"),
+            "evaluation": ev}
     if ev:  # which checkpoint the figures belong to: eval writes {"checkpoint": {"path": ...}}
         which = ev.get("checkpoint")
         card["evaluation_checkpoint"] = which.get("path") if isinstance(which, dict) else which

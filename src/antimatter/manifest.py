@@ -92,10 +92,10 @@ def _changed_output(out_dir: Path, outputs: dict[str, Any]) -> tuple[Path, int |
     return None
 
 
-def verify_outputs(out_dir: str | Path, stage: str) -> None:
+def verify_outputs(out_dir: str | Path, stage: str, fix: str = "") -> None:
     """Refuse a stage folder whose files are not the ones its manifest lists (a file cut, grown or gone after
     the stage wrote it): a consumer would otherwise read a shorter file as a complete one. No manifest (a
-    folder the user made) is not checked."""
+    folder the user made) is not checked. `fix` says how to write it again (default: the stage with --force)."""
     m = read_manifest(out_dir)
     if not m or not isinstance(m.get("outputs"), dict):
         return
@@ -104,8 +104,8 @@ def verify_outputs(out_dir: str | Path, stage: str) -> None:
         f, actual, size = changed
         listed = f"{size:,}" if isinstance(size, int) else shorten(repr(size))
         state = "is missing" if actual is None else f"is {actual:,} bytes where its manifest says {listed}"
-        raise UserError(f"{f} {state}: it was cut or changed after `antimatter {stage}` wrote it; run "
-                        f"`antimatter {stage} --force` to write it again")
+        fix = fix or f"run `antimatter {stage} --force` to write it again"
+        raise UserError(f"{f} {state}: it was cut or changed after `antimatter {stage}` wrote it; {fix}")
 
 
 def write_manifest(out_dir: str | Path, stage: str, inputs: dict[str, str], config: dict[str, Any],

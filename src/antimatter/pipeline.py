@@ -22,7 +22,16 @@ from typing import Any
 
 from antimatter.config import RunConfig, config_to_dict, save_config
 from antimatter.errors import UserError
-from antimatter.manifest import claim, hash_paths, is_current, owned_by, verify_outputs, write_manifest
+from antimatter.manifest import (
+    MANIFEST,
+    claim,
+    hash_paths,
+    is_current,
+    owned_by,
+    read_manifest,
+    verify_outputs,
+    write_manifest,
+)
 
 STAGE_ORDER = ("prepare", "tokenizer", "tokenize", "train", "eval")
 
@@ -49,17 +58,19 @@ def _source_fingerprints(cfg: RunConfig) -> dict[str, str]:
 
 
 def _stage_io(stage: str, cfg: RunConfig) -> tuple[Path, dict[str, str], dict[str, Any]]:
-    run = cfg.run_dir
+    run, data = cfg.run_dir, cfg.data_dir
     if stage == "prepare":
-        return run / "data", _source_fingerprints(cfg), config_to_dict(cfg.data)
+        conf = config_to_dict(cfg.data)
+        del conf["prepared"]  # where the later stages read, not how to prepare: earlier manifests still match
+        return run / "data", _source_fingerprints(cfg), conf
     if stage == "tokenizer" and cfg.tokenizer.from_:  # adopted: the file (source and sha256) is the input
         return run / "tokenizer", _adopted_source(cfg), {"from": cfg.tokenizer.from_}
     if stage == "tokenizer":
         conf = {**config_to_dict(cfg.tokenizer), "vocab_size": cfg.tokenizer_vocab_size}
         del conf["from"]  # learned: the manifests of runs made before `tokenizer.from` existed still match
-        return run / "tokenizer", hash_paths([run / "data"], run), conf
+        return run / "tokenizer", hash_paths([data], run), conf
     if stage == "tokenize":
-        return run / "tokens", hash_paths([run / "data", run / "tokenizer"], run), config_to_dict(cfg.tokenize)
+        return run / "tokens", hash_paths([data, run / "tokenizer"], run), config_to_dict(cfg.tokenize)
     raise ValueError(stage)
 
 
@@ -100,6 +111,37 @@ def _require(path: Path, what: str, command: str) -> None:
         raise UserError(f"{what} not found at {path}: run `antimatter {command}` first (or `antimatter pipeline`)")
 
 
+def _require_prepared(cfg: RunConfig) -> Path:
+    """The prepared data the tokenizer and tokenize stages read: RUN/data, or the folder `data.prepared` names,
+    which must be one `antimatter prepare` finished (its manifest there, every file it lists as written)."""
+    if not cfg.data.prepared:
+        _require(cfg.run_dir / "data" / "train", "prepared data", "prepare")
+        verify_outputs(cfg.run_dir / "data", "prepare")
+        return cfg.run_dir / "data"
+    return check_prepared_folder(cfg.data_dir)
+
+
+def check_prepared_folder(folder: Path) -> Path:
+    """`folder`, when it is a folder `antimatter prepare --out` finished; else a one-line UserError saying what
+    to run. Nothing in it is changed."""
+    make = f"run `antimatter prepare PATH... --out {folder}` first"
+    if not folder.is_dir():
+        raise UserError(f"data.prepared: {folder} is not a folder: {make}, or name the folder it wrote")
+    manifest = read_manifest(folder)
+    if manifest is None:
+        what = "is damaged" if (folder / MANIFEST).exists() else "is missing"
+        raise UserError(f"data.prepared: {folder} is not a prepared folder (its {MANIFEST} {what}): {make}")
+    if manifest.get("stage") != "prepare":
+        raise UserError(f"data.prepared: {folder} was written by `antimatter {manifest.get('stage')}`, not by "
+                        f"`antimatter prepare`: name the folder `antimatter prepare --out` wrote")
+    outputs = manifest.get("outputs")
+    if not isinstance(outputs, dict) or not any(str(f).startswith("train/") for f in outputs):
+        raise UserError(f"data.prepared: the {MANIFEST} of {folder} lists no training shards (train/...): "
+                        f"{make.replace(' first', ' again')}")
+    verify_outputs(folder, "prepare", fix=f"run `antimatter prepare PATH... --out {folder}` again")
+    return folder
+
+
 def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bool = False) -> dict[str, Any]:
     """Run one stage of the run `cfg.run_dir`, unless its outputs are already current (`model_checked`: the
     pipeline already checked the run's model against the device)."""
@@ -108,6 +150,8 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bo
     if stage != "train" and world > 1:
         raise UserError(f"the {stage} stage runs in one process: run `antimatter pipeline` (or the data stages) "
                         f"without torchrun first, then `torchrun ... -m antimatter.cli train`")
+    if cfg.data.prepared and stage in ("prepare", "tokenizer", "tokenize"):
+        check_prepared_folder(cfg.data_dir)  # refused before the run folder is made
     if int(os.environ.get("RANK", "0")) == 0:
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.yaml")
@@ -126,12 +170,14 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bo
             _log(f"[eval] up to date ({run / EVAL_FILE}: {current}); use --force to redo")
             return {"skipped": True}
         return run_eval(cfg, run)
+    if stage == "prepare" and cfg.data.prepared:
+        _log(f"[prepare] reading the prepared folder {cfg.data_dir} (data.prepared); nothing to prepare here")
+        return {"skipped": True}
     if stage == "tokenizer" and not cfg.tokenizer.from_:  # an adopted tokenizer reads no data
-        _require(run / "data" / "train", "prepared data", "prepare")
-        verify_outputs(run / "data", "prepare")
+        _require_prepared(cfg)
     if stage == "tokenize":
         _require(run / "tokenizer" / "tokenizer.json", "tokenizer", "tokenizer")
-        verify_outputs(run / "data", "prepare")
+        _require_prepared(cfg)
         verify_outputs(run / "tokenizer", "tokenizer")
     out, inputs, conf = _stage_io(stage, cfg)
     if not force and is_current(out, stage, inputs, conf):
@@ -156,11 +202,11 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bo
     elif stage == "tokenizer":
         from antimatter.tokenizer import train_tokenizer  # here: the tokenizers library
 
-        counts = train_tokenizer(cfg, run / "data", out)
+        counts = train_tokenizer(cfg, cfg.data_dir, out)
     else:
         from antimatter.tokens import run_tokenize  # here: 0.5 s of imports
 
-        counts = run_tokenize(cfg, run / "data", run / "tokenizer", out)
+        counts = run_tokenize(cfg, cfg.data_dir, run / "tokenizer", out)
     write_manifest(out, stage, inputs, conf, counts=_summary_counts(counts), started=started)
     _log(f"[{stage}] done in {time.time() - started:.1f}s")
     return counts

@@ -4,7 +4,8 @@ Steps (each switchable per source in SourceConfig): decode UTF-8 (invalid bytes 
 document is counted), Unicode NFC, mojibake repair with ftfy (only where ftfy's own badness check fires:
 running the full fixer on clean text is slow and changes nothing), control characters out, whitespace:
 line endings to LF, trailing spaces, runs of blank lines, and for prose runs of spaces inside a line.
-Code and reference text keep their inner spacing: indentation and column alignment carry meaning there.
+Code and reference text keep their inner spacing: indentation and column alignment carry meaning there, as
+they do in the code blocks of markdown prose.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ftfy
 import ftfy.badness
 
 from antimatter.config import SourceConfig
+from antimatter.data.filters import code_block_lines
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]")
 _UNICODE_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
@@ -45,6 +47,16 @@ def decode(data: bytes | str) -> tuple[str, bool]:
         return data.decode("utf-8", errors="replace"), True
 
 
+def _collapse_inner_spaces(text: str) -> str:
+    """Runs of spaces inside prose lines become one space; markdown code blocks keep theirs (a comment aligned
+    in an example, the columns of printed output)."""
+    if "```" not in text and "~~~" not in text:
+        return _INNER_SPACES.sub(r"\1 ", text)
+    lines = text.split("\n")
+    code = code_block_lines(lines)
+    return "\n".join(ln if i in code else _INNER_SPACES.sub(r"\1 ", ln) for i, ln in enumerate(lines))
+
+
 def clean_text(text: str, src: SourceConfig, kind: str) -> tuple[str, list[str]]:
     """The cleaned text and the names of the steps that changed it (counted in the statistics)."""
     changed: list[str] = []
@@ -68,7 +80,7 @@ def clean_text(text: str, src: SourceConfig, kind: str) -> tuple[str, list[str]]
         new = "\n".join([line.rstrip() for line in new.split("\n")])
         new = _BLANK_RUNS.sub("\n\n", new)
         if kind == "prose":
-            new = _INNER_SPACES.sub(r"\1 ", new)
+            new = _collapse_inner_spaces(new)
         new = new.lstrip("\n").rstrip()
         if new != text:
             changed.append("whitespace")

@@ -41,8 +41,8 @@ from antimatter.config import DataConfig, RunConfig, SourceConfig
 from antimatter.data import SPLITS
 from antimatter.data.clean import clean_text, decode
 from antimatter.data.dedup import Deduper, Signer, exact_key
-from antimatter.data.filters import QualityFilter, guess_kind
-from antimatter.data.records import SHARD_GLOB, RecordShardWriter, RecordWriter, iter_records
+from antimatter.data.filters import QualityFilter, describe, guess_kind
+from antimatter.data.records import SHARD_GLOB, RecordShardWriter, RecordWriter, RejectWriter, iter_records
 from antimatter.data.sources import BadInput, RawDoc, ReadProgress, Unit, expand_sources, read_unit
 from antimatter.data.split import (
     TAIL_MIN_BYTES,
@@ -52,7 +52,7 @@ from antimatter.data.split import (
     cut_tail,
     hash_fraction,
 )
-from antimatter.data.stats import SourceStats, check_invariant, summary_table
+from antimatter.data.stats import SourceStats, check_invariant, removal_report, summary_table
 from antimatter.errors import UserError
 from antimatter.provenance import provenance
 
@@ -73,6 +73,7 @@ class DocMeta:
     exact: bytes = b""
     nbytes: int = 0
     nchars: int = 0
+    measure: Any = None  # what the rule that removed it measured (for the setting that would keep it)
 
 
 @dataclass
@@ -180,7 +181,8 @@ def _timed_reads(reader: Iterator[RawDoc | BadInput], seconds: dict[str, float])
 
 
 def _log_bad_input(res: UnitResult, item: BadInput) -> None:
-    res.docs.append(DocMeta(item.where, item.nbytes, item.reason))
+    measure = item.nbytes if item.reason == "filter.max_doc_bytes" else None
+    res.docs.append(DocMeta(item.where, item.nbytes, item.reason, measure=measure))
     if len(res.log) < MAX_LOG_LINES_PER_UNIT:
         res.log.append(f"{item.where}: {item.reason}: {item.message}")
     else:
@@ -196,10 +198,10 @@ def _judge(item: RawDoc, src: SourceConfig, source_name: str, res: UnitResult, k
     text, nbytes_in, rule_set, changed = _clean(item, src, res.log)
     t2 = time.perf_counter()
     secs["clean"] += t2 - t
-    reason = _filter(text, rule_set)
+    reason, measure = _filter(text, rule_set)
     t3 = time.perf_counter()
     secs["filter"] += t3 - t2
-    meta = DocMeta(item.id, nbytes_in, reason, rule_set, tuple(changed))
+    meta = DocMeta(item.id, nbytes_in, reason, rule_set, tuple(changed), measure=measure)
     if reason is None:
         signer: Signer | None = _STATE["signer"]
         meta.exact = exact_key(text)
@@ -211,7 +213,9 @@ def _judge(item: RawDoc, src: SourceConfig, source_name: str, res: UnitResult, k
         keep.write({"id": item.id, "text": text})
         secs["write"] += time.perf_counter() - t4
     elif rejects is not None:
-        rejects.write({"id": item.id, "source": source_name, "reason": reason, "text": text})
+        why = ("empty after cleaning" if reason == "clean.empty"
+               else describe(reason.removeprefix("filter."), measure, _STATE["data"].filters))
+        rejects.write({"id": item.id, "source": source_name, "reason": reason, "why": why, "text": text})
     return meta
 
 
@@ -230,12 +234,12 @@ def _clean(item: RawDoc, src: SourceConfig, log: list[str]) -> tuple[str, int, s
     return text, nbytes_in, rule_set, changed
 
 
-def _filter(text: str, rule_set: str) -> str | None:
-    """The removal reason of a cleaned document, or None when it passes."""
+def _filter(text: str, rule_set: str) -> tuple[str | None, Any]:
+    """The removal reason of a cleaned document (None when it passes) and what its rule measured."""
     if not text.strip():
-        return "clean.empty"
-    rule = _STATE["filter"].check(text, rule_set)
-    return f"filter.{rule}" if rule else None
+        return "clean.empty", None
+    rule, measure = _STATE["filter"].judge(text, rule_set)
+    return (f"filter.{rule}", measure) if rule else (None, None)
 
 
 def _run_workers(units: list[Unit], data: DataConfig, tmp: Path, workers: int) -> list[UnitResult]:
@@ -437,11 +441,11 @@ def _dedup_unit(unit: Unit, res: UnitResult, src: SourceConfig, st: SourceStats,
         if meta.rule_set:
             st.rule_sets[meta.rule_set] += 1
         if meta.reason is not None:
-            st.remove(meta.reason, meta.nbytes_in)
+            st.remove(meta.reason, meta.nbytes_in, meta.id, meta.measure)
             continue
         reason, dup_of = deduper.check((unit.index, k), meta.exact, res.sigs[k])
         if reason is not None:
-            st.remove(reason, meta.nbytes_in)
+            st.remove(reason, meta.nbytes_in, meta.id)
             dec.append((reason, dup_of))
         else:
             dec.append((KEPT, None))
@@ -496,7 +500,7 @@ def _write(units: list[Unit], results: list[UnitResult], plan: Plan, data: DataC
     """Write the splits (and the rejects) from the temporary files; returns the shard names per split."""
     writers = {s: RecordShardWriter(out_dir / s, s, data.shard_docs) for s in SPLITS}
     val = InterleavedVal(tmp)
-    rejects = RecordShardWriter(out_dir / "rejects", "rejects", data.shard_docs) if data.keep_rejects else None
+    rejects = RejectWriter(out_dir / "rejects") if data.keep_rejects else None
     id_of: dict[tuple[int, int], str] = {}  # survivor key -> id, to name what a rejected duplicate copies
     bar = tqdm(total=plan.kept, desc="prepare: write", unit="doc", file=sys.stderr, dynamic_ncols=True)
     for unit, dec in zip(units, plan.decisions):
@@ -514,8 +518,11 @@ def _write(units: list[Unit], results: list[UnitResult], plan: Plan, data: DataC
                             data.val_fraction)
                 bar.update(1)
             elif rejects is not None and what != "capped":
+                original = id_of.get(dup_of, str(dup_of))
+                kind = "an exact" if what == "dedup.exact" else "a near"
                 rejects.write({"id": rec["id"], "source": unit.name, "reason": what,
-                               "duplicate_of": id_of.get(dup_of, str(dup_of)), "text": rec["text"]})
+                               "why": f"{kind} duplicate of {original}, which is kept", "duplicate_of": original,
+                               "text": rec["text"]})
         unit_file(tmp, unit.index, "keep").unlink(missing_ok=True)
     bar.close()
     val.finish(writers["val"])
@@ -559,7 +566,7 @@ def _statistics(per_source: dict[str, SourceStats], results: list[UnitResult], o
         for k, v in r.seconds.items():
             step_s[k] = step_s.get(k, 0.0) + v
     wall, mb_in = timing["wall_s"], total.bytes_in / 1e6
-    tot = total.to_dict()
+    tot = total.to_dict(data.filters)
     stats: dict[str, Any] = {
         # top-level scalars: the summary a stage manifest keeps
         "docs_in": tot["docs_in"], "bytes_in": tot["bytes_in"], "kept_docs": tot["kept_docs"],
@@ -567,7 +574,7 @@ def _statistics(per_source: dict[str, SourceStats], results: list[UnitResult], o
         "train_docs": tot["splits"]["train"]["docs"], "val_docs": tot["splits"]["val"]["docs"],
         "provenance": provenance(),
         "total": tot,
-        "sources": {name: s.to_dict() for name, s in sorted(per_source.items())},
+        "sources": {name: s.to_dict(data.filters) for name, s in sorted(per_source.items())},
         "outputs": outputs,
         "rejects_log": "rejects.log" if log_lines else None,
         "rejects_dir": "rejects" if data.keep_rejects else None,
@@ -594,6 +601,8 @@ def _print_summary(stats: dict[str, Any], out_dir: Path, problems: int) -> None:
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(summary_table(stats))
+    for line in removal_report(stats):
+        console.print(line, markup=False, highlight=False)
     tot, timing = stats["total"], stats["timing"]
     console.print(f"kept {tot['kept_docs']:,} of {tot['docs_in']:,} documents ({tot['kept_pct_bytes']:.1f}% of "
                   f"{tot['bytes_in'] / 1e6:.1f} MB): train {tot['splits']['train']['docs']:,}, val "
@@ -616,7 +625,7 @@ def _clear_outputs(out_dir: Path) -> None:
     for sub in (*SPLITS, "rejects"):
         d = out_dir / sub
         if d.is_dir():
-            for f in d.glob(SHARD_GLOB):
+            for f in [*d.glob(SHARD_GLOB), *(d.glob("*.jsonl") if sub == "rejects" else [])]:
                 f.unlink()
     for name in ("dataset_statistics.json", "rejects.log"):
         (out_dir / name).unlink(missing_ok=True)

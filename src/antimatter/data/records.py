@@ -5,8 +5,10 @@ escaping), at most `data.shard_docs` records a shard:
 
     {"id": "...", "source": "...", "text": "..."}
 
-Rejected documents (`data.keep_rejects`) go to `data/rejects/` in the same format with a `reason` (and
-`duplicate_of` for duplicates); prepare's temporary per-unit files use the same line encoding too. This
+Rejected documents (`data.keep_rejects`) go to `data/rejects/REASON.jsonl`, one plain (uncompressed) file per
+removal reason, so `less`, `grep` and `jq` read them: the same records with `reason`, `why` (what the rule
+measured against which setting) and, for duplicates, `duplicate_of`. Prepare's temporary per-unit files use
+the same line encoding too. This
 module is the only place that writes or reads the format: prepare writes it, tokenizer training,
 `antimatter tokenize` and eval's per-source scores read it.
 """
@@ -44,11 +46,12 @@ def encode_record(rec: dict[str, Any]) -> bytes:
 
 
 class RecordWriter:
-    """One .jsonl.zst file of records, written as a single zstd stream."""
+    """One .jsonl.zst file of records, written as a single zstd stream (`level=None`: a plain .jsonl file)."""
 
-    def __init__(self, path: Path, level: int = 3):
+    def __init__(self, path: Path, level: int | None = 3):
+        f = open(path, "wb")  # noqa: SIM115 - closed by close()
         # one compressor per stream: a zstd context must not serve two open streams
-        self._f = zstandard.ZstdCompressor(level=level).stream_writer(open(path, "wb"))  # noqa: SIM115
+        self._f = f if level is None else zstandard.ZstdCompressor(level=level).stream_writer(f)
 
     def write(self, rec: dict[str, Any]) -> None:
         self._f.write(encode_record(rec))
@@ -84,6 +87,25 @@ class RecordShardWriter:
 
 
 # ------------------------------------------------------------------------------------------ reading
+
+
+class RejectWriter:
+    """`FOLDER/REASON.jsonl`: the removed documents, one plain JSON Lines file per removal reason."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.files: dict[str, RecordWriter] = {}
+
+    def write(self, rec: dict[str, Any]) -> None:
+        reason = rec["reason"]
+        if reason not in self.files:
+            self.files[reason] = RecordWriter(self.folder / f"{reason}.jsonl", level=None)
+        self.files[reason].write(rec)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
 
 
 def split_files(split_dir: Path) -> list[Path]:

@@ -3,6 +3,8 @@
 It holds the cases the stage must handle: prose in .txt/.md files and JSON Lines (.jsonl.zst), source
 code, exact and near duplicates across files, a list-like page the quality rules remove, and an empty
 file. Everything comes from a seeded generator, so the same call writes the same bytes everywhere.
+`write_tech_docs` writes a folder of technical markdown (an API reference, a README with badges, an options
+table, short reference pages): the shapes the quality rules must keep.
 """
 
 from __future__ import annotations
@@ -121,4 +123,131 @@ def write_sample_corpus(folder: str | Path, *, n_prose: int = 24, seed: int = 0)
     for i in range(4):
         (root / "code" / f"settings_{i}.py").write_text(CODE.format(i=i), encoding="utf-8")
     (root / "books" / "empty.txt").write_text("", encoding="utf-8")
+    return root
+
+
+# ------------------------------------------------------------------------------------ technical markdown
+
+TECH_README = """# tinyhttp
+
+[![CI](https://github.com/example/tinyhttp/actions/workflows/ci.yml/badge.svg?branch=main&event=push)](https://github.com/example/tinyhttp/actions/workflows/ci.yml?query=branch%3Amain)
+[![PyPI version](https://img.shields.io/pypi/v/tinyhttp.svg?style=flat-square&logo=python&logoColor=white)](https://pypi.org/project/tinyhttp/)
+[![Coverage](https://img.shields.io/codecov/c/github/example/tinyhttp/main.svg?style=flat-square&token=abcdef)](https://codecov.io/gh/example/tinyhttp)
+[![License](https://img.shields.io/github/license/example/tinyhttp.svg?style=flat-square&color=blue)](https://github.com/example/tinyhttp/blob/main/LICENSE)
+[![Downloads](https://static.pepy.tech/badge/tinyhttp/month?style=flat-square&units=international)](https://pepy.tech/project/tinyhttp)
+
+A small HTTP client for Python with connection pooling, timeouts and retries. It keeps one connection
+per host open and reuses it, so that a script that talks to the same server many times does not pay
+for a new handshake every time.
+
+## Install
+
+```bash
+pip install tinyhttp
+```
+
+## Quick start
+
+```python
+import tinyhttp
+
+# one client per program: it holds the pool
+client = tinyhttp.Client(timeout=5.0)
+response = client.get("https://example.org/")
+print(response.status)  # 200
+```
+
+See the [API reference](reference.md) for every function and the [options](options.md) for the settings.
+"""
+
+TECH_FUNCTIONS = [
+    ("get", "Fetch a resource. It is safe to repeat: the server changes nothing."),
+    ("post", "Send data to be processed; the body is encoded from `json=` or taken as bytes from `data=`."),
+    ("put", "Replace a whole resource, so send every field and not only the changed ones."),
+    ("patch", "Change some fields of a resource; the server keeps the others as they were."),
+    ("delete", "Remove a resource. Most servers answer 204 with an empty body once it is gone."),
+    ("head", "Ask for the headers alone. No body comes back, which makes it a cheap check for existence."),
+    ("options", "List the methods a server allows on a path, as named in the `Allow` header of its answer."),
+]
+
+TECH_OPTIONS = [
+    ("timeout", "float", "10.0", "seconds to wait for an answer"),
+    ("retries", "int", "0", "attempts after a connection error"),
+    ("pool_size", "int", "10", "connections kept open per host"),
+    ("max_redirects", "int", "5", "redirects followed before an error"),
+    ("verify", "bool", "true", "check the server's certificate"),
+    ("proxy", "str", "none", "proxy URL, e.g. http://127.0.0.1:3128"),
+    ("user_agent", "str", "tinyhttp/1.0", "User-Agent header"),
+    ("keep_alive", "float", "60.0", "seconds an idle connection stays open"),
+    ("backoff", "float", "0.5", "seconds before the first retry, doubled each time"),
+    ("http2", "bool", "false", "use HTTP/2 where the server offers it"),
+]
+
+TECH_SHORT_PAGES = {
+    "errors.md": """# Errors
+
+| exception | raised when |
+|---|---|
+| `TimeoutError` | the server does not answer in time |
+| `ConnectionError` | the host cannot be reached |
+| `TooManyRedirects` | more than `max_redirects` redirects |
+""",
+    "close.md": """# `Client.close()`
+
+Close every pooled connection.
+
+```python
+client.close()
+```
+""",
+}
+
+
+def tech_reference() -> str:
+    """An API reference page: one section per function with a signature, a parameter list that repeats
+    from function to function, the errors it raises and a code example."""
+    parts = ["# API reference\n\nEvery request function of `tinyhttp.Client` takes the same keyword arguments "
+             "and returns a `Response`. They differ in the HTTP method they send.\n"]
+    for name, doc in TECH_FUNCTIONS:
+        parts.append(f"""## `Client.{name}(url, *, timeout=None, headers=None, retries=0)`
+
+{doc}
+
+* `url` {{str}} The address of the resource, with its scheme.
+* `timeout` {{float}} Seconds to wait for the server. **Default:** the client's timeout.
+* `headers` {{dict}} Extra request headers, merged over the client's own.
+* `retries` {{int}} How many times to try again after a connection error. **Default:** `0`.
+* Returns: {{Response}}
+
+Raises:
+
+* `TimeoutError` when the server does not answer within `timeout` seconds.
+* `ConnectionError` when the host cannot be reached after `retries` attempts.
+
+```python
+# {name}: one call, then read the status
+response = client.{name}("https://example.org/items/1", timeout=2.0)
+# check the answer
+assert response.status < 400
+```
+""")
+    return "\n".join(parts)
+
+
+def tech_options() -> str:
+    """A settings page that is mostly one table."""
+    rows = "\n".join(f"| `{n}` | {t} | `{d}` | {desc} |" for n, t, d, desc in TECH_OPTIONS)
+    return ("# Options\n\n`Client(**options)` takes these settings; each one can also be given per request.\n\n"
+            f"| option | type | default | meaning |\n|--------|------|---------|---------|\n{rows}\n\n"
+            "Settings given to a request win over the client's.\n")
+
+
+def write_tech_docs(folder: str | Path) -> Path:
+    """Write the technical markdown folder into `folder` (created) and return it."""
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    pages = {"README.md": TECH_README, "reference.md": tech_reference(), "options.md": tech_options(),
+             **TECH_SHORT_PAGES}
+    for name, text in pages.items():
+        (root / name).write_text(text, encoding="utf-8")
     return root

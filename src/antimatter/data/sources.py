@@ -33,6 +33,7 @@ CODE_EXTS = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".
              ".java", ".go", ".rs", ".sh", ".bash", ".zsh", ".pl", ".pm", ".rb", ".lua", ".cs", ".swift", ".kt",
              ".scala", ".sql", ".r", ".jl", ".php", ".m", ".f90", ".hs", ".ml", ".ex", ".erl", ".clj", ".el",
              ".vim", ".cmake", ".mk", ".s", ".asm", ".zig", ".nim", ".dart", ".vue", ".css", ".scss"}
+MARKDOWN_EXTS = {".md", ".markdown", ".mdx"}
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".ndjson.gz", ".ndjson.zst", ".json",
                   ".json.gz", ".json.zst")
 FORMATS = ("auto", "text", "jsonl", "parquet", "hf", "html", "default")
@@ -94,11 +95,13 @@ class ReadProgress:
 
 
 def kind_from_name(name: str) -> str:
-    """`code` when the file name says so (".py", ".h", ...), else "" (let the content decide)."""
+    """`code` when the file name says so (".py", ".h", ...), `prose` for markdown (its code blocks and tables
+    are judged apart from its prose), else "" (let the content decide)."""
     n = name.lower()
     for suffix in (".gz", ".zst"):
         n = n.removesuffix(suffix)
-    return "code" if os.path.splitext(n)[1] in CODE_EXTS else ""
+    ext = os.path.splitext(n)[1]
+    return "code" if ext in CODE_EXTS else "prose" if ext in MARKDOWN_EXTS else ""
 
 
 def detect_format(path: Path) -> str:

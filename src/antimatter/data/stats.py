@@ -14,9 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from antimatter.config import FilterConfig
 from antimatter.data import SPLITS
+from antimatter.data.filters import keep_setting
 
 LENGTH_EDGES = [0, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10**12]
+LARGEST = 3  # removed documents named per source and reason, the largest first
+DEDUP_KEEP = {"dedup.exact": "data.dedup.exact=false", "dedup.near": "data.dedup.near=false"}
 
 
 class SourceStats:
@@ -33,14 +37,21 @@ class SourceStats:
         self.splits = {s: Counter() for s in SPLITS}
         self.rule_sets: Counter[str] = Counter()
         self.clean: Counter[str] = Counter()
+        # per reason, the largest removed documents: (bytes, id, what the rule measured)
+        self.largest: dict[str, list[tuple[int, str, Any]]] = defaultdict(list)
 
     def add_in(self, nbytes: int) -> None:
         self.docs_in += 1
         self.bytes_in += nbytes
 
-    def remove(self, reason: str, nbytes: int) -> None:
+    def remove(self, reason: str, nbytes: int, doc_id: str = "", measure: Any = None) -> None:
         self.removed[reason] += 1
         self.removed_bytes[reason] += nbytes
+        top = self.largest[reason]
+        if len(top) < LARGEST or nbytes > top[-1][0]:
+            top.append((nbytes, doc_id, measure))
+            top.sort(key=lambda t: (-t[0], t[1]))
+            del top[LARGEST:]
 
     def keep(self, nbytes: int, nchars: int, split: str) -> None:
         self.kept_docs += 1
@@ -77,14 +88,22 @@ class SourceStats:
             self.splits[s].update(other.splits[s])
         self.rule_sets.update(other.rule_sets)
         self.clean.update(other.clean)
+        for reason, top in other.largest.items():
+            mine = self.largest[reason]
+            mine.extend(top)
+            mine.sort(key=lambda t: (-t[0], t[1]))
+            del mine[LARGEST:]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, filters: FilterConfig | None = None) -> dict[str, Any]:
+        """The statistics as plain data; with `filters` (the settings the documents were judged by), each
+        removal reason also names its largest documents and the setting that would have kept them."""
         def pct(a: int, b: int) -> float:
             return round(100.0 * a / b, 3) if b else 0.0
 
         removed = {r: {"docs": self.removed[r], "bytes": self.removed_bytes[r],
                        "pct_docs": pct(self.removed[r], self.docs_in),
-                       "pct_bytes": pct(self.removed_bytes[r], self.bytes_in)}
+                       "pct_bytes": pct(self.removed_bytes[r], self.bytes_in),
+                       **self._largest(r, filters)}
                    for r in sorted(self.removed)}
         by_stage: dict[str, dict[str, float]] = defaultdict(lambda: {"docs": 0, "bytes": 0})
         for r in self.removed:
@@ -113,6 +132,18 @@ class SourceStats:
             "rule_sets": dict(sorted(self.rule_sets.items())), "cleaned": dict(sorted(self.clean.items())),
             "length": dist,
         }
+
+
+    def _largest(self, reason: str, filters: FilterConfig | None) -> dict[str, Any]:
+        """The largest documents a reason removed and the setting under which it would have kept them (None
+        where no setting keeps them: an empty or unreadable document)."""
+        top = self.largest.get(reason, [])
+        out: dict[str, Any] = {"largest": [{"id": doc_id, "bytes": n} for n, doc_id, _ in top]}
+        if reason.startswith("filter.") and filters is not None:
+            out["keep"] = keep_setting(reason.removeprefix("filter."), [m for _, _, m in top], filters)
+        else:
+            out["keep"] = DEDUP_KEEP.get(reason)
+        return out
 
 
 def check_invariant(stats: dict[str, Any]) -> None:
@@ -144,3 +175,30 @@ def summary_table(stats: dict[str, Any]):
             f"{top[0].removeprefix('filter.')} ({top[1]['docs']})" if top else "-",
             end_section=name == rows[-2][0])
     return t
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB" if n >= 1e3 else f"{n:.0f} B"
+
+
+def removal_report(stats: dict[str, Any], rules: int = 5) -> list[str]:
+    """Lines saying, per source (most bytes removed first), the bytes each reason removed (most first), its
+    largest documents and the one setting that would have kept them."""
+    lines = ["removed, by source and reason (largest first), with the setting that would keep those documents:"]
+    sources = sorted(stats["sources"].items(), key=lambda kv: (-kv[1]["removed_bytes"], kv[0]))
+    for name, s in sources:
+        if not s["removed_bytes"] and not s["removed_docs"]:
+            continue
+        lines.append(f"{name}: {_size(s['removed_bytes'])} of {_size(s['bytes_in'])} removed "
+                     f"({100 * s['removed_bytes'] / max(1, s['bytes_in']):.1f}%)")
+        reasons = sorted(s["removed"].items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))
+        for reason, v in reasons[:rules]:
+            keep = f"  keep: {v['keep']}" if v.get("keep") else ""
+            docs = f"{v['docs']:>6,} doc" + ("s" if v["docs"] != 1 else " ")
+            lines.append(f"  {reason.removeprefix('filter.'):<24} {_size(v['bytes']):>9} {docs}{keep}")
+            if v.get("largest"):
+                lines.append("      " + ", ".join(f"{d['id']} ({_size(d['bytes'])})" for d in v["largest"]))
+        if len(reasons) > rules:
+            rest = sum(v["bytes"] for _, v in reasons[rules:])
+            lines.append(f"  ... {len(reasons) - rules} more reasons ({_size(rest)}): see dataset_statistics.json")
+    return lines if len(lines) > 1 else []

@@ -185,6 +185,7 @@ class Evaluation:
     byte_lens: np.ndarray
     shards: TokenShards | None  # None: only --data files are scored
     stream: np.ndarray
+    data_dir: Path | None = None  # the prepared data of the run (RUN/data, or its data.prepared)
 
     @property
     def complete_split(self) -> bool:
@@ -205,9 +206,10 @@ def _start(ev: EvalConfig, run_dir: Path, which: str, data_files: list[str] | No
         read_documents(path, ev.text_field)
     seq_len, stride = score_windows(run_cfg, model.cfg.block_size, ev)
     byte_lens = token_byte_lengths(tok, model.cfg.vocab_size)
+    data_dir = run_cfg.data_dir_of(run_dir)
     if not val:
         return Evaluation(run_dir, ev, which, device, model, tok, ckpt, seq_len, stride, byte_lens, None,
-                          np.zeros(0, dtype=np.int64))
+                          np.zeros(0, dtype=np.int64), data_dir)
     val_dir = run_dir / "tokens" / "val"
     shards = TokenShards(val_dir, model.cfg.vocab_size)
     n = shards.num_tokens if ev.max_eval_tokens <= 0 else min(shards.num_tokens, ev.max_eval_tokens + 1)
@@ -215,7 +217,7 @@ def _start(ev: EvalConfig, run_dir: Path, which: str, data_files: list[str] | No
         raise UserError(f"{val_dir} holds {shards.num_tokens} tokens, too few to evaluate: add data or raise "
                         f"data.val_fraction, then re-run prepare and tokenize")
     return Evaluation(run_dir, ev, which, device, model, tok, ckpt, seq_len, stride, byte_lens, shards,
-                      shards.read(0, n))
+                      shards.read(0, n), data_dir)
 
 
 def _int8_scores(e: Evaluation, score: Score) -> tuple[dict, GPT]:
@@ -265,7 +267,7 @@ def _val_section(e: Evaluation) -> tuple[dict, Score, GPT | None]:
 
 def _by_source(e: Evaluation) -> dict | None:
     """Bits per byte of the prepared val documents per source, when there is more than one source."""
-    docs = val_documents(e.run_dir / "data" / "val")
+    docs = val_documents((e.data_dir or e.run_dir / "data") / "val")
     if len({src for src, _ in docs}) <= 1:
         return None
     return score_by_source(e.model, e.tok, docs, e.seq_len, e.stride, e.byte_lens, max_tokens=e.ev.max_eval_tokens,
