@@ -65,6 +65,16 @@ def test_choose_val_meets_the_share_to_within_a_small_document():
     assert choose_val([(0.7, 100), (0.2, 120)], 0.4) == [1]  # a source of two documents gives val one
 
 
+def test_no_one_document_dominates_its_sources_val():
+    """A 34 kB codec table drawn first used to be 30% of its source's val (and made val easier than train):
+    whole documents larger than a tenth of the share stay in train."""
+    docs = [(0.001, 34_000), *(((i + 1) / 500, 2_000 + 37 * i % 3_000) for i in range(400))]
+    target = 0.02 * sum(n for _, n in docs)
+    chosen = choose_val(docs, 0.02)
+    assert 0 not in chosen and all(docs[i][1] <= target / 10 for i in chosen)
+    assert abs(sum(docs[i][1] for i in chosen) - target) <= 5_000
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """Three sources of real text: books (each past TAIL_MIN_BYTES), short notes cut from another book

@@ -10,8 +10,10 @@ source's name; the embedded corpus's parts are default/prose, default/meta and d
   its last `val_fraction` of bytes, from the nearest paragraph boundary (else line, else word), goes to
   val as `ID#tail`, the rest to train as `ID`; every long document is then read in both splits;
 - a shorter document goes whole: in the order of a seeded hash of its text, each goes to val if it fits in
-  what is left of `val_fraction` of its source's short-document bytes, else to train (a size-blind draw
-  first, then only documents small enough to fill the rest: the share is met to within a small document);
+  what is left of `val_fraction` of its source's short-document bytes and (when the source has enough
+  small documents) is at most a tenth of that share,
+  else to train (a size-blind draw among documents small enough that no one of them dominates its source's
+  val: the share is met to within a small document);
 - val is written interleaved across sources in proportion to their val bytes, so every prefix of it (eval
   scores the first `eval.max_eval_tokens`) holds each source at its share.
 
@@ -29,6 +31,7 @@ import xxhash
 from antimatter.data.records import RecordShardWriter, RecordWriter, iter_records
 
 TAIL_MIN_BYTES = 100_000
+MIN_VAL_DOCS = 10  # a short document goes to val whole only if it is at most 1/10 of its source's val share
 TAIL_SUFFIX = "#tail"
 
 
@@ -39,17 +42,22 @@ def hash_fraction(key: bytes, seed: int) -> float:
 
 def choose_val(docs: list[tuple[float, int]], fraction: float) -> list[int]:
     """Indices of `docs` ((hash fraction, bytes) of one source's short documents, in corpus order) that go to
-    val: in hash order, each that fits in what is left of `fraction` of their bytes; then the first one
-    that brings the val bytes closer to that share (so a source of a few documents gives val one of them)."""
+    val: in hash order, each that fits in what is left of `fraction` of their bytes and is at most
+    1/MIN_VAL_DOCS of that share (so no one document, e.g. a codec table, is a large part of its source's
+    val; unless the source has too few such documents), then the first one that brings the val bytes closer
+    to the share (so a source of a few documents gives val one of them)."""
     target = fraction * sum(n for _, n in docs)
+    cap = target / MIN_VAL_DOCS
+    if sum(n for _, n in docs if n <= cap) < 3 * target:  # too few such documents to draw from: no cap
+        cap = float("inf")
     order = sorted(range(len(docs)), key=lambda i: (docs[i][0], i))
     got, out = 0, set()
     for i in order:
-        if got + docs[i][1] <= target:
+        if got + docs[i][1] <= target and docs[i][1] <= cap:
             out.add(i)
             got += docs[i][1]
-    for i in order:
-        if i not in out and got + docs[i][1] / 2 < target:
+    for i in order:  # then the first that brings val closer (a source of a few documents gives val one)
+        if i not in out and got + docs[i][1] / 2 < target and docs[i][1] <= cap:
             out.add(i)
             break
     return sorted(out)
