@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.antimatter-installed
 
-.PHONY: venv quickstart test lint bench-train bench-decode clean
+.PHONY: venv quickstart test lint notebooks guide bench-train bench-decode clean
 
 venv: $(STAMP)
 
@@ -24,11 +24,17 @@ quickstart: venv
 	$(BIN)/antimatter quickstart
 
 test: venv
-	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts notebooks
 	$(BIN)/python -m pytest
 
+guide: venv
+	$(BIN)/python scripts/run_guide.py
+
+notebooks: venv
+	$(BIN)/python scripts/run_notebooks.py
+
 lint: venv
-	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts notebooks
 	$(BIN)/ruff format --check src tests benchmarks scripts || true
 
 clean:
