@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     run = args.run.resolve()
     if any(p.name[:2] in ("03", "04") for p in paths):
         ensure_run(run)
-    env = {"ANTIMATTER_RUN": str(run), "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-           "ANTIMATTER_NOTEBOOK_OUT": str(run.parent / f"{run.name}-notebook-prepare")}
+    shown = run.relative_to(ROOT) if run.is_relative_to(ROOT) else run  # kernels run in ROOT: short paths
+    env = {"ANTIMATTER_RUN": str(shown), "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+           "ANTIMATTER_NOTEBOOK_OUT": str(shown.parent / f"{run.name}-notebook-prepare")}
     for path in paths:
         seconds = execute(path, env, args.timeout)
         print(f"{path.relative_to(ROOT)}: executed in {seconds:.0f}s, outputs saved", flush=True)
