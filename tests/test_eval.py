@@ -273,6 +273,7 @@ def test_run_eval_writes_report(tiny_run: Path, tmp_path: Path, capsys: pytest.C
     res = run_eval(eval_cfg(tiny_run, "eval.stride=32"), tiny_run)
     out = capsys.readouterr().out
     assert "val perplexity" in out and "final_evaluation.json" in out
+    assert "(eager:" in out  # which decode path was timed
     final_bytes = (tiny_run / EVAL_FILE).read_bytes()
     samples_bytes = (tiny_run / SAMPLES_FILE).read_bytes()
     assert Path(res["outputs"]["history"]).read_bytes() == final_bytes  # the latest full evaluation, as kept
@@ -305,6 +306,7 @@ def test_run_eval_writes_report(tiny_run: Path, tmp_path: Path, capsys: pytest.C
     c = saved["continuation"]
     assert c["documents"] == 4 and 0 <= c["bleu"] <= 100 and 0 <= c["rouge_l_f1"] <= 1 and c["examples"]
     s = saved["speed"]
+    assert s["decode_path"] == "eager: antimatter generate's default" and "compiled_decode_path" not in s
     assert s["prefill_tokens_per_s"] > 0 and s["decode_tokens_per_s_batch4"] > 0 and s["peak_memory_bytes"] > 0
     z = saved["size"]
     assert z["params_total"] == GPT(preset_model("tiny", "modern")).num_params() and z["bytes_bf16"] == 2 * z["params_total"]

@@ -461,8 +461,10 @@ def print_eval_summary(result: dict) -> None:
                                    f"distinct-2 {c['distinct_2']:.3f}  ({c['documents']} docs)")
     s = result.get("speed")
     if s:
-        t.add_row("speed", f"decode {s['decode_tokens_per_s_batch1']:.0f} tok/s at batch 1, "
-                           f"TTFT {1000 * s['time_to_first_token_s']:.1f} ms on {s['device']}")
+        compiled = s.get("compiled_decode_tokens_per_s_batch1")
+        t.add_row("speed", f"decode {s['decode_tokens_per_s_batch1']:.0f} tok/s at batch 1 ({s['decode_path']}), "
+                           f"TTFT {1000 * s['time_to_first_token_s']:.1f} ms on {s['device']}"
+                           + (f"; compiled ({s['compiled_decode_path']}) {compiled:.0f} tok/s" if compiled else ""))
     s = result.get("speed_int8")
     if s:
         t.add_row("speed, int8", f"decode {s['decode_tokens_per_s_batch1']:.0f} tok/s at batch 1")

@@ -69,7 +69,10 @@ def measure_speed(model, *, prompt_tokens: int = 0, new_tokens: int = 32, batch_
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     out: dict = {"device": device_name(device), "dtype": dtype_name, "prompt_tokens": P,
-                 "new_tokens": new_tokens, "repeats": repeats, "batches": {}}
+                 "new_tokens": new_tokens, "repeats": repeats, "batches": {},
+                 "decode_path": "eager: antimatter generate's default"}
+    if compile:
+        out["compiled_decode_path"] = "generate --compile"
     for B in batch_sizes:
         prompts = torch.randint(0, V, (B, P), generator=gen).tolist()
         idx = torch.tensor(prompts, device=device)
