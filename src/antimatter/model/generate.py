@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from antimatter.compile_cache import use_compile_cache
 from antimatter.config import SampleConfig
 from antimatter.model.decode import KV_BLOCK, DecodeOptions, single_row_matmuls
 from antimatter.model.gpt import GPT
@@ -109,6 +110,8 @@ def _compiled_steps(model: GPT, mode: str, coordinate_descent: bool = False):
     if key not in cache:
         # imported here: loading inductor is slow, and eager generation never needs it
         from torch._inductor import list_mode_options
+
+        use_compile_cache()  # a second start reuses what the first compiled
 
         options = dict(list_mode_options(mode))
         if coordinate_descent:

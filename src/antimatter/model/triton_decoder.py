@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 from triton.runtime.errors import OutOfResources
 
+from antimatter.compile_cache import use_compile_cache
 from antimatter.model.decode import DecodeOptions, DecodeTuning
 from antimatter.model.decode_kernels import (
     ACT_GELU,
@@ -81,6 +82,7 @@ class TritonDecoder:
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"Triton decode: {reason}")
+        use_compile_cache()  # Triton keeps the compiled kernels there: a second start skips compiling them
         cfg = model.cfg
         self.model, self.sample = model, sample
         self.options = options = options or DecodeOptions()

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from antimatter.compile_cache import describe, use_compile_cache
 from antimatter.config import TrainConfig
 from antimatter.device import DTYPES
 from antimatter.model.accel import enable_fp8_training
@@ -52,7 +53,10 @@ def parallelize(model: nn.Module, train_cfg: TrainConfig, dist: Dist, dtype: str
         apply_activation_checkpointing(model)
     mp_dtype = DTYPES[dtype] if dtype == "bf16" and dist.device.type == "cuda" else None
     wrapped = apply_data_parallel(model, dist, train_cfg.parallel, mp_dtype)  # DDP broadcasts rank 0's weights
-    step = apply_compile(wrapped, train_cfg) if train_cfg.compile else wrapped
+    step = wrapped
+    if train_cfg.compile:
+        log(describe(use_compile_cache()))
+        step = apply_compile(wrapped, train_cfg)
     return Parallelized(model, wrapped, step)
 
 
