@@ -320,6 +320,7 @@ class Trainer:
         self.budget: dict[str, Any] | None = None
         self.max_steps = self.train_cfg.max_steps if self.train_cfg.max_minutes <= 0 else UNDECIDED
         self.compile_seconds = 0.0
+        self.first_step_at: float | None = None  # wall clock (time.time()) when this process's first step ended
         self.train_seconds = 0.0  # training time so far (compile, evaluation and checkpoints not counted)
 
     def _restore(self, state: dict[str, Any], optim_sd: dict[str, Any]) -> None:
@@ -539,6 +540,10 @@ class Trainer:
         if self.step == self.start_step + 1:
             self.clock.start()
             self.compile_seconds = time.perf_counter() - self.loop_started
+            # wall clock, not perf_counter: a launcher (benchmarks/startup.py) subtracts its own launch time
+            self.first_step_at = time.time()
+            self.log(f"first step done: compile/first step took {self.compile_seconds:.1f}s "
+                     f"(unix time {self.first_step_at:.3f})")
             self.step_ends = [self.clock.started_at]
             self.estimate_from = self.clock.now()
             self.estimated = self.max_steps == UNDECIDED  # a time budget logs its own line
@@ -659,6 +664,7 @@ class Trainer:
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "best_checkpoint": str(self.ckpt_root / best) if best else None,
             "train_seconds": round(self.train_seconds, 2), "compile_seconds": round(self.compile_seconds, 2),
+            "first_step_at": self.first_step_at,
             "eval_checkpoint_seconds": round(self.clock.paused, 2), "budget": self.budget,
             "world_size": self.dist.world_size, "micro_batch_size": self.train_cfg.micro_batch_size,
             "accum_steps": self.accum_steps, "global_batch_tokens": self.global_tokens, "dtype": self.dtype,
