@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from antimatter.compile_cache import ENV, INDUCTOR_ENV, TRITON_ENV
+from antimatter.compile_cache import ENV, INDUCTOR_ENV, TRITON_ENV, cache_size
 from antimatter.config import config_from_dict, load_config, save_config
 from antimatter.provenance import provenance
 from antimatter.tokenizer import EOT, EOT_ID, new_byte_level_bpe
@@ -77,8 +77,8 @@ def child_env(cache: Path) -> dict[str, str]:
 
 def cache_state(cache: Path) -> dict[str, Any]:
     """Files and MiB in the compile folder, before a start reads it."""
-    files = [p for p in (cache / "compile").rglob("*") if p.is_file()] if (cache / "compile").is_dir() else []
-    return {"cache_files": len(files), "cache_mib": round(sum(p.stat().st_size for p in files) / 2**20, 1)}
+    files, size = cache_size(cache / "compile")
+    return {"cache_files": files, "cache_mib": round(size / 2**20, 1)}
 
 
 def launch(cmd: list[str], cache: Path, timeout: float) -> tuple[float, float, str]:

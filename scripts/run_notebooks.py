@@ -39,14 +39,8 @@ def execute(path: Path, env: dict[str, str], timeout: int) -> float:
 
     nb = nbformat.read(path, as_version=4)
     started = time.perf_counter()
-    saved = dict(os.environ)
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(ROOT)}}).execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+                   ).execute(env={**os.environ, **env})  # the kernel's environment (start_kernel's Popen)
     nbformat.write(nb, path)
     return time.perf_counter() - started
 

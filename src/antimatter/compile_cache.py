@@ -11,6 +11,7 @@ Triton variable (theirs wins). Deleting the folder clears it; the next start com
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 ENV = "ANTIMATTER_CACHE"
@@ -25,18 +26,32 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "antimatter"
 
 
+def _inductor_default(value: str) -> bool:
+    """Whether `value` is the folder inductor chose itself: once loaded, inductor writes its default
+    (/tmp/torchinductor_<user>) into TORCHINDUCTOR_CACHE_DIR, which is then no choice of the user's."""
+    utils = sys.modules.get("torch._inductor.runtime.cache_dir_utils")
+    return utils is not None and value == os.path.abspath(utils.default_cache_dir())
+
+
 def use_compile_cache() -> Path:
-    """Point inductor's and Triton's caches into cache_root()/compile (unless already set), before anything
-    compiles; returns inductor's cache folder. Both libraries read the variables at each compile."""
-    folder = cache_root() / "compile"
-    os.environ.setdefault(INDUCTOR_ENV, str(folder))
+    """Point inductor's and Triton's caches into cache_root()/compile (unless the user set them), whether or
+    not inductor has loaded; returns inductor's cache folder. Both libraries read the variables at each
+    compile, so it is enough to call this before compiling."""
+    current = os.environ.get(INDUCTOR_ENV)
+    if current is None or _inductor_default(current):
+        os.environ[INDUCTOR_ENV] = str(cache_root() / "compile")
     os.environ.setdefault(TRITON_ENV, str(Path(os.environ[INDUCTOR_ENV]) / "triton"))
     return Path(os.environ[INDUCTOR_ENV])
 
 
+def cache_size(folder: Path) -> tuple[int, int]:
+    """(files, bytes) in the cache folder; (0, 0) when it does not exist yet."""
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return len(files), sum(p.stat().st_size for p in files)
+
+
 def describe(folder: Path) -> str:
     """One line for the log: where the cache is, how full, and how to clear it."""
-    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
-    size = sum(p.stat().st_size for p in files)
-    state = f"{len(files):,} files, {size / 2**20:.0f} MiB" if files else "empty: this start compiles everything"
+    files, size = cache_size(folder)
+    state = f"{files:,} files, {size / 2**20:.0f} MiB" if files else "empty: this start compiles everything"
     return f"compile cache {folder} ({state}; delete the folder to clear it)"

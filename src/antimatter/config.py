@@ -827,10 +827,7 @@ def _model_from_dict(data: dict[str, Any] | str | None, recipe: str = "gpt2") ->
         data = {"preset": data}
     data = dict(data)
     preset = data.get("preset")
-    base: dict[str, Any] = dict(RECIPES[recipe]["model"])
-    if preset is not None:
-        preset_model(preset)  # a one-line error for an unknown name
-        base.update(MODEL_PRESETS[preset], preset=preset)
+    base = dict(preset_model(preset, recipe).__dict__) if preset is not None else dict(RECIPES[recipe]["model"])
     base.update(data)
     return _build(ModelConfig, base, "model")
 
@@ -862,7 +859,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     recipe = data["recipe"] = recipe_of(data)
     model = _model_from_dict(data.pop("model", None), recipe)
     train = data.get("train")
-    if RECIPES[recipe]["train"] and (train is None or isinstance(train, dict)):
+    if train is None or isinstance(train, dict):  # anything else is refused by _build, naming the section
         data["train"] = {**RECIPES[recipe]["train"], **(train or {})}
     cfg = _build(RunConfig, data)
     cfg.model = model

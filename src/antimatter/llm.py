@@ -95,6 +95,14 @@ def context_note(prompt_tokens: int, asked: int, generated: int, ctx: int) -> st
     return f"the model's context is {ctx} tokens: {' and '.join(said)}" if said else None
 
 
+def with_settings(g: GenerateConfig, **given: Any) -> GenerateConfig:
+    """`g` with the values given (None: keep the setting), each checked as its `generate.KEY` is."""
+    given = {k: v for k, v in given.items() if v is not None}
+    for key, value in given.items():
+        check_setting(f"generate.{key}", value, key)
+    return dataclasses.replace(g, **given)
+
+
 def _run_settings(path: Path) -> RunConfig:
     """The config a folder's model comes with: a run's (or checkpoint's) config.yaml, else the defaults."""
     if not path.exists():
@@ -127,11 +135,8 @@ class LLM:
         the run's `generate:` setting (for a Hugging Face folder, the default)."""
         path = Path(path)
         cfg = _run_settings(path)
-        given = {k: v for k, v in dict(checkpoint=checkpoint, device=device, int8=int8, compile=compile,
-                                       threads=threads).items() if v is not None}
-        for key, value in given.items():
-            check_setting(f"generate.{key}", value, key)
-        cfg.generate = dataclasses.replace(cfg.generate, **given)
+        cfg.generate = with_settings(cfg.generate, checkpoint=checkpoint, device=device, int8=int8,
+                                     compile=compile, threads=threads)
         return cls.from_config(path, cfg, device_setting="device" if device else None)
 
     @classmethod
@@ -169,10 +174,7 @@ class LLM:
 
     def sampling(self, **given: Any) -> GenerateConfig:
         """`settings` with the values given (None: keep the setting), each checked as its config key is."""
-        given = {k: v for k, v in given.items() if v is not None}
-        for key, value in given.items():
-            check_setting(f"generate.{key}", value, key)
-        return dataclasses.replace(self.settings, **given)
+        return with_settings(self.settings, **given)
 
     def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,

@@ -111,14 +111,12 @@ def _require(path: Path, what: str, command: str) -> None:
         raise UserError(f"{what} not found at {path}: run `antimatter {command}` first (or `antimatter pipeline`)")
 
 
-def _require_prepared(cfg: RunConfig) -> Path:
-    """The prepared data the tokenizer and tokenize stages read: RUN/data, or the folder `data.prepared` names,
-    which must be one `antimatter prepare` finished (its manifest there, every file it lists as written)."""
+def _require_run_data(cfg: RunConfig) -> None:
+    """The run's own prepared data (RUN/data), finished and intact, for the tokenizer and tokenize stages. A
+    `data.prepared` folder instead was checked when the stage started (`check_prepared_folder`)."""
     if not cfg.data.prepared:
         _require(cfg.run_dir / "data" / "train", "prepared data", "prepare")
         verify_outputs(cfg.run_dir / "data", "prepare")
-        return cfg.run_dir / "data"
-    return check_prepared_folder(cfg.data_dir)
 
 
 def check_prepared_folder(folder: Path) -> Path:
@@ -174,10 +172,10 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bo
         _log(f"[prepare] reading the prepared folder {cfg.data_dir} (data.prepared); nothing to prepare here")
         return {"skipped": True}
     if stage == "tokenizer" and not cfg.tokenizer.from_:  # an adopted tokenizer reads no data
-        _require_prepared(cfg)
+        _require_run_data(cfg)
     if stage == "tokenize":
         _require(run / "tokenizer" / "tokenizer.json", "tokenizer", "tokenizer")
-        _require_prepared(cfg)
+        _require_run_data(cfg)
         verify_outputs(run / "tokenizer", "tokenizer")
     out, inputs, conf = _stage_io(stage, cfg)
     if not force and is_current(out, stage, inputs, conf):

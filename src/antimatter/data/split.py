@@ -50,14 +50,14 @@ def choose_val(docs: list[tuple[float, int]], fraction: float) -> list[int]:
     cap = target / MIN_VAL_DOCS
     if sum(n for _, n in docs if n <= cap) < 3 * target:  # too few such documents to draw from: no cap
         cap = float("inf")
-    order = sorted(range(len(docs)), key=lambda i: (docs[i][0], i))
+    order = sorted((i for i in range(len(docs)) if docs[i][1] <= cap), key=lambda i: (docs[i][0], i))
     got, out = 0, set()
     for i in order:
-        if got + docs[i][1] <= target and docs[i][1] <= cap:
+        if got + docs[i][1] <= target:
             out.add(i)
             got += docs[i][1]
     for i in order:  # then the first that brings val closer (a source of a few documents gives val one)
-        if i not in out and got + docs[i][1] / 2 < target and docs[i][1] <= cap:
+        if i not in out and got + docs[i][1] / 2 < target:
             out.add(i)
             break
     return sorted(out)

@@ -108,9 +108,7 @@ def _compiled_steps(model: GPT, mode: str, coordinate_descent: bool = False):
     cache = model.__dict__.setdefault("_antimatter_compiled_steps", {})
     key = (mode, coordinate_descent)
     if key not in cache:
-        # before inductor loads: importing it sets TORCHINDUCTOR_CACHE_DIR to /tmp/torchinductor_<user>, which
-        # use_compile_cache (theirs wins) would then keep. A second start reuses what the first compiled.
-        use_compile_cache()
+        use_compile_cache()  # a second start reuses what the first compiled
         # imported here: loading inductor is slow, and eager generation never needs it
         from torch._inductor import list_mode_options
 
