@@ -308,3 +308,39 @@ def test_attention_splits_follow_the_block_size():
     assert attention_splits(100, 16, block=128) == 1
     for block, warps in ATTN_CONFIGS:
         assert block & (block - 1) == 0 and warps in (1, 2, 4, 8, 16)
+
+
+def test_tuning_results_persist_for_the_next_process(tmp_path, monkeypatch):
+    """What one process tuned is saved in the compile cache and a new model's decoders start from it (a second
+    start times nothing again); the file merges what different processes tuned, and a damaged file is a
+    cold cache, not an error."""
+    from antimatter.model.triton_decoder import model_tuning, tuning_file
+
+    monkeypatch.setenv("ANTIMATTER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    path = tuning_file()
+    assert path.is_relative_to(tmp_path / "cache" / "compile")
+    assert model_tuning(make_model("tiny")).best == {}  # nothing saved yet
+
+    first = DecodeTuning()
+    first.best[("GPU X", (64, 32, "gelu"), True)] = (32, 64, 4, 1)
+    first.ranked[("GPU X", (64, 32, "gelu"), True)] = [(32, 64, 4, 1), (16, 128, 4, 2)]
+    first.best[("GPU X", "step", ((64, 32, "gelu"),), 64, 4, 2, True)] = {(64, 32, "gelu"): (16, 128, 4, 2)}
+    first.save(path)
+    second = DecodeTuning()
+    second.best[("GPU Y", "attention", 2, 16, 8, 16, False)] = (64, 4, 1)
+    second.save(path)
+
+    loaded = model_tuning(make_model("tiny"))
+    assert loaded.best == {**first.best, **second.best} and loaded.ranked == first.ranked
+    assert list(tmp_path.rglob("*.tmp")) == []
+
+    path.write_text("{'best': {('GPU X',", "utf-8")  # cut short by a crash or a full disk
+    assert DecodeTuning.load(path).best == {}
+    path.write_text("__import__('os').remove('x')", "utf-8")  # never run as code
+    assert DecodeTuning.load(path).best == {}
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    first.save(blocker / "tuning.txt")  # cannot be written: the next start tunes again, no error
+    assert blocker.read_text() == ""

@@ -16,9 +16,12 @@ of `generate`, so an A/B run changes one call, not module state that every later
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -35,7 +38,11 @@ class DecodeTuning:
     and every shape that ran, fastest first (`ranked`). Kept across decoders because timing the candidates
     again costs seconds per call. Whoever holds one decides how far it is shared: `DecodeOptions.tuning`
     passes it to every decoder of a call (an A/B run passes a fresh one per variant, so each tunes its own
-    candidates); without one, a decoder uses its model's (`triton_decoder.model_tuning`)."""
+    candidates); without one, a decoder uses its model's (`triton_decoder.model_tuning`), which starts from
+    the results saved on disk by earlier processes (`load`, `save`) so a second start times nothing again.
+
+    Keys and values are tuples, dicts, strings, numbers and booleans only: the file holds their Python
+    literal form, read back with `ast.literal_eval` (no code runs from it)."""
 
     def __init__(self) -> None:
         self.best: dict[tuple, tuple | dict] = {}
@@ -44,6 +51,35 @@ class DecodeTuning:
     def clear(self) -> None:
         self.best.clear()
         self.ranked.clear()
+
+    @classmethod
+    def load(cls, path: Path) -> DecodeTuning:
+        """The results saved at `path`; empty when the file is missing or unreadable (it is only a cache:
+        the decoder then times the candidates again and writes it anew)."""
+        tuning = cls()
+        try:
+            data = ast.literal_eval(path.read_text("utf-8"))
+            tuning.best.update(data["best"])
+            tuning.ranked.update(data["ranked"])
+        except (OSError, ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError):
+            tuning.clear()
+        return tuning
+
+    def save(self, path: Path) -> None:
+        """Write these results merged over what `path` holds (another process may have tuned other shapes),
+        through a temporary file and a rename, so a reader never sees half a file. A failure to write (a full
+        or read-only disk) leaves the file as it was: the next start tunes again."""
+        merged = DecodeTuning.load(path)
+        merged.best.update(self.best)
+        merged.ranked.update(self.ranked)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(repr({"best": merged.best, "ranked": merged.ranked}), "utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

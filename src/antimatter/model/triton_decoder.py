@@ -13,11 +13,14 @@ decodes through the kernels.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import statistics
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
+import triton
 from triton.runtime.errors import OutOfResources
 
 from antimatter.compile_cache import use_compile_cache
@@ -59,10 +62,21 @@ def unsupported_reason(model: GPT) -> str | None:
     return None
 
 
+def tuning_file() -> Path:
+    """Where the decoder's tuning results persist: in the compile cache, under a name that changes with this
+    module's kernels, Triton's version and torch's, since the fastest launch shape depends on all three."""
+    code = (Path(__file__).parent / "decode_kernels.py").read_bytes() + Path(__file__).read_bytes()
+    stamp = hashlib.sha256(code + f"{triton.__version__} {torch.__version__}".encode()).hexdigest()[:16]
+    return use_compile_cache() / "antimatter_decode" / f"tuning-{stamp}.txt"
+
+
 def model_tuning(model: GPT) -> DecodeTuning:
     """The tuning results of `model`'s decoders whose options carry none: kept on the model, as `generate`
-    keeps its compiled steps and its decoder there, so later calls with this model time no candidate again."""
-    return model.__dict__.setdefault("_antimatter_decode_tuning", DecodeTuning())
+    keeps its compiled steps and its decoder there, so later calls with this model time no candidate again;
+    it starts from those saved on disk (`tuning_file`), so a later process does not either."""
+    if "_antimatter_decode_tuning" not in model.__dict__:
+        model.__dict__["_antimatter_decode_tuning"] = DecodeTuning.load(tuning_file())
+    return model.__dict__["_antimatter_decode_tuning"]
 
 
 class TritonDecoder:
@@ -201,6 +215,8 @@ class TritonDecoder:
             report.update(self.tune_in_step(gpu, groups))
         self.tuned = True
         self.tune_report = report
+        if report and self.options.tuning is None:  # the model's results (an A/B run's own stay in memory)
+            self.tuning.save(tuning_file())
         return report
 
     def tune_matrix(self, gpu: str, sig: tuple, mvs: list[MatVec]) -> dict:
