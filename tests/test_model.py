@@ -112,9 +112,12 @@ def _loss_and_grads(model: GPT, idx, targets):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "llama-gqa-qknorm"])
+@pytest.mark.parametrize("variant", ["gpt2", "llama-gqa-qknorm", "llama-softcap"])
 def test_chunked_loss_equals_unchunked(variant):
-    model = make_model(variant).train()
+    """The fused head + cross-entropy (gradients computed chunk by chunk in forward) gives the plain loss's
+    loss and every parameter's gradient, padding columns and ignored targets and soft-capping included."""
+    model = (make_model("llama-gqa-qknorm", logit_softcap=2.0) if variant == "llama-softcap"
+             else make_model(variant)).train()
     idx, targets = tokens(model, 3, 20), tokens(model, 3, 20, seed=3)
     targets[1, :4] = -1
     ref_loss, ref_grads = _loss_and_grads(model, idx, targets)
@@ -124,6 +127,24 @@ def test_chunked_loss_equals_unchunked(variant):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_chunked_loss_under_autocast_and_compile():
+    """In bfloat16 autocast the fused loss stays within bfloat16 rounding of the plain one, compiled or not
+    (torch.compile traces the chunk loop and the custom backward)."""
+    model = make_model("llama-gqa-qknorm").train()
+    idx, targets = tokens(model, 2, 24), tokens(model, 2, 24, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref_grads = _loss_and_grads(model, idx, targets)
+        model.loss_chunk_tokens = 16
+        for run in (model, torch.compile(model)):
+            loss, grads = _loss_and_grads(run, idx, targets)
+            grads = {name.removeprefix("_orig_mod."): g for name, g in grads.items()}
+            torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=1e-2)
+            assert grads.keys() == ref_grads.keys()
+            for name in grads:  # bfloat16 keeps ~3 digits: within a few units of its last place at the scale
+                scale = ref_grads[name].abs().max()
+                assert (grads[name] - ref_grads[name]).abs().max() <= 0.03 * scale, name
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "gpt2-untied-nobias", "llama-gqa-qknorm"])

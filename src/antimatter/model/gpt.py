@@ -28,9 +28,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from antimatter.config import ModelConfig
+from antimatter.model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -187,7 +187,7 @@ class GPT(nn.Module):
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.loss_chunk_tokens = 0  # >0: cross-entropy in chunks of this many tokens (bounded logits memory)
+        self.loss_chunk_tokens = 0  # >0: fused head + cross-entropy in chunks of this many tokens (model/loss.py)
         self.ce_padding = "mask"  # how the loss leaves out the vocabulary's padding columns: "mask" or "slice"
         self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
         self.reset_parameters()
@@ -280,16 +280,15 @@ class GPT(nn.Module):
         return self.loss(self.transformer.ln_f(x), targets)
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the final hidden states. In chunks when `loss_chunk_tokens` is set, each
-        chunk recomputed in backward, so the full (tokens x vocab) logits never sit in memory at once."""
+        """Mean cross-entropy of the final hidden states. With `loss_chunk_tokens` set, chunk by chunk with
+        each chunk's gradients computed at once (model/loss.py), so the full (tokens x vocab) logits never
+        sit in memory."""
         x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-        V, cap = self.cfg.vocab_size, self.cfg.logit_softcap
-        chunk, pad = self.loss_chunk_tokens, self.ce_padding
-        if chunk <= 0 or x.shape[0] <= chunk:
-            return _ce_sum(x, self.lm_head.weight, targets, V, cap, pad) / (targets != -1).sum().clamp(min=1)
-        total = x.new_zeros((), dtype=torch.float32)
-        for xs, ts in zip(x.split(chunk), targets.split(chunk)):
-            total = total + checkpoint(_ce_sum, xs, self.lm_head.weight, ts, V, cap, pad, use_reentrant=False)
+        V, cap, chunk = self.cfg.vocab_size, self.cfg.logit_softcap, self.loss_chunk_tokens
+        if chunk > 0:
+            total = linear_cross_entropy(x, self.lm_head.weight, targets, V, cap, chunk)
+        else:
+            total = _ce_sum(x, self.lm_head.weight, targets, V, cap, self.ce_padding)
         return total / (targets != -1).sum().clamp(min=1)
 
 
