@@ -23,7 +23,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -67,6 +67,9 @@ class Variant:
     fp8: bool = False
     compile_mode: str = "default"
     ce_pad: str = "mask"
+
+
+SETTINGS = [f.name for f in fields(Variant)] + ["micro_batch", "grad_accum"]  # what makes two rows different
 
 
 def load_nanogpt(path: Path):
@@ -118,23 +121,25 @@ def loss_fn(impl: str, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return model(input_ids=x, labels=x, use_cache=False).loss
 
 
-def bench(v: Variant, preset: str, micro_batch: int, steps: int, warmup: int, nanogpt_path: Path) -> dict:
+def bench(v: Variant, preset: str, micro_batch: int, steps: int, warmup: int, nanogpt_path: Path,
+          accum: int = 1) -> dict:
     label = v.attn  # the kernel that train.attention=auto picks here (for every impl: same SDPA kernel), for the table
     if v.attn == "auto":
         label = "cudnn" if prefers_cudnn_attention() else "sdpa-default"
     mode, *extras = v.compile_mode.split("+")
     # +cdt: inductor's coordinate-descent tuning of the generated kernels (gpt-fast's setting)
     tuning = torch._inductor.config.patch(coordinate_descent_tuning="cdt" in extras)
-    row = {**asdict(v), "attn": label, "preset": preset, "micro_batch": micro_batch, "seq": SEQ[preset]}
+    row = {**asdict(v), "attn": label, "preset": preset, "micro_batch": micro_batch, "grad_accum": accum,
+           "seq": SEQ[preset]}
     if v.impl != "antimatter":
         row.update(recipe=None, optimizer="adamw", loss_chunk=None, fp8=False, ce_pad=None)
     with attention_backend(v.attn), tuning:
         return {**row, **_bench(v, preset, micro_batch, steps, warmup, None if mode == "default" else mode,
-                                nanogpt_path)}
+                                nanogpt_path, accum)}
 
 
 def _bench(v: Variant, preset: str, micro_batch: int, steps: int, warmup: int, compile_mode: str | None,
-           nanogpt_path: Path) -> dict:
+           nanogpt_path: Path, accum: int) -> dict:
     seq = SEQ[preset]
     cfg, model, optimizers = build(v, preset, seq, nanogpt_path)
     cmodel = torch.compile(model, mode=compile_mode) if compile_mode != "none" else model
@@ -147,12 +152,13 @@ def _bench(v: Variant, preset: str, micro_batch: int, steps: int, warmup: int, c
     t_compile = time.perf_counter()
     try:
         for i in range(warmup + steps):
-            x, y = batches[i % len(batches)]
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_fn(v.impl, cmodel, x, y)
-            loss.backward()
+            for k in range(accum):  # the optimizer steps once per `accum` micro-batches, as the trainer's does
+                x, y = batches[(i * accum + k) % len(batches)]
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = loss_fn(v.impl, cmodel, x, y) / accum
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             for opt in optimizers:
                 opt.step()
@@ -172,7 +178,7 @@ def _bench(v: Variant, preset: str, micro_batch: int, steps: int, warmup: int, c
         torch._dynamo.reset()
         return {"oom": True}
     med = statistics.median(s.elapsed_time(e) for s, e in times) / 1000
-    tps = micro_batch * seq / med
+    tps = micro_batch * seq * accum / med
     result = {"params": sum(p.numel() for p in model.parameters()), "median_step_s": med, "tokens_per_s": tps,
               "achieved_tflops": tps * flops_per_token(cfg, seq) / 1e12,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": t_compile,
@@ -222,6 +228,9 @@ def main() -> None:
                     help="AntiMatter's optimizers: adamw, muon (Muon for the blocks' matrices + AdamW)")
     ap.add_argument("--loss-chunk", type=int, nargs="+", default=[0],
                     help="AntiMatter cross-entropy chunk sizes in tokens to try (0 = one piece)")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimizer step (the trainer's accumulation: what an optimizer's cost is "
+                         "spread over)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile-mode", nargs="+", default=["default"],
@@ -251,14 +260,15 @@ def main() -> None:
     for impl in order:
         for v in variants(args, impl):
             for mb in micro_batches(args.micro_batch, v):
-                r = bench(v, args.config, mb, args.steps, args.warmup, args.nanogpt)
+                r = bench(v, args.config, mb, args.steps, args.warmup, args.nanogpt, args.grad_accum)
                 if not r["oom"]:
                     r["mfu_measured_peak"] = r["achieved_tflops"] / measured
                     r["mfu_datasheet"] = r["achieved_tflops"] / datasheet
                 results.append(r)
                 print(json.dumps(r), flush=True)
                 dump(args.json, measured, datasheet, results)  # after every row: a run cut short keeps them
-    print(f"\n{args.config}, seq {SEQ[args.config]}, bf16 autocast, compiled, median of {args.steps} steps, {device}")
+    print(f"\n{args.config}, seq {SEQ[args.config]}, {args.grad_accum} micro-batch(es) a step, bf16 autocast, "
+          f"compiled, median of {args.steps} steps, {device}")
     print_table(results)
     dump(args.json, measured, datasheet, results)
 
@@ -290,11 +300,14 @@ def print_table(results: list[dict]) -> None:
         print(f"against {peer}'s best ({best['tokens_per_s']:,.0f} tokens/s at micro-batch {best['micro_batch']}):")
         for r in ours:
             print(f"  {describe(r)}, mb {r['micro_batch']}: {r['tokens_per_s'] / best['tokens_per_s']:.3f}x")
-    adamw = {(r["recipe"], r["micro_batch"]): r for r in ours if r["optimizer"] == "adamw"}
+    def same_but_optimizer(r: dict) -> tuple:
+        return tuple(v for k, v in r.items() if k in SETTINGS and k != "optimizer")
+
+    adamw = {same_but_optimizer(r): r for r in ours if r["optimizer"] == "adamw"}
     for r in ours:
-        base = adamw.get((r["recipe"], r["micro_batch"]))
+        base = adamw.get(same_but_optimizer(r))
         if r["optimizer"] == "muon" and base:
-            print(f"Muon's step cost, {r['recipe']} blocks, mb {r['micro_batch']}: "
+            print(f"Muon's step cost, {describe(r)}, mb {r['micro_batch']}: "
                   f"{r['median_step_s'] / base['median_step_s'] - 1:+.1%} against AdamW's")
 
 
