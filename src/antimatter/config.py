@@ -400,7 +400,7 @@ class TrainConfig:
     stop_step: int = 0  # >0: stop (and checkpoint) after this step; the schedule still runs to max_steps
     init_from: str = ""  # a checkpoint or Hugging Face folder to start from
     tensorboard: bool = True
-    loss_chunk_tokens: int = 0  # >0: cross-entropy in chunks of this many tokens (less logits memory)
+    loss_chunk_tokens: int = 0  # >0: head + cross-entropy fused, this many tokens a chunk (no full logits)
     attention: Attention = "auto"
     fp8: bool = False  # torchao float8 matmuls in the blocks (Ada/Hopper GPUs, needs torchao)
 
