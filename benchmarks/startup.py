@@ -10,7 +10,9 @@ kind finds the folder empty (cold), the second finds what the first left (warm).
 
   * train: `antimatter train` with train.compile=true (unless --no-compile-train), train.resume=none, a few
     steps: seconds from launching the process to the end of the first optimizer step (the trainer logs the
-    wall clock of that moment), and the trainer's compile_seconds (loop start to first step end);
+    wall clock of that moment), and the trainer's compile_seconds (loop start to first step end); the
+    trainer's set-up line splits the seconds before the loop (model, optimizers, data, logging) from those
+    before it (interpreter, imports, checks);
   * generate: `antimatter generate --prompt ... --max-new-tokens N` with and without --compile: seconds from
     launch to the first token, taken as the launch-to-exit wall time minus the time the command reports for
     the tokens after the first (so interpreter shutdown is counted in it: a slight overestimate).
@@ -42,6 +44,7 @@ from antimatter.tokenizer import EOT, EOT_ID, new_byte_level_bpe
 from antimatter.tokens import write_shard
 
 FIRST_STEP = re.compile(r"first step done: compile/first step took ([\d.]+)s \(unix time ([\d.]+)\)")
+SET_UP = re.compile(r"set-up ([\d.]+)s: (.*?)(?:; the first step compiles next)?$", re.M)
 # the line `antimatter generate` prints after an answer: with a rate when more than one token came
 STATS = re.compile(r"\[(\d+) tokens?(?:: first after (\d+) ms, then ([\d.]+) tokens/s| in (\d+) ms)")
 
@@ -100,8 +103,13 @@ def time_train(run: Path, cfg_path: Path, cache: Path, timeout: float) -> dict[s
     m = FIRST_STEP.search(out)
     if not m:
         sys.exit(f"no first-step line in the output of {' '.join(cmd)}:\n{out[-3000:]}")
-    return {"launch_to_first_step_s": round(float(m[2]) - started, 2), "compile_seconds": float(m[1]),
-            "exit_s": round(wall, 2), **state}
+    first_step_s, compile_s = float(m[2]) - started, float(m[1])
+    row = {"launch_to_first_step_s": round(first_step_s, 2), "compile_seconds": compile_s}
+    if su := SET_UP.search(out):  # the trainer's own split of the seconds between start-up and the loop
+        set_up_s = float(su[1])
+        row.update(before_set_up_s=round(first_step_s - compile_s - set_up_s, 2), set_up_s=set_up_s,
+                   set_up_parts=su[2])
+    return {**row, "exit_s": round(wall, 2), **state}
 
 
 def time_generate(run: Path, compiled: bool, new_tokens: int, prompt: str, cache: Path,
@@ -160,6 +168,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['cache_files']:>6} files {r['cache_mib']:>4.0f}M")
     print("train: launch to the end of the first optimizer step (the trainer's wall clock); generate: launch "
           "to exit minus the reported time of the tokens after the first (shutdown included)")
+    for r in rows:
+        if "set_up_s" in r:
+            print(f"{r['what']}, {r['start']}: {r['before_set_up_s']:.1f}s interpreter, imports and checks, then "
+                  f"set-up {r['set_up_s']:.1f}s ({r['set_up_parts']}), then {r['compile_seconds']:.1f}s to the "
+                  f"end of the first step")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,7 +1,8 @@
 """The start-up benchmark on the CPU with the tiny model: cold and warm rows for training and generation, and
 the warm compiled start finds what the cold one compiled (the compile cache works for generate). Training
 runs eager here: compiling its step on 2 shared cores takes about 45 s a start; generate --compile keeps the
-compiled path under test. Also the trainer's record of when its first step ended, which the benchmark reads."""
+compiled path under test. Also the trainer's record of when its first step ended and of its set-up phases,
+which the benchmark reads."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def test_trainer_records_when_its_first_step_ended(tmp_path):
     assert before < summary["first_step_at"] < time.time()
     log = (run / "logs" / "train.log").read_text()
     assert f"(unix time {summary['first_step_at']:.3f})" in log and "first step done" in log
+    # the seconds before the loop, phase by phase, in the order they ran
+    set_up = next(line for line in log.splitlines() if " set-up " in line)
+    phases = [p.split()[0] for p in set_up.split(": ", 1)[1].split(", ")]
+    assert phases == ["model", "parallelism", "train", "val", "logging"], set_up
 
 
 def test_startup_benchmark_cold_and_warm_on_cpu(tmp_path):
@@ -43,8 +48,12 @@ def test_startup_benchmark_cold_and_warm_on_cpu(tmp_path):
     for (what, _), row in rows.items():
         first = row["launch_to_first_step_s" if what == "train" else "launch_to_first_token_s"]
         assert 0 < first <= row["exit_s"], row
-    assert all(0 <= rows[("train", s)]["compile_seconds"] < rows[("train", s)]["launch_to_first_step_s"]
-               for s in ("cold", "warm"))
+    for s in ("cold", "warm"):  # launch -> first step = before set-up + set-up + compile/first step
+        row = rows[("train", s)]
+        assert 0 <= row["compile_seconds"] < row["launch_to_first_step_s"]
+        assert row["before_set_up_s"] > 0 and row["set_up_s"] >= 0 and "model on cpu" in row["set_up_parts"]
+        assert abs(row["before_set_up_s"] + row["set_up_s"] + row["compile_seconds"]
+                   - row["launch_to_first_step_s"]) < 0.02
     assert rows[("generate --compile", "cold")]["cache_files"] == 0
     assert rows[("generate --compile", "warm")]["cache_files"] > 0  # the cold start's compiled code, reused
     assert result["provenance"]["git_commit"] and result["provenance"]["device"].startswith("CPU")

@@ -187,6 +187,7 @@ class Trainer:
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
             torch.backends.cudnn.allow_tf32 = True
         self.meter: Meter | None = None  # from the start of the loop
+        self.set_up: dict[str, float] = {}  # set-up phase -> perf_counter at its end (logged before the loop)
 
     # ---------------------------------------------------------------------------------- checks
     def _check_settings(self) -> None:
@@ -244,6 +245,7 @@ class Trainer:
         if weights is not None:
             self._load_weights(model, weights)
         model.to(self.device)
+        self.set_up[f"model on {self.device}"] = time.perf_counter()
         parts = parallelize(model, self.train_cfg, self.dist, self.dtype, log=self.log)
         self.model = parts.model  # the uncompiled module: its state dicts have clean names
         self.wrapped, self.step_model = parts.wrapped, parts.step
@@ -252,14 +254,17 @@ class Trainer:
         self.max_grad_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else math.inf
         # after sharding: FSDP2 params are DTensors. [AdamW] or [Muon, AdamW]; AdamW is last and fused
         self.optimizers = build_optimizers(self.model, self.train_cfg, self.device.type)
+        self.set_up["parallelism and optimizers"] = time.perf_counter()
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
         self.loader = TokenWindows(self.tokens_dir / "train", self.seq_len, seed=self.train_cfg.seed,
                                    rank=self.dist.rank, world_size=self.dist.world_size,
                                    vocab_size=self.cfg.model.vocab_size)
         self._reset_counters()
+        self.set_up["train data"] = time.perf_counter()
         if self.resume_from is not None:
             optim_sd = state.pop("optimizer") if self.dist.is_main else {}
             self._restore(broadcast_object(state, self.dist), optim_sd)
+            self.set_up["resumed state"] = time.perf_counter()
 
     def _find_resume(self) -> Path | None:
         resume = self.train_cfg.resume
@@ -405,10 +410,12 @@ class Trainer:
         if self.dist.is_main:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
+        self.set_up["started"] = time.perf_counter()
         self._build()
         if self.dist.is_main:
             trim_metrics(self.log_dir / "metrics.jsonl", self.step)
         self.eval_batches = self._eval_batches()
+        self.set_up["val batches"] = time.perf_counter()
         self.flops_per_token, self.peak_flops = self._flops()
         self._log_start()
         try:  # the attention preference is read when the step is traced, so it wraps the whole loop
@@ -426,12 +433,21 @@ class Trainer:
                  f"{self.global_tokens:,} tokens = micro-batch {tc.micro_batch_size} x seq_len {self.seq_len} x "
                  f"{self.accum_steps} accumulation x {world} processes; steps {self.step}->{until}")
 
+    def _log_set_up(self) -> None:
+        """Where the seconds before the first step went, so a slow start can be told apart from a slow compile."""
+        marks = list(self.set_up.items())
+        parts = ", ".join(f"{name} {end - prev:.1f}s" for (_, prev), (name, end) in zip(marks, marks[1:]))
+        self.log(f"set-up {marks[-1][1] - marks[0][1]:.1f}s: {parts}; the first step compiles next"
+                 if self.train_cfg.compile else f"set-up {marks[-1][1] - marks[0][1]:.1f}s: {parts}")
+
     def _loop(self, signals: _Signals) -> dict[str, Any]:
         """The cadence: a step; when due a log line, an evaluation, a checkpoint; a stop."""
         stop = StopFlag(self.dist)
         self.clock = TrainClock(self.device, self.train_seconds)
         self.meter = self._open_meter()  # before the loop's time starts: TensorBoard is slow to import
         self.start_step, self.loop_started = self.step, time.perf_counter()
+        self.set_up["logging"] = self.loop_started
+        self._log_set_up()
         self.last_checkpoint: Path | None = self.resume_from
         log_every = max(1, self.train_cfg.log_interval)
         stopped = "max_steps"
