@@ -206,6 +206,21 @@ def test_compiled_decode_equals_eager_across_kv_blocks():
     eager = generate(model, prompts, 30, options=opts)
     assert generate(model, prompts, 30, compile=True, options=opts) == eager
     assert generate(model, prompts, 30, compile=True, options=opts) == eager  # the cached compiled steps again
+    # with the prefill compiled too (dynamic shapes): the same tokens
+    with_prefill = DecodeOptions(kv_block=8, compile_prefill=True)
+    assert generate(model, prompts, 30, compile=True, options=with_prefill) == eager
+
+
+def test_compiled_decoding_leaves_the_prefill_eager_by_default():
+    """A prompt is prefilled once: compiling it would cost every start a trace for a few milliseconds. Only
+    the decode step is compiled unless DecodeOptions.compile_prefill."""
+    from antimatter.model.generate import _compiled_steps, _step
+
+    model = make_model()
+    prefill, decode = _compiled_steps(model, DecodeOptions().compile_mode)
+    assert prefill is _step and decode is not _step
+    prefill, _ = _compiled_steps(model, "reduce-overhead", compile_prefill=True)
+    assert prefill is not _step
 
 
 def test_single_row_gemv_path_equals_the_matmul():

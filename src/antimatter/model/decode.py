@@ -88,6 +88,9 @@ class DecodeOptions:
     exist for A/B runs. Frozen and hashable: the compiled steps and the Triton decoder are cached per value."""
 
     compile_mode: str = "reduce-overhead"  # CUDA graphs; "max-autotune" also tunes Triton matmuls (slow start)
+    # prefill compiled too (with dynamic shapes): a few ms sooner to the first token of a long prompt, for
+    # seconds more at every start, since a warm start still traces it; off: the prefill runs eager
+    compile_prefill: bool = False
     coordinate_descent: bool = False  # inductor's coordinate-descent tuning of the step (gpt-fast's setting):
     # a little faster, but a cold compile can take minutes
     auto_kernels: bool = True  # compiled decoding on a GPU uses model/triton_decoder.py when it can

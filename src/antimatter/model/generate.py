@@ -8,7 +8,9 @@ top-p, repetition penalty) runs on the device with the exponential-race trick (a
 from p) so no host sync is needed per token; only streaming (`on_token`) and the EOT check read back.
 
 With `compile=True` the single-token step is compiled with CUDA graphs (`mode="reduce-overhead"`), which
-removes the kernel-launch overhead that otherwise dominates batch-1 decoding of small models. Attention reads
+removes the kernel-launch overhead that otherwise dominates batch-1 decoding of small models; the prefill,
+which runs once a prompt, stays eager unless `DecodeOptions.compile_prefill` (compiling it costs seconds at
+every start and saves milliseconds). Attention reads
 only the filled part of the cache (whole blocks of `kv_block` slots; one compilation serves every length), and
 at batch 1 the matmuls run as inductor reductions (`decode.single_row_matmuls`), faster than cuBLAS at one row. With
 `kernels=True` (the default for compiled decoding on a GPU up to KERNELS_MAX_BATCH rows, when Triton is there)
@@ -102,11 +104,12 @@ def _step(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor, left_pad: t
     return nxt, seen
 
 
-def _compiled_steps(model: GPT, mode: str, coordinate_descent: bool = False):
-    """Compiled (prefill, decode) pair for a torch.compile mode, cached on the model so repeated calls reuse
-    the graphs. The decode step replays as a CUDA graph, one per distinct kv_len."""
+def _compiled_steps(model: GPT, mode: str, coordinate_descent: bool = False, compile_prefill: bool = False):
+    """(prefill, decode) steps for a torch.compile mode, cached on the model so repeated calls reuse the
+    graphs. The decode step replays as a CUDA graph, one per distinct kv_len. The prefill is compiled (with
+    dynamic shapes) only with `compile_prefill`: it runs once a prompt, and tracing it costs every start."""
     cache = model.__dict__.setdefault("_antimatter_compiled_steps", {})
-    key = (mode, coordinate_descent)
+    key = (mode, coordinate_descent, compile_prefill)
     if key not in cache:
         use_compile_cache()  # a second start reuses what the first compiled
         # imported here: loading inductor is slow, and eager generation never needs it
@@ -115,7 +118,7 @@ def _compiled_steps(model: GPT, mode: str, coordinate_descent: bool = False):
         options = dict(list_mode_options(mode))
         if coordinate_descent:
             options["coordinate_descent_tuning"] = True
-        cache[key] = (torch.compile(_step, dynamic=True),
+        cache[key] = (torch.compile(_step, dynamic=True) if compile_prefill else _step,
                       torch.compile(_step, fullgraph=True, options=options))
     return cache[key]
 
@@ -292,7 +295,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     if cache is None or cache.k.shape[0] != B or cache.k.shape[2] != max_seq:
         model.setup_caches(B, max_seq)
     mode = compile if isinstance(compile, str) else options.compile_mode
-    steps = _compiled_steps(model, mode, options.coordinate_descent) if compile else (_step, _step)
+    steps = _compiled_steps(model, mode, options.coordinate_descent, options.compile_prefill) if compile \
+        else (_step, _step)
     # a single new token comes from the prefill alone
     decoder = _triton_decoder(model, kernels, compile, B, args, options) if max_new_tokens > 1 else None
     # compiled at batch 1: matmuls as reductions (faster than cuBLAS at one row), swapped in after the Triton
