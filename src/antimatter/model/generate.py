@@ -10,8 +10,8 @@ from p) so no host sync is needed per token; only streaming (`on_token`) and the
 With `compile=True` the single-token step is compiled with CUDA graphs (`mode="reduce-overhead"`), which
 removes the kernel-launch overhead that otherwise dominates batch-1 decoding of small models; the prefill,
 which runs once a prompt, stays eager unless `DecodeOptions.compile_prefill` (compiling it costs seconds at
-every start and saves milliseconds). Attention reads
-only the filled part of the cache (whole blocks of `kv_block` slots; one compilation serves every length), and
+every start and saves milliseconds). Attention reads only the filled part of the cache (whole blocks of
+`kv_block` slots; one compilation serves every length), and
 at batch 1 the matmuls run as inductor reductions (`decode.single_row_matmuls`), faster than cuBLAS at one row. With
 `kernels=True` (the default for compiled decoding on a GPU up to KERNELS_MAX_BATCH rows, when Triton is there)
 the step runs instead as AntiMatter's own Triton kernels, five a layer, replayed as one CUDA graph

@@ -437,8 +437,8 @@ class Trainer:
         """Where the seconds before the first step went, so a slow start can be told apart from a slow compile."""
         marks = list(self.set_up.items())
         parts = ", ".join(f"{name} {end - prev:.1f}s" for (_, prev), (name, end) in zip(marks, marks[1:]))
-        self.log(f"set-up {marks[-1][1] - marks[0][1]:.1f}s: {parts}; the first step compiles next"
-                 if self.train_cfg.compile else f"set-up {marks[-1][1] - marks[0][1]:.1f}s: {parts}")
+        then = "; the first step compiles next" if self.train_cfg.compile else ""
+        self.log(f"set-up {marks[-1][1] - marks[0][1]:.1f}s: {parts}{then}")
 
     def _loop(self, signals: _Signals) -> dict[str, Any]:
         """The cadence: a step; when due a log line, an evaluation, a checkpoint; a stop."""
