@@ -18,6 +18,9 @@ the shared corpus's). Plans:
   sizes   the modern recipe at three model sizes (8 layers d512, 12 layers d768, 24 layers d1024) for the same
           budget (train.max_minutes=5 or 15 as an override): which size wins for that many minutes
 Runs already in OUT/results.jsonl are skipped, so a plan cut short (a time limit) continues where it stopped.
+`--only NAME...` runs only the named runs of the plans. `--call-s S` cuts a run after S training seconds with a
+checkpoint (`train.max_time_s`) and stops; the same command again resumes it on its fixed schedule: a
+budget longer than one command may run, in consecutive commands on one machine.
 Extra KEY=VALUE arguments override every run's config (e.g. train.max_minutes=3 model.n_layer=12).
 """
 
@@ -123,23 +126,33 @@ def time_to_loss(curve: list[dict], target: float) -> float | None:
     return None
 
 
-def train_one(name: str, recipe: str, overrides: list[str], data: Path, out: Path) -> dict:
+def train_one(name: str, recipe: str, overrides: list[str], data: Path, out: Path,
+              call_s: float = 0.0) -> dict | None:
+    """Train one run to its budget and return its row; None when `call_s` cut it (a checkpoint to resume)."""
     import torch
 
+    from antimatter.checkpoint import find_resume
     from antimatter.config import load_config
     from antimatter.train.trainer import train
 
     run_dir = out / name
-    if run_dir.exists():  # a run cut short by an earlier call: start it again
+    resume = call_s > 0 and run_dir.is_dir() and find_resume(run_dir / "checkpoints") is not None
+    if run_dir.exists() and not resume:  # a run cut short without a checkpoint: start it again
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    (run_dir / "tokens").symlink_to((data / "tokens").resolve(), target_is_directory=True)
-    cfg = load_config(RECIPES / f"{recipe}.yaml", [*overrides, "train.resume=none"])
+    if not resume:
+        run_dir.mkdir(parents=True)
+        (run_dir / "tokens").symlink_to((data / "tokens").resolve(), target_is_directory=True)
+    cut = [f"train.max_time_s={call_s:g}", "train.ckpt_interval=0"] if call_s > 0 else []
+    cfg = load_config(RECIPES / f"{recipe}.yaml", [*overrides, *cut, f"train.resume={'auto' if resume else 'none'}"])
     cfg.name, cfg.runs_dir = name, str(out)
     torch._dynamo.reset()
     t0 = time.perf_counter()
     summary = train(cfg, run_dir)
     wall = time.perf_counter() - t0
+    if summary.get("stopped") == "time":
+        print(f"{name} cut at step {summary['steps']} after {summary['train_seconds']:.0f} training seconds: "
+              f"the same command again resumes it", flush=True)
+        return None
     curve = val_curve(run_dir)
     return {"name": name, "recipe": recipe, "overrides": overrides, "minutes": cfg.train.max_minutes,
             "final_val_loss": curve[-1]["val_loss"] if curve else None, "curve": curve,
@@ -178,8 +191,10 @@ def report(results: dict[str, dict], data: Path, out: Path) -> dict:
     table = {"baseline": base["name"] if base else None, "baseline_lr": best_lr, "target_val_loss": target,
              "val_bytes_per_token": bpt, "rows": rows}
     try:
-        plot([r for n, r in results.items() if is_recipe_curve(n)], bpt, out / "recipes_curves.png",
-             "gpt2 (seed recipe) vs modern recipe: val loss for the same GPU minutes")
+        recipes = [r for n, r in results.items() if is_recipe_curve(n) and r["curve"]]
+        if recipes:
+            plot(recipes, bpt, out / "recipes_curves.png",
+                 "gpt2 (seed recipe) vs modern recipe: val loss for the same GPU minutes")
         sizes = [r for n, r in results.items() if n.startswith("size-")]
         if sizes:
             plot(sizes, bpt, out / "sizes_curves.png", "modern recipe: model size for the same GPU minutes")
@@ -230,6 +245,9 @@ def main() -> None:
     ap.add_argument("--deadline-s", type=float, default=0.0,
                     help="start no run that would end after this many seconds from now (0 = no limit)")
     ap.add_argument("--overhead-s", type=float, default=45.0, help="compile + evaluation time a run adds")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these runs of the plans")
+    ap.add_argument("--call-s", type=float, default=0.0,
+                    help="cut each run after this many seconds with a checkpoint; run again to resume it")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = ap.parse_args()
     # `--plan a b KEY=VALUE`: argparse hands the overrides to --plan
@@ -246,16 +264,18 @@ def main() -> None:
     for plan in args.plan:
         results = read_results(args.out)
         for name, recipe, ov in plan_runs(plan, minutes, best_baseline(results)[0]):
-            if name in results:
+            if name in results or (args.only and name not in args.only):
                 continue
             run_minutes = load_config(RECIPES / f"{recipe}.yaml", [*args.overrides, *ov]).train.max_minutes
             left = args.deadline_s - (time.perf_counter() - start)
-            if args.deadline_s and run_minutes * 60 + args.overhead_s > left:
+            if args.deadline_s and not args.call_s and run_minutes * 60 + args.overhead_s > left:
                 print(f"skip {name}: {run_minutes:g} min + {args.overhead_s:.0f}s would pass the deadline "
                       f"({left:.0f}s left)", flush=True)
                 continue
             print(f"=== {name}: {recipe} {' '.join([*args.overrides, *ov])}", flush=True)
-            row = train_one(name, recipe, [*args.overrides, *ov], args.data, args.out)
+            row = train_one(name, recipe, [*args.overrides, *ov], args.data, args.out, args.call_s)
+            if row is None:
+                return
             row["provenance"] = provenance()
             with open(args.out / "results.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")

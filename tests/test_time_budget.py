@@ -146,6 +146,24 @@ def test_resume_before_the_budget_was_fixed_calibrates_then(tmp_path):
     assert s2["steps"] == b["max_steps"]
 
 
+def test_a_run_cut_before_it_could_time_its_steps_ends_at_its_budget(tmp_path):
+    """Every process stopped two steps after its first (fewer than calibration needs): once the training time
+    of all of them reaches the budget, the run fixes its step count where it is and ends, instead of training
+    on with no end to its schedule."""
+    run = make_tokens(tmp_path / "run")
+    minutes = 0.004  # 0.24 s of ~25 ms steps: several processes
+    for k in range(1, 40):
+        s = train(tiny_config(run, max_minutes=minutes, stop_step=3 * k, **{**RUN, "budget_evals": 2}), run)
+        if s["stopped"] == "max_steps":
+            break
+    else:
+        pytest.fail(f"still training after {s['steps']} steps and {s['train_seconds']:.2f}s of a "
+                    f"{minutes * 60:.2f}s budget")
+    assert k > 1 and s["budget"]["timed_steps"] < CALIBRATION_STEPS
+    assert s["steps"] == s["budget"]["max_steps"] == s["budget"]["fixed_at_step"]
+    assert minutes * 60 <= s["train_seconds"] <= minutes * 60 + 3 * s["budget"]["seconds_per_step"] + 0.2
+
+
 def test_budget_evals_stay_near_budget_evals_on_short_runs(tmp_path):
     """train.budget_evals "measure val loss this many times, evenly over the budget": the loop evaluates every
     max_steps // budget_evals steps and at the last step. For runs shorter than budget_evals ** 2 steps the

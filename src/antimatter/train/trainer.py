@@ -575,8 +575,11 @@ class Trainer:
         elif self.max_steps == UNDECIDED:
             self.clock.sync()
             self.step_ends.append(time.perf_counter())
-            if len(self.step_ends) > CALIBRATION_SKIP + CALIBRATION_STEPS:
-                timed = self.step_ends[CALIBRATION_SKIP:]
+            # a run cut into processes too short to time their steps fixes its count once the budget is spent
+            spent = bool(broadcast_object(self.clock.now() >= self.train_cfg.max_minutes * 60.0, self.dist))
+            if len(self.step_ends) > CALIBRATION_SKIP + CALIBRATION_STEPS or spent:
+                skip = CALIBRATION_SKIP if len(self.step_ends) > CALIBRATION_SKIP + 1 else 0
+                timed = self.step_ends[skip:]
                 self._fix_budget([b - a for a, b in zip(timed, timed[1:])])
                 self.meter.set_total(self.max_steps)
 
