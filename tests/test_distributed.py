@@ -170,3 +170,18 @@ def test_fsdp2_resumes_a_single_process_checkpoint(tmp_path, reference):
     assert r.returncode == 0, r.stdout[-3000:]
     assert "resuming a 1-process run on 2 processes" in (run / "logs" / "train.log").read_text()
     _assert_same_training(run, reference, first_step=11)
+
+
+def test_a_budget_spent_before_calibration_ends_every_rank_at_one_step(tmp_path):
+    """A time budget shorter than the calibration steps: rank 0's clock decides that it is spent, every rank
+    fixes the same step count there and the run finishes (no rank waiting on a collective the other skipped)."""
+    run = make_tokens(tmp_path / "run")
+    cfg = tiny_config(run, max_minutes=0.001, global_batch_tokens=256, ckpt_interval=0, eval_interval=0,
+                      budget_evals=0, log_interval=1)
+    r = cli_train(write_config(run, cfg), nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:]
+    name = ck.read_pointer(run / "checkpoints", "latest")
+    state = ck.load_train_state(run / "checkpoints" / name)
+    budget = state["budget"]
+    assert budget["timed_steps"] < 10 and state["step"] == budget["max_steps"] == budget["fixed_at_step"]
+    assert state["train_seconds"] >= 0.06 and len(state["rng"]) == 2
