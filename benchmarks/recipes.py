@@ -137,9 +137,9 @@ def train_one(name: str, recipe: str, overrides: list[str], data: Path, out: Pat
 
     run_dir = out / name
     resume = call_s > 0 and run_dir.is_dir() and find_resume(run_dir / "checkpoints") is not None
-    if run_dir.exists() and not resume:  # a run cut short without a checkpoint: start it again
-        shutil.rmtree(run_dir)
     if not resume:
+        if run_dir.exists():  # a run cut short without a checkpoint: start it again
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         (run_dir / "tokens").symlink_to((data / "tokens").resolve(), target_is_directory=True)
     cut = [f"train.max_time_s={call_s:g}", "train.ckpt_interval=0"] if call_s > 0 else []

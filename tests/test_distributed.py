@@ -173,7 +173,7 @@ def test_fsdp2_resumes_a_single_process_checkpoint(tmp_path, reference):
 
 
 def test_a_budget_spent_before_calibration_ends_every_rank_at_one_step(tmp_path):
-    """A time budget shorter than the calibration steps: rank 0's clock decides that it is spent, every rank
+    """A time budget shorter than the calibration steps: once any rank's clock says it is spent, every rank
     fixes the same step count there and the run finishes (no rank waiting on a collective the other skipped)."""
     run = make_tokens(tmp_path / "run")
     cfg = tiny_config(run, max_minutes=0.001, global_batch_tokens=256, ckpt_interval=0, eval_interval=0,

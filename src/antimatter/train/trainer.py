@@ -457,7 +457,7 @@ class Trainer:
             self.step += 1
             self.tokens_seen += stats.tokens
             self.meter.record(stats)
-            self._time_step()
+            self._time_step(stop)
             last = self.step >= self.max_steps
             elapsed = time.perf_counter() - self.loop_started
             stop_reason = self._stop_reason(signals, stop, elapsed, last)
@@ -549,7 +549,7 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def _time_step(self) -> None:
+    def _time_step(self, stop: StopFlag) -> None:
         """The first step of this process compiles: training time starts after it. A step-count run then
         times its next few steps (a sync each) and logs its estimated time to finish; a time-budgeted run
         times each step alone until its step count is fixed."""
@@ -576,7 +576,8 @@ class Trainer:
             self.clock.sync()
             self.step_ends.append(time.perf_counter())
             # a run cut into processes too short to time their steps fixes its count once the budget is spent
-            spent = bool(broadcast_object(self.clock.now() >= self.train_cfg.max_minutes * 60.0, self.dist))
+            # (on any rank: the host-side flag every rank agrees on, as for a stop)
+            spent = stop.any(self.clock.now() >= self.train_cfg.max_minutes * 60.0)
             if len(self.step_ends) > CALIBRATION_SKIP + CALIBRATION_STEPS or spent:
                 skip = CALIBRATION_SKIP if len(self.step_ends) > CALIBRATION_SKIP + 1 else 0
                 timed = self.step_ends[skip:]
