@@ -365,6 +365,28 @@ def test_compare_warns_when_tokenizers_or_val_sets_differ(tiny_run: Path, tmp_pa
     assert "val sets" in first  # other ids for the same text
 
 
+def test_compare_does_not_call_an_older_evaluation_of_the_same_val_set_different(tiny_run: Path,
+                                                                                  tmp_path: Path) -> None:
+    """An evaluation written before val tokens were hashed names its val shards' file hashes, which also
+    cover the shard header: with the same token and byte counts that is unverified, not a different set."""
+    if not (tiny_run / EVAL_FILE).is_file():
+        run_eval(eval_cfg(tiny_run, "eval.speed=false", "eval.plots=false", "eval.unigram=false",
+                          "eval.continuation_docs=1"), tiny_run)
+    older = json.loads((tiny_run / EVAL_FILE).read_text())
+    del older["val"]["tokens_sha256"]
+    older["data"]["val_shards"] = {name: "0" * 64 for name in older["data"]["val_shards"]}  # a zeroed header
+    (tmp_path / "older" / EVAL_FILE).parent.mkdir(parents=True)
+    (tmp_path / "older" / EVAL_FILE).write_text(json.dumps(older))
+    first = compare_runs([tiny_run, tmp_path / "older"]).splitlines()[0]
+    assert first.startswith("note: older was evaluated before val tokens were hashed") and "not verified" in first
+    assert "not comparable" not in first
+
+    older["val"]["tokens"] -= 1  # fewer tokens: a different val set, hashed or not
+    (tmp_path / "older" / EVAL_FILE).write_text(json.dumps(older))
+    first = compare_runs([tiny_run, tmp_path / "older"]).splitlines()[0]
+    assert first.startswith("warning: these runs used different val sets") and "not comparable" in first
+
+
 def test_non_overlapping_val_matches_eval_windows(tiny_run: Path) -> None:
     """stride = context reproduces the training loop's val loss computation (tokens.eval_windows)."""
     from antimatter.checkpoint import load_model

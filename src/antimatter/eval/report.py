@@ -583,15 +583,23 @@ def comparability_warning(evals: list[tuple[str, dict]]) -> str | None:
     if len({str(t) for _, t in toks}) > 1:
         parts.append("tokenizers (" + ", ".join(f"{n} sha256 {_short(t)}" for n, t in toks) + ")")
     hashed = all(isinstance(_dig(e, ("val", "tokens_sha256")), str) for _, e in evals)
-    # an evaluation written before the scored tokens were hashed: its val shards' hashes stand in
+    # an evaluation written before the scored tokens were hashed: its val shards' hashes stand in, but a
+    # shard file's hash also covers its header (shards written before checksums have a zeroed one), so
+    # shards that differ with the same token and byte counts are unverified, not different
     vals = [(name, _dig(e, ("val", "tokens_sha256")) if hashed else
-             json.dumps(_dig(e, ("data", "val_shards")), sort_keys=True), _dig(e, ("val", "tokens")))
-            for name, e in evals]
-    if len({(str(h), str(n)) for _, h, n in vals}) > 1:
+             json.dumps(_dig(e, ("data", "val_shards")), sort_keys=True), _dig(e, ("val", "tokens")),
+             _dig(e, ("val", "bytes"))) for name, e in evals]
+    counts_differ = len({(str(n), str(b)) for _, _, n, b in vals}) > 1
+    if counts_differ or (hashed and len({str(h) for _, h, _, _ in vals}) > 1):
         parts.append("val sets (" + ", ".join(
-            f"{name} {n:,} tokens" if isinstance(n, int) else f"{name} ? tokens" for name, _, n in vals)
-            + (", " + " vs ".join(f"sha256 {_short(h)}" for _, h, _ in vals) if hashed else "") + ")")
+            f"{name} {n:,} tokens" if isinstance(n, int) else f"{name} ? tokens" for name, _, n, _ in vals)
+            + (", " + " vs ".join(f"sha256 {_short(h)}" for _, h, _, _ in vals) if hashed else "") + ")")
     if not parts:
+        if len({str(h) for _, h, _, _ in vals}) > 1:
+            old = ", ".join(name for name, e in evals if not isinstance(_dig(e, ("val", "tokens_sha256")), str))
+            return (f"note: {old} was evaluated before val tokens were hashed; the val sets have the same token "
+                    f"and byte counts, but their shard files differ, so that they hold the same tokens is not "
+                    f"verified (re-run `antimatter eval` to hash them)")
         return None
     return f"warning: these runs used different {' and '.join(parts)}: their figures are not comparable"
 
