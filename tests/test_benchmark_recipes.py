@@ -47,3 +47,23 @@ def test_a_budget_cut_into_commands_resumes_and_reports_once(tmp_path):
     log = (out / "modern" / "logs" / "train.log").read_text()
     assert log.count("time budget 0.05 min") == 1 and "resumed from" in log
     assert row["curve"][-1]["step"] == row["steps"]
+    # the finished run's curve through benchmarks/compare_curves.py: against itself it reaches its own final
+    # loss at the same time, at most its whole time
+    cmp = _compare([out / "modern", out / "modern"], tmp_path / "cmp")
+    assert cmp.returncode == 0, cmp.stderr[-2000:]
+    table = json.loads((tmp_path / "cmp" / "curves.json").read_text())
+    assert table["target_val_loss"] == row["final_val_loss"] and (tmp_path / "cmp" / "curves.png").stat().st_size
+    fractions = [r["time_fraction_of_baseline"] for r in table["rows"]]
+    assert fractions[0] == fractions[1] and 0 < fractions[0] <= 1.0
+
+
+def _compare(runs: list[Path], out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_curves.py"), *map(str, runs),
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_compare_curves_names_a_folder_without_a_metrics_log(tmp_path):
+    run = _compare([tmp_path], tmp_path / "cmp")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert f"no {tmp_path / 'logs' / 'metrics.jsonl'}: pass run folders that `antimatter train` wrote" in run.stderr
