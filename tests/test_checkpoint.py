@@ -138,3 +138,19 @@ def test_a_pointer_naming_a_folder_outside_the_run_is_refused(tmp_path):
     (root / "latest").write_text("../../elsewhere\n")
     with pytest.raises(UserError, match=r"latest names '\.\./\.\./elsewhere', not a checkpoint folder of this run"):
         ck.find_resume(root)
+
+
+def test_loading_weights_hashes_only_the_files_it_reads(tmp_path):
+    """load_model (eval, generate, export) reads the weights and config, not the optimizer state: a damaged
+    state.pt of the right size does not stop it, while resuming, which reads it, still refuses it."""
+    _, _, path = _save(tmp_path)
+    state = path / "state.pt"
+    flipped = bytearray(state.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x01
+    state.write_bytes(bytes(flipped))
+    ck.load_model(path)
+    with pytest.raises(ck.CheckpointError, match=r"state\.pt is corrupt \(sha256"):
+        ck.load_train_state(path)
+    state.write_bytes(bytes(flipped[:-1]))  # every file's size is still checked
+    with pytest.raises(ck.CheckpointError, match=r"state\.pt is truncated"):
+        ck.load_model(path)

@@ -197,6 +197,21 @@ def test_num_params_counts_the_real_vocab(variant):
     assert (counts["total"], counts["non_embedding"]) == (model.num_params(), model.num_params(non_embedding=True))
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_model_built_for_weights_equals_the_model_they_came_from(variant):
+    """GPT.for_weights skips initialisation: once loaded it is the same model (buffers, tying, outputs)."""
+    model = make_model(variant)
+    loaded = GPT.for_weights(model.cfg)
+    assert loaded.load_state_dict(model.state_dict()) is not None
+    loaded.eval()
+    for name, buf in model.named_buffers():
+        assert torch.equal(buf, dict(loaded.named_buffers())[name]), name
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == model.cfg.tie_embeddings
+    x = tokens(model, 2, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], model(x)[0])
+
+
 def test_sequence_longer_than_block_size_raises():
     model = make_model("gpt2")
     assert model(tokens(model, 1, 64)).shape == (1, 64, 300)  # exactly the context is fine

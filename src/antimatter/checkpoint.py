@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -201,8 +202,10 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 # ------------------------------------------------------------------------------------------- reading
 
 
-def verify_checkpoint(ckpt: str | Path) -> dict[str, Any]:
-    """The manifest, after checking every listed file's size and sha256; CheckpointError names the culprit."""
+def verify_checkpoint(ckpt: str | Path, hashed: Iterable[str] | None = None) -> dict[str, Any]:
+    """The manifest, after checking every listed file's size and the sha256 of those in `hashed` (None: all);
+    CheckpointError names the culprit. Loading weights alone need not hash the optimizer state (state.pt,
+    larger than the weights under AdamW) that it never reads."""
     ckpt = Path(ckpt)
     mpath = ckpt / MANIFEST
     if not mpath.is_file():
@@ -229,7 +232,7 @@ def verify_checkpoint(ckpt: str | Path) -> dict[str, Any]:
         if size != info["bytes"]:
             raise CheckpointError(f"checkpoint file {f} is truncated or damaged ({size} bytes, manifest says "
                                   f"{info['bytes']}): use another checkpoint")
-        if sha256_file(f) != info["sha256"]:
+        if (hashed is None or fname in hashed) and sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"checkpoint file {f} is corrupt (sha256 differs from {MANIFEST}): "
                                   f"use another checkpoint")
     return manifest
@@ -361,16 +364,16 @@ def load_model(path: str | Path, which: str = "best", device: str | torch.device
     """(model in eval mode, the run's config, the checkpoint folder) from a run, checkpoints or step folder.
     The config is checked against the weights' header before the model is built."""
     ckpt = resolve_checkpoint(path, which)
-    verify_checkpoint(ckpt)
+    verify_checkpoint(ckpt, hashed=(WEIGHTS, CONFIG))  # the files read here
     cfg = load_config_from_checkpoint(ckpt)
     check_weight_shapes(ckpt, cfg.model)
     sd = load_weights(ckpt, cfg.model.tie_embeddings, verify=False)
-    model = GPT(cfg.model)
+    model = GPT.for_weights(cfg.model, device)  # not initialised: every parameter is loaded next
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt / WEIGHTS} does not match its config.yaml (missing "
                               f"{missing[:3]}, unexpected {unexpected[:3]}): use another checkpoint")
-    return model.to(device).eval(), cfg, ckpt
+    return model.eval(), cfg, ckpt
 
 
 def checkpoint_tokenizer(ckpt: Path) -> str | None:
@@ -385,7 +388,7 @@ def checkpoint_tokenizer(ckpt: Path) -> str | None:
         return recorded or None
     try:
         state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # load_model verified its sha256; a file torch cannot map records nothing usable here
+    except Exception:  # load_model checked only its size; a file torch cannot map records nothing usable here
         return None
     return state.get("tokenizer_sha256") if isinstance(state, dict) else None
 

@@ -183,14 +183,36 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        if cfg.position_type == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
         self.loss_chunk_tokens = 0  # >0: fused head + cross-entropy in chunks of this many tokens (model/loss.py)
         self.ce_padding = "mask"  # how the loss leaves out the vocabulary's padding columns: "mask" or "slice"
-        self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
+        self.init_buffers()
         self.reset_parameters()
+
+    @classmethod
+    def for_weights(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> GPT:
+        """A model with its parameters allocated on `device` but not initialised, for weights that are loaded
+        next (a checkpoint, an import): random initialisation is most of the time to build a large model
+        (seed-300m's shape: about 5 of 6 s on 2 CPU cores) and loading overwrites every value. Load with
+        `strict` (or check missing keys): a parameter left out would hold whatever the memory held."""
+        from antimatter.model.shapes import SkipInit  # shapes.py builds on this module
+
+        with torch.device("meta"), SkipInit():
+            model = cls(cfg)
+        model.to_empty(device=device)
+        if cfg.tie_embeddings:  # to_empty gives each module its own tensor: tie them again
+            model.lm_head.weight = model.transformer.wte.weight
+        model.init_buffers()
+        return model
+
+    def init_buffers(self) -> None:
+        """The buffers no checkpoint holds (RoPE tables, the empty causal mask), on the weights' device."""
+        device = self.transformer.wte.weight.device
+        if self.cfg.position_type == "rope":  # computed on the CPU, as for every model so far, then moved
+            with torch.device("meta" if device.type == "meta" else "cpu"):
+                cos, sin = rope_tables(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_theta)
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool, device=device), persistent=False)
 
     # ------------------------------------------------------------------ initialisation and bookkeeping
     def reset_parameters(self) -> None:

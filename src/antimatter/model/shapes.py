@@ -111,7 +111,7 @@ def first_missing_layer(names: Iterable[str], n_layer: int) -> int | None:
     return None
 
 
-class _SkipInit(TorchFunctionMode):
+class SkipInit(TorchFunctionMode):
     """Parameter initialisers as no-ops: a meta tensor has no values to fill, and torch's meta kernels for
     normal_ and friends are Python code whose first use imports over a second of modules."""
 
@@ -125,7 +125,7 @@ def meta_model(cfg: ModelConfig, source: str, fix: str, error: type[UserError] =
     """GPT(cfg) on the meta device: every parameter's name and shape, no memory. Call it only once the
     layer count is known to match the weights (a meta model still costs Python objects per layer)."""
     try:
-        with torch.device("meta"), _SkipInit():
+        with torch.device("meta"), SkipInit():
             return GPT(cfg)
     except (RuntimeError, ValueError, OverflowError) as e:  # e.g. a storage size beyond int64
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -239,9 +239,11 @@ class Trainer:
         resumed run's state."""
         torch.manual_seed(self.train_cfg.seed)
         random.seed(self.train_cfg.seed)
-        model = GPT(self.cfg.model)
-        model.loss_chunk_tokens = self.train_cfg.loss_chunk_tokens
         state, weights = self._read_start()  # both only on rank 0
+        # weights to load (rank 0) or to receive from rank 0: no random initialisation to overwrite
+        loaded = broadcast_object(weights is not None, self.dist)
+        model = GPT.for_weights(self.cfg.model) if loaded else GPT(self.cfg.model)
+        model.loss_chunk_tokens = self.train_cfg.loss_chunk_tokens
         if weights is not None:
             self._load_weights(model, weights)
         model.to(self.device)
