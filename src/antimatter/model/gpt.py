@@ -28,9 +28,23 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from antimatter.config import ModelConfig
 from antimatter.model.loss import linear_cross_entropy
+
+INIT_FUNCTIONS = {"normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_", "constant_"}
+
+
+class SkipInit(TorchFunctionMode):
+    """Parameter initialisers as no-ops: for modules whose values are set next (GPT.reset_parameters, loaded
+    weights) and for meta tensors, which have no values to fill (torch's meta kernels for normal_ and
+    friends are Python code whose first use imports over a second of modules)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in INIT_FUNCTIONS:
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
 
 
 class RMSNorm(nn.Module):
@@ -172,15 +186,18 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         V = cfg.padded_vocab_size
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(V, cfg.d_model),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=make_norm(cfg, cfg.d_model),
-        ))
-        if cfg.position_type == "learned":
-            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, V, bias=False)
+        # reset_parameters sets every parameter: the modules' default initialisation would be drawn only to be
+        # overwritten (over half the time to build seed-300m on 2 CPU cores)
+        with SkipInit():
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(V, cfg.d_model),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+                ln_f=make_norm(cfg, cfg.d_model),
+            ))
+            if cfg.position_type == "learned":
+                self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.d_model)
+            self.lm_head = nn.Linear(cfg.d_model, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.loss_chunk_tokens = 0  # >0: fused head + cross-entropy in chunks of this many tokens (model/loss.py)
@@ -194,8 +211,6 @@ class GPT(nn.Module):
         next (a checkpoint, an import): random initialisation is most of the time to build a large model
         (seed-300m's shape: about 5 of 6 s on 2 CPU cores) and loading overwrites every value. Load with
         `strict` (or check missing keys): a parameter left out would hold whatever the memory held."""
-        from antimatter.model.shapes import SkipInit  # shapes.py builds on this module
-
         with torch.device("meta"), SkipInit():
             model = cls(cfg)
         model.to_empty(device=device)

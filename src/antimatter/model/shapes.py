@@ -16,18 +16,16 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch.overrides import TorchFunctionMode
 
 from antimatter.config import ACTIVATIONS, NORMS, POSITIONS, ModelConfig
 from antimatter.errors import UserError, shorten
-from antimatter.model.gpt import GPT
+from antimatter.model.gpt import GPT, SkipInit
 
 MAX_SIZE = 2**31 - 1  # any one dimension; keeps products of sizes within int64 on the meta device
 MAX_ROPE_BYTES = 1 << 30  # the cos/sin tables are precomputed for every position and sized by no tensor
 LAYER_RE = re.compile(r"^(?:transformer\.h|model\.layers)\.(\d+)\.")
 SIZE_FIELDS = ("n_layer", "n_head", "d_model", "vocab_size", "block_size")
 OPTIONAL_SIZE_FIELDS = ("n_kv_head", "d_ff")
-INIT_FUNCTIONS = {"normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_", "constant_"}
 
 
 def fmt_shape(shape: Iterable[int]) -> str:
@@ -109,16 +107,6 @@ def first_missing_layer(names: Iterable[str], n_layer: int) -> int | None:
         if i not in present:
             return i
     return None
-
-
-class SkipInit(TorchFunctionMode):
-    """Parameter initialisers as no-ops: a meta tensor has no values to fill, and torch's meta kernels for
-    normal_ and friends are Python code whose first use imports over a second of modules."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in INIT_FUNCTIONS:
-            return args[0] if args else (kwargs or {}).get("tensor")
-        return func(*args, **(kwargs or {}))
 
 
 def meta_model(cfg: ModelConfig, source: str, fix: str, error: type[UserError] = UserError) -> GPT:
