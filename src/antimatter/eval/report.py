@@ -590,12 +590,13 @@ def comparability_warning(evals: list[tuple[str, dict]]) -> str | None:
              json.dumps(_dig(e, ("data", "val_shards")), sort_keys=True), _dig(e, ("val", "tokens")),
              _dig(e, ("val", "bytes"))) for name, e in evals]
     counts_differ = len({(str(n), str(b)) for _, _, n, b in vals}) > 1
-    if counts_differ or (hashed and len({str(h) for _, h, _, _ in vals}) > 1):
+    hashes_differ = len({str(h) for _, h, _, _ in vals}) > 1
+    if counts_differ or (hashed and hashes_differ):
         parts.append("val sets (" + ", ".join(
             f"{name} {n:,} tokens" if isinstance(n, int) else f"{name} ? tokens" for name, _, n, _ in vals)
             + (", " + " vs ".join(f"sha256 {_short(h)}" for _, h, _, _ in vals) if hashed else "") + ")")
     if not parts:
-        if len({str(h) for _, h, _, _ in vals}) > 1:
+        if hashes_differ:
             old = ", ".join(name for name, e in evals if not isinstance(_dig(e, ("val", "tokens_sha256")), str))
             return (f"note: {old} was evaluated before val tokens were hashed; the val sets have the same token "
                     f"and byte counts, but their shard files differ, so that they hold the same tokens is not "

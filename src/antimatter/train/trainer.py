@@ -241,7 +241,7 @@ class Trainer:
         random.seed(self.train_cfg.seed)
         state, weights = self._read_start()  # both only on rank 0
         # weights to load (rank 0) or to receive from rank 0: no random initialisation to overwrite
-        loaded = broadcast_object(weights is not None, self.dist)
+        loaded = self.resume_from is not None or bool(self.train_cfg.init_from)  # what _read_start read
         model = GPT.for_weights(self.cfg.model) if loaded else GPT(self.cfg.model)
         model.loss_chunk_tokens = self.train_cfg.loss_chunk_tokens
         if weights is not None:
