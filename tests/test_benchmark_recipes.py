@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,11 @@ def test_a_budget_cut_into_commands_resumes_and_reports_once(tmp_path):
     assert table["target_val_loss"] == row["final_val_loss"] and (tmp_path / "cmp" / "curves.png").stat().st_size
     fractions = [r["time_fraction_of_baseline"] for r in table["rows"]]
     assert fractions[0] == fractions[1] and 0 < fractions[0] <= 1.0
+    bare = tmp_path / "bare"  # its metrics log without the run's tokens/: no bytes per token to read
+    shutil.copytree(out / "modern" / "logs", bare / "logs")
+    run = _compare([bare], tmp_path / "cmp2")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert f"no {bare / 'tokens' / 'meta.json'}: the first run's folder needs its tokens/" in run.stderr
 
 
 def _compare(runs: list[Path], out: Path) -> subprocess.CompletedProcess:
