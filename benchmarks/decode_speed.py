@@ -5,6 +5,7 @@ token of a 2,000-token prompt. MBU = bytes read per decode step (weights + KV ca
 device-to-device copy bandwidth measured in the same run.
 
     python benchmarks/decode_speed.py --config seed-300m --json out.json
+    python benchmarks/decode_speed.py --config configs/recipes/seed-300m-modern.yaml --skip-hf --compile-modes
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from antimatter.config import preset_model
+from antimatter.config import load_config, preset_model
 from antimatter.model.decode import DecodeOptions, DecodeTuning
 from antimatter.model.generate import generate
 from antimatter.model.gpt import GPT
@@ -125,7 +126,7 @@ def variant_options(extras: list[str]) -> DecodeOptions:
 def parse_args() -> argparse.Namespace:
     """The command line; a variant with an option this benchmark does not know is refused before any GPU work."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="seed-300m")
+    ap.add_argument("--config", default="seed-300m", help="a model preset (GPT-2 blocks) or a config YAML's model")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
@@ -134,7 +135,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--skip-ttft", action="store_true")
-    ap.add_argument("--compile-modes", nargs="+",
+    ap.add_argument("--compile-modes", nargs="*",
                     default=["reduce-overhead+kernels", "reduce-overhead+gemv", "reduce-overhead"],
                     help="variants of AntiMatter's compiled decode step, MODE[+kernels][+gemv][+cdt]: MODE a "
                          "torch.compile mode (reduce-overhead, max-autotune); +kernels: decode steps as "
@@ -307,7 +308,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     torch.manual_seed(0)
-    cfg = preset_model(args.config)
+    cfg = load_config(args.config).model if args.config.endswith((".yaml", ".yml")) else preset_model(args.config)
+    if not args.skip_hf and not (cfg.arch == "gpt2" and cfg.is_family_standard):
+        sys.exit(f"{args.config}: transformers is compared through GPT-2 blocks only; pass --skip-hf")
     model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
     bw = measured_bandwidth_tbs()
     weight_bytes = stored_bytes(model)

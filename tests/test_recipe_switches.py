@@ -102,6 +102,50 @@ def test_rope_on_gpt2_has_no_position_table():
     _assert_counts(llama)
 
 
+def test_rope_rotates_each_query_and_key_pair_by_its_position():
+    """The attention rotates queries and keys as one tensor (fewer kernels when decoding eagerly); the result is
+    the textbook rotation, each (i, i + D/2) pair of every query and key head turned by position x theta_i,
+    with grouped key/value heads and QK-norm in the way."""
+    model = _gpt("llama-tiny", qk_norm=True).eval()
+    attn, cfg = model.transformer.h[0].attn, model.cfg
+    H, Hkv, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+    assert Hkv < H
+    seen = {}
+    attn.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+    idx = _batch()
+    with torch.no_grad():
+        model(idx)
+        x, T = seen["x"], idx.shape[1]
+        q, k, v = attn.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = (t.view(2, T, -1, D).transpose(1, 2) for t in (q, k, v))
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        theta = cfg.rope_theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+        turn = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), torch.arange(T)[:, None] * theta)
+
+        def rotate(t: torch.Tensor) -> torch.Tensor:
+            pairs = torch.complex(t[..., : D // 2].double(), t[..., D // 2:].double()) * turn
+            return torch.cat([pairs.real, pairs.imag], dim=-1).float()
+
+        y = F.scaled_dot_product_attention(rotate(q), rotate(k), v, is_causal=True, enable_gqa=True)
+        expected = attn.c_proj(y.transpose(1, 2).reshape(2, T, H * D))
+    assert torch.allclose(seen["out"], expected, atol=1e-5)
+
+
+def test_qk_norm_under_autocast_computes_in_fp32_without_a_warning(recwarn):
+    """bf16 queries and an fp32 gain (QK-norm under autocast): one fp32 computation, cast back, and no
+    "Mismatch dtype ... Cannot dispatch to fused implementation" warning in the user's eval log."""
+    norm = RMSNorm(32, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 32).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16 and not [w for w in recwarn if "dtype" in str(w.message)]
+    xf = x.float()
+    expected = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    assert torch.allclose(y.float(), expected, atol=1e-2, rtol=1e-2)
+
+
 # ----------------------------------------------------------------------------------------- activation
 
 

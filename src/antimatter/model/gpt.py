@@ -54,6 +54,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:  # QK-norm under autocast: bf16 queries, an fp32 gain. torch's fused
+            # kernel wants one dtype (else it warns and runs op by op); fp32 is what that slow path computes in
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
@@ -75,11 +78,11 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of each head: the Hugging Face Llama convention.
-    x: (B, H, T, D); cos/sin: (B or 1, 1, T, D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.type_as(x)
+    """Rotate pairs (first half, second half) of each head, in fp32: the Hugging Face Llama convention,
+    x * cos + rotate_half(x) * sin. x: (B, H, T, D); cos/sin: (B or 1, 1, T, D), each half's angles twice."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -130,8 +133,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.use_rope:  # queries and keys rotated as one tensor: half the kernel launches of an eager decode step
+            q, k = apply_rope(torch.cat([q, k], dim=1), *rope).split([self.n_head, self.n_kv_head], dim=1)
         gqa = self.n_kv_head != self.n_head
         if self.kv_cache is None:  # training / scoring: the whole sequence at once
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa,
@@ -307,7 +310,8 @@ class GPT(nn.Module):
         if self.cfg.position_type == "learned":
             x = x + self.transformer.wpe(pos)
         else:
-            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B or 1, T, D/2): the angles of each half
+            rope = (torch.cat([cos, cos], dim=-1).unsqueeze(1), torch.cat([sin, sin], dim=-1).unsqueeze(1))
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, input_pos, mask, kv_len)
