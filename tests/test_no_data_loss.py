@@ -187,3 +187,46 @@ def test_a_missing_dependency_is_one_line_naming_the_pip_package(tmp_path):
     line = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
     assert line.startswith("antimatter eval: error: the Python package 'rouge_score' is missing"), line
     assert "pip install rouge-score" in line
+
+
+def test_a_stage_that_fails_leaves_its_earlier_output_as_it_was(tmp_path):
+    """Each data stage builds beside its folder and swaps at the end: a second run that fails (nothing
+    survives cleaning; a tokenizer.from that is not a tokenizer) leaves the first run's output whole, and the
+    next stage still runs on it. The same for `prepare --out`."""
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    runs = ("--runs-dir", str(tmp_path / "runs"), "--name", "exp")
+    assert cli("prepare", str(corpus), *runs, "data.val_fraction=0.2", cwd=tmp_path).returncode == 0
+    assert cli("tokenizer", *runs, "tokenizer.vocab_size=300", cwd=tmp_path).returncode == 0
+    run = tmp_path / "runs" / "exp"
+    data, tokenizer = snapshot(run / "data"), snapshot(run / "tokenizer")
+    r = cli("prepare", str(empty), *runs, "data.val_fraction=0.2", cwd=tmp_path)
+    assert_user_error(r, "prepare", "no document")
+    not_json = tmp_path / "notes.json"
+    not_json.write_text('{"a": 1}\n{"b": 2}\n')
+    r = cli("tokenizer", *runs, f"tokenizer.from={not_json}", cwd=tmp_path)
+    assert_user_error(r, "tokenizer", "not a tokenizer.json")
+    assert snapshot(run / "data") == data and snapshot(run / "tokenizer") == tokenizer
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "data", "tokenizer"]  # no scratch left
+    r = cli("tokenize", *runs, "tokenizer.vocab_size=300", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "prepared"
+    assert cli("prepare", str(corpus), "--out", str(out), "data.val_fraction=0.2", cwd=tmp_path).returncode == 0
+    before = snapshot(out)
+    assert_user_error(cli("prepare", str(empty), "--out", str(out), cwd=tmp_path), "prepare", "no document")
+    assert snapshot(out) == before
+
+
+def test_a_users_file_in_a_finished_stage_folder_is_not_deleted_by_force(tmp_path):
+    """A file the manifest does not list is the user's: `--force` refuses, names it and deletes nothing."""
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    runs = ("--runs-dir", str(tmp_path / "runs"), "--name", "exp")
+    assert cli("prepare", str(corpus), *runs, "data.val_fraction=0.2", cwd=tmp_path).returncode == 0
+    notes = tmp_path / "runs" / "exp" / "data" / "train" / "my-notes.txt"
+    notes.write_text("precious")
+    r = cli("prepare", str(corpus), *runs, "data.val_fraction=0.2", "--force", cwd=tmp_path)
+    assert_user_error(r, "prepare", "did not write", "train/my-notes.txt", "nothing was deleted")
+    assert notes.read_text() == "precious"

@@ -38,6 +38,19 @@ def owned_by(out_dir: str | Path, stage: str) -> bool:
     return bool(m) and m.get("stage") == stage
 
 
+def foreign_files(out_dir: str | Path) -> list[str]:
+    """Files in a finished stage folder that its manifest does not list (the user's, added after the stage
+    wrote it), relative to the folder. A folder without a readable manifest (half-written by a kill) has none:
+    all of it is the stage's."""
+    out_dir = Path(out_dir)
+    m = read_manifest(out_dir)
+    if not m or not isinstance(m.get("outputs"), dict):
+        return []
+    listed = {*m["outputs"], MANIFEST}
+    return [rel for rel in (str(f.relative_to(out_dir)) for f in sorted(out_dir.rglob("*")) if f.is_file())
+            if rel not in listed]
+
+
 def hash_paths(paths: list[str | Path], root: str | Path | None = None) -> dict[str, str]:
     """sha256 of every file under the given files/folders, keyed by path (relative to `root` if given).
     A stage folder contributes its manifest only: that already lists the hashes of what it wrote."""

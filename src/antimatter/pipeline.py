@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from antimatter.errors import UserError
 from antimatter.manifest import (
     MANIFEST,
     claim,
+    foreign_files,
     hash_paths,
     is_current,
     owned_by,
@@ -181,33 +183,79 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bo
     if not force and is_current(out, stage, inputs, conf):
         _log(f"[{stage}] up to date ({out}); use --force to redo")
         return {"skipped": True}
-    if out.exists():
-        if not owned_by(out, stage):
-            raise UserError(f"{out} holds files that `antimatter {stage}` did not write: move them away or use "
-                            f"another run name (--name); nothing was deleted")
-        shutil.rmtree(out)  # a stale or half-written folder of this stage: start clean
-    claim(out, stage)
+    _refuse_to_clear(out, stage)
     started = time.time()
     _log(f"[{stage}] -> {out}")
+    counts = _build_stage(out, stage, inputs, conf, started, lambda new: _run_stage_into(stage, cfg, new, out))
+    _log(f"[{stage}] done in {time.time() - started:.1f}s")
+    return counts
+
+
+def _refuse_to_clear(out: Path, stage: str) -> None:
+    """A stage replaces only its own folder, and only when that holds nothing the user put there."""
+    if not out.exists():
+        return
+    if not owned_by(out, stage):
+        raise UserError(f"{out} holds files that `antimatter {stage}` did not write: move them away or use "
+                        f"another run name (--name); nothing was deleted")
+    foreign = foreign_files(out)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise UserError(f"{out} holds files that `antimatter {stage}` did not write ({', '.join(foreign[:3])}{more}): "
+                        f"move them away, then run it again; nothing was deleted")
+
+
+def _build_stage(out: Path, stage: str, inputs: dict[str, str], conf: dict[str, Any], started: float,
+                 build: Callable[[Path], Any]) -> Any:
+    """Run `build` into a new sibling folder of `out` and put it in `out`'s place only once it finished: a
+    stage that fails (no document survives, a bad tokenizer file, a full disk, Ctrl-C) leaves the previous
+    output as it was. The disk holds both until the swap."""
+    new = out.with_name(f".{out.name}.new")
+    _remove_own(new, stage)  # left by a killed earlier run
+    claim(new, stage)
+    try:
+        counts = build(new)
+        write_manifest(new, stage, inputs, conf, counts=_summary_counts(counts), started=started)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old")
+    _remove_own(old, stage)
+    if out.is_symlink() or out.exists():
+        out.rename(old)
+    new.rename(out)
+    _remove_own(old, stage)
+    return counts
+
+
+def _remove_own(folder: Path, stage: str) -> None:
+    """Delete a scratch folder of `stage` (a link is unlinked, not followed); anything else there is refused."""
+    if folder.is_symlink():
+        folder.unlink()
+    elif folder.exists():
+        if not owned_by(folder, stage):
+            raise UserError(f"{folder} holds files that `antimatter {stage}` did not write: move it away; "
+                            f"nothing was deleted")
+        shutil.rmtree(folder)
+
+
+def _run_stage_into(stage: str, cfg: RunConfig, out: Path, final: Path) -> Any:
+    """The work of one data stage, written into `out` (the scratch folder that becomes `final`)."""
     if stage == "prepare":
         from antimatter.data.prepare import run_prepare  # here: 2 s of imports
 
-        counts = run_prepare(cfg, out)
-    elif stage == "tokenizer" and cfg.tokenizer.from_:
+        return run_prepare(cfg, out, shown_as=final)
+    if stage == "tokenizer" and cfg.tokenizer.from_:
         from antimatter.tokenizer import adopt_tokenizer  # here: the tokenizers library
 
-        counts = adopt_tokenizer(cfg, out)
-    elif stage == "tokenizer":
+        return adopt_tokenizer(cfg, out)
+    if stage == "tokenizer":
         from antimatter.tokenizer import train_tokenizer  # here: the tokenizers library
 
-        counts = train_tokenizer(cfg, cfg.data_dir, out)
-    else:
-        from antimatter.tokens import run_tokenize  # here: 0.5 s of imports
+        return train_tokenizer(cfg, cfg.data_dir, out)
+    from antimatter.tokens import run_tokenize  # here: 0.5 s of imports
 
-        counts = run_tokenize(cfg, cfg.data_dir, run / "tokenizer", out)
-    write_manifest(out, stage, inputs, conf, counts=_summary_counts(counts), started=started)
-    _log(f"[{stage}] done in {time.time() - started:.1f}s")
-    return counts
+    return run_tokenize(cfg, cfg.data_dir, cfg.run_dir / "tokenizer", out)
 
 
 def _summary_counts(counts: Any) -> dict[str, Any]:

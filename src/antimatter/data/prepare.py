@@ -631,15 +631,16 @@ def _clear_outputs(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def run_prepare(cfg: RunConfig, out_dir: Path) -> dict:
-    """Prepare the corpus of `cfg.data` into `out_dir`; returns (and writes) the statistics."""
+def run_prepare(cfg: RunConfig, out_dir: Path, shown_as: Path | None = None) -> dict:
+    """Prepare the corpus of `cfg.data` into `out_dir`; returns (and writes) the statistics. Earlier output
+    there is cleared only once some document survived. `shown_as`: the folder named in the summary, where
+    `out_dir` is a scratch folder that takes its place afterwards."""
     t_start = time.perf_counter()
     data = cfg.data
     out_dir = Path(out_dir)
     units = expand_sources(data.sources, data.default_corpus_bytes)
     workers = resolve_workers(data.workers, len(units))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_outputs(out_dir)
     tmp = out_dir / TMP_DIR
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -654,6 +655,7 @@ def run_prepare(cfg: RunConfig, out_dir: Path) -> dict:
         _split(units, results, plan, data)
         timing["dedup_split_s"] = time.perf_counter() - t
         _require_documents(plan, data)
+        _clear_outputs(out_dir)
         t = time.perf_counter()
         outputs = _write(units, results, plan, data, tmp, out_dir)
         timing["write_s"] = time.perf_counter() - t
@@ -664,5 +666,5 @@ def run_prepare(cfg: RunConfig, out_dir: Path) -> dict:
     timing["wall_s"] = time.perf_counter() - t_start
     stats = _statistics(plan.per_source, results, outputs, log_lines, data, timing)
     (out_dir / "dataset_statistics.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
-    _print_summary(stats, out_dir, len(log_lines))
+    _print_summary(stats, shown_as or out_dir, len(log_lines))
     return stats
