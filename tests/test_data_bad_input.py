@@ -133,8 +133,17 @@ def test_empty_corpus(tmp_path):
         prepare([str(tmp_path / "in")], tmp_path / "out")
     (tmp_path / "in" / "blank.txt").write_text("  \n\n ")
     (tmp_path / "in" / "tiny.txt").write_text("hi")
-    with pytest.raises(UserError, match="no document survived.*loosen data.filters"):
+    with pytest.raises(UserError, match=r"no document survived.*\((clean|filter)\.\w+: 1 of 2 removed\).*loosen data.filters"):
         prepare([str(tmp_path / "in")], tmp_path / "out")
+
+
+def test_jsonl_without_the_text_field_names_the_field_not_the_filters(tmp_path):
+    """Every line lacks the `text` field: the error says so and how to point text_field at the right one,
+    instead of suggesting looser quality filters (and no rejects.log is written when nothing survives)."""
+    path = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"content": SENTENCES[i]}).encode() for i in range(4)])
+    with pytest.raises(UserError, match=r"\(read\.missing_text_field: 4 of 4 removed\): set the source's "
+                                        r"text_field .*data\.sources\[\]\.text_field"):
+        prepare([str(path)], tmp_path / "out")
 
 
 def test_bad_config_values(tmp_path):

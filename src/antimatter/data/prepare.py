@@ -27,6 +27,7 @@ import sys
 import time
 import traceback
 import types
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -488,8 +489,19 @@ def _require_documents(plan: Plan, data: DataConfig) -> None:
         raise UserError("the corpus is empty: no document found in data.sources "
                         f"({', '.join(s.path for s in data.sources)}): point them at text files")
     if plan.kept == 0:
-        raise UserError("no document survived cleaning, filtering and dedup: check the inputs, or loosen "
-                        "data.filters (e.g. data.filters.enabled=false or data.filters.min_words=1)")
+        removed: Counter[str] = Counter()
+        for s in plan.per_source.values():
+            removed.update(s.removed)
+        reason, n = removed.most_common(1)[0] if removed else ("", 0)
+        if reason == "read.missing_text_field":
+            fix = "set the source's text_field to the field that holds the text (data.sources[].text_field)"
+        elif reason.startswith("read."):
+            fix = "check the inputs"
+        else:
+            fix = ("check the inputs, or loosen data.filters (e.g. data.filters.enabled=false or "
+                   "data.filters.min_words=1)")
+        most = f" ({reason}: {n:,} of {sum(removed.values()):,} removed)" if reason else ""
+        raise UserError(f"no document survived cleaning, filtering and dedup{most}: {fix}")
 
 
 # ------------------------------------------------------------------------------------------ pass 3: write
