@@ -230,3 +230,12 @@ def test_a_users_file_in_a_finished_stage_folder_is_not_deleted_by_force(tmp_pat
     r = cli("prepare", str(corpus), *runs, "data.val_fraction=0.2", "--force", cwd=tmp_path)
     assert_user_error(r, "prepare", "did not write", "train/my-notes.txt", "nothing was deleted")
     assert notes.read_text() == "precious"
+
+
+def test_a_source_path_under_the_home_folder(tmp_path):
+    """`path: ~/corpus` in a config is read from the home folder, as the CLI's paths are, not refused as missing."""
+    write_corpus(tmp_path / "corpus")
+    (tmp_path / "c.yaml").write_text("data:\n  val_fraction: 0.2\n  sources:\n    - path: ~/corpus\n")
+    r = cli("prepare", "-c", "c.yaml", "--runs-dir", "runs", cwd=tmp_path, env_extra={"HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert "kept 60 of 60 documents" in r.stdout + r.stderr

@@ -90,7 +90,9 @@ def _adopted_source(cfg: RunConfig) -> dict[str, str]:
 
 
 def _source_paths(path: str) -> list[Path]:
-    """The file or folder a source names, or what its glob matches (sorted)."""
+    """The file or folder a source names (`~` is the home folder, as where the source is read), or what its
+    glob matches (sorted)."""
+    path = os.path.expanduser(path)
     return [Path(path)] if Path(path).exists() else [Path(f) for f in sorted(glob.glob(path, recursive=True))]
 
 
