@@ -173,10 +173,18 @@ def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
     ("model.n_kv_head=two", "model.n_kv_head: expected an integer, got 'two'"),
     ("name=[a, b]", "name: expected a string, got ['a', 'b']"),
     ("data.sources=5", "data.sources: expected a list, got 5"),
-    ("train=5", "train: expected a mapping of TrainConfig fields, got 5"),
+    ("train=5", "override 'train=5': train is a section, not a value: set one of its keys (e.g. train.device=...)"),
+    ("data.filters=1", "override 'data.filters=1': data.filters is a section, not a value: set one of its keys "
+                       "(e.g. data.filters.enabled=...)"),
+    ("data..seed=3", "override 'data..seed=3': the key has an empty part between dots: write it like train.lr=3e-4"),
 ])
 def test_wrong_type_names_key_and_value(override, expected):
     assert error_of(None, [override]) == expected
+
+
+def test_a_section_set_to_a_value_is_the_override_blamed():
+    """`data=3` then a CLI option's `data.workers=1`: the error names `data=3`, not the option's override."""
+    assert error_of(None, ["data=3", "data.workers=1"]).startswith("override 'data=3': data is a section")
 
 
 def test_d_model_not_divisible_by_n_head_names_a_fix():

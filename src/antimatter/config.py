@@ -933,9 +933,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=3e-4)")
     key, raw = item.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
+    parts = key.strip().split(".")
+    if parts == [""]:
         raise ConfigError(f"override '{item}' has an empty key")
+    if "" in parts:
+        raise ConfigError(f"override '{item}': the key has an empty part between dots: write it like train.lr=3e-4")
     try:
         return parts, yaml_load(raw) if raw.strip() else ""
     except YAMLTooDeep as e:
@@ -947,6 +949,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 def apply_override(data: dict[str, Any], item: Override) -> None:
     """Apply `a.b.c=value` or (`a.b.c`, value) to a nested dict of sections."""
     parts, value = (item[0].split("."), item[1]) if isinstance(item, tuple) else _parse_override(item)
+    _refuse_value_for_section(parts, value, item)
     node = data
     if parts == ["model", "preset"]:  # a new preset replaces the whole model section, as `model=NAME` does:
         data["model"] = {"preset": value}  # kept fields of an expanded (saved) config would silently win
@@ -962,6 +965,23 @@ def apply_override(data: dict[str, Any], item: Override) -> None:
             raise ConfigError(f"override '{shown}': '{p}' is not a section")
         node = nxt
     node[parts[-1]] = value
+
+
+def _refuse_value_for_section(parts: list[str], value: Any, item: Override) -> None:
+    """`data=3` would replace a whole section with a number, and the next override of one of its keys would
+    then be the one blamed: refuse it here, naming it (`model=NAME`, a preset, is the one section that takes
+    a value)."""
+    if isinstance(value, dict) or (parts == ["model"] and isinstance(value, str)):
+        return
+    try:
+        section = dataclasses.is_dataclass(setting_type(".".join(parts)))
+    except ConfigError:  # an unknown key: validation names it, with the keys it could be
+        return
+    if section:
+        shown = item if isinstance(item, str) else f"{item[0]}={item[1]}"
+        key = ".".join(parts)
+        raise ConfigError(f"override '{shown}': {key} is a section, not a value: set one of its keys "
+                          f"(e.g. {key}.{dataclasses.fields(setting_type(key))[0].name}=...)")
 
 
 # ---------------------------------------------------------------------------------------- validation
