@@ -239,3 +239,44 @@ def test_a_source_path_under_the_home_folder(tmp_path):
     r = cli("prepare", "-c", "c.yaml", "--runs-dir", "runs", cwd=tmp_path, env_extra={"HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert "kept 60 of 60 documents" in r.stdout + r.stderr
+
+
+def test_a_linked_folder_in_an_input_folder_is_read_once(tmp_path):
+    """A link to a folder is followed (it was silently left out); a link loop and a second path to a folder
+    already read add nothing."""
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus / "own")
+    more = tmp_path / "elsewhere" / "more"
+    more.mkdir(parents=True)
+    for i in range(20):
+        (more / f"note-{i}.txt").write_text(f"Note {i} is kept somewhere else. It tells of the harbour, the boats "
+                                            f"and the people who fished there, and of the year {1900 + i}.\n")
+    (corpus / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (corpus / "own" / "loop").symlink_to(corpus, target_is_directory=True)
+    (corpus / "again").symlink_to(corpus / "own", target_is_directory=True)
+    r = cli("prepare", str(corpus), "--out", str(tmp_path / "out"), "data.val_fraction=0.2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert " of 80 documents" in r.stdout + r.stderr  # 60 + 20, each once (one near-duplicate note may go)
+    runs = ("--runs-dir", str(tmp_path / "runs"), "--name", "exp", "data.val_fraction=0.2")
+    assert cli("prepare", str(corpus), *runs, cwd=tmp_path).returncode == 0
+    assert "up to date" in cli("prepare", str(corpus), *runs, cwd=tmp_path).stderr
+    (more / "note-3.txt").write_text("Note 3 was rewritten: the harbour froze that winter and nobody fished.\n")
+    r = cli("prepare", str(corpus), *runs, cwd=tmp_path)  # a change behind the link is a change of the input
+    assert r.returncode == 0 and "up to date" not in r.stderr, r.stderr
+
+
+def test_an_unreadable_folder_inside_an_input_is_an_error(tmp_path):
+    """Left out without a word before. Root reads every folder, so this runs as another user only."""
+    if os.geteuid() == 0:
+        import pytest
+
+        pytest.skip("root can read a folder without read permission")
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    write_corpus(corpus / "locked")
+    (corpus / "locked").chmod(0)
+    try:
+        r = cli("prepare", str(corpus), "--out", str(tmp_path / "out"), cwd=tmp_path)
+        assert_user_error(r, "prepare", f"cannot read the folder {corpus / 'locked'}", "make it readable")
+    finally:
+        (corpus / "locked").chmod(0o755)

@@ -16,6 +16,26 @@ import zstandard
 from antimatter.errors import UserError
 
 
+def walk_entries(folder: str | Path, hidden: bool = True) -> Iterator[Path]:
+    """Every entry under `folder` that is not a folder (files, and FIFOs, sockets or dangling links for the
+    caller to sort out), in sorted order, through links to folders too, each folder once: a link loop ends
+    there. A folder that cannot be read is a UserError, not a silently shorter list."""
+
+    def unreadable(e: OSError) -> None:
+        raise UserError(f"cannot read the folder {e.filename} ({e.strerror}): make it readable, or move it out "
+                        f"of {folder}")
+
+    seen: set[str] = set()
+    for root, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # reached again through a link
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if hidden or not d.startswith("."))
+        yield from (Path(root) / n for n in sorted(names) if hidden or not n.startswith("."))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write through a temp file and rename, so a reader (or a crash) never sees half a file."""
     path = Path(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from antimatter.errors import UserError, shorten
-from antimatter.files import atomic_write_text
+from antimatter.files import atomic_write_text, walk_entries
 from antimatter.provenance import provenance, sha256_file
 
 MANIFEST = "manifest.json"
@@ -58,8 +58,8 @@ def hash_paths(paths: list[str | Path], root: str | Path | None = None) -> dict[
     for p in map(Path, paths):
         if p.is_dir() and (p / MANIFEST).is_file():
             files = [p / MANIFEST]
-        elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file())
+        elif p.is_dir():  # what prepare reads: through links to folders too
+            files = [f for f in walk_entries(p) if f.is_file()]
         elif p.is_file():
             files = [p]
         else:

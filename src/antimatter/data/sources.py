@@ -27,7 +27,7 @@ import zstandard
 from antimatter.config import SourceConfig
 from antimatter.data import default_corpus
 from antimatter.errors import UserError, shorten
-from antimatter.files import open_zstd
+from antimatter.files import open_zstd, walk_entries
 
 CODE_EXTS = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".js", ".mjs", ".ts", ".tsx",
              ".java", ".go", ".rs", ".sh", ".bash", ".zsh", ".pl", ".pm", ".rb", ".lua", ".cs", ".swift", ".kt",
@@ -158,16 +158,11 @@ def sources_from_paths(paths: list[str]) -> list[SourceConfig]:
 
 
 def _walk(folder: Path) -> list[Path]:
-    """Regular files under `folder` (hidden ones left out). FIFOs, sockets, devices and dangling links are
-    skipped with a note: reading a FIFO would block forever."""
+    """Regular files under `folder` (hidden ones left out; see files.walk_entries). FIFOs, sockets, devices and
+    dangling links are skipped with a note: reading a FIFO would block forever."""
     files, skipped = [], []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for n in sorted(names):
-            if n.startswith("."):
-                continue
-            f = Path(root) / n
-            (files if f.is_file() else skipped).append(f)
+    for f in walk_entries(folder, hidden=False):
+        (files if f.is_file() else skipped).append(f)
     if skipped:
         print(f"prepare: skipped {len(skipped)} entries in {folder} that are not regular files (FIFOs, sockets, "
               f"devices, dangling links), e.g. {skipped[0]}", file=sys.stderr)
