@@ -280,3 +280,22 @@ def test_an_unreadable_folder_inside_an_input_is_an_error(tmp_path):
         assert_user_error(r, "prepare", f"cannot read the folder {corpus / 'locked'}", "make it readable")
     finally:
         (corpus / "locked").chmod(0o755)
+
+
+def test_the_users_own_config_in_the_run_folder_is_kept(tmp_path):
+    """`-c runs/exp/config.yaml` with the user's comments: the run's resolved settings are written there, and
+    the user's file is kept beside it, not overwritten. A file antimatter wrote is rewritten in place."""
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    mine = tmp_path / "runs" / "exp" / "config.yaml"
+    mine.parent.mkdir(parents=True)
+    text = f"# my notes on this run\nname: exp\ndata:\n  val_fraction: 0.2  # more val\n  sources:\n    - path: {corpus}\n"
+    mine.write_text(text)
+    r = cli("prepare", "-c", str(mine), "--runs-dir", str(tmp_path / "runs"), "data.seed=7", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "was not written by antimatter: kept as" in r.stderr
+    assert (mine.parent / "config.yaml.orig").read_text() == text
+    saved = mine.read_text()
+    assert saved.startswith("# antimatter:") and "seed: 7" in saved
+    assert cli("prepare", "-c", str(mine), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path).returncode == 0
+    assert sorted(p.name for p in mine.parent.glob("config.yaml*")) == ["config.yaml", "config.yaml.orig"]

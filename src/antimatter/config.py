@@ -19,6 +19,7 @@ import difflib
 import functools
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -1062,6 +1063,28 @@ def _divisor_near(n: int, k: int) -> int | None:
     return min([*small, *(n // d for d in small)], key=lambda d: (abs(d - k), d))
 
 
+SAVED_CONFIG_HEADER = "# antimatter: the settings this run used, overrides included (rewritten by each command)\n"
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write the resolved config. A file already there that antimatter did not write (no header line: the
+    user's own, e.g. the one given with -c) is kept beside it as NAME.orig, never overwritten."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = SAVED_CONFIG_HEADER + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    if path.is_file():
+        old = path.read_bytes()
+        if old == text.encode():
+            return
+        if old.strip() and not old.startswith(SAVED_CONFIG_HEADER.encode()):
+            keep = path.with_name(path.name + ".orig")
+            n = 1
+            while keep.exists():
+                n += 1
+                keep = path.with_name(f"{path.name}.orig{n}")
+            path.rename(keep)
+            print(f"note: {path} was not written by antimatter: kept as {keep}; {path} now holds the settings "
+                  f"this run used", file=sys.stderr)
+    tmp = path.with_name(path.name + ".tmp")  # a crash never leaves half a config
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
