@@ -370,20 +370,23 @@ def test_a_folder_that_is_not_a_prepared_folder_is_one_line(finished_run, prepar
     shard.write_bytes(shard.read_bytes()[:-10])
     cases = [
         (tmp_path / "nope", "is not a folder: run `antimatter prepare PATH... --out"),
-        (empty, "is not a prepared folder (its manifest.json is missing): run `antimatter prepare PATH... --out"),
+        (empty, f"is not a prepared folder (its manifest.json is missing): if it holds your text, run "
+                f"`antimatter prepare {empty} --out {empty}-prepared` first and pass --prepared {empty}-prepared"),
+        (empty / "notes.txt", f"is a file, not a prepared folder: if it holds your text, run `antimatter prepare "
+                              f"{empty / 'notes.txt'} --out {empty / 'notes.txt'}-prepared` first"),
         (damaged, "is not a prepared folder (its manifest.json is damaged): run `antimatter prepare"),
         (runs / "tiny" / "tokens", "was written by `antimatter tokenize`, not by `antimatter prepare`"),
         (cut, f"{shard} is {shard.stat().st_size:,} bytes where its manifest says"),
     ]
     other = tiny_overrides(tmp_path / "runs", corpus, "name=bad")
     for folder, message in cases:
-        before = _files(folder) if folder.exists() else None
+        before = _files(folder) if folder.is_dir() else None
         for command in ("tokenizer", "pipeline"):
             capfd.readouterr()
             assert main([command, "--prepared", str(folder), *other]) == 2
             lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
             assert len(lines) == 1 and lines[0].startswith(f"antimatter {command}: error: "), lines
             assert message in lines[0], (message, lines[0])
-        assert (_files(folder) if folder.exists() else None) == before
+        assert (_files(folder) if folder.is_dir() else None) == before
     assert "run `antimatter prepare PATH... --out" in lines[0] and "again" in lines[0]
     assert not (tmp_path / "runs" / "bad").exists()  # refused before the run folder is made

@@ -127,12 +127,18 @@ def check_prepared_folder(folder: Path) -> Path:
     """`folder`, when it is a folder `antimatter prepare --out` finished; else a one-line UserError saying what
     to run. Nothing in it is changed."""
     make = f"run `antimatter prepare PATH... --out {folder}` first"
+    own_text = (f"if it holds your text, run `antimatter prepare {folder} --out {folder}-prepared` first and "
+                f"pass --prepared {folder}-prepared")  # prepare refuses to write into its own input
+    if folder.is_file():
+        raise UserError(f"data.prepared: {folder} is a file, not a prepared folder: {own_text}")
     if not folder.is_dir():
         raise UserError(f"data.prepared: {folder} is not a folder: {make}, or name the folder it wrote")
     manifest = read_manifest(folder)
     if manifest is None:
-        what = "is damaged" if (folder / MANIFEST).exists() else "is missing"
-        raise UserError(f"data.prepared: {folder} is not a prepared folder (its {MANIFEST} {what}): {make}")
+        damaged = (folder / MANIFEST).exists()
+        fix = make if damaged or not any(folder.iterdir()) else own_text
+        raise UserError(f"data.prepared: {folder} is not a prepared folder (its {MANIFEST} "
+                        f"{'is damaged' if damaged else 'is missing'}): {fix}")
     if manifest.get("stage") != "prepare":
         raise UserError(f"data.prepared: {folder} was written by `antimatter {manifest.get('stage')}`, not by "
                         f"`antimatter prepare`: name the folder `antimatter prepare --out` wrote")
