@@ -167,3 +167,14 @@ def test_utf16_text_with_a_bom_is_read_as_text(tmp_path):
     (tmp_path / "be.txt").unlink()
     (bad,) = read_all(tmp_path, max_doc_bytes=10**6)
     assert bad.reason == "read.bad_encoding" and "utf-16" in bad.message
+
+
+def test_two_input_folders_with_the_same_name_stay_two_sources(tmp_path):
+    """`prepare A/docs B/docs`: each path is its own source (own statistics and val share), not one merged."""
+    from antimatter.data.sources import sources_from_paths
+
+    for part in ("A", "B", "C"):
+        (tmp_path / part / "docs").mkdir(parents=True)
+        (tmp_path / part / "docs" / "x.txt").write_text("text")
+    names = [s.name for s in sources_from_paths([str(tmp_path / p / "docs") for p in ("A", "B", "C")])]
+    assert names == ["docs", "docs-2", "docs-3"]

@@ -141,7 +141,8 @@ def source_name(path: str) -> str:
 
 
 def sources_from_paths(paths: list[str]) -> list[SourceConfig]:
-    """One SourceConfig per command-line path (file, folder or glob); format and name from the path."""
+    """One SourceConfig per command-line path (file, folder or glob); format and name from the path (a name
+    taken by an earlier path gets -2, -3...)."""
     out = []
     for p in paths:
         if p == "default":
@@ -153,7 +154,11 @@ def sources_from_paths(paths: list[str]) -> list[SourceConfig]:
         if Path(p).is_file() or Path(p).is_dir():
             det = detect_format(Path(p))
             fmt = det if det in FORMATS else "auto"
-        out.append(SourceConfig(path=p, name=source_name(p), format=fmt))
+        name, n = source_name(p), 1
+        while any(s.name == name for s in out):  # A/docs and B/docs: two sources, each with its own statistics
+            n += 1
+            name = f"{source_name(p)}-{n}"
+        out.append(SourceConfig(path=p, name=name, format=fmt))
     return out
 
 
