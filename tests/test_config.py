@@ -248,7 +248,8 @@ def test_override_without_equals():
     ("train.schedule=step", "train.schedule must be cosine, linear, constant or wsd"),
     ("train.attention=fa3", "train.attention must be auto, flash, cudnn, efficient or math, got 'fa3'"),
     ("train.lr=0", "train.lr must be positive"),
-    ("tokenizer.vocab_size=60000", "tokenizer.vocab_size (60000) exceeds model.vocab_size (50257)"),
+    ("tokenizer.vocab_size=60000", "tokenizer.vocab_size (60000) exceeds model.vocab_size (50257): lower "
+                                   "tokenizer.vocab_size, or raise model.vocab_size with it"),
     ("tokenizer.vocab_size=200", "tokenizer vocab size 200 is too small"),
     ("data.val_fraction=0", "data.val_fraction must be in (0, 1), got 0.0"),
 ])

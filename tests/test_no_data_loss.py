@@ -299,3 +299,15 @@ def test_the_users_own_config_in_the_run_folder_is_kept(tmp_path):
     assert saved.startswith("# antimatter:") and "seed: 7" in saved
     assert cli("prepare", "-c", str(mine), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path).returncode == 0
     assert sorted(p.name for p in mine.parent.glob("config.yaml*")) == ["config.yaml", "config.yaml.orig"]
+
+
+def test_a_file_where_a_folder_belongs_is_named_as_a_file(tmp_path):
+    """--out naming a file and --config naming a folder: each said for what it is, and nothing is touched."""
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    (tmp_path / "out.txt").write_text("mine")
+    r = cli("prepare", str(corpus), "--out", str(tmp_path / "out.txt"), cwd=tmp_path)
+    assert_user_error(r, "prepare", "--out", "out.txt is a file: give a folder", "nothing was deleted")
+    assert (tmp_path / "out.txt").read_text() == "mine"
+    r = cli("prepare", str(corpus), "--config", str(corpus), cwd=tmp_path)
+    assert_user_error(r, "prepare", f"--config {corpus} is a folder: give the YAML file")

@@ -904,6 +904,8 @@ def load_config(path: str | Path | dict[str, Any] | None = None, overrides: list
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping of sections in a YAML config file, or a one-line ConfigError naming the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--config {p} is a folder: give the YAML file (e.g. {p / 'config.yaml'})")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p} (check the path given to --config)")
     try:
@@ -1034,7 +1036,8 @@ def _check_tokenizer(cfg: RunConfig) -> None:
         return
     vocab, model_vocab = cfg.tokenizer_vocab_size, cfg.model.vocab_size
     if vocab > model_vocab:
-        raise ConfigError(f"tokenizer.vocab_size ({vocab}) exceeds model.vocab_size ({model_vocab})")
+        raise ConfigError(f"tokenizer.vocab_size ({vocab}) exceeds model.vocab_size ({model_vocab}): lower "
+                          f"tokenizer.vocab_size, or raise model.vocab_size with it")
     least = 256 + len({EOT, *cfg.tokenizer.special_tokens})
     if vocab < least:
         raise ConfigError(f"tokenizer vocab size {vocab} is too small: byte-level BPE needs at least {least} "

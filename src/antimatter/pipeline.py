@@ -308,6 +308,9 @@ def cmd_prepare(cfg: RunConfig, paths: list[str], out: str | None, force: bool) 
 
     out_dir = Path(out)
     _refuse_overlap(out_dir, cfg)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file: give a folder for the prepared data (a new one is made); "
+                        f"nothing was deleted")
     if not owned_by(out_dir, "prepare"):
         raise UserError(f"--out {out_dir} already holds files that `antimatter prepare` did not write: give an "
                         f"empty or new folder (prepare clears its own earlier output there); nothing was deleted")
