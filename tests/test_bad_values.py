@@ -272,3 +272,10 @@ def test_eval_compare_of_well_formed_results_unchanged(tmp_path):
     r = cli("eval", "--compare", "good.json", "good.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "148.40" in r.stdout and "val a bits/byte" in r.stdout and "x.txt bits/byte" in r.stdout
+
+
+def test_a_key_written_twice_in_a_config_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys without a word: `lr: 1` then `lr: 2` is a mistake to name."""
+    (tmp_path / "twice.yaml").write_text("name: x\ntrain:\n  lr: 0.001\n  seed: 3\n  lr: 0.002\n")
+    r = cli("info", "--config", "twice.yaml", cwd=tmp_path)
+    assert_user_error(r, "info", "config file twice.yaml: 'lr' is written twice in one section (again at line 5)")

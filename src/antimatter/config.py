@@ -63,6 +63,19 @@ class _NoAliasLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_mapping(self, node, deep=False):
+        """A key written twice in one mapping is refused: YAML would keep the last one without a word."""
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool):
+                continue  # a list or mapping as a key: the base class refuses it
+            if key in seen:
+                raise ConfigError(f"'{key}' is written twice in one section (again at line "
+                                  f"{key_node.start_mark.line + 1}): keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
 
 def yaml_load(text: str) -> Any:
     """Parse config YAML: safe types only, no aliases."""
@@ -913,7 +926,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                           f"{e.start}): save it as UTF-8") from None
-    except YAMLTooDeep as e:
+    except ConfigError as e:  # too deep, an alias, a key written twice
         raise ConfigError(f"config file {p}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
