@@ -299,6 +299,10 @@ def test_the_users_own_config_in_the_run_folder_is_kept(tmp_path):
     assert saved.startswith("# antimatter:") and "seed: 7" in saved
     assert cli("prepare", "-c", str(mine), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path).returncode == 0
     assert sorted(p.name for p in mine.parent.glob("config.yaml*")) == ["config.yaml", "config.yaml.orig"]
+    mine.write_text(saved.split("\n", 1)[1])  # as written before the header line: rewritten, not kept aside
+    r = cli("prepare", "-c", str(mine), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert r.returncode == 0 and "not written by antimatter" not in r.stderr, r.stderr
+    assert mine.read_text().startswith("# antimatter:") and not (mine.parent / "config.yaml.orig2").exists()
 
 
 def test_a_file_where_a_folder_belongs_is_named_as_a_file(tmp_path):

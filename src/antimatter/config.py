@@ -1079,6 +1079,16 @@ def _divisor_near(n: int, k: int) -> int | None:
     return min([*small, *(n // d for d in small)], key=lambda d: (abs(d - k), d))
 
 
+def _full_dump(text: bytes, full: dict[str, Any]) -> bool:
+    """True for a config file that holds every section, as save_config writes them: one written before the
+    header line existed (a user's own config names a few)."""
+    try:
+        loaded = yaml_load(text.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError, ConfigError):
+        return False
+    return isinstance(loaded, dict) and list(loaded) == list(full)
+
+
 SAVED_CONFIG_HEADER = "# antimatter: the settings this run used, overrides included (rewritten by each command)\n"
 
 
@@ -1087,12 +1097,13 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     user's own, e.g. the one given with -c) is kept beside it as NAME.orig, never overwritten."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = SAVED_CONFIG_HEADER + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    full = config_to_dict(cfg)
+    text = SAVED_CONFIG_HEADER + yaml.safe_dump(full, sort_keys=False)
     if path.is_file():
         old = path.read_bytes()
         if old == text.encode():
             return
-        if old.strip() and not old.startswith(SAVED_CONFIG_HEADER.encode()):
+        if old.strip() and not old.startswith(SAVED_CONFIG_HEADER.encode()) and not _full_dump(old, full):
             keep = path.with_name(path.name + ".orig")
             n = 1
             while keep.exists():
