@@ -182,6 +182,12 @@ def test_wrong_type_names_key_and_value(override, expected):
     assert error_of(None, [override]) == expected
 
 
+@pytest.mark.parametrize("model", ["5", "[quickstart]"])
+def test_a_model_section_that_is_neither_a_name_nor_a_mapping(tmp_path, model):
+    (tmp_path / "c.yaml").write_text(f"name: h\nmodel: {model}\n")
+    assert error_of(tmp_path / "c.yaml").startswith("model: expected a preset name or a mapping of ModelConfig")
+
+
 def test_a_section_set_to_a_value_is_the_override_blamed():
     """`data=3` then a CLI option's `data.workers=1`: the error names `data=3`, not the option's override."""
     assert error_of(None, ["data=3", "data.workers=1"]).startswith("override 'data=3': data is a section")

@@ -839,6 +839,8 @@ def _model_from_dict(data: dict[str, Any] | str | None, recipe: str = "gpt2") ->
         data = {}
     if isinstance(data, str):
         data = {"preset": data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"model: expected a preset name or a mapping of ModelConfig fields, got {_short(data)}")
     data = dict(data)
     preset = data.get("preset")
     base = dict(preset_model(preset, recipe).__dict__) if preset is not None else dict(RECIPES[recipe]["model"])
