@@ -254,3 +254,15 @@ def test_ids_are_checked_against_the_model_vocabulary(tmp_path: Path) -> None:
                                         r"ids"):
         TokenShards(tmp_path, vocab_size=512)
 
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"vocab_size": "many"}'])
+def test_a_damaged_meta_json_is_one_line_for_eval_and_train(base, tmp_path, text):
+    """Cut, not an object, or without a usable vocab_size: a UserError naming the file and the fix, where
+    eval and train raised json's or a KeyError's traceback (and the tokenizer check was silently skipped)."""
+    run = clone(base, tmp_path / "run")
+    (run / "tokens" / "meta.json").write_text(text)
+    with pytest.raises(UserError, match=re.escape(f"{run / 'tokens' / 'meta.json'} is damaged") + f".*{FIX}"):
+        run_eval(eval_cfg(run), run)
+    with pytest.raises(UserError, match=re.escape(f"{run / 'tokens' / 'meta.json'} is damaged") + f".*{FIX}"):
+        train(tiny_config(run, max_steps=6, ckpt_interval=6, eval_interval=0, micro_batch_size=2), run)

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from antimatter.data import SPLITS
 from antimatter.data.records import count_input_bytes, iter_records, split_files, train_files
-from antimatter.errors import UserError
+from antimatter.errors import UserError, shorten
 from antimatter.provenance import provenance, sha256_file
 from antimatter.tokenizer import load_tokenizer
 
@@ -179,13 +179,26 @@ def verify_shard(path: Path, vocab_size: int | None = None) -> dict[str, Any]:
     return h
 
 
+def read_meta(tokens_dir: Path) -> dict[str, Any] | None:
+    """The tokens' meta.json (None where there is none: shards made by hand); one line naming the file and the
+    fix when it is damaged, where json's traceback would name neither."""
+    path = Path(tokens_dir) / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{path} is damaged ({shorten(str(e))}): {FIX_SHARDS}") from None
+    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise UserError(f"{path} is damaged (not an object with a vocab_size): {FIX_SHARDS}")
+    return meta
+
+
 def recorded_tokenizer(tokens_dir: Path) -> str | None:
     """The sha256 of the tokenizer that made the tokens, from meta.json; None where it records none."""
-    try:
-        meta = json.loads((Path(tokens_dir) / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return (meta.get("tokenizer_sha256") if isinstance(meta, dict) else None) or None
+    meta = read_meta(tokens_dir)
+    return (meta.get("tokenizer_sha256") if meta else None) or None
 
 
 def check_tokenizer(tokens_dir: Path, tokenizer_file: Path, tokenizer_sha256: str | None = None) -> None:

@@ -57,7 +57,7 @@ from antimatter.model.gpt import GPT
 from antimatter.model.quantize import INT8_METHOD, int8_copy, require_torchao
 from antimatter.provenance import provenance, sha256_file
 from antimatter.tokenizer import Tokenizer, load_tokenizer
-from antimatter.tokens import TokenShards, check_tokenizer
+from antimatter.tokens import TokenShards, check_tokenizer, read_meta
 
 EVAL_DIR = Path("results/evaluations")
 EVAL_FILE = EVAL_DIR / "final_evaluation.json"
@@ -254,9 +254,9 @@ def _val_section(e: Evaluation) -> tuple[dict, Score, GPT | None]:
     qmodel = None
     if e.ev.int8:
         val["int8"], qmodel = _int8_scores(e, score)
-    meta_path = e.run_dir / "tokens" / "meta.json"
-    if meta_path.is_file() and e.complete_split:
-        meta_bytes = json.loads(meta_path.read_text("utf-8")).get("splits", {}).get("val", {}).get("bytes")
+    meta = read_meta(e.run_dir / "tokens")
+    if meta is not None and e.complete_split:
+        meta_bytes = ((meta.get("splits") or {}).get("val") or {}).get("bytes")
         if meta_bytes is not None:
             val["bytes_of_split_meta_json"] = meta_bytes
             val["bytes_of_split_from_tokens"] = int(e.byte_lens[e.stream].sum())

@@ -23,7 +23,6 @@ from it, so a run gives the same optimisation on any number of processes.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import signal
@@ -52,6 +51,7 @@ from antimatter.tokens import (
     check_tokenizer,
     eval_windows,
     read_header,
+    read_meta,
     recorded_tokenizer,
 )
 from antimatter.train.distributed import (
@@ -197,12 +197,11 @@ class Trainer:
                             "or fp32, or train.parallel=ddp on GPUs without bf16")
 
     def _check_vocab(self) -> None:
-        meta_path = self.tokens_dir / "meta.json"
+        meta = read_meta(self.tokens_dir)
         self.val_bytes_per_token = None  # for val loss in bits per byte (a figure free of the tokenizer)
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            vocab = int(meta["vocab_size"])
-            val = meta.get("splits", {}).get("val", {})
+        if meta is not None:
+            vocab = meta["vocab_size"]
+            val = (meta.get("splits") or {}).get("val") or {}
             self.val_bytes_per_token = float(val.get("bytes_per_token") or 0) or None
         else:
             shards = sorted((self.tokens_dir / "train").glob("*.bin"))
