@@ -363,3 +363,25 @@ def test_resuming_a_checkpoint_of_another_shape_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"checkpoint weights do not fit the model config \(\d+ tensors of another "
                                         r"shape, e.g. transformer\.\S+ \(\d+,( \d+)?\) vs \(\d+,( \d+)?\)\)"):
         train(cfg, run)
+
+
+@pytest.mark.parametrize("change, before, after", [("tie_embeddings", False, True), ("logit_softcap", 0.0, 30.0),
+                                                    ("rope_theta", 10000.0, 500.0)])
+def test_resume_with_another_model_function_is_one_line(tmp_path, change, before, after):
+    """Settings that keep every tensor's shape but change what the weights compute: tying an untied head was
+    a KeyError traceback from the optimizer state, a soft-cap or RoPE base was trained on silently. Dropout
+    may change; RoPE's base is no setting of a model with learned positions."""
+    run = make_tokens(tmp_path / "run")
+    cfg = tiny_config(run, max_steps=4, ckpt_interval=4, eval_interval=0)
+    setattr(cfg.model, change, before)
+    train(cfg, run)
+    cfg = tiny_config(run, max_steps=6, ckpt_interval=6, eval_interval=0)
+    setattr(cfg.model, change, after)
+    if change == "rope_theta":  # the tiny preset has learned positions
+        assert train(cfg, run)["steps"] == 6
+        return
+    with pytest.raises(UserError, match=f"was trained with model.{change}={before}, not {after}: resume with"):
+        train(cfg, run)
+    setattr(cfg.model, change, before)
+    cfg.model.dropout = 0.1
+    assert train(cfg, run)["steps"] == 6

@@ -23,6 +23,7 @@ from it, so a run gives the same optimisation on any number of processes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import signal
@@ -36,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from antimatter import checkpoint as ckpt_io
-from antimatter.config import RunConfig, save_config
+from antimatter.config import ModelConfig, RunConfig, save_config
 from antimatter.device import autocast, resolve_dtype
 from antimatter.errors import UserError
 from antimatter.export import init_weights_from
@@ -168,6 +169,22 @@ class _Signals:
 # ------------------------------------------------------------------------------------------- trainer
 
 
+# model settings that may change on resume: a label, regularisation, how fresh weights are drawn, and the
+# longest context (learned positions change shape with it, which the weights check refuses)
+RESUME_MAY_CHANGE = ("preset", "dropout", "init_std", "zero_init_proj", "block_size")
+
+
+def computed_by(m: ModelConfig) -> dict[str, Any]:
+    """The model settings that decide what its weights compute ("auto" choices resolved): a resume that
+    changes one (a tied head, RoPE's base, the soft-cap) would go on training another function."""
+    out = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in RESUME_MAY_CHANGE}
+    out.update(norm=m.norm_type, position=m.position_type, activation=m.activation_type, n_kv_head=m.kv_heads,
+               d_ff=m.ffn_dim)
+    if m.position_type != "rope":
+        del out["rope_theta"]
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, dist: Dist):
         self.cfg, self.train_cfg, self.run_dir, self.dist = cfg, cfg.train, run_dir, dist
@@ -286,6 +303,8 @@ class Trainer:
             return None, None
         if self.resume_from is not None:
             state = ckpt_io.load_train_state(self.resume_from)  # verifies the manifest first
+            # what the saved weights compute, for _check_resumable on every rank (not written back anywhere)
+            state["_saved_model"] = computed_by(ckpt_io.load_config_from_checkpoint(self.resume_from).model)
             return state, ckpt_io.load_weights(self.resume_from, self.cfg.model.tie_embeddings, verify=False)
         if init_from:
             src, weights = init_weights_from(init_from, self.cfg.model, self.run_dir / "tokenizer" / "tokenizer.json",
@@ -354,7 +373,13 @@ class Trainer:
         self._report_resume(state)
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
-        """The same tokens and the same optimizer as the checkpoint's."""
+        """The same model function, tokens and optimizer as the checkpoint's."""
+        saved, now = state.pop("_saved_model", None), computed_by(self.cfg.model)
+        changed = [k for k in now if saved is not None and k in saved and saved[k] != now[k]]
+        if changed:
+            k = changed[0]
+            raise UserError(f"{self.resume_from} was trained with model.{k}={saved[k]}, not {now[k]}: resume with "
+                            f"the model settings it was trained with, or train a new run (--name NEW)")
         saved_tok = state.get("tokenizer_sha256")
         if saved_tok and self.tokenizer_sha256 and saved_tok != self.tokenizer_sha256:
             raise UserError(f"the training tokens changed since this state was saved: {self.resume_from} was "
