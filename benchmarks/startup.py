@@ -98,6 +98,7 @@ def launch(cmd: list[str], cache: Path, timeout: float) -> tuple[float, float, s
 def time_train(run: Path, cfg_path: Path, cache: Path, timeout: float) -> dict[str, Any]:
     """One `antimatter train` start: launch to the end of the first step, and the trainer's compile time."""
     state = cache_state(cache)
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # this script's run: the last start's end checkpoint
     cmd = [sys.executable, "-m", "antimatter.cli", "train", "--config", str(cfg_path)]
     started, wall, out = launch(cmd, cache, timeout)
     m = FIRST_STEP.search(out)
@@ -130,6 +131,17 @@ def time_generate(run: Path, compiled: bool, new_tokens: int, prompt: str, cache
         first_ms, after_s = float(m[4]), 0.0
     return {"launch_to_first_token_s": round(wall - after_s, 2), "first_token_reported_ms": first_ms,
             "new_tokens": tokens, "exit_s": round(wall, 2), **state}
+
+
+def scratch_run(run: Path, scratch: Path) -> Path:
+    """A run folder of this script's own that reads `run`'s tokens and tokenizer: the timed training starts
+    write checkpoints and logs there, not into the user's run."""
+    scratch.mkdir(parents=True)
+    for name in ("tokens", "tokenizer"):
+        (scratch / name).symlink_to(run / name, target_is_directory=True)
+    if (run / "config.yaml").is_file():
+        shutil.copyfile(run / "config.yaml", scratch / "config.yaml")
+    return scratch
 
 
 def train_config(run: Path, args: argparse.Namespace) -> Path:
@@ -203,10 +215,11 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         run = args.run.resolve() if args.run else make_run(root / "runs", args.model, args.device,
                                                            n_tokens=200_000)
-        cfg_path = train_config(run, args)
+        scratch = scratch_run(run, root / "runs" / "startup_train") if args.run else run
+        cfg_path = train_config(scratch, args)
         what = "train --compile" if args.compile_train else "train"
         rows = [{"what": what, **r} for r in cold_and_warm(
-            lambda c: time_train(run, cfg_path, c, args.timeout), root / "cache_train")]
+            lambda c: time_train(scratch, cfg_path, c, args.timeout), root / "cache_train")]
         for compiled in (False, True):
             rows += [{"what": "generate" + (" --compile" if compiled else ""), **r} for r in cold_and_warm(
                 lambda c, compiled=compiled: time_generate(run, compiled, args.max_new_tokens, args.prompt, c,

@@ -385,3 +385,18 @@ def test_resume_with_another_model_function_is_one_line(tmp_path, change, before
     setattr(cfg.model, change, before)
     cfg.model.dropout = 0.1
     assert train(cfg, run)["steps"] == 6
+
+
+def test_resume_none_in_a_run_with_checkpoints_keeps_them(tmp_path):
+    """train.resume=none wrote its step folders over the earlier ones (and moved `best`/`latest` to them) and
+    cut the metrics log to nothing: the earlier training now moves aside, whole."""
+    run = make_tokens(tmp_path / "run")
+    train(tiny_config(run, max_steps=4, ckpt_interval=4, eval_interval=0), run)
+    weights = (run / "checkpoints" / "step_000004" / "model.safetensors").read_bytes()
+    metrics = (run / "logs" / "metrics.jsonl").read_text()
+    s = train(tiny_config(run, max_steps=4, ckpt_interval=4, eval_interval=0, resume="none", lr=1e-3), run)
+    assert s["steps"] == 4
+    assert (run / "checkpoints.1" / "step_000004" / "model.safetensors").read_bytes() == weights
+    assert (run / "logs.1" / "metrics.jsonl").read_text() == metrics
+    assert (run / "checkpoints" / "step_000004" / "model.safetensors").read_bytes() != weights
+    assert "earlier training is kept in checkpoints.1 and logs.1" in (run / "logs" / "train.log").read_text()

@@ -169,6 +169,8 @@ class _Signals:
 # ------------------------------------------------------------------------------------------- trainer
 
 
+NO_RESUME = ("none", "", "no", "false")  # train.resume values that start afresh
+
 # model settings that may change on resume: a label, regularisation, how fresh weights are drawn, and the
 # longest context (learned positions change shape with it, which the weights check refuses)
 RESUME_MAY_CHANGE = ("preset", "dropout", "init_std", "zero_init_proj", "block_size")
@@ -241,6 +243,23 @@ class Trainer:
         # rank 0's: every rank then takes the same decision on resume
         self.tokenizer_sha256 = broadcast_object(actual or recorded_tokenizer(self.tokens_dir), self.dist)
 
+    def _set_aside_earlier_training(self) -> None:
+        """train.resume=none in a run that has checkpoints: start afresh without writing over them (the step
+        folders, `best`, `latest`) or cutting its metrics log. They move to checkpoints.N and logs.N."""
+        if self.train_cfg.resume not in NO_RESUME or not ckpt_io.list_checkpoints(self.ckpt_root):
+            return
+        n = 1
+        while any((self.run_dir / f"{name}.{n}").exists() for name in ("checkpoints", "logs")):
+            n += 1
+        moved = []
+        for name in ("checkpoints", "logs"):
+            if (self.run_dir / name).exists():
+                (self.run_dir / name).rename(self.run_dir / f"{name}.{n}")
+                moved.append(f"{name}.{n}")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log(f"train.resume=none: this run's earlier training is kept in {' and '.join(moved)} of "
+                 f"{self.run_dir} (nothing deleted); this one starts at step 0")
+
     def log(self, msg: str) -> None:
         """Rank 0: to stderr (above the progress bar) and to logs/train.log."""
         if not self.dist.is_main:
@@ -286,7 +305,7 @@ class Trainer:
 
     def _find_resume(self) -> Path | None:
         resume = self.train_cfg.resume
-        if resume in ("none", "", "no", "false"):
+        if resume in NO_RESUME:
             return None
         if resume == "auto":
             return ckpt_io.find_resume(self.ckpt_root)
@@ -434,6 +453,7 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         if self.dist.is_main:
+            self._set_aside_earlier_training()
             self.log_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
         self.set_up["started"] = time.perf_counter()
