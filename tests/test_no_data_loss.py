@@ -209,7 +209,7 @@ def test_a_stage_that_fails_leaves_its_earlier_output_as_it_was(tmp_path):
     r = cli("tokenizer", *runs, f"tokenizer.from={not_json}", cwd=tmp_path)
     assert_user_error(r, "tokenizer", "not a tokenizer.json")
     assert snapshot(run / "data") == data and snapshot(run / "tokenizer") == tokenizer
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "data", "tokenizer"]  # no scratch left
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "data", "tokenizer", "train.lock"]  # no scratch
     r = cli("tokenize", *runs, "tokenizer.vocab_size=300", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "prepared"
@@ -315,3 +315,19 @@ def test_a_file_where_a_folder_belongs_is_named_as_a_file(tmp_path):
     assert (tmp_path / "out.txt").read_text() == "mine"
     r = cli("prepare", str(corpus), "--config", str(corpus), cwd=tmp_path)
     assert_user_error(r, "prepare", f"--config {corpus} is a folder: give the YAML file")
+
+
+def test_a_data_stage_waits_for_no_training_of_its_run(tmp_path):
+    """While a process holds the run (a training), the data stages refuse instead of replacing the files
+    it reads; after it, they run."""
+    from antimatter.files import exclusive_lock
+
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    runs = ("--runs-dir", str(tmp_path / "runs"), "--name", "exp", "data.val_fraction=0.2")
+    run = tmp_path / "runs" / "exp"
+    with exclusive_lock(run / "train.lock", "a training"):
+        r = cli("prepare", str(corpus), *runs, cwd=tmp_path)
+        assert_user_error(r, "prepare", f"run {run} is in use by pid {os.getpid()}")
+        assert not (run / "data").exists()
+    assert cli("prepare", str(corpus), *runs, cwd=tmp_path).returncode == 0

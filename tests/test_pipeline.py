@@ -177,6 +177,7 @@ def test_eval_reruns_only_when_the_checkpoint_or_its_settings_change(finished_ru
 def test_tokenizer_change_redoes_tokenizer_and_tokenize_only(finished_run, tmp_path, capfd):
     runs = copy_run(finished_run, tmp_path)
     run = runs / "tiny"
+    shutil.rmtree(run / "checkpoints")  # a run with checkpoints keeps its tokenizer (next test)
     data_manifest = (run / "data" / "manifest.json").read_text()
     capfd.readouterr()
     results = run_pipeline(tiny_run_config(runs, finished_run[1], "tokenizer.vocab_size=320"), stages=DATA_STAGES)
@@ -189,13 +190,18 @@ def test_tokenizer_change_redoes_tokenizer_and_tokenize_only(finished_run, tmp_p
     assert json.loads((run / "tokenizer" / "manifest.json").read_text())["config"]["vocab_size"] == 320
 
 
-def test_train_refuses_to_resume_across_a_tokenizer_change(finished_run, tmp_path):
-    """New tokens under old checkpoints: training must not silently continue the old model on other ids."""
+def test_a_run_with_checkpoints_keeps_its_tokenizer(finished_run, tmp_path):
+    """Another tokenizer config for a trained run: refused before anything changes, since the checkpoints are
+    evaluated, sampled and resumed with the tokenizer they were trained with (it was replaced, and training
+    then refused to resume on the new tokens)."""
     runs = copy_run(finished_run, tmp_path)
+    run = runs / "tiny"
+    before = _files(run / "tokenizer"), _files(run / "tokens")
     cfg = tiny_run_config(runs, finished_run[1], "tokenizer.vocab_size=320")
-    with pytest.raises(UserError, match="training tokens changed since this state was saved") as e:
+    with pytest.raises(UserError, match=r"has checkpoints trained with its tokenizer \(latest step_\d+\): a new "
+                                        r"tokenizer would leave them unusable; make it in a new run \(--name NEW\)"):
         run_pipeline(cfg, stages=(*DATA_STAGES, "train"))
-    assert "train.resume=none" in str(e.value)
+    assert (_files(run / "tokenizer"), _files(run / "tokens")) == before
 
 
 def test_prepare_accepts_an_absolute_glob(tmp_path):
@@ -276,6 +282,9 @@ def test_tokenizer_from_a_plain_file_is_redone_when_the_file_changes(finished_ru
     capfd.readouterr()
     assert run_stage("tokenizer", cfg) == {"skipped": True}
     Tokenizer.from_file(str(plain)).save(str(plain), pretty=False)  # other bytes: the stage is redone
+    with pytest.raises(UserError, match="has checkpoints trained with its tokenizer"):
+        run_stage("tokenizer", cfg)  # ... once the run's checkpoints are out of the way
+    shutil.move(run / "checkpoints", tmp_path / "kept-checkpoints")
     again = run_stage("tokenizer", cfg)
     assert again["sha256"] != results["tokenizer"]["sha256"]
     assert (run / "tokenizer" / "tokenizer.json").read_bytes() == plain.read_bytes()

@@ -23,6 +23,7 @@ from typing import Any
 
 from antimatter.config import RunConfig, config_to_dict, save_config
 from antimatter.errors import UserError
+from antimatter.files import exclusive_lock
 from antimatter.manifest import (
     MANIFEST,
     claim,
@@ -192,9 +193,12 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bo
         _log(f"[{stage}] up to date ({out}); use --force to redo")
         return {"skipped": True}
     _refuse_to_clear(out, stage)
+    if stage == "tokenizer" and out.exists():
+        _refuse_to_orphan_checkpoints(run)
     started = time.time()
     _log(f"[{stage}] -> {out}")
-    counts = _build_stage(out, stage, inputs, conf, started, lambda new: _run_stage_into(stage, cfg, new, out))
+    with exclusive_lock(run / "train.lock", f"run {run}"):  # not while a training reads this run's data
+        counts = _build_stage(out, stage, inputs, conf, started, lambda new: _run_stage_into(stage, cfg, new, out))
     _log(f"[{stage}] done in {time.time() - started:.1f}s")
     return counts
 
@@ -211,6 +215,18 @@ def _refuse_to_clear(out: Path, stage: str) -> None:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         raise UserError(f"{out} holds files that `antimatter {stage}` did not write ({', '.join(foreign[:3])}{more}): "
                         f"move them away, then run it again; nothing was deleted")
+
+
+def _refuse_to_orphan_checkpoints(run: Path) -> None:
+    """A new tokenizer for a run that has checkpoints would leave them unusable: each is evaluated, sampled
+    and resumed with the tokenizer it was trained with, and no copy of it is kept elsewhere."""
+    from antimatter.checkpoint import list_checkpoints  # here: torch
+
+    found = list_checkpoints(run / "checkpoints")
+    if found:
+        raise UserError(f"{run} has checkpoints trained with its tokenizer (latest {found[-1].name}): a new "
+                        f"tokenizer would leave them unusable; make it in a new run (--name NEW), or move "
+                        f"{run / 'checkpoints'} away first; nothing was changed")
 
 
 def _build_stage(out: Path, stage: str, inputs: dict[str, str], conf: dict[str, Any], started: float,
