@@ -157,7 +157,7 @@ def test_resume_refuses_a_checkpoint_trained_with_another_tokenizer(base: dict[s
     cfg = tiny_config(run, max_steps=8, micro_batch_size=2)
     run_tokenize(cfg, run / "data", run / "tokenizer", run / "tokens")
     with pytest.raises(UserError, match=r"step_000004 was trained on tokens of another tokenizer .*"
-                                        r"train\.resume=none"):
+                                        r"train a new run \(--name NEW\)"):
         train(cfg, run)
 
 

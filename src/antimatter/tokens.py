@@ -483,7 +483,7 @@ class TokenWindows:
         if int(d["num_windows"]) != self.num_windows:
             raise UserError(f"the training tokens changed since this state was saved ({d['num_windows']:,} "
                             f"windows then, {self.num_windows:,} now in {self.tokens.split_dir}): resume with "
-                            f"the same tokens and train.seq_len, or start a new run (train.resume=none)")
+                            f"the same tokens and train.seq_len, or train a new run (--name NEW)")
         self.epoch, self.pos, self.seed = int(d["epoch"]), int(d["pos"]), int(d["seed"])
         self._perm_epoch = -1
 

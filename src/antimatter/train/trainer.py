@@ -404,12 +404,12 @@ class Trainer:
             raise UserError(f"the training tokens changed since this state was saved: {self.resume_from} was "
                             f"trained on tokens of another tokenizer (sha256 {saved_tok[:12]}) than those in "
                             f"{self.tokens_dir} (made by {self.tokenizer_sha256[:12]}): resume with the "
-                            f"tokens and tokenizer it was trained on, or start a new run (train.resume=none)")
+                            f"tokens and tokenizer it was trained on, or train a new run (--name NEW)")
         saved_opt, optimizer = state.get("optimizer_name", "adamw"), self.train_cfg.optimizer
         if saved_opt != optimizer:
             raise UserError(f"{self.resume_from} was trained with train.optimizer={saved_opt}, not "
-                            f"{optimizer}: resume with train.optimizer={saved_opt}, or start a new run from "
-                            f"its weights with train.init_from={self.resume_from} train.resume=none")
+                            f"{optimizer}: resume with train.optimizer={saved_opt}, or train a new run from "
+                            f"its weights (--name NEW train.init_from={self.resume_from})")
 
     def _restore_optimizers(self, optim_sd: dict[str, Any]) -> None:
         """The checkpoint's state (moments, momentum buffers, step counts) with this config's hyperparameters:
