@@ -400,3 +400,11 @@ def test_resume_none_in_a_run_with_checkpoints_keeps_them(tmp_path):
     assert (run / "logs.1" / "metrics.jsonl").read_text() == metrics
     assert (run / "checkpoints" / "step_000004" / "model.safetensors").read_bytes() != weights
     assert "earlier training is kept in checkpoints.1 and logs.1" in (run / "logs" / "train.log").read_text()
+
+
+def test_max_steps_zero_on_a_fresh_run_is_an_error_not_a_finished_run(tmp_path):
+    run = make_tokens(tmp_path / "run")
+    with pytest.raises(UserError, match="train.max_steps is 0 and train.max_minutes is off: nothing would be "
+                                        "trained"):
+        train(tiny_config(run, max_steps=0), run)
+    assert not ck.list_checkpoints(run / "checkpoints")

@@ -458,6 +458,9 @@ class Trainer:
             save_config(self.cfg, self.run_dir / "config.yaml")
         self.set_up["started"] = time.perf_counter()
         self._build()
+        if self.step == 0 and self.max_steps == 0:  # a fresh run: "already complete at step 0" would be wrong
+            raise UserError("train.max_steps is 0 and train.max_minutes is off: nothing would be trained; set "
+                            "train.max_steps (e.g. 1000) or train.max_minutes")
         if self.dist.is_main:
             trim_metrics(self.log_dir / "metrics.jsonl", self.step)
         self.eval_batches = self._eval_batches()
