@@ -237,6 +237,17 @@ def test_export_import_run_round_trip(tokenizer_file, tmp_path):
         import_hf(out, new_run)
 
 
+def test_export_names_a_checkpoint_of_the_run_by_its_step_folder(tokenizer_file, tmp_path, monkeypatch):
+    """`export --run RUN --checkpoint step_000010`, as eval and generate take it: the name is the run's step
+    folder, not a path from the current folder."""
+    run, _ = _make_run(tmp_path, tokenizer_file)
+    monkeypatch.chdir(tmp_path)
+    out = export_hf(run, tmp_path / "hf", checkpoint="step_000010")
+    assert "step_000010" in (out / "README.md").read_text()
+    with pytest.raises(UserError, match="checkpoint 'step_000099' not found in .*: use best, latest or a step"):
+        export_hf(run, tmp_path / "hf2", checkpoint="step_000099")
+
+
 def test_cli_export_and_import(tokenizer_file, tmp_path, capsys):
     from antimatter.cli import main
 

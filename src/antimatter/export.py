@@ -868,12 +868,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", dtype: str = "fp32") -> Path:
-    """`antimatter export`: a run's checkpoint (best, latest or a checkpoint folder) -> Hugging Face folder,
-    with the run's tokenizer, data statistics and evaluation figures in the card."""
+    """`antimatter export`: a run's checkpoint (best, latest, a step folder name of the run, or a checkpoint
+    folder) -> Hugging Face folder, with the run's tokenizer, data statistics and evaluation figures in the
+    card."""
     run_dir = Path(run_dir)
     if dtype not in DTYPES:
         raise UserError(f"unknown export dtype '{dtype}': choose fp32, fp16 or bf16")
-    if checkpoint in ("best", "latest"):
+    if checkpoint in ("best", "latest") or not Path(checkpoint).is_dir():  # or a step folder name in the run
         if not run_dir.is_dir():
             raise UserError(f"run folder not found: {run_dir} (pass --run RUN or --name NAME)")
         model, run_cfg, ckpt_dir = load_model(run_dir, checkpoint)
