@@ -235,6 +235,12 @@ def test_export_import_run_round_trip(tokenizer_file, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(UserError, match="already has checkpoints"):
         import_hf(out, new_run)
+    prepared = tmp_path / "prepared-run"  # a run folder with data and its own tokenizer, no checkpoints yet
+    (prepared / "tokenizer").mkdir(parents=True)
+    (prepared / "tokenizer" / "tokenizer.json").write_text('{"another": "tokenizer"}')
+    with pytest.raises(UserError, match="already has another tokenizer .*: choose a new --out folder; nothing"):
+        import_hf(out, prepared)
+    assert (prepared / "tokenizer" / "tokenizer.json").read_text() == '{"another": "tokenizer"}'
 
 
 def test_export_names_a_checkpoint_of_the_run_by_its_step_folder(tokenizer_file, tmp_path, monkeypatch):

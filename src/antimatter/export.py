@@ -944,10 +944,14 @@ def import_hf(hf_source: str | Path, out_run_dir: str | Path) -> Path:
     model = load_hf_model(hf_dir)
     if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise UserError(f"{out} already has checkpoints: choose a new --out folder")
+    tok = hf_dir / "tokenizer.json"
+    mine = out / "tokenizer" / "tokenizer.json"
+    if tok.is_file() and mine.is_file() and mine.read_bytes() != tok.read_bytes():
+        raise UserError(f"{out} already has another tokenizer ({mine}), which its tokens were made with: choose "
+                        f"a new --out folder; nothing was changed")
     cfg = RunConfig(name=out.name, runs_dir=str(out.parent))
     cfg.model = model.cfg
     out.mkdir(parents=True, exist_ok=True)
-    tok = hf_dir / "tokenizer.json"
     if tok.is_file():
         (out / "tokenizer").mkdir(exist_ok=True)
         shutil.copyfile(tok, out / "tokenizer" / "tokenizer.json")
