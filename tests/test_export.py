@@ -254,6 +254,14 @@ def test_export_names_a_checkpoint_of_the_run_by_its_step_folder(tokenizer_file,
         export_hf(run, tmp_path / "hf2", checkpoint="step_000099")
 
 
+def test_export_of_a_run_without_its_tokenizer_says_so(tokenizer_file, tmp_path, capsys):
+    run, _ = _make_run(tmp_path, tokenizer_file)
+    (run / "tokenizer" / "tokenizer.json").unlink()
+    out = export_hf(run, tmp_path / "hf")
+    assert not (out / "tokenizer.json").exists()
+    assert "has no tokenizer" in capsys.readouterr().err
+
+
 def test_cli_export_and_import(tokenizer_file, tmp_path, capsys):
     from antimatter.cli import main
 

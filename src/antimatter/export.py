@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -892,6 +893,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best"
     if ev:  # which checkpoint the figures belong to: eval writes {"checkpoint": {"path": ...}}
         which = ev.get("checkpoint")
         card["evaluation_checkpoint"] = which.get("path") if isinstance(which, dict) else which
+    if not tok.is_file():
+        print(f"warning: {run_dir} has no tokenizer ({tok}): the export holds the model only, and "
+              f"AutoTokenizer.from_pretrained cannot load it", file=sys.stderr)
     out = export_model(model, out_dir, dtype, tok if tok.is_file() else None, card)
     size = (out / "model.safetensors").stat().st_size
     print(f"exported {run_dir.name} ({Path(ckpt_dir).name}, {model.num_params():,} params, {dtype}) -> {out} "
