@@ -259,7 +259,10 @@ def test_export_of_a_run_without_its_tokenizer_says_so(tokenizer_file, tmp_path,
     (run / "tokenizer" / "tokenizer.json").unlink()
     out = export_hf(run, tmp_path / "hf")
     assert not (out / "tokenizer.json").exists()
-    assert "has no tokenizer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no tokenizer" in err and "earlier export" not in err
+    export_hf(run, tmp_path / "hf")  # again into the same folder: said
+    assert "held an earlier export; its files are replaced" in capsys.readouterr().err
 
 
 def test_cli_export_and_import(tokenizer_file, tmp_path, capsys):

@@ -584,6 +584,8 @@ def export_model(model: GPT, out_dir: str | Path, dtype: str = "fp32", tokenizer
         if n_tok > cfg.vocab_size:
             raise UserError(f"vocab mismatch: the tokenizer has {n_tok} tokens but the model's vocab_size is "
                             f"{cfg.vocab_size}: export with the tokenizer the model was trained with")
+    if (out_dir / "model.safetensors").is_file():  # an earlier export, replaced: said, not done silently
+        print(f"note: {out_dir} held an earlier export; its files are replaced by this one", file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
     eot = _eot_id(tokenizer_file)
     tensors = to_hf_state_dict(model, torch_dtype)
