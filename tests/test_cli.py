@@ -99,6 +99,9 @@ def test_stage_before_its_input_exists(tmp_path):
 def test_generate_on_missing_run(tmp_path):
     r = cli("generate", "--run", str(tmp_path / "missing"), "--prompt", "hi", cwd=tmp_path)
     assert_user_error(r, "generate", f"run folder {tmp_path / 'missing'} does not exist", "--run")
+    (tmp_path / "afile").write_text("not a run")
+    r = cli("generate", "--run", str(tmp_path / "afile"), "--prompt", "hi", cwd=tmp_path)
+    assert_user_error(r, "generate", f"run folder {tmp_path / 'afile'} is a file, not a run folder", "--run")
 
 
 def test_eval_on_run_without_checkpoints(tmp_path):

@@ -408,6 +408,8 @@ def test_non_overlapping_val_matches_eval_windows(tiny_run: Path) -> None:
 def test_compare_runs_needs_evaluations(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="run `antimatter eval --run"):
         compare_runs([tmp_path])
+    with pytest.raises(UserError, match="--compare .*nope: no such run folder or evaluation file: check the path"):
+        compare_runs([tmp_path / "nope"])
 
 
 # ----------------------------------------------------------------------------------------- bad runs

@@ -92,7 +92,8 @@ def run_generate(cfg: RunConfig, run_dir: Path, prompt: str | None = None) -> in
     """One prompt, or an interactive session, with the settings of `cfg.generate` (checkpoint, device, compile,
     int8, threads and sampling); a null generate.device runs where the run trained (train.device)."""
     if not Path(run_dir).is_dir():
-        raise UserError(f"run folder {run_dir} does not exist: pass --run PATH of a trained run "
+        what = "is a file, not a run folder" if Path(run_dir).exists() else "does not exist"
+        raise UserError(f"run folder {run_dir} {what}: pass --run PATH of a trained run "
                         f"(or train one with `antimatter quickstart`)")
     llm = LLM.from_config(run_dir, cfg, device_setting="--device" if cfg.generate.device else None)
     s = llm.settings
