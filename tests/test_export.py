@@ -222,6 +222,9 @@ def test_export_import_run_round_trip(tokenizer_file, tmp_path):
 
     run, model = _make_run(tmp_path, tokenizer_file)
     out = export_hf(run, tmp_path / "hf", checkpoint="best", dtype="fp32")
+    for folder, beside in ((out, "config.json"), (run / "checkpoints" / "step_000010", "config.yaml")):
+        mode = (folder / "model.safetensors").stat().st_mode & 0o777  # safetensors wrote 0o600
+        assert mode == (folder / beside).stat().st_mode & 0o777, oct(mode)
     card = (out / "README.md").read_text()
     assert "| kept_docs | 77 |" in card and "| val.bits_per_byte | 3.25 |" in card and "Note" not in card
     assert (out / "tokenizer.json").is_file()

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from antimatter.config import ModelConfig, RunConfig, config_from_dict, config_to_dict, yaml_load
 from antimatter.errors import UserError, shorten
+from antimatter.files import as_created_here
 from antimatter.model.gpt import GPT
 from antimatter.model.shapes import (
     check_model_config,
@@ -135,6 +136,7 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     weights = weights_for_saving(model_state, cfg.model.tie_embeddings)
     try:
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
+        as_created_here(tmp / WEIGHTS)
         if os.environ.get(CRASH_ENV) == str(step):  # test hook: die with a half-written checkpoint
             os.kill(os.getpid(), signal.SIGKILL)
         torch.save(train_state, tmp / STATE)

@@ -43,7 +43,7 @@ from antimatter.checkpoint import (
 from antimatter.config import ModelConfig, RunConfig, save_config
 from antimatter.device import DTYPES
 from antimatter.errors import UserError, shorten
-from antimatter.files import atomic_write_text
+from antimatter.files import as_created_here, atomic_write_text
 from antimatter.model.gpt import GPT
 from antimatter.model.shapes import (
     MAX_SIZE,
@@ -591,6 +591,7 @@ def export_model(model: GPT, out_dir: str | Path, dtype: str = "fp32", tokenizer
     tensors = to_hf_state_dict(model, torch_dtype)
     tmp = out_dir / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    as_created_here(tmp)
     os.replace(tmp, out_dir / "model.safetensors")
     atomic_write_text(out_dir / "config.json", json.dumps(hf_config(cfg, torch_dtype, eot, eot), indent=2) + "\n")
     gen = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "do_sample": False}

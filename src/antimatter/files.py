@@ -36,6 +36,15 @@ def walk_entries(folder: str | Path, hidden: bool = True) -> Iterator[Path]:
         yield from (Path(root) / n for n in sorted(names) if hidden or not n.startswith("."))
 
 
+def as_created_here(path: str | Path) -> None:
+    """Give a file the permissions of one made with open() (0o666 less the umask): safetensors writes its
+    files 0o600, so others on the machine (a shared group, a web server of the Hub folder) could not read them
+    while every file beside them can be."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write through a temp file and rename, so a reader (or a crash) never sees half a file."""
     path = Path(path)
