@@ -361,7 +361,8 @@ def test_compare_warns_when_tokenizers_or_val_sets_differ(tiny_run: Path, tmp_pa
     other = build_tiny_run(tmp_path, steps=5, name="other", vocab_size=360)  # another tokenizer
     run_eval(eval_cfg(other, *quick), other)
     first = compare_runs([tiny_run, other]).splitlines()[0]
-    assert first.startswith("warning: these runs used different tokenizers") and "not comparable" in first
+    assert first.startswith("warning: these runs used different tokenizers")
+    assert "loss and perplexity are not comparable; bits per byte is" in first  # bits per byte: no tokenizer
     assert "val sets" in first  # other ids for the same text
 
 

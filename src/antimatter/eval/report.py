@@ -580,7 +580,8 @@ def comparability_warning(evals: list[tuple[str, dict]]) -> str | None:
     tokenizers (sha256), or None when they match: then their figures are measured on the same thing."""
     parts = []
     toks = [(name, _dig(e, ("tokenizer", "sha256"))) for name, e in evals]
-    if len({str(t) for _, t in toks}) > 1:
+    toks_differ = len({str(t) for _, t in toks}) > 1
+    if toks_differ:
         parts.append("tokenizers (" + ", ".join(f"{n} sha256 {_short(t)}" for n, t in toks) + ")")
     hashed = all(isinstance(_dig(e, ("val", "tokens_sha256")), str) for _, e in evals)
     # an evaluation written before the scored tokens were hashed: its val shards' hashes stand in, but a
@@ -602,6 +603,9 @@ def comparability_warning(evals: list[tuple[str, dict]]) -> str | None:
                     f"and byte counts, but their shard files differ, so that they hold the same tokens is not "
                     f"verified (re-run `antimatter eval` to hash them)")
         return None
+    if toks_differ:  # bits per byte is free of the tokenizer: it still compares where the val text is the same
+        return (f"warning: these runs used different {' and '.join(parts)}: loss and perplexity are not "
+                f"comparable; bits per byte is, if they scored the same val text")
     return f"warning: these runs used different {' and '.join(parts)}: their figures are not comparable"
 
 
