@@ -991,15 +991,15 @@ def _refuse_value_for_section(parts: list[str], value: Any, item: Override) -> N
     a value)."""
     if isinstance(value, dict) or (parts == ["model"] and isinstance(value, str)):
         return
+    key = ".".join(parts)
     try:
-        section = dataclasses.is_dataclass(setting_type(".".join(parts)))
+        kind = setting_type(key)
     except ConfigError:  # an unknown key: validation names it, with the keys it could be
         return
-    if section:
+    if dataclasses.is_dataclass(kind):
         shown = item if isinstance(item, str) else f"{item[0]}={item[1]}"
-        key = ".".join(parts)
         raise ConfigError(f"override '{shown}': {key} is a section, not a value: set one of its keys "
-                          f"(e.g. {key}.{dataclasses.fields(setting_type(key))[0].name}=...)")
+                          f"(e.g. {key}.{dataclasses.fields(kind)[0].name}=...)")
 
 
 # ---------------------------------------------------------------------------------------- validation

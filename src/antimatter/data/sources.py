@@ -154,10 +154,12 @@ def sources_from_paths(paths: list[str]) -> list[SourceConfig]:
         if Path(p).is_file() or Path(p).is_dir():
             det = detect_format(Path(p))
             fmt = det if det in FORMATS else "auto"
-        name, n = source_name(p), 1
-        while any(s.name == name for s in out):  # A/docs and B/docs: two sources, each with its own statistics
+        base = name = source_name(p)
+        taken = {s.name for s in out}
+        n = 1
+        while name in taken:  # A/docs and B/docs: two sources, each with its own statistics
             n += 1
-            name = f"{source_name(p)}-{n}"
+            name = f"{base}-{n}"
         out.append(SourceConfig(path=p, name=name, format=fmt))
     return out
 

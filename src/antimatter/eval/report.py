@@ -617,9 +617,9 @@ def compare_runs(run_dirs: list[Path]) -> str:
         raise UserError("no runs to compare: pass --compare RUN_A RUN_B ...")
     evals = []
     for r in map(Path, run_dirs):
-        path = r / EVAL_FILE if r.is_dir() else r
         if not r.exists():
             raise UserError(f"--compare {r}: no such run folder or evaluation file: check the path")
+        path = r / EVAL_FILE if r.is_dir() else r
         if not path.is_file():
             raise UserError(f"no final_evaluation.json for {r}: run `antimatter eval --run {r}` first")
         try:

@@ -256,7 +256,7 @@ class Trainer:
             if (self.run_dir / name).exists():
                 (self.run_dir / name).rename(self.run_dir / f"{name}.{n}")
                 moved.append(f"{name}.{n}")
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True)  # the log line below starts this run's own logs/
         self.log(f"train.resume=none: this run's earlier training is kept in {' and '.join(moved)} of "
                  f"{self.run_dir} (nothing deleted); this one starts at step 0")
 
@@ -393,8 +393,8 @@ class Trainer:
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
         """The same model function, tokens and optimizer as the checkpoint's."""
-        saved, now = state.pop("_saved_model", None), computed_by(self.cfg.model)
-        changed = [k for k in now if saved is not None and k in saved and saved[k] != now[k]]
+        saved, now = state.pop("_saved_model", None) or {}, computed_by(self.cfg.model)
+        changed = [k for k in now if k in saved and saved[k] != now[k]]
         if changed:
             k = changed[0]
             raise UserError(f"{self.resume_from} was trained with model.{k}={saved[k]}, not {now[k]}: resume with "
