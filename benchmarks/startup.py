@@ -133,6 +133,31 @@ def time_generate(run: Path, compiled: bool, new_tokens: int, prompt: str, cache
             "new_tokens": tokens, "exit_s": round(wall, 2), **state}
 
 
+def time_eval(run: Path, cache: Path, timeout: float, eval_tokens: int) -> dict[str, Any]:
+    """One `antimatter eval` start with its decode-speed part compiled (eval.speed_compile=true, the only part
+    of eval that compiles): launch to exit. Perplexity reads at most `eval_tokens` val tokens and the
+    continuation scores 4 documents, so the figure is the start-up and the compile, not the scoring."""
+    state = cache_state(cache)
+    cmd = [sys.executable, "-m", "antimatter.cli", "eval", "--run", str(run), f"eval.max_eval_tokens={eval_tokens}",
+           "eval.continuation_docs=4", "eval.plots=false", "eval.speed_compile=true"]
+    _, wall, _ = launch(cmd, cache, timeout)
+    return {"launch_to_exit_s": round(wall, 2), "exit_s": round(wall, 2), **state}
+
+
+def profile_start(cli_args: list[str], cache: Path, out: Path, timeout: float) -> None:
+    """One more (warm) start of `antimatter CLI_ARGS` under cProfile: its stats in OUT.prof and the 40
+    functions with the most cumulative time in OUT.txt, to see where a warm start's seconds go. Not timed:
+    the profiler slows Python down."""
+    import pstats
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    launch([sys.executable, "-m", "cProfile", "-o", f"{out}.prof", "-m", "antimatter.cli", *cli_args], cache,
+           timeout)
+    with open(f"{out}.txt", "w") as f:
+        pstats.Stats(f"{out}.prof", stream=f).sort_stats("cumulative").print_stats(40)
+    print(f"profile of a warm `antimatter {cli_args[0]}`: {out}.txt")
+
+
 def scratch_run(run: Path, scratch: Path) -> Path:
     """A run folder of this script's own that reads `run`'s tokens and tokenizer: the timed training starts
     write checkpoints and logs there, not into the user's run."""
@@ -174,12 +199,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"{'what':<20} {'start':<5} {'to first step/token':>20} {'compile_s':>10} {'exit_s':>8} "
           f"{'cache before':>16}")
     for r in rows:
-        first = r.get("launch_to_first_step_s", r.get("launch_to_first_token_s"))
+        first = r.get("launch_to_first_step_s", r.get("launch_to_first_token_s", r.get("launch_to_exit_s")))
         compile_s = f"{r['compile_seconds']:.2f}" if "compile_seconds" in r else "-"
         print(f"{r['what']:<20} {r['start']:<5} {first:>19.2f}s {compile_s:>10} {r['exit_s']:>7.2f}s "
               f"{r['cache_files']:>6} files {r['cache_mib']:>4.0f}M")
-    print("train: launch to the end of the first optimizer step (the trainer's wall clock); generate: launch "
-          "to exit minus the reported time of the tokens after the first (shutdown included)")
+    print("train: launch to the end of the first optimizer step (the trainer's wall clock); eval: launch to exit; "
+          "generate: launch to exit minus the reported time of the tokens after the first (shutdown included)")
     for r in rows:
         if "set_up_s" in r:
             print(f"{r['what']}, {r['start']}: {r['before_set_up_s']:.1f}s interpreter, imports and checks, then "
@@ -201,8 +226,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train without torch.compile (the start-up of eager training)")
     p.add_argument("--prompt", default="The quick brown fox")
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--eval-tokens", type=int, default=32768, help="val tokens the eval start scores")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one start may take")
+    p.add_argument("--only", nargs="+", default=["train", "generate", "eval"], choices=["train", "generate", "eval"],
+                   help="which starts to time (default all three)")
     p.add_argument("--json", type=Path, help="write the rows and provenance here")
+    p.add_argument("--profile", type=Path, help="also profile one more warm train and generate --compile start "
+                                                "(cProfile) into this folder")
     return p.parse_args(argv)
 
 
@@ -211,26 +241,47 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows: list[dict[str, Any]] = []
+
+    def measure(what: str, start_once, cache: Path) -> None:
+        """Cold and warm starts of one kind; the rows so far are printed and saved after each kind, so a
+        benchmark cut by a time limit keeps what it measured."""
+        rows.extend({"what": what, **r} for r in cold_and_warm(start_once, cache))
+        print_table(rows)
+        if args.json:
+            result = {"rows": rows, "settings": {k: str(v) if isinstance(v, Path) else v
+                                                 for k, v in vars(args).items()},
+                      "provenance": provenance(args.device)}
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1))
+
     with tempfile.TemporaryDirectory(prefix="am_startup_") as tmp:
         root = Path(tmp)
         run = args.run.resolve() if args.run else make_run(root / "runs", args.model, args.device,
                                                            n_tokens=200_000)
         scratch = scratch_run(run, root / "runs" / "startup_train") if args.run else run
         cfg_path = train_config(scratch, args)
-        what = "train --compile" if args.compile_train else "train"
-        rows = [{"what": what, **r} for r in cold_and_warm(
-            lambda c: time_train(scratch, cfg_path, c, args.timeout), root / "cache_train")]
-        for compiled in (False, True):
-            rows += [{"what": "generate" + (" --compile" if compiled else ""), **r} for r in cold_and_warm(
-                lambda c, compiled=compiled: time_generate(run, compiled, args.max_new_tokens, args.prompt, c,
-                                                           args.timeout),
-                root / f"cache_generate{'_compile' if compiled else ''}")]
-    print_table(rows)
-    if args.json:
-        result = {"rows": rows, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                  "provenance": provenance(args.device)}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        if "train" in args.only:
+            measure("train --compile" if args.compile_train else "train",
+                    lambda c: time_train(scratch, cfg_path, c, args.timeout), root / "cache_train")
+            if args.profile:
+                profile_start(["train", "--config", str(cfg_path)], root / "cache_train",
+                              args.profile / "train_warm", args.timeout)
+        elif not args.run:  # generate and eval read a checkpoint: an uncompiled training, not timed, writes one
+            launch([sys.executable, "-m", "antimatter.cli", "train", "--config", str(cfg_path), "train.compile=false"],
+                   root / "cache_untimed", args.timeout)
+        for compiled in (False, True) if "generate" in args.only else ():
+            measure("generate" + (" --compile" if compiled else ""),
+                    lambda c, compiled=compiled: time_generate(run, compiled, args.max_new_tokens, args.prompt, c,
+                                                               args.timeout),
+                    root / f"cache_generate{'_compile' if compiled else ''}")
+        if args.profile and "generate" in args.only:
+            profile_start(["generate", "--run", str(run), "--prompt", args.prompt, "--max-new-tokens",
+                           str(args.max_new_tokens), "--compile"], root / "cache_generate_compile",
+                          args.profile / "generate_compile_warm", args.timeout)
+        if "eval" in args.only:
+            measure("eval (speed_compile)", lambda c: time_eval(scratch, c, args.timeout, args.eval_tokens),
+                    root / "cache_eval")
 
 
 if __name__ == "__main__":

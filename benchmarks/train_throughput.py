@@ -39,7 +39,7 @@ NANOGPT_COMMIT = "93a43d9a5c22450bbf06e78da2cb6eeef084b717"  # karpathy/nanoGPT;
 NANOGPT_MODEL = Path(__file__).parent / "peers" / "nanogpt" / "model.py"
 NANOGPT_HINT = (f"git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT && git -C /tmp/nanoGPT checkout "
                 f"{NANOGPT_COMMIT[:8]} && mkdir -p {NANOGPT_MODEL.parent} && cp /tmp/nanoGPT/model.py {NANOGPT_MODEL}")
-SEQ = {"seed-300m": 2048, "gpt2-124m": 1024, "tiny": 64, "quickstart": 128}
+SEQ = {"seed-1.3b": 2048, "seed-300m": 2048, "gpt2-124m": 1024, "tiny": 64, "quickstart": 128}
 
 
 def measured_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
