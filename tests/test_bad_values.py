@@ -96,6 +96,11 @@ def test_every_numeric_setting_has_a_range_that_its_default_satisfies():
     ("generate.top_p=1.5", ["generate.top_p must be in [0, 1], got 1.5"]),
     ("train.device=banana", ["train.device 'banana' is not a device", "auto, cpu, cuda, cuda:N or mps"]),
     ("eval.device=cuda:x", ["eval.device 'cuda:x' is not a device"]),
+    ("train.device=xla", ["train.device 'xla' is not a device AntiMatter runs on", "cuda:N or mps"]),
+    ("train.device=hpu", ["train.device 'hpu' is not a device AntiMatter runs on"]),
+    ("eval.device=meta", ["eval.device 'meta' is not a device AntiMatter runs on"]),
+    ("model.preset=5", ["model.preset: expected a preset name (tiny, ", "got 5"]),
+    ("train.max_nonfinite=0", ["train.max_nonfinite must be positive, got 0"]),
     ("model.d_model=100000000003", ["model.d_model (100000000003) must be divisible by model.n_head (12)"]),
 ])
 def test_out_of_range_settings_are_refused_before_any_work(tmp_path, override, fragments):

@@ -164,6 +164,12 @@ def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
     assert "lr" in msg and "max_steps" in msg
 
 
+def test_a_key_that_is_a_number_is_named_not_a_traceback(tmp_path):
+    """YAML reads `1: 2` as an integer key: the close-match search over names raised a TypeError."""
+    assert error_of(write(tmp_path, "name: r\n1: 2\n")).startswith("unknown config key '1': valid keys: recipe")
+    assert error_of(write(tmp_path, "train:\n  7: 1\n")).startswith("unknown config key 'train.7': valid keys")
+
+
 @pytest.mark.parametrize("override, expected", [
     ("train.micro_batch_size=abc", "train.micro_batch_size: expected an integer, got 'abc'"),
     ("train.max_steps=1.5", "train.max_steps: expected an integer, got 1.5"),

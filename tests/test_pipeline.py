@@ -204,6 +204,22 @@ def test_a_run_with_checkpoints_keeps_its_tokenizer(finished_run, tmp_path):
     assert (_files(run / "tokenizer"), _files(run / "tokens")) == before
 
 
+def test_new_data_for_a_run_with_checkpoints_is_refused_before_the_data_changes(finished_run, tmp_path):
+    """More sources for a trained run: prepare replaced the run's data, then the tokenizer stage refused with
+    "nothing was changed" though the data no longer matched the tokens. Refused before prepare now."""
+    runs = copy_run(finished_run, tmp_path)
+    run = runs / "tiny"
+    more = write_corpus(tmp_path / "more", docs=12, seed=5)
+    before = _files(run / "data")
+    cfg = tiny_run_config(runs, finished_run[1],
+                          f"data.sources=[{{path: '{finished_run[1]}'}}, {{path: '{more}'}}]")
+    with pytest.raises(UserError, match=r"has checkpoints trained with its tokenizer \(latest step_\d+\): new data "
+                                        r"\(and so a new tokenizer\) would leave them unusable; make it in a new "
+                                        r"run \(--name NEW\).*nothing was changed"):
+        run_pipeline(cfg, stages=(*DATA_STAGES, "train"))
+    assert _files(run / "data") == before
+
+
 def test_prepare_accepts_an_absolute_glob(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", docs=12)
     cfg = tiny_run_config(tmp_path / "runs", corpus, f"data.sources=[{{path: '{corpus}/*.txt'}}]")

@@ -402,6 +402,25 @@ def test_resume_none_in_a_run_with_checkpoints_keeps_them(tmp_path):
     assert "earlier training is kept in checkpoints.1 and logs.1" in (run / "logs" / "train.log").read_text()
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"init_from": "no-such-run"}, "no checkpoints found at no-such-run"),
+    ({"compile": True, "compile_backend": "nonexistent"}, "train.compile_backend 'nonexistent' is not a torch"),
+])
+def test_a_refused_fresh_start_moves_nothing_aside(tmp_path, bad, message):
+    """train.resume=none moved the earlier checkpoints and logs aside before train.init_from was read and the
+    step compiled: a start refused there left the run with no checkpoints at all, and each retry moved them
+    again (checkpoints.2, ...). The move now waits until the start is accepted."""
+    run = make_tokens(tmp_path / "run")
+    train(tiny_config(run, max_steps=4, ckpt_interval=4, eval_interval=0), run)
+    before = sorted(p.name for p in run.iterdir())
+    log = (run / "logs" / "train.log").read_text()
+    with pytest.raises(UserError, match=message):
+        train(tiny_config(run, max_steps=4, eval_interval=0, resume="none", **bad), run)
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert ck.list_checkpoints(run / "checkpoints")
+    assert (run / "logs" / "train.log").read_text().startswith(log)  # the refused start's lines appended
+
+
 def test_max_steps_zero_on_a_fresh_run_is_an_error_not_a_finished_run(tmp_path):
     run = make_tokens(tmp_path / "run")
     with pytest.raises(UserError, match="train.max_steps is 0 and train.max_minutes is off: nothing would be "

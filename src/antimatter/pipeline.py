@@ -163,7 +163,8 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bo
         check_prepared_folder(cfg.data_dir)  # refused before the run folder is made
     if int(os.environ.get("RANK", "0")) == 0:
         run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
+        if stage != "train":  # the trainer saves it once the start is accepted: a refused one changes nothing
+            save_config(cfg, run / "config.yaml")
     if stage == "train":
         _require(run / "tokens" / "meta.json", "token shards", "tokenize")
         if not model_checked:
@@ -194,7 +195,9 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bo
         return {"skipped": True}
     _refuse_to_clear(out, stage)
     if stage == "tokenizer" and out.exists():
-        _refuse_to_orphan_checkpoints(run)
+        _refuse_to_orphan_checkpoints(run, "a new tokenizer")
+    if stage == "prepare" and not cfg.tokenizer.from_ and out.exists():  # new data: a new tokenizer next
+        _refuse_to_orphan_checkpoints(run, "new data (and so a new tokenizer)")
     started = time.time()
     _log(f"[{stage}] -> {out}")
     with exclusive_lock(run / "train.lock", f"run {run}"):  # not while a training reads this run's data
@@ -217,15 +220,16 @@ def _refuse_to_clear(out: Path, stage: str) -> None:
                         f"move them away, then run it again; nothing was deleted")
 
 
-def _refuse_to_orphan_checkpoints(run: Path) -> None:
+def _refuse_to_orphan_checkpoints(run: Path, change: str) -> None:
     """A new tokenizer for a run that has checkpoints would leave them unusable: each is evaluated, sampled
-    and resumed with the tokenizer it was trained with, and no copy of it is kept elsewhere."""
+    and resumed with the tokenizer it was trained with, and no copy of it is kept elsewhere. New data in
+    such a run (unless it adopts a tokenizer) leads there too, so it is refused before the data is replaced."""
     from antimatter.checkpoint import list_checkpoints  # here: torch
 
     found = list_checkpoints(run / "checkpoints")
     if found:
-        raise UserError(f"{run} has checkpoints trained with its tokenizer (latest {found[-1].name}): a new "
-                        f"tokenizer would leave them unusable; make it in a new run (--name NEW), or move "
+        raise UserError(f"{run} has checkpoints trained with its tokenizer (latest {found[-1].name}): {change} "
+                        f"would leave them unusable; make it in a new run (--name NEW), or move "
                         f"{run / 'checkpoints'} away first; nothing was changed")
 
 

@@ -29,6 +29,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from antimatter.compile_cache import describe, use_compile_cache
 from antimatter.config import TrainConfig
 from antimatter.device import DTYPES
+from antimatter.errors import UserError
 from antimatter.model.accel import enable_fp8_training
 from antimatter.train.distributed import Dist
 
@@ -102,8 +103,12 @@ def apply_ddp(model: nn.Module, dist: Dist) -> nn.Module:
 def apply_compile(module: nn.Module, train_cfg: TrainConfig) -> nn.Module:
     """torch.compile with train.compile_backend; inductor's coordinate-descent tuning with
     train.compile_tuning."""
+    import torch._dynamo
     import torch._inductor.config as inductor_config
 
+    if train_cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UserError(f"train.compile_backend '{train_cfg.compile_backend}' is not a torch.compile backend: use "
+                        f"inductor (eager or aot_eager to debug a compile problem), or train.compile=false")
     # set either way: a process that trains twice (tests, notebooks) does not keep the last run's tuning
     inductor_config.coordinate_descent_tuning = train_cfg.compile_tuning
     return torch.compile(module, backend=train_cfg.compile_backend)

@@ -207,6 +207,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.meter: Meter | None = None  # from the start of the loop
         self.set_up: dict[str, float] = {}  # set-up phase -> perf_counter at its end (logged before the loop)
+        # train.log lines of the set-up, held until the run folder is ready for this start (_open_run_folder)
+        self._held_log: list[str] | None = []
 
     # ---------------------------------------------------------------------------------- checks
     def _check_settings(self) -> None:
@@ -265,8 +267,21 @@ class Trainer:
         if not self.dist.is_main:
             return
         tqdm.write(msg, file=sys.stderr)
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n"
+        if self._held_log is not None:
+            self._held_log.append(line)
+            return
         with open(self.log_dir / "train.log", "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+            f.write(line)
+
+    def _write_held_log(self) -> None:
+        """The set-up's log lines into logs/train.log: this start's (after _set_aside_earlier_training), or,
+        for a start refused during its set-up, the run's current log."""
+        held, self._held_log = self._held_log, None
+        if held and self.dist.is_main:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_dir / "train.log", "a", encoding="utf-8") as f:
+                f.writelines(held)
 
     # ---------------------------------------------------------------------------------- set-up
     def _build(self) -> None:
@@ -452,15 +467,18 @@ class Trainer:
             return self._fit()
 
     def _fit(self) -> dict[str, Any]:
-        if self.dist.is_main:
-            self._set_aside_earlier_training()
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
         self.set_up["started"] = time.perf_counter()
-        self._build()
-        if self.step == 0 and self.max_steps == 0:  # a fresh run: "already complete at step 0" would be wrong
-            raise UserError("train.max_steps is 0 and train.max_minutes is off: nothing would be trained; set "
-                            "train.max_steps (e.g. 1000) or train.max_minutes")
+        try:
+            self._build()
+            if self.step == 0 and self.max_steps == 0:  # a fresh run: "already complete at step 0" is wrong
+                raise UserError("train.max_steps is 0 and train.max_minutes is off: nothing would be trained; "
+                                "set train.max_steps (e.g. 1000) or train.max_minutes")
+            if self.dist.is_main:  # only now: a start refused above (init_from, compile backend) moves nothing
+                self._set_aside_earlier_training()
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                save_config(self.cfg, self.run_dir / "config.yaml")
+        finally:
+            self._write_held_log()
         if self.dist.is_main:
             trim_metrics(self.log_dir / "metrics.jsonl", self.step)
         self.eval_batches = self._eval_batches()
