@@ -473,8 +473,81 @@ def test_unexportable_configs(tmp_path):
         export_model(make_model("gpt2-tied"), tmp_path, dtype="int8")
     assert not (tmp_path / "model.safetensors").exists()
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="already holds other files \\(e.g. notes.txt\\)"):
+    with pytest.raises(UserError, match="holds files that are not from an earlier AntiMatter export \\(notes.txt\\)"):
         export_model(make_model("gpt2-tied"), tmp_path)
+
+
+USER_FILES = {  # a user's file with an export's name, in a folder that holds no earlier export
+    "README.md": "my notes\n",
+    "config.json": '{"my": "settings"}\n',
+    "tokenizer.json": '{"version": "1.0"}\n',
+    "model.safetensors": "weights of my own\n",
+}
+
+
+@pytest.mark.parametrize("names", [["README.md"], ["config.json"], ["tokenizer.json"], ["model.safetensors"],
+                                   ["config.json", "model.safetensors"]], ids="+".join)
+def test_export_refuses_to_replace_files_it_did_not_write(tmp_path, names):
+    """A file that merely has an export's name (README.md, config.json, ...) is the user's: only an earlier
+    export's files are replaced, and a transformers config.json is not ours (no "antimatter" section)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in names:
+        (out / name).write_text(USER_FILES[name])
+    with pytest.raises(UserError) as e:
+        export_model(make_model("gpt2-tied"), out)
+    msg = str(e.value)
+    assert "\n" not in msg and all(name in msg for name in names)
+    assert msg.endswith("choose a new or empty folder for --out, or remove those files")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {name: USER_FILES[name] for name in names}
+
+
+def test_cli_export_refuses_a_folder_with_the_users_readme(tokenizer_file, tmp_path, capsys):
+    """The reported case: `antimatter export --out mydir` where mydir holds the user's README.md."""
+    from antimatter.cli import main
+
+    run, _ = _make_run(tmp_path, tokenizer_file)
+    mydir = tmp_path / "mydir"
+    mydir.mkdir()
+    (mydir / "README.md").write_text("my notes\n")
+    assert main(["export", "--run", str(run), "--out", str(mydir)]) == 2
+    assert "README.md" in capsys.readouterr().err
+    assert [p.name for p in mydir.iterdir()] == ["README.md"] and (mydir / "README.md").read_text() == "my notes\n"
+
+
+def test_reexport_replaces_an_earlier_export_but_keeps_the_users_files(tmp_path, capsys):
+    out = export_model(make_model("gpt2-tied"), tmp_path / "hf")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not from an earlier AntiMatter export \\(notes.txt\\)"):
+        export_model(make_model("llama-gqa-untied"), out)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    export_model(make_model("llama-gqa-untied"), out)
+    assert "held an earlier export; its files are replaced" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_a_second_export_into_a_folder_in_use_is_refused(tmp_path):
+    """Two exports into one folder at once would leave one's weights beside the other's config: while an
+    export holds the folder (its lock, `.NAME.lock` beside the folder, held here by another process), a
+    second is refused and writes nothing. The lock is not in the folder, so it is no foreign file there."""
+    from subprocess import PIPE
+
+    out = tmp_path / "hf"
+    code = ("import sys\nfrom antimatter.files import exclusive_lock\n"
+            "with exclusive_lock(sys.argv[1], 'an export'):\n    print('held', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / ".hf.lock")], stdin=PIPE, stdout=PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UserError, match=f"export folder .*hf is in use by pid {holder.pid} "):
+            export_model(make_model("gpt2-tied"), out)
+        assert not out.exists()
+    finally:
+        holder.communicate("", timeout=60)  # end of its stdin: it lets go of the lock and exits
+    export_model(make_model("gpt2-tied"), out)
+    export_model(make_model("gpt2-tied"), out)  # again: the lock beside the folder is no file of the user's
+    assert (tmp_path / ".hf.lock").is_file() and not any(p.name.endswith(".lock") for p in out.iterdir())
 
 
 def test_reexport_replaces_stale_tokenizer(tokenizer_file, tmp_path):

@@ -18,6 +18,7 @@ A training run can also start from such a folder: `train.init_from=DIR` (`init_w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from antimatter.checkpoint import (
 from antimatter.config import ModelConfig, RunConfig, save_config
 from antimatter.device import DTYPES
 from antimatter.errors import UserError, shorten
-from antimatter.files import as_created_here, atomic_write_text
+from antimatter.files import as_created_here, atomic_write_text, exclusive_lock
 from antimatter.model.gpt import GPT
 from antimatter.model.shapes import (
     MAX_SIZE,
@@ -560,10 +562,49 @@ def model_card(model: GPT, arch: str, dtype: torch.dtype, card: dict[str, Any] |
     return "\n".join(lines)
 
 
+def _holds_earlier_export(out_dir: Path) -> bool:
+    """Whether `out_dir` holds an export of ours: model.safetensors beside a config.json with the "antimatter"
+    section that only `export_model` writes. A file that merely has an export's name is the user's."""
+    if not (out_dir / "model.safetensors").is_file():
+        return False
+    try:
+        hf = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # missing, unreadable, not UTF-8 or not JSON: not ours
+        return False
+    return isinstance(hf, dict) and isinstance(hf.get("antimatter"), dict)
+
+
+def _check_export_folder(out_dir: Path) -> bool:
+    """True when `out_dir` holds an earlier export, whose files this one replaces. Any other file refuses the
+    export before anything is written: it is the user's (a README.md or config.json of theirs too), and
+    transformers would read stale shards or tokenizer files beside ours."""
+    names = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    earlier = _holds_earlier_export(out_dir)
+    theirs = [name for name in names if not (earlier and name in EXPORT_FILES)]
+    if theirs:
+        listed = ", ".join(shorten(name) for name in theirs[:3]) + (f" and {len(theirs) - 3} more"
+                                                                     if len(theirs) > 3 else "")
+        raise UserError(f"export folder {out_dir} holds files that are not from an earlier AntiMatter export "
+                        f"({listed}): choose a new or empty folder for --out, or remove those files")
+    return earlier
+
+
+@contextlib.contextmanager
+def _export_lock(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir` for one export: a second export into it at the same time would leave one's weights beside
+    the other's config. The lock is `.NAME.lock` beside the folder, not in it, so the folder holds only the
+    export's files; a link to the folder takes the lock of the folder it names."""
+    real = out_dir.resolve()
+    with exclusive_lock(real.parent / f".{real.name}.lock", f"export folder {out_dir}",
+                        fix="wait for that export to end, or give another --out folder"):
+        yield
+
+
 def export_model(model: GPT, out_dir: str | Path, dtype: str = "fp32", tokenizer_file: Path | None = None,
                  card: dict[str, Any] | None = None) -> Path:
     """Write `model` as a Hugging Face folder: config.json, model.safetensors, generation_config.json,
-    tokenizer files (when `tokenizer_file` is given) and a README.md model card."""
+    tokenizer files (when `tokenizer_file` is given) and a README.md model card. The folder must be new, empty
+    or an earlier export (replaced, and said so); it is held for the export, so a second one is refused."""
     if dtype not in DTYPES:
         raise UserError(f"unknown export dtype '{dtype}': choose fp32, fp16 or bf16")
     torch_dtype = DTYPES[dtype]
@@ -572,10 +613,6 @@ def export_model(model: GPT, out_dir: str | Path, dtype: str = "fp32", tokenizer
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"export folder {out_dir} is a file: choose a folder path for --out")
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES) if out_dir.is_dir() else []
-    if foreign:  # transformers would read stale shards or tokenizer files next to ours
-        raise UserError(f"export folder {out_dir} already holds other files (e.g. {foreign[0]}): choose a new or "
-                        "empty folder for --out")
     if tokenizer_file is not None:
         tokenizer_file = Path(tokenizer_file)
         if not tokenizer_file.is_file():
@@ -584,8 +621,17 @@ def export_model(model: GPT, out_dir: str | Path, dtype: str = "fp32", tokenizer
         if n_tok > cfg.vocab_size:
             raise UserError(f"vocab mismatch: the tokenizer has {n_tok} tokens but the model's vocab_size is "
                             f"{cfg.vocab_size}: export with the tokenizer the model was trained with")
-    if (out_dir / "model.safetensors").is_file():  # an earlier export, replaced: said, not done silently
-        print(f"note: {out_dir} held an earlier export; its files are replaced by this one", file=sys.stderr)
+    with _export_lock(out_dir):
+        if _check_export_folder(out_dir):  # replaced: said, not done silently
+            print(f"note: {out_dir} held an earlier export; its files are replaced by this one", file=sys.stderr)
+        _write_export(model, out_dir, torch_dtype, arch, tokenizer_file, card)
+    return out_dir
+
+
+def _write_export(model: GPT, out_dir: Path, torch_dtype: torch.dtype, arch: str, tokenizer_file: Path | None,
+                  card: dict[str, Any] | None) -> None:
+    """The export's files, each written whole (temp file, then rename) so a reader never sees half a file."""
+    cfg = model.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
     eot = _eot_id(tokenizer_file)
     tensors = to_hf_state_dict(model, torch_dtype)
@@ -602,7 +648,6 @@ def export_model(model: GPT, out_dir: str | Path, dtype: str = "fp32", tokenizer
         for name in TOKENIZER_FILES:
             (out_dir / name).unlink(missing_ok=True)
     atomic_write_text(out_dir / "README.md", model_card(model, arch, torch_dtype, card))
-    return out_dir
 
 
 # --------------------------------------------------------------------------------------------- import

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,10 +17,12 @@ import zstandard
 from antimatter.errors import UserError
 
 
-def walk_entries(folder: str | Path, hidden: bool = True) -> Iterator[Path]:
+def walk_entries(folder: str | Path, hidden: bool = True,
+                 prune: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Every entry under `folder` that is not a folder (files, and FIFOs, sockets or dangling links for the
     caller to sort out), in sorted order, through links to folders too, each folder once: a link loop ends
-    there. A folder that cannot be read is a UserError, not a silently shorter list."""
+    there. A folder that cannot be read is a UserError, not a silently shorter list. A folder below `folder`
+    for which `prune` is true is not entered."""
 
     def unreadable(e: OSError) -> None:
         raise UserError(f"cannot read the folder {e.filename} ({e.strerror}): make it readable, or move it out "
@@ -32,7 +35,8 @@ def walk_entries(folder: str | Path, hidden: bool = True) -> Iterator[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if hidden or not d.startswith("."))
+        dirs[:] = [d for d in sorted(dirs) if (hidden or not d.startswith("."))
+                   and not (prune is not None and prune(Path(root) / d))]
         yield from (Path(root) / n for n in sorted(names) if hidden or not n.startswith("."))
 
 
@@ -102,25 +106,29 @@ def open_zstd(raw: BinaryIO, name: str | Path) -> io.BufferedReader:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on `path` for the block, or raise a UserError naming the process that holds it.
-    flock locks end with their process, so a killed holder (kill -9) leaves no stale lock behind; they hold
-    between processes of one machine (and across machines on file systems that support flock)."""
+def exclusive_lock(path: str | Path, what: str,
+                   fix: str = "wait for it to end or stop it (or use another run name)") -> Iterator[None]:
+    """Hold an exclusive lock on `path` for the block, or raise a UserError naming the process that holds it
+    (and `fix`, what to do). flock locks end with their process, so a killed holder (kill -9) leaves no stale
+    lock behind; they hold between processes of one machine (and across machines on file systems that
+    support flock)."""
     try:
         import fcntl
     except ImportError:  # no flock on this platform: no lock
         yield
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where a folder of the path should be: say that, not "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-            raise UserError(f"{what} is in use by {holder}: wait for it to end or stop it (or use another run "
-                            f"name); the lock is {path}") from None
+            raise UserError(f"{what} is in use by {holder}: {fix}; the lock is {path}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
                   .encode(), 0)
