@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from antimatter.config import RunConfig, SourceConfig, validate
 from antimatter.data.prepare import run_prepare
+from antimatter.data.records import iter_records, split_files
 from antimatter.data.sample import SENTENCES
 from antimatter.data.sources import sources_from_paths
 from antimatter.data.stats import check_invariant
@@ -180,3 +182,37 @@ def test_broken_compressed_input_is_one_error_naming_the_file(tmp_path, name, pa
         prepare([str(corpus)], tmp_path / "out")
     msg = str(e.value)
     assert name in msg and "\n" not in msg and ("copy it again" in msg or "write or copy" in msg), msg
+
+
+def records_of(out: Path) -> list[dict]:
+    return [rec for split in ("train", "val") for f in split_files(out / split) for rec, _ in iter_records(f)]
+
+
+def test_a_file_name_that_is_not_utf8_is_kept_and_named_with_escapes(tmp_path):
+    """The bytes of a name that is not UTF-8 (held by Python as lone surrogates) crashed the record writer:
+    the document is kept, named with \\xNN escapes in its id, its source name, rejects.log and the statistics."""
+    folder = tmp_path / "weird"
+    folder.mkdir()
+    try:
+        (folder / os.fsdecode(b"bad\xffname.txt")).write_text(PROSE)
+    except OSError:
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    (folder / os.fsdecode(b"bin\xfe.txt")).write_bytes(b"not \x00 text")
+    alone = tmp_path / os.fsdecode(b"alone\xff.txt")
+    alone.write_text(" ".join(SENTENCES[10:18]))
+    stats = prepare([str(folder), str(alone)], tmp_path / "out")
+    assert {r["id"] for r in records_of(tmp_path / "out")} == {"weird/bad\\xffname.txt", "alone\\xff/alone\\xff.txt"}
+    assert set(stats["sources"]) == {"weird", "alone\\xff"}
+    log = (tmp_path / "out" / "rejects.log").read_text(encoding="utf-8")
+    assert f"{tmp_path}/weird/bin\\xfe.txt: read.binary_file" in log
+
+
+def test_lone_surrogates_in_json_ids_and_texts_are_replaced_and_counted(tmp_path):
+    """JSON "\\ud800" escapes give strings that have no UTF-8 bytes: written as U+FFFD (the text counted as
+    invalid UTF-8 is), not a crash of the record writer."""
+    text = json.dumps(" ".join(SENTENCES[:8]) + " \ud800 the end.")
+    path = write_jsonl(tmp_path / "s.jsonl", [b'{"id": "a\\udc80b", "text": ' + text.encode() + b"}", good(12)])
+    stats = prepare([str(path)], tmp_path / "out")
+    assert stats["total"]["cleaned"]["invalid_utf8"] == 1
+    recs = {r["id"]: r["text"] for r in records_of(tmp_path / "out")}
+    assert set(recs) == {"a\ufffdb", "d12"} and recs["a\ufffdb"].endswith("\ufffd the end.")

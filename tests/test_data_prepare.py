@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from test_cli import assert_user_error, cli
 
 from antimatter.config import RunConfig, SourceConfig, load_config
-from antimatter.data.prepare import run_prepare
+from antimatter.data.prepare import output_lock, run_prepare
 from antimatter.data.sample import SENTENCES, write_sample_corpus, write_tech_docs
 from antimatter.data.sources import sources_from_paths
 from antimatter.data.stats import check_invariant
@@ -207,3 +208,44 @@ def test_prepare_gives_the_same_output_in_every_process(tmp_path):
     first = prepared(1)
     assert first and any(k.startswith("train") for k in first)
     assert prepared(2) == first
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_second_prepare_into_the_same_out_folder_is_refused(tmp_path):
+    """Two prepares writing one --out folder at once deleted each other's files (one crashed, the other said
+    it succeeded while its shards were gone): while one holds the folder, a second is refused at once, with
+    one line naming the holder, and the folder is left as it was. Its lock lies beside the folder."""
+    corpus = write_sample_corpus(tmp_path / "corpus")
+    out = tmp_path / "pc"
+    assert cli("prepare", str(corpus / "books"), "--out", str(out), cwd=tmp_path).returncode == 0
+    before = snapshot(out)
+    with output_lock(out):  # as a prepare writing into it holds it
+        r = cli("prepare", str(corpus / "books"), "--out", str(out), cwd=tmp_path)
+        assert_user_error(r, "prepare", f"--out {out} is in use by pid {os.getpid()}",
+                          "another `antimatter prepare` is writing it")
+        run_prepare(make_cfg([str(corpus / "books")]), out)  # the holder itself may write it
+    assert snapshot(out).keys() == before.keys()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pc.lock", "corpus", "pc"]
+
+
+def test_the_folders_of_runs_are_never_read_as_a_source(tmp_path):
+    """A source `.` that holds runs/ reads none of the runs' files (config, lock, prepared shards): they are
+    skipped with a note. A run folder that is the source folder itself is refused before anything is read."""
+    text = write_sample_corpus(tmp_path / "text") / "books"
+    for name in ("exp", "exp2"):
+        r = cli("prepare", ".", "--name", name, cwd=text)
+        assert r.returncode == 0, r.stderr
+    books = {p.name for p in text.iterdir() if p.is_file()}
+    ids = {rec["id"].removeprefix("folder/") for s in ("train", "val") for rec in read_split(text / "runs/exp2/data" / s)}
+    assert ids and ids <= books, ids - books
+    assert "skipped 2 folders in . that antimatter wrote" in r.stderr
+
+    (tmp_path / "c.yaml").write_text(f"data:\n  sources:\n    - path: {text}\n")
+    r = cli("prepare", "-c", "c.yaml", "--runs-dir", str(text.parent), "--name", "books", cwd=tmp_path)
+    assert_user_error(r, "prepare", f"{text} lies in {text}, which this prepare writes",
+                      "another --name or --runs-dir")
+    assert not (text / "data").exists()
+    assert not (text / "config.yaml").exists() and not (text / "train.lock").exists()  # refused before the run

@@ -178,3 +178,22 @@ def test_two_input_folders_with_the_same_name_stay_two_sources(tmp_path):
         (tmp_path / part / "docs" / "x.txt").write_text("text")
     names = [s.name for s in sources_from_paths([str(tmp_path / p / "docs") for p in ("A", "B", "C")])]
     assert names == ["docs", "docs-2", "docs-3"]
+
+
+def test_folders_antimatter_wrote_are_skipped_inside_a_source(tmp_path, capsys):
+    """A prepared folder or a run folder under an input folder holds shards, configs and locks, not text: the
+    walk skips them, by the marks the stages and save_config leave. A user's own config.yaml is read."""
+    from antimatter.config import save_config
+    from antimatter.manifest import claim
+
+    folder = tmp_path / "d"
+    (folder / "notes").mkdir(parents=True)
+    (folder / "a.txt").write_text("mine")
+    (folder / "notes" / "config.yaml").write_text("my: settings\n")
+    claim(folder / "pc", "prepare")
+    (folder / "pc" / "shard.txt").write_text("prepared")
+    save_config(RunConfig(), folder / "runs" / "exp" / "config.yaml")
+    (folder / "runs" / "exp" / "notes.txt").write_text("the run's")
+    docs = docs_of(SourceConfig(path=str(folder), name="d"))
+    assert [d.data for d in docs] == [b"mine", b"my: settings\n"]
+    assert f"skipped 2 folders in {folder} that antimatter wrote" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +52,17 @@ def foreign_files(out_dir: str | Path) -> list[str]:
             if rel not in listed]
 
 
-def hash_paths(paths: list[str | Path], root: str | Path | None = None) -> dict[str, str]:
+def hash_paths(paths: list[str | Path], root: str | Path | None = None,
+               prune: Callable[[Path], bool] | None = None) -> dict[str, str]:
     """sha256 of every file under the given files/folders, keyed by path (relative to `root` if given).
-    A stage folder contributes its manifest only: that already lists the hashes of what it wrote."""
+    A stage folder contributes its manifest only: that already lists the hashes of what it wrote. Folders
+    below a given one for which `prune` is true are left out (those prepare does not read)."""
     out: dict[str, str] = {}
     for p in map(Path, paths):
         if p.is_dir() and (p / MANIFEST).is_file():
             files = [p / MANIFEST]
         elif p.is_dir():  # what prepare reads: through links to folders too
-            files = [f for f in walk_entries(p) if f.is_file()]
+            files = [f for f in walk_entries(p, prune=prune) if f.is_file()]
         elif p.is_file():
             files = [p]
         else:

@@ -47,6 +47,7 @@ def _source_fingerprints(cfg: RunConfig) -> dict[str, str]:
     """What the prepare stage reads. The embedded corpus is named by interpreter, budget and the shipped
     books' hash: hashing the whole standard library on every run would cost more than it protects."""
     from antimatter.data import default_corpus  # here: the stage's modules load when a stage runs
+    from antimatter.data.sources import written_by_antimatter
 
     out: dict[str, str] = {}
     for src in cfg.data.sources:
@@ -56,7 +57,7 @@ def _source_fingerprints(cfg: RunConfig) -> dict[str, str]:
         files = _source_paths(src.path)
         if not files:
             raise UserError(f"data source '{src.path}' does not exist: fix data.sources[].path")
-        out.update(hash_paths(files))
+        out.update(hash_paths(files, prune=written_by_antimatter))  # the run folders prepare skips too
     return out
 
 
@@ -161,6 +162,10 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bo
                         f"without torchrun first, then `torchrun ... -m antimatter.cli train`")
     if cfg.data.prepared and stage in ("prepare", "tokenizer", "tokenize"):
         check_prepared_folder(cfg.data_dir)  # refused before the run folder is made
+    if stage == "prepare" and not cfg.data.prepared:
+        from antimatter.data.sources import refuse_sources_inside
+
+        refuse_sources_inside(cfg.data.sources, run)  # before the run folder is made in the user's source
     if int(os.environ.get("RANK", "0")) == 0:
         run.mkdir(parents=True, exist_ok=True)
         if stage != "train":  # the trainer saves it once the start is accepted: a refused one changes nothing
@@ -324,7 +329,7 @@ def cmd_prepare(cfg: RunConfig, paths: list[str], out: str | None, force: bool) 
     if out is None:
         run_stage("prepare", cfg, force=force)
         return 0
-    from antimatter.data.prepare import run_prepare  # here: 2 s of imports
+    from antimatter.data.prepare import output_lock, run_prepare  # here: 2 s of imports
 
     out_dir = Path(out)
     _refuse_overlap(out_dir, cfg)
@@ -334,12 +339,13 @@ def cmd_prepare(cfg: RunConfig, paths: list[str], out: str | None, force: bool) 
     if not owned_by(out_dir, "prepare"):
         raise UserError(f"--out {out_dir} already holds files that `antimatter prepare` did not write: give an "
                         f"empty or new folder (prepare clears its own earlier output there); nothing was deleted")
-    claim(out_dir, "prepare")
-    started = time.time()
-    inputs = _source_fingerprints(cfg)
-    counts = run_prepare(cfg, out_dir)
-    write_manifest(out_dir, "prepare", inputs, config_to_dict(cfg.data), counts=_summary_counts(counts),
-                   started=started)
+    with output_lock(out_dir):  # the manifest too: a second prepare into it is refused until it is written
+        claim(out_dir, "prepare")
+        started = time.time()
+        inputs = _source_fingerprints(cfg)
+        counts = run_prepare(cfg, out_dir)
+        write_manifest(out_dir, "prepare", inputs, config_to_dict(cfg.data), counts=_summary_counts(counts),
+                       started=started)
     return 0
 
 

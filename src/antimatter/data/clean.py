@@ -18,6 +18,7 @@ import ftfy.badness
 
 from antimatter.config import SourceConfig
 from antimatter.data.filters import code_block_lines
+from antimatter.data.records import valid_unicode
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]")
 _UNICODE_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
@@ -38,9 +39,11 @@ def looks_like_mojibake(text: str) -> bool:
 
 
 def decode(data: bytes | str) -> tuple[str, bool]:
-    """UTF-8 text and whether invalid bytes had to be replaced."""
+    """UTF-8 text and whether invalid bytes had to be replaced. Text read as str (JSON, Parquet) may hold lone
+    surrogates ("\\ud800" escapes), which have no UTF-8 bytes either: they are replaced and counted alike."""
     if isinstance(data, str):
-        return data, False
+        fixed = data if data.isascii() else valid_unicode(data)
+        return fixed, fixed != data
     try:
         return data.decode("utf-8"), False
     except UnicodeDecodeError:

@@ -44,7 +44,16 @@ from antimatter.data.clean import clean_text, decode
 from antimatter.data.dedup import Deduper, Signer, exact_key
 from antimatter.data.filters import QualityFilter, describe, guess_kind
 from antimatter.data.records import SHARD_GLOB, RecordShardWriter, RecordWriter, RejectWriter, iter_records
-from antimatter.data.sources import BadInput, RawDoc, ReadProgress, Unit, expand_sources, read_unit
+from antimatter.data.sources import (
+    BadInput,
+    RawDoc,
+    ReadProgress,
+    Unit,
+    expand_sources,
+    path_text,
+    read_unit,
+    refuse_sources_inside,
+)
 from antimatter.data.split import (
     TAIL_MIN_BYTES,
     TAIL_SUFFIX,
@@ -55,6 +64,7 @@ from antimatter.data.split import (
 )
 from antimatter.data.stats import SourceStats, check_invariant, removal_report, summary_table
 from antimatter.errors import UserError
+from antimatter.files import exclusive_lock
 from antimatter.provenance import provenance
 
 TMP_DIR = ".prepare-tmp"
@@ -404,7 +414,7 @@ def _problem_lines(units: list[Unit], results: list[UnitResult]) -> list[str]:
     for unit, res in zip(units, results):
         lines.extend(res.log)
         if res.log_dropped:
-            lines.append(f"{unit.path}: ... and {res.log_dropped} more problems not listed")
+            lines.append(f"{path_text(unit.path)}: ... and {res.log_dropped} more problems not listed")
     return lines
 
 
@@ -643,13 +653,52 @@ def _clear_outputs(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
+_LOCKED: set[Path] = set()  # the output folders whose lock this process holds
+
+
+@contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the output folder `out_dir` for the block: a second prepare writing into it at the same time
+    would delete the first one's temporary files and shards. The lock is `.NAME.lock` beside the folder, not
+    in it, so it is no foreign file there; a caller that also writes the folder's manifest may hold it
+    around run_prepare too (held once per process)."""
+    real = Path(out_dir).resolve()
+    if real in _LOCKED:
+        yield
+        return
+    with exclusive_lock(real.parent / f".{real.name}.lock", f"--out {out_dir}",
+                        fix="another `antimatter prepare` is writing it; wait for that to end, or give another "
+                            "--out folder"):
+        _LOCKED.add(real)
+        try:
+            yield
+        finally:
+            _LOCKED.discard(real)
+
+
 def run_prepare(cfg: RunConfig, out_dir: Path, shown_as: Path | None = None) -> dict:
     """Prepare the corpus of `cfg.data` into `out_dir`; returns (and writes) the statistics. Earlier output
     there is cleared only once some document survived. `shown_as`: the folder named in the summary, where
-    `out_dir` is a scratch folder that takes its place afterwards."""
+    `out_dir` is a scratch folder that takes its place afterwards (the caller's, under the run's lock);
+    without it `out_dir` is written in place, held by `output_lock`."""
+    out_dir = Path(out_dir)
+    if shown_as is not None:
+        return _prepare(cfg, out_dir, shown_as)
+    with output_lock(out_dir):
+        return _prepare(cfg, out_dir, out_dir)
+
+
+def _writes_into(cfg: RunConfig, final: Path) -> Path:
+    """The folder a prepare into `final` writes: its run folder when `final` lies in one (the run's config.yaml
+    and train.lock are there too), else `final` itself."""
+    final, run = final.resolve(), cfg.run_dir.resolve()
+    return run if final.is_relative_to(run) else final
+
+
+def _prepare(cfg: RunConfig, out_dir: Path, shown_as: Path) -> dict:
     t_start = time.perf_counter()
     data = cfg.data
-    out_dir = Path(out_dir)
+    refuse_sources_inside(data.sources, _writes_into(cfg, shown_as))
     units = expand_sources(data.sources, data.default_corpus_bytes)
     workers = resolve_workers(data.workers, len(units))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -678,5 +727,5 @@ def run_prepare(cfg: RunConfig, out_dir: Path, shown_as: Path | None = None) -> 
     timing["wall_s"] = time.perf_counter() - t_start
     stats = _statistics(plan.per_source, results, outputs, log_lines, data, timing)
     (out_dir / "dataset_statistics.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
-    _print_summary(stats, shown_as or out_dir, len(log_lines))
+    _print_summary(stats, shown_as, len(log_lines))
     return stats

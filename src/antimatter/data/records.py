@@ -41,8 +41,13 @@ def valid_unicode(text: str) -> str:
 
 
 def encode_record(rec: dict[str, Any]) -> bytes:
-    """One record as its line: compact JSON, non-ASCII kept as UTF-8, newline-terminated."""
-    return json.dumps(rec, ensure_ascii=False).encode() + b"\n"
+    """One record as its line: compact JSON, non-ASCII kept as UTF-8, newline-terminated. A lone surrogate (an
+    input's JSON "\\ud800" escape in an id) has no UTF-8 bytes: it is written as U+FFFD, not a crash."""
+    line = json.dumps(rec, ensure_ascii=False)
+    try:
+        return line.encode() + b"\n"
+    except UnicodeEncodeError:
+        return valid_unicode(line).encode() + b"\n"
 
 
 class RecordWriter:

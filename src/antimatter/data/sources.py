@@ -24,7 +24,7 @@ from pathlib import Path
 
 import zstandard
 
-from antimatter.config import SourceConfig
+from antimatter.config import SAVED_CONFIG_HEADER, SourceConfig
 from antimatter.data import default_corpus
 from antimatter.errors import UserError, shorten
 from antimatter.files import open_zstd, walk_entries
@@ -41,6 +41,7 @@ DEFAULT_SLICE_BYTES = 2_000_000
 UNIT_BYTES = 4_000_000  # files smaller than this are grouped into units of about this size ...
 UNIT_FILES = 2_000  # ... and at most this many files
 _SHARD_SUFFIX = re.compile(r"[-_.](\d{3,}|train|val|valid|test|part-?\d+)$")
+STAGE_MARK = ".antimatter-stage"  # = manifest.STAGE_MARK (a room of the same layer: not imported), in every stage folder
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,19 @@ def _is_hf_dir(path: Path) -> bool:
     return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
+def path_text(path: str | Path) -> str:
+    """`path` as text that encodes as UTF-8, for records, logs and statistics: the bytes of a file name that is
+    not valid UTF-8 (which Python holds as lone surrogates) become \\xNN escapes instead of a crash."""
+    text = str(path)
+    return text if text.isascii() else os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def source_name(path: str) -> str:
     """A readable source name from a path: `corpus/gutenberg-00001.jsonl.zst` -> `gutenberg`."""
+    return path_text(_name_from_path(path))
+
+
+def _name_from_path(path: str) -> str:
     p = Path(path.rstrip("/"))
     if any(c in path for c in "*?["):
         parts = [q for q in p.parts if not any(c in q for c in "*?[")]
@@ -164,16 +176,61 @@ def sources_from_paths(paths: list[str]) -> list[SourceConfig]:
     return out
 
 
+def written_by_antimatter(folder: Path) -> bool:
+    """Whether `folder` is a run folder (its config.yaml starts with the header `save_config` writes) or a
+    stage folder (prepared data, a tokenizer, tokens: marked by STAGE_MARK): what antimatter writes there is
+    not text, and a run's own folder under a source (`.` with runs/ in it) would be read as documents."""
+    if (folder / STAGE_MARK).is_file():
+        return True
+    config = folder / "config.yaml"
+    if not config.is_file():  # also keeps a FIFO of that name from being opened
+        return False
+    header = SAVED_CONFIG_HEADER.encode()
+    try:
+        with open(config, "rb") as f:
+            return f.read(len(header)) == header
+    except OSError:
+        return False
+
+
 def _walk(folder: Path) -> list[Path]:
     """Regular files under `folder` (hidden ones left out; see files.walk_entries). FIFOs, sockets, devices and
-    dangling links are skipped with a note: reading a FIFO would block forever."""
-    files, skipped = [], []
-    for f in walk_entries(folder, hidden=False):
+    dangling links are skipped with a note: reading a FIFO would block forever. So are the run and stage
+    folders below `folder` (`written_by_antimatter`)."""
+    files, skipped, ours = [], [], []
+
+    def prune(d: Path) -> bool:
+        if written_by_antimatter(d):
+            ours.append(d)
+            return True
+        return False
+
+    for f in walk_entries(folder, hidden=False, prune=prune):
         (files if f.is_file() else skipped).append(f)
     if skipped:
         print(f"prepare: skipped {len(skipped)} entries in {folder} that are not regular files (FIFOs, sockets, "
               f"devices, dangling links), e.g. {skipped[0]}", file=sys.stderr)
+    if ours:
+        print(f"prepare: skipped {len(ours)} folders in {folder} that antimatter wrote (runs, prepared data: not "
+              f"text), e.g. {ours[0]}", file=sys.stderr)
     return files
+
+
+def refuse_sources_inside(sources: list[SourceConfig], folder: Path) -> None:
+    """Refuse a source that is `folder` or lies inside it, before anything is read: prepare writes there (in
+    a run folder the run's config.yaml and train.lock too) and would read its own files as documents. A run
+    folder below a source is skipped instead (`_walk`)."""
+    folder = Path(folder).resolve()
+    for src in sources:
+        if src.path == "default" or src.format == "default":
+            continue
+        path = os.path.expanduser(src.path)
+        roots = glob.glob(path, recursive=True) if any(c in path for c in "*?[") else [path]
+        inside = next((r for r in roots if os.path.exists(r) and Path(r).resolve().is_relative_to(folder)), None)
+        if inside is not None:
+            raise UserError(f"source '{src.name or src.path}': {inside} lies in {folder}, which this prepare "
+                            f"writes (a run folder: its config.yaml, train.lock and data): it would read those as "
+                            f"documents; put the run elsewhere (another --name or --runs-dir); nothing was read")
 
 
 def _files_of(src: SourceConfig) -> list[tuple[Path, str]]:
@@ -330,31 +387,31 @@ def _read_path(path: Path, unit: Unit, src: SourceConfig, strict: bool, max_doc_
 def _read_text_file(path: Path, unit: Unit, max_doc_bytes: int,
                     progress: ReadProgress) -> Iterator[RawDoc | BadInput]:
     size = path.stat().st_size
-    doc_id = f"{unit.name}/{path.name}"
+    doc_id, where = f"{unit.name}/{path_text(path.name)}", path_text(path)
     if max_doc_bytes and size > max_doc_bytes and not path.name.endswith((".gz", ".zst")):
         # do not load a huge file only to drop it: the filter `max_doc_bytes` would remove it anyway
-        yield BadInput("filter.max_doc_bytes", str(path), f"{size} bytes > data.filters.max_doc_bytes", size)
+        yield BadInput("filter.max_doc_bytes", where, f"{size} bytes > data.filters.max_doc_bytes", size)
         return
     with _open_binary(path, progress) as f:
         data = f.read(max_doc_bytes + 1) if max_doc_bytes else f.read()
     if max_doc_bytes and len(data) > max_doc_bytes:
-        yield BadInput("filter.max_doc_bytes", str(path), f"more than {max_doc_bytes} bytes", len(data))
+        yield BadInput("filter.max_doc_bytes", where, f"more than {max_doc_bytes} bytes", len(data))
         return
     if _looks_binary(data[:8192]):
-        yield BadInput("read.binary_file", str(path), "binary file (NUL bytes): not text", len(data))
+        yield BadInput("read.binary_file", where, "binary file (NUL bytes): not text", len(data))
         return
     if codec := _bom_codec(data[:4]):
         try:
             data = data.decode(codec)
         except UnicodeDecodeError as e:
-            yield BadInput("read.bad_encoding", str(path), f"{codec} byte-order mark but invalid {codec}: {e.reason}",
+            yield BadInput("read.bad_encoding", where, f"{codec} byte-order mark but invalid {codec}: {e.reason}",
                            len(data))
             return
     if unit.format == "html":
         text = html_to_text(data.decode("utf-8", errors="replace"))
-        yield RawDoc(doc_id, text, "prose", str(path))
+        yield RawDoc(doc_id, text, "prose", where)
         return
-    yield RawDoc(doc_id, data, kind_from_name(path.name), str(path))
+    yield RawDoc(doc_id, data, kind_from_name(path.name), where)
 
 
 def _read_jsonl(path: Path, name: str, text_field: str, strict: bool, progress: ReadProgress,
@@ -362,10 +419,11 @@ def _read_jsonl(path: Path, name: str, text_field: str, strict: bool, progress: 
     # JSON escapes can make a record's line longer than its text: twice the text limit (+64 KiB of other
     # fields) is read; a longer record cannot hold a document under the limit worth its memory, and is skipped
     limit = 2 * max_doc_bytes + 65536 if max_doc_bytes else 0
+    shown, file_name = path_text(path), path_text(path.name)
     with _open_binary(path, progress) as f:
         first = True
         for lineno, (line, n) in enumerate(_bounded_lines(f, limit), 1):
-            where = f"{path}:{lineno}"
+            where = f"{shown}:{lineno}"
             if line is None:
                 yield BadInput("filter.max_doc_bytes", where,
                                f"a {n}-byte record, over twice data.filters.max_doc_bytes", n)
@@ -373,11 +431,11 @@ def _read_jsonl(path: Path, name: str, text_field: str, strict: bool, progress: 
             if first:
                 first = False
                 if codec := _bom_codec(line[:4]):
-                    yield BadInput("read.bad_encoding", str(path), f"JSON Lines in {codec.upper()}: convert the file "
+                    yield BadInput("read.bad_encoding", shown, f"JSON Lines in {codec.upper()}: convert the file "
                                    f"to UTF-8 (iconv -f {codec.upper()} -t UTF-8)", path.stat().st_size)
                     return
                 if _looks_binary(line[:8192]):
-                    yield BadInput("read.binary_file", str(path), "binary file (NUL bytes): not JSON Lines",
+                    yield BadInput("read.binary_file", shown, "binary file (NUL bytes): not JSON Lines",
                                    path.stat().st_size)
                     return
             if not line.strip():
@@ -404,12 +462,13 @@ def _read_jsonl(path: Path, name: str, text_field: str, strict: bool, progress: 
                 yield BadInput("read.missing_text_field", where, msg, len(line))
                 continue
             rid = rec.get("id")
-            doc_id = rid if isinstance(rid, str) and rid else f"{name}/{path.name}:{lineno}"
+            doc_id = rid if isinstance(rid, str) and rid else f"{name}/{file_name}:{lineno}"
             yield RawDoc(doc_id, text, kind_from_name(doc_id), where, replaced)
 
 
 def _batches_text(batches, path: Path, name: str, text_field: str, strict: bool) -> Iterator[RawDoc | BadInput]:
     row = 0
+    shown, file_name = path_text(path), path_text(path.name)
     for batch in batches:
         if text_field not in batch.schema.names:
             msg = f"no '{text_field}' column (columns: {', '.join(batch.schema.names)})"
@@ -417,7 +476,7 @@ def _batches_text(batches, path: Path, name: str, text_field: str, strict: bool)
         texts = batch.column(text_field).to_pylist()
         ids = batch.column("id").to_pylist() if "id" in batch.schema.names else [None] * len(texts)
         for rid, text in zip(ids, texts):
-            where = f"{path}:row {row}"
+            where = f"{shown}:row {row}"
             row += 1
             if not isinstance(text, str):
                 if strict:
@@ -425,7 +484,7 @@ def _batches_text(batches, path: Path, name: str, text_field: str, strict: bool)
                                     f"fix the data or run without --strict")
                 yield BadInput("read.missing_text_field", where, f"'{text_field}' is not a string", 0)
                 continue
-            doc_id = str(rid) if rid not in (None, "") else f"{name}/{path.name}:{row - 1}"
+            doc_id = str(rid) if rid not in (None, "") else f"{name}/{file_name}:{row - 1}"
             yield RawDoc(doc_id, text, kind_from_name(doc_id), where)
 
 
