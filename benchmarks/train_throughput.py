@@ -242,6 +242,8 @@ def main() -> None:
                     help="how AntiMatter's loss leaves out the vocabulary padding: -inf mask (default) or slice")
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args()
+    if 1 in args.fp8 and importlib.util.find_spec("torchao") is None:  # before minutes of the other rows
+        sys.exit("--fp8 1 needs torchao in this Python: pip install torchao (or leave out --fp8 1)")
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     if "nanogpt" in args.impl:
