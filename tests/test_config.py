@@ -164,6 +164,13 @@ def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
     assert "lr" in msg and "max_steps" in msg
 
 
+@pytest.mark.parametrize("name", ["a\nb", "tab\there", "nul\x00"])
+def test_a_run_name_with_control_characters_is_refused(name):
+    """A newline in --name made a folder with a newline in its name."""
+    with pytest.raises(ConfigError, match="must be one plain folder name .*control characters"):
+        load_config({"name": name})
+
+
 def test_a_key_that_is_a_number_is_named_not_a_traceback(tmp_path):
     """YAML reads `1: 2` as an integer key: the close-match search over names raised a TypeError."""
     assert error_of(write(tmp_path, "name: r\n1: 2\n")).startswith("unknown config key '1': valid keys: recipe")

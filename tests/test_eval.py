@@ -511,3 +511,10 @@ def test_cli_generate_int8(tiny_run: Path, capsys: pytest.CaptureFixture) -> Non
                  "--device", "cpu", "--seed", "0"]) == 0  # a seed: without one each run samples anew
     out = capsys.readouterr()
     assert out.out.startswith("def ") and "tokens/s on cpu" in out.err
+
+
+def test_a_folder_given_to_eval_data_is_named_a_folder(tmp_path):
+    """It was reported as "not found"."""
+    (tmp_path / "texts").mkdir()
+    with pytest.raises(UserError, match=r"eval file .*texts is a folder: give --data its files"):
+        read_documents(tmp_path / "texts")

@@ -421,6 +421,18 @@ def test_a_refused_fresh_start_moves_nothing_aside(tmp_path, bad, message):
     assert (run / "logs" / "train.log").read_text().startswith(log)  # the refused start's lines appended
 
 
+def test_a_stop_step_behind_the_run_names_stop_step_not_max_steps(tmp_path, capsys):
+    """A resume at step 4 with train.stop_step=2 trained nothing and advised raising train.max_steps, which
+    was not what stopped it."""
+    run = make_tokens(tmp_path / "run")
+    train(tiny_config(run, max_steps=8, stop_step=4, ckpt_interval=4, eval_interval=0), run)
+    capsys.readouterr()
+    s = train(tiny_config(run, max_steps=8, stop_step=2, ckpt_interval=4, eval_interval=0), run)
+    assert s["steps"] == 4
+    err = capsys.readouterr().err
+    assert "train.stop_step (2) is not after this run's step 4" in err and "raise train.max_steps" not in err
+
+
 def test_max_steps_zero_on_a_fresh_run_is_an_error_not_a_finished_run(tmp_path):
     run = make_tokens(tmp_path / "run")
     with pytest.raises(UserError, match="train.max_steps is 0 and train.max_minutes is off: nothing would be "

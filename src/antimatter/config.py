@@ -1018,9 +1018,11 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _check_name(name: str) -> None:
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
-        raise ConfigError(f"run name {_short(name)} must be one plain folder name (no '/', '..' or "
-                          f"surrounding spaces): the run lives in runs_dir/NAME, so use e.g. --name my-run")
+    if (not name or name in (".", "..") or any(c in name for c in "/\\") or name != name.strip()
+            or not name.isprintable()):
+        raise ConfigError(f"run name {_short(name)} must be one plain folder name (no '/', '..', control "
+                          f"characters or surrounding spaces): the run lives in runs_dir/NAME, so use e.g. --name "
+                          f"my-run")
 
 
 def _check_model(m: ModelConfig) -> None:

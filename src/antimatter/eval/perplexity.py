@@ -207,6 +207,8 @@ def read_documents(path: str | Path, text_field: str = "text") -> tuple[list[str
     """Documents of a user file: a text/markdown file is one document, a JSON Lines file one per record
     (its `text_field`). Returns (documents, format); bad input raises a one-line UserError."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"eval file {p} is a folder: give --data its files (e.g. {p}/*.txt)")
     if not p.is_file():
         raise UserError(f"eval file not found: {p}: check the path given to --data")
     fmt = file_format(p)

@@ -727,6 +727,11 @@ class Trainer:
         if stopped != "max_steps":
             why = {"signal": signals.received, "stop_step": "train.stop_step", "time": "train.max_time_s"}[stopped]
             self.log(f"stopped by {why} at step {self.step}: checkpoint {self.last_checkpoint}")
+        if self.step == self.start_step and 0 < self.train_cfg.stop_step <= self.step < self.max_steps:
+            self.log(f"nothing to train: train.stop_step ({self.train_cfg.stop_step}) is not after this run's step "
+                     f"{self.step} (checkpoint {self.last_checkpoint}); raise train.stop_step, or set it to 0 to "
+                     f"train on to train.max_steps ({self.max_steps})")
+            return summary
         if self.step == self.start_step and stopped == "max_steps":
             self.log(f"nothing to train: the run is already complete at step {self.step} (checkpoint "
                      f"{self.last_checkpoint}); evaluate it with `antimatter eval`, or raise train.max_steps (or "
