@@ -38,7 +38,8 @@ def test_startup_benchmark_cold_and_warm_on_cpu(tmp_path):
     out = tmp_path / "startup.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--model", "tiny", "--device", "cpu",
-                        "--steps", "2", "--seq-len", "32", "--no-compile-train", "--json", str(out)],
+                        "--steps", "2", "--seq-len", "32", "--no-compile-train", "--only", "train", "generate",
+                        "--json", str(out)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads(out.read_text())
