@@ -207,7 +207,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.meter: Meter | None = None  # from the start of the loop
         self.set_up: dict[str, float] = {}  # set-up phase -> perf_counter at its end (logged before the loop)
-        # train.log lines of the set-up, held until the run folder is ready for this start (_open_run_folder)
+        # train.log lines of the set-up, held until the start is accepted and its logs/ is ready (_write_held_log)
         self._held_log: list[str] | None = []
 
     # ---------------------------------------------------------------------------------- checks
