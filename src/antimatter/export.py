@@ -18,7 +18,6 @@ A training run can also start from such a folder: `train.init_from=DIR` (`init_w
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -26,7 +25,6 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +43,7 @@ from antimatter.checkpoint import (
 from antimatter.config import ModelConfig, RunConfig, save_config
 from antimatter.device import DTYPES
 from antimatter.errors import UserError, shorten
-from antimatter.files import as_created_here, atomic_write_text, exclusive_lock
+from antimatter.files import as_created_here, atomic_write_text, folder_lock
 from antimatter.model.gpt import GPT
 from antimatter.model.shapes import (
     MAX_SIZE,
@@ -589,17 +587,6 @@ def _check_export_folder(out_dir: Path) -> bool:
     return earlier
 
 
-@contextlib.contextmanager
-def _export_lock(out_dir: Path) -> Iterator[None]:
-    """Hold `out_dir` for one export: a second export into it at the same time would leave one's weights beside
-    the other's config. The lock is `.NAME.lock` beside the folder, not in it, so the folder holds only the
-    export's files; a link to the folder takes the lock of the folder it names."""
-    real = out_dir.resolve()
-    with exclusive_lock(real.parent / f".{real.name}.lock", f"export folder {out_dir}",
-                        fix="wait for that export to end, or give another --out folder"):
-        yield
-
-
 def export_model(model: GPT, out_dir: str | Path, dtype: str = "fp32", tokenizer_file: Path | None = None,
                  card: dict[str, Any] | None = None) -> Path:
     """Write `model` as a Hugging Face folder: config.json, model.safetensors, generation_config.json,
@@ -621,7 +608,8 @@ def export_model(model: GPT, out_dir: str | Path, dtype: str = "fp32", tokenizer
         if n_tok > cfg.vocab_size:
             raise UserError(f"vocab mismatch: the tokenizer has {n_tok} tokens but the model's vocab_size is "
                             f"{cfg.vocab_size}: export with the tokenizer the model was trained with")
-    with _export_lock(out_dir):
+    with folder_lock(out_dir, f"export folder {out_dir}",  # a second export at once would mix the two
+                     fix="wait for that export to end, or give another --out folder"):
         if _check_export_folder(out_dir):  # replaced: said, not done silently
             print(f"note: {out_dir} held an earlier export; its files are replaced by this one", file=sys.stderr)
         _write_export(model, out_dir, torch_dtype, arch, tokenizer_file, card)

@@ -16,6 +16,8 @@ import zstandard
 
 from antimatter.errors import UserError
 
+STAGE_MARK = ".antimatter-stage"  # written first into a stage's folder: the stage may clear this folder again
+
 
 def walk_entries(folder: str | Path, hidden: bool = True,
                  prune: Callable[[Path], bool] | None = None) -> Iterator[Path]:
@@ -135,3 +137,23 @@ def exclusive_lock(path: str | Path, what: str,
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+_HELD: set[Path] = set()  # the folders whose `folder_lock` this process holds
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str, fix: str) -> Iterator[None]:
+    """`exclusive_lock` for a folder that one command writes (`prepare --out`, `export --out`): the lock is
+    `.NAME.lock` beside the folder, not in it, so the folder holds only what the command writes; a link takes
+    the lock of the folder it names. Held once per process: a holder may call code that takes it again."""
+    real = Path(folder).resolve()
+    if real in _HELD:
+        yield
+        return
+    with exclusive_lock(real.parent / f".{real.name}.lock", what, fix):
+        _HELD.add(real)
+        try:
+            yield
+        finally:
+            _HELD.discard(real)

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from antimatter.errors import UserError, shorten
-from antimatter.files import atomic_write_text, walk_entries
+from antimatter.files import STAGE_MARK, atomic_write_text, walk_entries
 from antimatter.provenance import provenance, sha256_file
 
 MANIFEST = "manifest.json"
-STAGE_MARK = ".antimatter-stage"  # written first into a stage's folder: the stage may clear this folder again
 
 
 def claim(out_dir: str | Path, stage: str) -> None:

@@ -112,6 +112,21 @@ def _refuse_overlap(out_dir: Path, cfg: RunConfig) -> None:
                                 f"deleted")
 
 
+def _refuse_sources_inside(cfg: RunConfig, run: Path) -> None:
+    """A source may not be the run folder or lie inside it: prepare writes there (the run's config.yaml and
+    train.lock too) and would read its own files as documents. A run folder below a source is skipped instead
+    (data.sources._walk), so unlike `_refuse_overlap` this is one direction only."""
+    folder = run.resolve()
+    for src in cfg.data.sources:
+        if src.path == "default" or src.format == "default":
+            continue
+        inside = next((p for p in _source_paths(src.path) if p.resolve().is_relative_to(folder)), None)
+        if inside is not None:
+            raise UserError(f"source '{src.name or src.path}': {inside} lies in {folder}, which this prepare "
+                            f"writes (a run folder: its config.yaml, train.lock and data): it would read those as "
+                            f"documents; put the run elsewhere (another --name or --runs-dir); nothing was read")
+
+
 def _require(path: Path, what: str, command: str) -> None:
     if not path.exists():
         raise UserError(f"{what} not found at {path}: run `antimatter {command}` first (or `antimatter pipeline`)")
@@ -163,9 +178,7 @@ def run_stage(stage: str, cfg: RunConfig, force: bool = False, model_checked: bo
     if cfg.data.prepared and stage in ("prepare", "tokenizer", "tokenize"):
         check_prepared_folder(cfg.data_dir)  # refused before the run folder is made
     if stage == "prepare" and not cfg.data.prepared:
-        from antimatter.data.sources import refuse_sources_inside
-
-        refuse_sources_inside(cfg.data.sources, run)  # before the run folder is made in the user's source
+        _refuse_sources_inside(cfg, run)  # before the run folder is made in the user's source
     if int(os.environ.get("RANK", "0")) == 0:
         run.mkdir(parents=True, exist_ok=True)
         if stage != "train":  # the trainer saves it once the start is accepted: a refused one changes nothing

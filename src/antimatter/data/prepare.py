@@ -29,7 +29,7 @@ import traceback
 import types
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -52,7 +52,6 @@ from antimatter.data.sources import (
     expand_sources,
     path_text,
     read_unit,
-    refuse_sources_inside,
 )
 from antimatter.data.split import (
     TAIL_MIN_BYTES,
@@ -64,7 +63,7 @@ from antimatter.data.split import (
 )
 from antimatter.data.stats import SourceStats, check_invariant, removal_report, summary_table
 from antimatter.errors import UserError
-from antimatter.files import exclusive_lock
+from antimatter.files import folder_lock
 from antimatter.provenance import provenance
 
 TMP_DIR = ".prepare-tmp"
@@ -653,27 +652,11 @@ def _clear_outputs(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-_LOCKED: set[Path] = set()  # the output folders whose lock this process holds
-
-
-@contextmanager
-def output_lock(out_dir: Path) -> Iterator[None]:
-    """Hold the output folder `out_dir` for the block: a second prepare writing into it at the same time
-    would delete the first one's temporary files and shards. The lock is `.NAME.lock` beside the folder, not
-    in it, so it is no foreign file there; a caller that also writes the folder's manifest may hold it
-    around run_prepare too (held once per process)."""
-    real = Path(out_dir).resolve()
-    if real in _LOCKED:
-        yield
-        return
-    with exclusive_lock(real.parent / f".{real.name}.lock", f"--out {out_dir}",
-                        fix="another `antimatter prepare` is writing it; wait for that to end, or give another "
-                            "--out folder"):
-        _LOCKED.add(real)
-        try:
-            yield
-        finally:
-            _LOCKED.discard(real)
+def output_lock(out_dir: Path) -> AbstractContextManager[None]:
+    """Hold the output folder `out_dir`: a second prepare writing into it at the same time would delete the
+    first one's temporary files and shards (`files.folder_lock`: beside the folder, once per process)."""
+    return folder_lock(out_dir, f"--out {out_dir}", fix="another `antimatter prepare` is writing it; wait for "
+                                                        "that to end, or give another --out folder")
 
 
 def run_prepare(cfg: RunConfig, out_dir: Path, shown_as: Path | None = None) -> dict:
@@ -688,17 +671,9 @@ def run_prepare(cfg: RunConfig, out_dir: Path, shown_as: Path | None = None) -> 
         return _prepare(cfg, out_dir, out_dir)
 
 
-def _writes_into(cfg: RunConfig, final: Path) -> Path:
-    """The folder a prepare into `final` writes: its run folder when `final` lies in one (the run's config.yaml
-    and train.lock are there too), else `final` itself."""
-    final, run = final.resolve(), cfg.run_dir.resolve()
-    return run if final.is_relative_to(run) else final
-
-
 def _prepare(cfg: RunConfig, out_dir: Path, shown_as: Path) -> dict:
     t_start = time.perf_counter()
     data = cfg.data
-    refuse_sources_inside(data.sources, _writes_into(cfg, shown_as))
     units = expand_sources(data.sources, data.default_corpus_bytes)
     workers = resolve_workers(data.workers, len(units))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import zstandard
 from antimatter.config import SAVED_CONFIG_HEADER, SourceConfig
 from antimatter.data import default_corpus
 from antimatter.errors import UserError, shorten
-from antimatter.files import open_zstd, walk_entries
+from antimatter.files import STAGE_MARK, open_zstd, walk_entries
 
 CODE_EXTS = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".js", ".mjs", ".ts", ".tsx",
              ".java", ".go", ".rs", ".sh", ".bash", ".zsh", ".pl", ".pm", ".rb", ".lua", ".cs", ".swift", ".kt",
@@ -41,7 +41,6 @@ DEFAULT_SLICE_BYTES = 2_000_000
 UNIT_BYTES = 4_000_000  # files smaller than this are grouped into units of about this size ...
 UNIT_FILES = 2_000  # ... and at most this many files
 _SHARD_SUFFIX = re.compile(r"[-_.](\d{3,}|train|val|valid|test|part-?\d+)$")
-STAGE_MARK = ".antimatter-stage"  # = manifest.STAGE_MARK (a room of the same layer: not imported), in every stage folder
 
 
 @dataclass(frozen=True)
@@ -214,23 +213,6 @@ def _walk(folder: Path) -> list[Path]:
         print(f"prepare: skipped {len(ours)} folders in {folder} that antimatter wrote (runs, prepared data: not "
               f"text), e.g. {ours[0]}", file=sys.stderr)
     return files
-
-
-def refuse_sources_inside(sources: list[SourceConfig], folder: Path) -> None:
-    """Refuse a source that is `folder` or lies inside it, before anything is read: prepare writes there (in
-    a run folder the run's config.yaml and train.lock too) and would read its own files as documents. A run
-    folder below a source is skipped instead (`_walk`)."""
-    folder = Path(folder).resolve()
-    for src in sources:
-        if src.path == "default" or src.format == "default":
-            continue
-        path = os.path.expanduser(src.path)
-        roots = glob.glob(path, recursive=True) if any(c in path for c in "*?[") else [path]
-        inside = next((r for r in roots if os.path.exists(r) and Path(r).resolve().is_relative_to(folder)), None)
-        if inside is not None:
-            raise UserError(f"source '{src.name or src.path}': {inside} lies in {folder}, which this prepare "
-                            f"writes (a run folder: its config.yaml, train.lock and data): it would read those as "
-                            f"documents; put the run elsewhere (another --name or --runs-dir); nothing was read")
 
 
 def _files_of(src: SourceConfig) -> list[tuple[Path, str]]:
