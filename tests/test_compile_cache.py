@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from antimatter.compile_cache import INDUCTOR_ENV, TRITON_ENV, describe, use_compile_cache
+from antimatter.compile_cache import INDUCTOR_ENV, TRITON_ENV, describe, use_bytecode_cache, use_compile_cache
 from antimatter.config import load_config
 from antimatter.model.gpt import GPT
 from antimatter.train.distributed import Dist
@@ -58,3 +58,41 @@ def test_a_compiled_training_step_logs_where_its_cache_is(fresh_env):
     logged: list[str] = []
     parallelize(GPT(cfg.model), cfg.train, Dist(), "fp32", log=logged.append)  # torch.compile compiles lazily
     assert logged == [describe(fresh_env)]
+
+
+IMPORT_FRESH = """
+import sys
+from antimatter.compile_cache import use_bytecode_cache
+print(use_bytecode_cache("freshpkg"))
+import freshpkg
+"""
+
+
+def test_a_package_without_bytecode_beside_it_gets_it_in_the_cache_folder(tmp_path):
+    """An install with no .pyc beside its sources (read-only, or installed without) would be compiled again by
+    every process: its bytecode goes to cache_root()/pycache, for this process and its children."""
+    (tmp_path / "pkgs" / "freshpkg").mkdir(parents=True)
+    (tmp_path / "pkgs" / "freshpkg" / "__init__.py").write_text("VALUE = 1\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")}
+    env.update(ANTIMATTER_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "pkgs"), env.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", IMPORT_FRESH], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(tmp_path / "cache" / "pycache")
+    assert list((tmp_path / "cache" / "pycache").rglob("freshpkg/__init__.*.pyc"))
+    assert not (tmp_path / "pkgs" / "freshpkg" / "__pycache__").exists()
+
+
+def test_a_normal_install_and_a_users_choice_keep_their_bytecode_where_it_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANTIMATTER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    (tmp_path / "compiled").mkdir()
+    (tmp_path / "compiled" / "__init__.py").write_text("")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(tmp_path / "compiled")], check=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert use_bytecode_cache("compiled") is None and sys.pycache_prefix is None
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # PYTHONDONTWRITEBYTECODE: the user wants none
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "__init__.py").write_text("")
+    assert use_bytecode_cache("bare") is None and sys.pycache_prefix is None

@@ -439,3 +439,18 @@ def test_max_steps_zero_on_a_fresh_run_is_an_error_not_a_finished_run(tmp_path):
                                         "trained"):
         train(tiny_config(run, max_steps=0), run)
     assert not ck.list_checkpoints(run / "checkpoints")
+
+
+def test_a_fresh_run_starts_from_the_weights_its_seed_draws(tmp_path):
+    """The model is built on the training device and initialised there: on the CPU that is exactly the model
+    GPT(cfg) draws under the run's seed (a step at learning rate 0 leaves it as it started)."""
+    from antimatter.model.gpt import GPT
+
+    run = make_tokens(tmp_path / "run")
+    cfg = tiny_config(run, max_steps=1, lr=0.0, warmup_steps=0, weight_decay=0.0, ckpt_interval=1,
+                      eval_interval=1)
+    train(cfg, run)
+    torch.manual_seed(cfg.train.seed)
+    drawn = GPT(cfg.model).state_dict()
+    saved = load_file(run / "checkpoints" / "step_000001" / "model.safetensors")
+    assert saved and all(torch.equal(saved[k], drawn[k]) for k in saved)

@@ -19,6 +19,7 @@ from typing import Any
 from zstandard import ZstdError
 
 from antimatter import pipeline
+from antimatter.compile_cache import use_bytecode_cache
 from antimatter.config import RunConfig, check_setting, load_config, setting_type
 from antimatter.errors import UserError, shorten
 
@@ -286,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    use_bytecode_cache()  # before torch is imported: a read-only install would compile it again every start
     try:
         return dispatch(args) or 0
     except UserError as e:

@@ -6,10 +6,16 @@ Inductor caches its FX graphs, AOTAutograd graphs and autotuning results under T
 at reboot on many machines and neither place is where a user looks, so AntiMatter points both at one folder:
 $ANTIMATTER_CACHE/compile (default ~/.cache/antimatter/compile), unless the user already set the torch or
 Triton variable (theirs wins). Deleting the folder clears it; the next start compiles from scratch.
+
+Python's own bytecode is the other cost of every start: torch, sympy and inductor are some 2,300 source files.
+A normal install keeps their .pyc beside them; a read-only one (a container image, a shared install) cannot,
+and then every process, inductor's compile workers included, compiles them again (6-10 s a start). When torch
+has no bytecode beside it, the commands keep it in cache_root()/pycache.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -17,6 +23,7 @@ from pathlib import Path
 ENV = "ANTIMATTER_CACHE"
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 TRITON_ENV = "TRITON_CACHE_DIR"
+PYCACHE_ENV = "PYTHONPYCACHEPREFIX"
 
 
 def cache_root() -> Path:
@@ -42,6 +49,23 @@ def use_compile_cache() -> Path:
         os.environ[INDUCTOR_ENV] = str(cache_root() / "compile")
     os.environ.setdefault(TRITON_ENV, str(Path(os.environ[INDUCTOR_ENV]) / "triton"))
     return Path(os.environ[INDUCTOR_ENV])
+
+
+def use_bytecode_cache(package: str = "torch") -> Path | None:
+    """Keep Python's bytecode in cache_root()/pycache when `package` has none beside its sources (pip writes
+    it at install: an install without it is read-only, or was made without it); returns that folder, else
+    None (nothing changed). Call it before `package` is imported; the environment variable carries it to
+    child processes. A prefix the user set, or their choice to write no bytecode, is left as it is."""
+    if sys.pycache_prefix or sys.dont_write_bytecode:
+        return None
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    if Path(importlib.util.cache_from_source(spec.origin)).is_file():  # a normal install: pip compiled it
+        return None
+    folder = cache_root() / "pycache"
+    sys.pycache_prefix = os.environ[PYCACHE_ENV] = str(folder)
+    return folder
 
 
 def cache_size(folder: Path) -> tuple[int, int]:

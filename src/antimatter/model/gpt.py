@@ -211,16 +211,13 @@ class GPT(nn.Module):
     @classmethod
     def for_weights(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> GPT:
         """A model with its parameters allocated on `device` but not initialised, for weights that are loaded
-        next (a checkpoint, an import): reset_parameters' random draws are most of the time to build a large
-        model, and loading overwrites every value. Load with `strict` (or check missing keys): a parameter
-        left out would hold whatever the memory held."""
-        with torch.device("meta"), SkipInit():
-            model = cls(cfg)
-        model.to_empty(device=device)
-        if cfg.tie_embeddings:  # to_empty gives each module its own tensor: tie them again
-            model.lm_head.weight = model.transformer.wte.weight
-        model.init_buffers()
-        return model
+        next (a checkpoint, an import) or drawn there by reset_parameters (a fresh run on its device): the
+        CPU's random draws are most of the time to build a large model. Load with `strict` (or check missing
+        keys): a parameter left out would hold whatever the memory held."""
+        # allocated where it runs, straight away: building on the CPU and moving (or on "meta" and to_empty,
+        # whose Python reference of empty_like costs seconds a model) copies or walks every tensor again
+        with torch.device(device), SkipInit():
+            return cls(cfg)
 
     def init_buffers(self) -> None:
         """The buffers no checkpoint holds (RoPE tables, the empty causal mask), on the weights' device."""

@@ -292,11 +292,13 @@ class Trainer:
         state, weights = self._read_start()  # both only on rank 0
         # weights to load (rank 0) or to receive from rank 0: no random initialisation to overwrite
         loaded = self.resume_from is not None or bool(self.train_cfg.init_from)  # what _read_start read
-        model = GPT.for_weights(self.cfg.model) if loaded else GPT(self.cfg.model)
+        # built on the training device: initialised there (or loaded into), never drawn on the CPU and copied
+        model = GPT.for_weights(self.cfg.model, self.device)
+        if not loaded:
+            model.reset_parameters()
         model.loss_chunk_tokens = self.train_cfg.loss_chunk_tokens
         if weights is not None:
             self._load_weights(model, weights)
-        model.to(self.device)
         self.set_up[f"model on {self.device}"] = time.perf_counter()
         parts = parallelize(model, self.train_cfg, self.dist, self.dtype, log=self.log)
         self.model = parts.model  # the uncompiled module: its state dicts have clean names
