@@ -140,9 +140,10 @@ def test_a_pointer_naming_a_folder_outside_the_run_is_refused(tmp_path):
         ck.find_resume(root)
 
 
-def test_loading_weights_hashes_only_the_files_it_reads(tmp_path):
-    """load_model (eval, generate, export) reads the weights and config, not the optimizer state: a damaged
-    state.pt of the right size does not stop it, while resuming, which reads it, still refuses it."""
+def test_loading_weights_checks_only_the_files_it_reads(tmp_path):
+    """load_model (eval, generate, export) and load_weights (init_from) read the weights (and config), not the
+    optimizer state: a damaged, truncated or lost state.pt does not stop them, while resuming, which reads it,
+    still refuses it."""
     _, _, path = _save(tmp_path)
     state = path / "state.pt"
     flipped = bytearray(state.read_bytes())
@@ -151,6 +152,16 @@ def test_loading_weights_hashes_only_the_files_it_reads(tmp_path):
     ck.load_model(path)
     with pytest.raises(ck.CheckpointError, match=r"state\.pt is corrupt \(sha256"):
         ck.load_train_state(path)
-    state.write_bytes(bytes(flipped[:-1]))  # every file's size is still checked
+    state.write_bytes(bytes(flipped[:-1]))
+    ck.load_model(path)
     with pytest.raises(ck.CheckpointError, match=r"state\.pt is truncated"):
-        ck.load_model(path)
+        ck.load_train_state(path)
+    state.unlink()
+    ck.load_model(path)
+    assert ck.load_weights(path, tie_embeddings=True)
+    with pytest.raises(ck.CheckpointError, match=r"state\.pt is missing"):
+        ck.load_train_state(path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])  # what they do read is still checked
+    with pytest.raises(ck.CheckpointError, match=r"model\.safetensors is truncated"):
+        ck.load_weights(path, tie_embeddings=True)

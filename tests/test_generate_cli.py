@@ -68,3 +68,17 @@ def test_the_session_draws_a_seed_per_sample_unless_one_is_set(tiny_run):
     seeds = [seed for _, seed in answers]
     assert seeds[2] == seeds[3] == "5" and answers[2][0] == answers[3][0]
     assert len({seeds[0], seeds[1], seeds[4]} - {"5"}) == 3  # drawn: all different (and none is 5)
+
+
+def test_a_checkpoint_that_lost_its_optimizer_state_still_generates_and_exports(tiny_run, tmp_path):
+    """generate and export read the weights, not state.pt: its loss stops a resume only."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("*.lock"))
+    for state in (run / "checkpoints").glob("step_*/state.pt"):
+        state.unlink()
+    r = cli("generate", "--run", str(run), "--prompt", "The ", "--max-new-tokens", "4", "--seed", "1", cwd=tmp_path)
+    assert r.returncode == 0 and STATS.search(r.stderr), r.stderr
+    r = cli("export", "--run", str(run), "--out", str(tmp_path / "hf"), cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "hf" / "model.safetensors").is_file(), r.stderr

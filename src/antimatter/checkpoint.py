@@ -204,10 +204,11 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 # ------------------------------------------------------------------------------------------- reading
 
 
-def verify_checkpoint(ckpt: str | Path, hashed: Iterable[str] | None = None) -> dict[str, Any]:
-    """The manifest, after checking every listed file's size and the sha256 of those in `hashed` (None: all);
-    CheckpointError names the culprit. Loading weights alone need not hash the optimizer state (state.pt,
-    larger than the weights under AdamW) that it never reads."""
+def verify_checkpoint(ckpt: str | Path, only: Iterable[str] | None = None) -> dict[str, Any]:
+    """The manifest, after checking the size and sha256 of the listed files in `only` (None: all of them);
+    CheckpointError names the culprit. Loading weights alone neither needs the optimizer state (state.pt,
+    larger than the weights under AdamW) nor hashes it: a lost or damaged state.pt stops a resume, not
+    generate, eval, export or init_from."""
     ckpt = Path(ckpt)
     mpath = ckpt / MANIFEST
     if not mpath.is_file():
@@ -227,6 +228,8 @@ def verify_checkpoint(ckpt: str | Path, hashed: Iterable[str] | None = None) -> 
             raise CheckpointError(f"checkpoint manifest {mpath} lists {quote(fname)}, not a file of this "
                                   f"checkpoint folder: use another checkpoint")
     for fname, info in files.items():
+        if only is not None and fname not in only:
+            continue
         f = ckpt / fname
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing: use another checkpoint")
@@ -234,7 +237,7 @@ def verify_checkpoint(ckpt: str | Path, hashed: Iterable[str] | None = None) -> 
         if size != info["bytes"]:
             raise CheckpointError(f"checkpoint file {f} is truncated or damaged ({size} bytes, manifest says "
                                   f"{info['bytes']}): use another checkpoint")
-        if (hashed is None or fname in hashed) and sha256_file(f) != info["sha256"]:
+        if sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"checkpoint file {f} is corrupt (sha256 differs from {MANIFEST}): "
                                   f"use another checkpoint")
     return manifest
@@ -277,7 +280,7 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
 def load_weights(ckpt: str | Path, tie_embeddings: bool, verify: bool = True) -> dict[str, torch.Tensor]:
     ckpt = Path(ckpt)
     if verify:
-        verify_checkpoint(ckpt)
+        verify_checkpoint(ckpt, only=(WEIGHTS,))  # the file read here
     try:
         sd = load_file(str(ckpt / WEIGHTS))
     except (SafetensorError, OSError) as e:
@@ -366,7 +369,7 @@ def load_model(path: str | Path, which: str = "best", device: str | torch.device
     """(model in eval mode, the run's config, the checkpoint folder) from a run, checkpoints or step folder.
     The config is checked against the weights' header before the model is built."""
     ckpt = resolve_checkpoint(path, which)
-    verify_checkpoint(ckpt, hashed=(WEIGHTS, CONFIG))  # the files read here
+    verify_checkpoint(ckpt, only=(WEIGHTS, CONFIG))  # the files read here
     cfg = load_config_from_checkpoint(ckpt)
     check_weight_shapes(ckpt, cfg.model)
     sd = load_weights(ckpt, cfg.model.tie_embeddings, verify=False)
