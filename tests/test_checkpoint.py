@@ -68,6 +68,11 @@ def test_truncated_and_flipped_weights_are_refused(tmp_path):
     weights.write_bytes(bytes(flipped))
     with pytest.raises(ck.CheckpointError, match=r"model\.safetensors is corrupt \(sha256"):
         ck.load_model(path)
+    flipped = bytearray(data)
+    flipped[12] ^= 0x20  # in the header, which the loading (beside the hashing) reads first: still "corrupt"
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(ck.CheckpointError, match=r"model\.safetensors is corrupt \(sha256"):
+        ck.load_model(path)
     weights.write_bytes(data)
     ck.load_model(path)  # intact again: loads
     (path / "manifest.json").unlink()

@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -204,9 +205,9 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 # ------------------------------------------------------------------------------------------- reading
 
 
-def verify_checkpoint(ckpt: str | Path, only: Iterable[str] | None = None) -> dict[str, Any]:
-    """The manifest, after checking the size and sha256 of the listed files in `only` (None: all of them);
-    CheckpointError names the culprit. Loading weights alone neither needs the optimizer state (state.pt,
+def verify_checkpoint(ckpt: str | Path, only: Iterable[str] | None = None, hashes: bool = True) -> dict[str, Any]:
+    """The manifest, after checking the size and (unless `hashes` is False: check_hash does it later) sha256 of
+    the listed files in `only` (None: all of them); CheckpointError names the culprit. Loading weights alone neither needs the optimizer state (state.pt,
     larger than the weights under AdamW) nor hashes it: a lost or damaged state.pt stops a resume, not
     generate, eval, export or init_from."""
     ckpt = Path(ckpt)
@@ -237,10 +238,16 @@ def verify_checkpoint(ckpt: str | Path, only: Iterable[str] | None = None) -> di
         if size != info["bytes"]:
             raise CheckpointError(f"checkpoint file {f} is truncated or damaged ({size} bytes, manifest says "
                                   f"{info['bytes']}): use another checkpoint")
-        if sha256_file(f) != info["sha256"]:
-            raise CheckpointError(f"checkpoint file {f} is corrupt (sha256 differs from {MANIFEST}): "
-                                  f"use another checkpoint")
+        if hashes:
+            check_hash(ckpt, fname, manifest)
     return manifest
+
+
+def check_hash(ckpt: Path, fname: str, manifest: dict[str, Any]) -> None:
+    """CheckpointError unless the file's sha256 is the one its manifest lists."""
+    if sha256_file(ckpt / fname) != manifest["files"][fname]["sha256"]:
+        raise CheckpointError(f"checkpoint file {ckpt / fname} is corrupt (sha256 differs from {MANIFEST}): "
+                              f"use another checkpoint")
 
 
 def find_resume(root: str | Path) -> Path | None:
@@ -369,7 +376,23 @@ def load_model(path: str | Path, which: str = "best", device: str | torch.device
     """(model in eval mode, the run's config, the checkpoint folder) from a run, checkpoints or step folder.
     The config is checked against the weights' header before the model is built."""
     ckpt = resolve_checkpoint(path, which)
-    verify_checkpoint(ckpt, only=(WEIGHTS, CONFIG))  # the files read here
+    manifest = verify_checkpoint(ckpt, only=(WEIGHTS, CONFIG), hashes=False)  # the files read here
+    check_hash(ckpt, CONFIG, manifest)
+    # the weights' sha256 (1.5 s for 1.6 GB) runs beside their loading: hashlib lets go of the GIL
+    with ThreadPoolExecutor(1) as pool:
+        hashed = pool.submit(check_hash, ckpt, WEIGHTS, manifest) if WEIGHTS in manifest["files"] else None
+        try:
+            model, cfg = _build_loaded(ckpt, device)
+        except Exception:
+            if hashed is not None:
+                hashed.result()  # a corrupt file is named as corrupt, not by what it broke
+            raise
+        if hashed is not None:
+            hashed.result()
+    return model.eval(), cfg, ckpt
+
+
+def _build_loaded(ckpt: Path, device: str | torch.device) -> tuple[GPT, RunConfig]:
     cfg = load_config_from_checkpoint(ckpt)
     check_weight_shapes(ckpt, cfg.model)
     sd = load_weights(ckpt, cfg.model.tie_embeddings, verify=False)
@@ -378,7 +401,7 @@ def load_model(path: str | Path, which: str = "best", device: str | torch.device
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt / WEIGHTS} does not match its config.yaml (missing "
                               f"{missing[:3]}, unexpected {unexpected[:3]}): use another checkpoint")
-    return model.eval(), cfg, ckpt
+    return model, cfg
 
 
 def checkpoint_tokenizer(ckpt: Path) -> str | None:
