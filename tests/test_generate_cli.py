@@ -82,3 +82,22 @@ def test_a_checkpoint_that_lost_its_optimizer_state_still_generates_and_exports(
     assert r.returncode == 0 and STATS.search(r.stderr), r.stderr
     r = cli("export", "--run", str(run), "--out", str(tmp_path / "hf"), cwd=tmp_path)
     assert r.returncode == 0 and (tmp_path / "hf" / "model.safetensors").is_file(), r.stderr
+
+
+def test_a_cut_tokenizer_of_a_trained_run_is_named_alike_and_not_to_be_retrained(tiny_run, tmp_path):
+    """generate, eval and export say the same line; retraining would give a tokenizer the checkpoints do not
+    fit, so the fix is a copy of the original."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("*.lock"))
+    tok = run / "tokenizer" / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes()[:2000])
+    lines = []
+    for args in (("generate", "--run", str(run), "--prompt", "The "), ("eval", "--run", str(run)),
+                 ("export", "--run", str(run), "--out", str(tmp_path / "hf"))):
+        r = cli(*args, cwd=tmp_path)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        lines.append(r.stderr.split(": error: ", 1)[1])
+    assert len(set(lines)) == 1 and "is not a valid tokenizers file (" in lines[0], lines
+    assert "restore it from a copy" in lines[0] and "retrain it" not in lines[0], lines[0]

@@ -56,7 +56,7 @@ from antimatter.model.shapes import (
     safetensors_shapes,
 )
 from antimatter.provenance import sha256_file
-from antimatter.tokenizer import EOT, write_hf_tokenizer_files
+from antimatter.tokenizer import EOT, unreadable_tokenizer, write_hf_tokenizer_files
 
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "llama"}
@@ -439,7 +439,7 @@ def _read_tokenizer(tokenizer_file: Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(tokenizer_file))
     except Exception as e:  # the tokenizers library raises plain Exceptions for unreadable files
-        raise UserError(f"cannot read tokenizer file {tokenizer_file}: {e}") from None
+        raise unreadable_tokenizer(tokenizer_file, e) from None
 
 
 def _eot_id(tokenizer_file: Path | None) -> int | None:

@@ -261,13 +261,25 @@ def load_tokenizer(path: Path) -> Tokenizer:
     try:
         hf = HFTokenizer.from_file(str(file))
     except Exception as e:  # the Rust side raises a bare Exception on malformed files
-        raise UserError(f"{file} is not a valid tokenizers file ({str(e).splitlines()[0][:120]}): "
-                        f"retrain it with `antimatter tokenizer`") from None
+        raise unreadable_tokenizer(file, e) from None
     eot = _end_of_text(hf, file)
     if eot is None:
         raise UserError(f"tokenizer {file} has no {EOT} token and no eos_token in a tokenizer_config.json "
                         f"beside it: retrain it with `antimatter tokenizer` or add the eos_token")
     return Tokenizer(hf, file, eot)
+
+
+def unreadable_tokenizer(file: Path, error: Exception) -> UserError:
+    """The one-line error for a tokenizer.json the tokenizers library refuses. Retraining is the fix only
+    before a model was trained with it: a run's checkpoints need that very tokenizer back."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+    checkpoints = Path(file).parent.parent / "checkpoints"
+    if Path(file).parent.name == "tokenizer" and any(checkpoints.glob("step_*")):
+        fix = ("this run's checkpoints were trained with it, so restore it from a copy (an `antimatter export` "
+               "of the run holds one); a retrained tokenizer would not fit them")
+    else:
+        fix = "retrain it with `antimatter tokenizer`"
+    return UserError(f"{file} is not a valid tokenizers file ({reason}): {fix}")
 
 
 def _end_of_text(hf: HFTokenizer, file: Path) -> str | None:
