@@ -139,6 +139,18 @@ def test_empty_corpus(tmp_path):
         prepare([str(tmp_path / "in")], tmp_path / "out")
 
 
+def test_a_val_fraction_that_leaves_train_empty_is_refused_before_writing(tmp_path):
+    """Every kept document would go to val: the next stage would say "run prepare first" of a prepare that ran."""
+    (tmp_path / "in").mkdir()
+    for i, sentence in enumerate(SENTENCES[:12]):
+        (tmp_path / "in" / f"{i}.txt").write_text(f"{sentence} {i}\n")
+    with pytest.raises(UserError, match=r"^data.val_fraction=0.999 leaves no document for training \(all 12 kept "
+                                        r"documents went to val\): lower it"):
+        prepare([str(tmp_path / "in")], tmp_path / "out", val_fraction=0.999)
+    assert not list((tmp_path / "out").rglob("*.jsonl.zst"))
+    assert prepare([str(tmp_path / "in")], tmp_path / "out2", val_fraction=0.5)
+
+
 def test_jsonl_without_the_text_field_names_the_field_not_the_filters(tmp_path):
     """Every line lacks the `text` field: the error says so and how to point text_field at the right one,
     instead of suggesting looser quality filters (and no rejects.log is written when nothing survives)."""

@@ -491,6 +491,9 @@ def _split(units: list[Unit], results: list[UnitResult], plan: Plan, data: DataC
         _, ui, k = min(kept)  # tiny corpus: the lowest hash goes to val
         decisions[ui][k] = ("val", None)
     plan.kept = len(kept)
+    if kept and not any(what in ("train", TAIL) for dec in decisions for what, _ in dec):
+        raise UserError(f"data.val_fraction={data.val_fraction:g} leaves no document for training (all "
+                        f"{len(kept):,} kept documents went to val): lower it (the default is 0.02) or add text")
 
 
 def _require_documents(plan: Plan, data: DataConfig) -> None:
