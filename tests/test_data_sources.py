@@ -197,3 +197,11 @@ def test_folders_antimatter_wrote_are_skipped_inside_a_source(tmp_path, capsys):
     docs = docs_of(SourceConfig(path=str(folder), name="d"))
     assert [d.data for d in docs] == [b"mine", b"my: settings\n"]
     assert f"skipped 2 folders in {folder} that antimatter wrote" in capsys.readouterr().err
+    # a recursive glob over the same folder leaves out the same files (and says so)
+    docs = docs_of(SourceConfig(path=str(folder / "**" / "*.*"), name="g"))
+    assert sorted(d.data for d in docs) == [b"mine", b"my: settings\n"]
+    assert "skipped 3 matches of" in capsys.readouterr().err  # shard.txt, the run's config.yaml and notes.txt
+    with pytest.raises(UserError, match=r"matches only files inside folders that antimatter wrote"):
+        docs_of(SourceConfig(path=str(folder / "runs" / "**" / "*.txt"), name="r"))
+    assert [d.data for d in docs_of(SourceConfig(path=str(folder / "runs" / "exp" / "*.txt"), name="e"))] == \
+        [b"the run's"]  # a glob inside the run folder itself names what it wants

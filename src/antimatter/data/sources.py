@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -215,6 +216,31 @@ def _walk(folder: Path) -> list[Path]:
     return files
 
 
+def _outside_ours(matches: list[Path], pattern: str) -> list[Path]:
+    """A glob's matches less those inside a run or stage folder below the glob's fixed part (`data/**/*`
+    over a folder that holds runs/), as a folder source leaves them out (_walk)."""
+    fixed = Path(*[part for part in itertools.takewhile(lambda q: not any(c in q for c in "*?["),
+                                                         Path(pattern).parts)])
+    ours: dict[Path, bool] = {}
+
+    def inside(p: Path) -> bool:
+        for folder in ([p] if p.is_dir() else []) + list(p.parents):
+            if folder == fixed or folder in fixed.parents:
+                return False
+            if folder not in ours:
+                ours[folder] = written_by_antimatter(folder)
+            if ours[folder]:
+                return True
+        return False
+
+    kept = [p for p in matches if not inside(p)]
+    if len(kept) < len(matches):
+        print(f"prepare: skipped {len(matches) - len(kept)} matches of {pattern} inside folders that antimatter "
+              f"wrote (runs, prepared data: not text), e.g. {next(p for p in matches if p not in kept)}",
+              file=sys.stderr)
+    return kept
+
+
 def _files_of(src: SourceConfig) -> list[tuple[Path, str]]:
     """The (file, format) pairs a source reads, in a deterministic order."""
     path = os.path.expanduser(src.path)
@@ -222,7 +248,10 @@ def _files_of(src: SourceConfig) -> list[tuple[Path, str]]:
         matches = sorted(glob.glob(path, recursive=True))
         if not matches:
             raise UserError(f"source '{src.name or path}': the glob {path} matches no file: check the pattern")
-        candidates = [Path(m) for m in matches]
+        candidates = _outside_ours([Path(m) for m in matches], path)
+        if not candidates:
+            raise UserError(f"source '{src.name or path}': the glob {path} matches only files inside folders that "
+                            f"antimatter wrote (runs, prepared data): point it at your text")
     else:
         p = Path(path)
         if not p.exists():
