@@ -36,9 +36,10 @@ def test_prepare_out_overlapping_the_input_is_refused(tmp_path):
     (corpus / "train").mkdir()  # the names prepare writes, holding the user's own files
     write_corpus(corpus / "train")
     before = snapshot(corpus)
-    for out in (corpus, corpus / "prepared"):
+    for out in (corpus, corpus / "prepared", Path("/")):
         r = cli("prepare", str(corpus), "--out", str(out), cwd=tmp_path)
-        assert_user_error(r, "prepare", "overlaps the input", "nothing was deleted")
+        # the folder it suggests is beside the input: neither inside it nor holding it
+        assert_user_error(r, "prepare", "overlaps the input", "(e.g. --out corpus-prepared); nothing was deleted")
         assert snapshot(corpus) == before
     r = cli("prepare", str(corpus / "part-0.jsonl.zst"), "--out", str(corpus), cwd=tmp_path)
     assert_user_error(r, "prepare", "overlaps the input")

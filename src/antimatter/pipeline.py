@@ -107,9 +107,11 @@ def _refuse_overlap(out_dir: Path, cfg: RunConfig) -> None:
         for p in _source_paths(src.path):
             p = p.resolve()
             if p == out or p.is_relative_to(out) or out.is_relative_to(p):
+                beside = p.with_name(f"{p.name or 'data'}-prepared")  # neither inside the input nor holding it
+                if beside.is_relative_to(Path.cwd().resolve()):
+                    beside = beside.relative_to(Path.cwd().resolve())
                 raise UserError(f"--out {out_dir} overlaps the input {src.path}: write the prepared data to a "
-                                f"folder outside the inputs (e.g. --out {out_dir.name}-prepared); nothing was "
-                                f"deleted")
+                                f"folder outside the inputs (e.g. --out {beside}); nothing was deleted")
 
 
 def _refuse_sources_inside(cfg: RunConfig, run: Path) -> None:
