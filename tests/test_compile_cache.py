@@ -9,7 +9,14 @@ import sys
 
 import pytest
 
-from antimatter.compile_cache import INDUCTOR_ENV, TRITON_ENV, describe, use_bytecode_cache, use_compile_cache
+from antimatter.compile_cache import (
+    INDUCTOR_ENV,
+    TRITON_ENV,
+    bytecode_note,
+    describe,
+    use_bytecode_cache,
+    use_compile_cache,
+)
 from antimatter.config import load_config
 from antimatter.model.gpt import GPT
 from antimatter.train.distributed import Dist
@@ -96,3 +103,10 @@ def test_a_normal_install_and_a_users_choice_keep_their_bytecode_where_it_is(tmp
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "__init__.py").write_text("")
     assert use_bytecode_cache("bare") is None and sys.pycache_prefix is None
+    # ... and is told what it costs and how to change it, unless the package has its bytecode anyway
+    assert bytecode_note("compiled") is None
+    note = bytecode_note("bare")
+    assert note.startswith("Python writes no bytecode here (PYTHONDONTWRITEBYTECODE is set) and bare has none")
+    assert note.endswith(f"unset PYTHONDONTWRITEBYTECODE and antimatter keeps them in {tmp_path / 'cache' / 'pycache'}")
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    assert bytecode_note("bare") is None  # bytecode can be written: use_bytecode_cache takes care of it

@@ -19,7 +19,7 @@ from typing import Any
 from zstandard import ZstdError
 
 from antimatter import pipeline
-from antimatter.compile_cache import use_bytecode_cache
+from antimatter.compile_cache import bytecode_note, use_bytecode_cache
 from antimatter.config import RunConfig, check_setting, load_config, setting_type
 from antimatter.errors import UserError, shorten
 
@@ -269,6 +269,7 @@ def _import(args: argparse.Namespace, cfg: RunConfig, paths: list[str]) -> int:
 HANDLERS = {"info": _info, "prepare": _prepare, "tokenizer": _stage, "tokenize": _stage, "train": _stage,
             "pipeline": _pipeline, "quickstart": _quickstart, "eval": _eval, "generate": _generate,
             "export": _export, "import": _import}
+TORCH_COMMANDS = {"train", "pipeline", "quickstart", "eval", "generate", "export", "import"}  # those that load torch
 
 
 # import names of dependencies whose pip name differs
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     use_bytecode_cache()  # before torch is imported: a read-only install would compile it again every start
+    if args.command in TORCH_COMMANDS and (note := bytecode_note()):
+        print(f"antimatter {args.command}: note: {note}", file=sys.stderr)
     try:
         return dispatch(args) or 0
     except UserError as e:

@@ -10,7 +10,8 @@ Triton variable (theirs wins). Deleting the folder clears it; the next start com
 Python's own bytecode is the other cost of every start: torch, sympy and inductor are some 2,300 source files.
 A normal install keeps their .pyc beside them; a read-only one (a container image, a shared install) cannot,
 and then every process, inductor's compile workers included, compiles them again (6-10 s a start). When torch
-has no bytecode beside it, the commands keep it in cache_root()/pycache.
+has no bytecode beside it, the commands keep it in cache_root()/pycache; where PYTHONDONTWRITEBYTECODE forbids
+any (many container images set it), they leave it so and say what it costs.
 """
 
 from __future__ import annotations
@@ -56,16 +57,30 @@ def use_bytecode_cache(package: str = "torch") -> Path | None:
     it at install: an install without it is read-only, or was made without it); returns that folder, else
     None (nothing changed). Call it before `package` is imported; the environment variable carries it to
     child processes. A prefix the user set, or their choice to write no bytecode, is left as it is."""
-    if sys.pycache_prefix or sys.dont_write_bytecode:
-        return None
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return None
-    if Path(importlib.util.cache_from_source(spec.origin)).is_file():  # a normal install: pip compiled it
+    if sys.pycache_prefix or sys.dont_write_bytecode or _has_bytecode(package):
         return None
     folder = cache_root() / "pycache"
     sys.pycache_prefix = os.environ[PYCACHE_ENV] = str(folder)
     return folder
+
+
+def bytecode_note(package: str = "torch") -> str | None:
+    """A line for the user whose environment forbids bytecode (PYTHONDONTWRITEBYTECODE, set by many container
+    images) while `package` has none beside it: each start then compiles it all again, which they may not know."""
+    if sys.pycache_prefix or not sys.dont_write_bytecode or _has_bytecode(package):
+        return None
+    return (f"Python writes no bytecode here (PYTHONDONTWRITEBYTECODE is set) and {package} has none beside its "
+            f"sources, so every start compiles its ~2,300 modules again (seconds each start): unset "
+            f"PYTHONDONTWRITEBYTECODE and antimatter keeps them in {cache_root() / 'pycache'}")
+
+
+def _has_bytecode(package: str) -> bool:
+    """Whether `package` has its .pyc beside its sources (a normal install: pip compiles them), or is no
+    source package at all (then there is nothing to do)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return True
+    return Path(importlib.util.cache_from_source(spec.origin)).is_file()
 
 
 def cache_size(folder: Path) -> tuple[int, int]:
