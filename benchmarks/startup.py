@@ -236,8 +236,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def bytecode_state() -> dict[str, Any]:
+    """Whether the starts will find torch's bytecode (taken before this process imports torch, which may
+    write it): without it each start compiles some 2,300 modules, seconds of every start."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    pyc = Path(importlib.util.cache_from_source(spec.origin)) if spec and spec.origin else None
+    return {"PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+            "torch_bytecode_beside_sources": bool(pyc and pyc.is_file())}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    bytecode = bytecode_state()
+    print(f"python bytecode before the first start: {bytecode}")
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -251,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             result = {"rows": rows, "settings": {k: str(v) if isinstance(v, Path) else v
                                                  for k, v in vars(args).items()},
-                      "provenance": provenance(args.device)}
+                      "bytecode": bytecode, "provenance": provenance(args.device)}
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=1))
 
