@@ -207,9 +207,9 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 
 def verify_checkpoint(ckpt: str | Path, only: Iterable[str] | None = None, hashes: bool = True) -> dict[str, Any]:
     """The manifest, after checking the size and (unless `hashes` is False: check_hash does it later) sha256 of
-    the listed files in `only` (None: all of them); CheckpointError names the culprit. Loading weights alone neither needs the optimizer state (state.pt,
-    larger than the weights under AdamW) nor hashes it: a lost or damaged state.pt stops a resume, not
-    generate, eval, export or init_from."""
+    the listed files in `only` (None: all of them); CheckpointError names the culprit. Loading weights alone
+    neither needs the optimizer state (state.pt, larger than the weights under AdamW) nor hashes it: a lost or
+    damaged state.pt stops a resume, not generate, eval, export or init_from."""
     ckpt = Path(ckpt)
     mpath = ckpt / MANIFEST
     if not mpath.is_file():
