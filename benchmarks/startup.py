@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     bytecode = bytecode_state()
     print(f"python bytecode before the first start: {bytecode}")
+    sys.dont_write_bytecode = True  # this process leaves no bytecode of torch's for the starts it times to find
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
