@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from antimatter.compile_cache import ENV, INDUCTOR_ENV, TRITON_ENV, cache_size
+from antimatter.compile_cache import ENV, INDUCTOR_ENV, TRITON_ENV, cache_size, has_bytecode
 from antimatter.config import config_from_dict, load_config, save_config
 from antimatter.provenance import provenance
 from antimatter.tokenizer import EOT, EOT_ID, new_byte_level_bpe
@@ -239,12 +239,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def bytecode_state() -> dict[str, Any]:
     """Whether the starts will find torch's bytecode (taken before this process imports torch, which may
     write it): without it each start compiles some 2,300 modules, seconds of every start."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("torch")
-    pyc = Path(importlib.util.cache_from_source(spec.origin)) if spec and spec.origin else None
     return {"PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
-            "torch_bytecode_beside_sources": bool(pyc and pyc.is_file())}
+            "torch_bytecode_beside_sources": has_bytecode("torch")}
 
 
 def main(argv: list[str] | None = None) -> None:

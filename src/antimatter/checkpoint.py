@@ -383,12 +383,9 @@ def load_model(path: str | Path, which: str = "best", device: str | torch.device
         hashed = pool.submit(check_hash, ckpt, WEIGHTS, manifest) if WEIGHTS in manifest["files"] else None
         try:
             model, cfg = _build_loaded(ckpt, device)
-        except Exception:
+        finally:
             if hashed is not None:
-                hashed.result()  # a corrupt file is named as corrupt, not by what it broke
-            raise
-        if hashed is not None:
-            hashed.result()
+                hashed.result()  # a corrupt file is named as corrupt, not by what it broke in the loading
     return model.eval(), cfg, ckpt
 
 

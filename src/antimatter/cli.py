@@ -288,9 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    use_bytecode_cache()  # before torch is imported: a read-only install would compile it again every start
-    if args.command in TORCH_COMMANDS and (note := bytecode_note()):
-        print(f"antimatter {args.command}: note: {note}", file=sys.stderr)
+    if args.command in TORCH_COMMANDS:  # before torch is imported: an install without bytecode compiles it each start
+        use_bytecode_cache()
+        if note := bytecode_note():
+            print(f"antimatter {args.command}: note: {note}", file=sys.stderr)
     try:
         return dispatch(args) or 0
     except UserError as e:

@@ -57,7 +57,7 @@ def use_bytecode_cache(package: str = "torch") -> Path | None:
     it at install: an install without it is read-only, or was made without it); returns that folder, else
     None (nothing changed). Call it before `package` is imported; the environment variable carries it to
     child processes. A prefix the user set, or their choice to write no bytecode, is left as it is."""
-    if sys.pycache_prefix or sys.dont_write_bytecode or _has_bytecode(package):
+    if sys.pycache_prefix or sys.dont_write_bytecode or has_bytecode(package):
         return None
     folder = cache_root() / "pycache"
     sys.pycache_prefix = os.environ[PYCACHE_ENV] = str(folder)
@@ -67,14 +67,14 @@ def use_bytecode_cache(package: str = "torch") -> Path | None:
 def bytecode_note(package: str = "torch") -> str | None:
     """A line for the user whose environment forbids bytecode (PYTHONDONTWRITEBYTECODE, set by many container
     images) while `package` has none beside it: each start then compiles it all again, which they may not know."""
-    if sys.pycache_prefix or not sys.dont_write_bytecode or _has_bytecode(package):
+    if sys.pycache_prefix or not sys.dont_write_bytecode or has_bytecode(package):
         return None
     return (f"Python writes no bytecode here (PYTHONDONTWRITEBYTECODE is set) and {package} has none beside its "
             f"sources, so every start compiles its ~2,300 modules again (seconds each start): unset "
             f"PYTHONDONTWRITEBYTECODE and antimatter keeps them in {cache_root() / 'pycache'}")
 
 
-def _has_bytecode(package: str) -> bool:
+def has_bytecode(package: str) -> bool:
     """Whether `package` has its .pyc beside its sources (a normal install: pip compiles them), or is no
     source package at all (then there is nothing to do)."""
     spec = importlib.util.find_spec(package)

@@ -108,8 +108,8 @@ def _refuse_overlap(out_dir: Path, cfg: RunConfig) -> None:
             p = p.resolve()
             if p == out or p.is_relative_to(out) or out.is_relative_to(p):
                 beside = p.with_name(f"{p.name or 'data'}-prepared")  # neither inside the input nor holding it
-                if beside.is_relative_to(Path.cwd().resolve()):
-                    beside = beside.relative_to(Path.cwd().resolve())
+                here = Path.cwd().resolve()
+                beside = beside.relative_to(here) if beside.is_relative_to(here) else beside
                 raise UserError(f"--out {out_dir} overlaps the input {src.path}: write the prepared data to a "
                                 f"folder outside the inputs (e.g. --out {beside}); nothing was deleted")
 

@@ -233,11 +233,12 @@ def _outside_ours(matches: list[Path], pattern: str) -> list[Path]:
                 return True
         return False
 
-    kept = [p for p in matches if not inside(p)]
-    if len(kept) < len(matches):
-        print(f"prepare: skipped {len(matches) - len(kept)} matches of {pattern} inside folders that antimatter "
-              f"wrote (runs, prepared data: not text), e.g. {next(p for p in matches if p not in kept)}",
-              file=sys.stderr)
+    kept, skipped = [], []
+    for p in matches:
+        (skipped if inside(p) else kept).append(p)
+    if skipped:
+        print(f"prepare: skipped {len(skipped)} matches of {pattern} inside folders that antimatter wrote (runs, "
+              f"prepared data: not text), e.g. {skipped[0]}", file=sys.stderr)
     return kept
 
 
